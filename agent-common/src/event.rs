@@ -1,0 +1,36 @@
+//! Records sent from the datapath to userspace through the `EVENTS` ring buffer.
+use crate::flow::{FlowKey, FlowStats};
+
+/// `EventHeader.kind`: a (flow, trace) pair was tagged for the first time.
+/// `stats` is the pair's initial entry.
+pub const EVENT_FLOW_NEW: u32 = 1;
+/// `EventHeader.kind`: the flow moved on from a (flow, trace) pair (the next
+/// request on a keep-alive connection, or the trace ended) and the datapath
+/// overwrote its entry. `stats` holds the pair's final numbers, so nothing
+/// is lost between userspace sweeps.
+pub const EVENT_FLOW_END: u32 = 2;
+
+/// First field of every record, so readers can dispatch on `kind`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u32,
+    /// Size of the whole record in bytes (lets readers skip unknown kinds).
+    pub len: u32,
+}
+
+/// `EVENT_FLOW_NEW` and `EVENT_FLOW_END`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    pub header: EventHeader,
+    pub key: FlowKey,
+    pub stats: FlowStats,
+    /// From the trace context (valid with `TRACE_FLAG_HAS_PARENT`).
+    pub parent_span_id: [u8; 8],
+    /// `TraceContext.flags` of the trace.
+    pub trace_flags: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);

@@ -1,0 +1,107 @@
+//! Flows: `FLOW_STATS`, `FLOW_TRACES`, and the socket-owner maps.
+
+/// `FlowKey.family`.
+pub const FAMILY_IPV4: u8 = 4;
+pub const FAMILY_IPV6: u8 = 6;
+/// `FlowKey.proto` (IANA protocol numbers).
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// One direction-independent connection as seen from the pod.
+///
+/// "local" is the pod's end: on the ingress of the host-side veth the pod's
+/// outgoing packets arrive, so local = source, remote = destination.
+/// IPv4 addresses occupy the first 4 bytes of the 16-byte fields, the rest is
+/// zero. Ports are in host byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub netns: u64,
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub family: u8,
+    pub proto: u8,
+    pub _pad: [u8; 2],
+}
+
+/// `FlowStats.direction`: packets seen on the hook's ingress, i.e. leaving
+/// the pod when the hook is the host-side end of its veth.
+pub const DIRECTION_POD_EGRESS: u8 = 1;
+
+/// `FlowStats.owner` / `FlowEvent.owner`: how the pid was found.
+pub const OWNER_NONE: u8 = 0;
+/// From `SOCK_OWNER`: the socket was `connect()`ed (or sent to) by the pid:
+/// the pod opened this connection (span kind CLIENT).
+pub const OWNER_CONNECTED: u8 = 1;
+/// From `BOUND_PORTS`: the packet left from a port the pid bound: an accepted
+/// connection or a server socket (span kind SERVER).
+pub const OWNER_BOUND: u8 = 2;
+
+/// `FlowStats.matched`: which table gave the trace context.
+pub const MATCH_FLOW: u8 = 1;
+pub const MATCH_PID: u8 = 2;
+
+/// Value of `FLOW_STATS` (LRU): per (flow, trace) accounting, and the
+/// datapath's per-flow resolution cache.
+///
+/// The entry remembers which trace the flow resolved to under generation
+/// `gen` of its namespace (`NETNS_GEN`). While the namespace's generation is
+/// unchanged, later packets reuse the result instead of resolving the owner
+/// and looking up both trace tables again. An all-zero `trace_id` caches
+/// "no trace" (userspace ignores such entries).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowStats {
+    pub trace_id: [u8; 16],
+    pub pid: u32,
+    pub ifindex: u32,
+    pub packets: u64,
+    pub bytes: u64,
+    /// `CLOCK_MONOTONIC` ns of the first and last tagged packet.
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// `NETNS_GEN` value the resolution was made under.
+    pub gen: u64,
+    /// The cb[4] word written on this flow's packets (magic + flags).
+    pub cb_meta: u32,
+    /// OR of the TCP flags of every tagged packet (FIN=1, SYN=2, RST=4, ...).
+    pub tcp_flags: u8,
+    pub direction: u8,
+    pub owner: u8,
+    pub matched: u8,
+}
+
+impl FlowStats {
+    /// Whether this entry only caches a "no trace" result.
+    pub fn is_negative(&self) -> bool {
+        self.trace_id == [0; 16]
+    }
+}
+
+/// Key of `BOUND_PORTS`: a port bound by a process in a namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PortKey {
+    pub netns: u64,
+    /// Host byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 5],
+}
+
+impl PortKey {
+    pub const fn new(netns: u64, proto: u8, port: u16) -> Self {
+        Self {
+            netns,
+            port,
+            proto,
+            _pad: [0; 5],
+        }
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
+const _: () = assert!(core::mem::size_of::<FlowStats>() == 72);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 16);

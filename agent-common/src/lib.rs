@@ -1,0 +1,62 @@
+//! The one ABI shared by tagflow's eBPF programs and its userspace agent.
+//!
+//! Every type here is `#[repr(C)]`, has explicit padding, and its layout is
+//! asserted by tests (`tests/layout.rs`) and by `const` checks below, so the
+//! kernel side and the user side cannot drift apart silently.
+//!
+//! With the `user` feature the types implement `aya::Pod` and can be used as
+//! map keys and values from userspace.
+#![no_std]
+
+pub mod cb;
+pub mod config;
+pub mod counters;
+pub mod event;
+pub mod flow;
+pub mod trace;
+
+#[cfg(feature = "user")]
+mod user;
+
+pub use cb::*;
+pub use config::*;
+pub use counters::*;
+pub use event::*;
+pub use flow::*;
+pub use trace::*;
+
+/// Bumped whenever a map key or value layout changes: pinned maps from an
+/// older agent are recreated rather than reused.
+pub const ABI_VERSION: u32 = 1;
+
+/// TCX verdict "continue with the next program" (`TCX_NEXT`, Linux 6.6).
+/// It has the same value as `TC_ACT_UNSPEC`, which under a netlink/clsact
+/// filter also means "continue with the next filter". tagflow returns this for
+/// every packet: it never ends the chain, drops or redirects.
+pub const TCX_NEXT: i32 = -1;
+
+/// Names of the maps in the eBPF object (kept ≤ 15 bytes: BPF_OBJ_NAME_LEN).
+pub mod maps {
+    pub const TRACES: &str = "TRACES";
+    pub const FLOW_TRACES: &str = "FLOW_TRACES";
+    pub const FLOW_STATS: &str = "FLOW_STATS";
+    pub const SOCK_OWNER: &str = "SOCK_OWNER";
+    pub const BOUND_PORTS: &str = "BOUND_PORTS";
+    pub const IFACE_NETNS: &str = "IFACE_NETNS";
+    pub const NETNS_GEN: &str = "NETNS_GEN";
+    pub const NETNS_SLOTS: &str = "NETNS_SLOTS";
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the eBPF object.
+pub mod programs {
+    pub const INGRESS: &str = "tagflow_ingress";
+    pub const CONNECT4: &str = "tagflow_connect4";
+    pub const CONNECT6: &str = "tagflow_connect6";
+    pub const BIND4: &str = "tagflow_bind4";
+    pub const BIND6: &str = "tagflow_bind6";
+    pub const SENDMSG4: &str = "tagflow_sendmsg4";
+    pub const SENDMSG6: &str = "tagflow_sendmsg6";
+    pub const SOCK_RELEASE: &str = "tagflow_sock_release";
+}

@@ -1,0 +1,13 @@
+//! Userspace-only impls (feature `user`).
+use crate::*;
+
+// SAFETY: all types are `#[repr(C)]`, `Copy`, contain only integers and byte
+// arrays, and have explicit padding fields: every bit pattern is valid.
+unsafe impl aya::Pod for TraceKey {}
+unsafe impl aya::Pod for TraceContext {}
+unsafe impl aya::Pod for FlowKey {}
+unsafe impl aya::Pod for FlowStats {}
+unsafe impl aya::Pod for PortKey {}
+unsafe impl aya::Pod for FlowEvent {}
+unsafe impl aya::Pod for DatapathConfig {}
+unsafe impl aya::Pod for NetnsSlot {}

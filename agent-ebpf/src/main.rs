@@ -1,0 +1,135 @@
+//! tagflow's eBPF programs.
+//!
+//! `tagflow_ingress` (TC/TCX classifier, ingress of the host-side veth end =
+//! the pod's outgoing packets) tags packets with the trace context of their
+//! flow or owning process. The cgroup hooks record socket owners in process
+//! context. Minimum kernel: 6.6 for TCX (older kernels use clsact), and the
+//! kernel must allow `bpf_get_netns_cookie` in TC programs (≈ 6.13+).
+#![no_std]
+#![no_main]
+// BPF has atomic add (BPF_XADD) but core::sync::atomic offers no fetch_add
+// on this target: use the intrinsic.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+mod maps;
+mod owners;
+mod parse;
+mod resolve;
+mod tag;
+
+use agent_common::*;
+use aya_ebpf::{
+    macros::{cgroup_sock, cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, SockContext, TcContext},
+    Global,
+};
+use maps::{count, FLOW_STATS, FLOW_TRACES, TRACES};
+use parse::Skip;
+
+/// Load-time configuration (see `agent_common::config`).
+#[unsafe(no_mangle)]
+static CONFIG: Global<DatapathConfig> = Global::new(DatapathConfig::DEFAULT);
+
+#[classifier]
+pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
+    // Each path below ends in exactly one terminal counter (see Counter).
+    let parsed = match parse::parse(&ctx) {
+        Ok(p) => p,
+        Err(skip) => {
+            count(match skip {
+                Skip::NonIp => Counter::NonIp,
+                Skip::Fragment => Counter::Fragment,
+                Skip::OtherL4 => Counter::OtherL4,
+                Skip::Malformed => Counter::ParseFailed,
+            });
+            return TCX_NEXT;
+        }
+    };
+    let cfg = CONFIG.load();
+    let mut key = parsed.key;
+    key.netns = resolve::netns(&ctx, cfg.host_netns);
+
+    // Gate: a namespace without trace entries stops here, after one lookup.
+    let gen = match maps::netns_gen(key.netns) {
+        Some(g) => g,
+        None => {
+            count(Counter::NoTrace);
+            return TCX_NEXT;
+        }
+    };
+
+    // Flow cache: resolved under the current generation → reuse it.
+    let old = FLOW_STATS.get_ptr_mut(&key);
+    if let Some(s) = old {
+        let s = unsafe { &mut *s };
+        if s.gen == gen {
+            if s.is_negative() {
+                count(Counter::NoTrace);
+            } else {
+                tag::mark_packet(&mut ctx, &cfg, &s.trace_id, s.cb_meta);
+                tag::account(&ctx, s, parsed.tcp_flags);
+            }
+            return TCX_NEXT;
+        }
+    }
+
+    // Slow path: the exact connection first, then the owning process.
+    count(Counter::Resolved);
+    let owner = resolve::owner(&ctx, &key);
+    let (trace, matched) = match unsafe { FLOW_TRACES.get(&key) } {
+        Some(t) => (Some(t), MATCH_FLOW),
+        None if owner.pid != 0 => (
+            unsafe { TRACES.get(&TraceKey::new(owner.pid, key.netns)) },
+            MATCH_PID,
+        ),
+        None => (None, 0),
+    };
+    tag::resolved(&mut ctx, &cfg, &key, old, gen, trace, &owner, matched, parsed.tcp_flags);
+    TCX_NEXT
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn tagflow_connect4(ctx: SockAddrContext) -> i32 {
+    owners::record_socket(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn tagflow_connect6(ctx: SockAddrContext) -> i32 {
+    owners::record_socket(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn tagflow_sendmsg4(ctx: SockAddrContext) -> i32 {
+    owners::record_socket(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn tagflow_sendmsg6(ctx: SockAddrContext) -> i32 {
+    owners::record_socket(&ctx)
+}
+
+#[cgroup_sock_addr(bind4)]
+pub fn tagflow_bind4(ctx: SockAddrContext) -> i32 {
+    owners::record_bind(&ctx)
+}
+
+#[cgroup_sock_addr(bind6)]
+pub fn tagflow_bind6(ctx: SockAddrContext) -> i32 {
+    owners::record_bind(&ctx)
+}
+
+#[cgroup_sock(sock_release)]
+pub fn tagflow_sock_release(ctx: SockContext) -> i32 {
+    owners::forget_socket(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

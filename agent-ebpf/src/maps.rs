@@ -1,0 +1,74 @@
+//! Every map of the tagflow object. Sizes are defaults; the loader may
+//! override `max_entries` at load time (`--*-entries` flags).
+use agent_common::{FlowKey, FlowStats, NetnsSlot, PortKey, TraceContext, TraceKey};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+
+/// Trace context per (pid, netns cookie). Written by userspace only.
+#[map(name = "TRACES")]
+pub static TRACES: HashMap<TraceKey, TraceContext> = HashMap::with_max_entries(16384, 0);
+
+/// Trace context per exact connection; beats `TRACES`. Written by userspace.
+#[map(name = "FLOW_TRACES")]
+pub static FLOW_TRACES: HashMap<FlowKey, TraceContext> = HashMap::with_max_entries(16384, 0);
+
+/// Per (flow, trace) accounting of tagged packets. LRU: never fails a packet.
+#[map(name = "FLOW_STATS")]
+pub static FLOW_STATS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(32768, 0);
+
+/// Socket cookie → tgid of the process that connect()ed / sent with it.
+#[map(name = "SOCK_OWNER")]
+pub static SOCK_OWNER: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+
+/// (netns, proto, local port) → tgid of the process that bound it.
+#[map(name = "BOUND_PORTS")]
+pub static BOUND_PORTS: LruHashMap<PortKey, u32> = LruHashMap::with_max_entries(16384, 0);
+
+/// ifindex → netns cookie at the other end of the interface (veth peer).
+/// Used for packets without a socket. Written by the loader.
+#[map(name = "IFACE_NETNS")]
+pub static IFACE_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
+
+/// New (flow, trace) pairs for userspace.
+#[map(name = "EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+
+/// Loss and activity counters, indexed by `agent_common::Counter`.
+#[map(name = "COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> =
+    PerCpuArray::with_max_entries(agent_common::Counter::COUNT, 0);
+
+#[inline(always)]
+pub fn count(c: agent_common::Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
+        // Per-CPU slot: no other CPU writes it; softirq does not nest on one
+        // CPU for the same hook, so a plain add is enough.
+        unsafe { *v += 1 };
+    }
+}
+
+/// netns cookie → generation of that namespace's trace entries. Present only
+/// while the namespace has at least one entry in `TRACES`/`FLOW_TRACES`:
+/// absence lets every packet of a trace-free pod stop after one lookup.
+/// Userspace bumps the generation whenever the namespace's entries change.
+#[map(name = "NETNS_GEN")]
+pub static NETNS_GEN: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+
+/// The fast front of `NETNS_GEN` (see `agent_common::NetnsSlot`).
+#[map(name = "NETNS_SLOTS")]
+pub static NETNS_SLOTS: Array<NetnsSlot> = Array::with_max_entries(agent_common::NETNS_SLOTS, 0);
+
+/// The generation of `netns`'s trace entries, or None when it has none.
+#[inline(always)]
+pub fn netns_gen(netns: u64) -> Option<u64> {
+    let slot = NETNS_SLOTS.get(NetnsSlot::index(netns))?;
+    if slot.cookie == netns {
+        return Some(slot.gen);
+    }
+    if slot.cookie == agent_common::SLOT_SHARED {
+        return unsafe { NETNS_GEN.get(&netns) }.copied();
+    }
+    None
+}

@@ -1,0 +1,163 @@
+//! L2–L4 parsing with direct packet access. Bounded work: at most two VLAN
+//! tags and `MAX_IPV6_EXT` IPv6 extension headers.
+use agent_common::{FlowKey, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::programs::TcContext;
+use core::mem::size_of;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const VLAN_HLEN: usize = 4;
+/// IPv6 extension headers skipped before giving up (counted as parse failure).
+pub const MAX_IPV6_EXT: usize = 6;
+const NEXTHDR_HOP: u8 = 0;
+const NEXTHDR_ROUTING: u8 = 43;
+const NEXTHDR_FRAGMENT: u8 = 44;
+const NEXTHDR_DEST: u8 = 60;
+/// Upper bound on any header offset we compute: keeps the verifier's view of
+/// packet-pointer arithmetic bounded.
+const MAX_L4_OFF: usize = 1024;
+
+/// Why a frame is not tagged before any map is consulted.
+pub enum Skip {
+    NonIp,
+    Fragment,
+    OtherL4,
+    Malformed,
+}
+
+pub struct Parsed {
+    pub key: FlowKey,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+#[inline(always)]
+fn ptr_at<T>(ctx: &TcContext, off: usize) -> Result<*const T, Skip> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + size_of::<T>() > end {
+        return Err(Skip::Malformed);
+    }
+    Ok((start + off) as *const T)
+}
+
+#[inline(always)]
+fn u8_at(ctx: &TcContext, off: usize) -> Result<u8, Skip> {
+    Ok(unsafe { *ptr_at::<u8>(ctx, off)? })
+}
+
+#[inline(always)]
+fn be16_at(ctx: &TcContext, off: usize) -> Result<u16, Skip> {
+    let p = ptr_at::<[u8; 2]>(ctx, off)?;
+    Ok(u16::from_be_bytes(unsafe { *p }))
+}
+
+/// Parses Ethernet (+ up to two VLAN tags), IPv4/IPv6 and the TCP/UDP ports.
+/// "local" is the packet's source (see `FlowKey`).
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
+    // Ethernet: a frame shorter than its header is not IP as far as we know.
+    let mut proto = be16_at(ctx, 12).map_err(|_| Skip::NonIp)?;
+    let mut off = ETH_HLEN;
+    for _ in 0..2 {
+        if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+            proto = be16_at(ctx, off + 2)?;
+            off += VLAN_HLEN;
+        }
+    }
+    let mut key = FlowKey::default();
+    let l4_proto;
+    match proto {
+        ETH_P_IP => {
+            let vihl = u8_at(ctx, off)?;
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if vihl >> 4 != 4 || ihl < 20 {
+                return Err(Skip::Malformed);
+            }
+            // Whole fixed header must be present before we read from it.
+            let hdr = ptr_at::<[u8; 20]>(ctx, off)?;
+            let hdr = unsafe { &*hdr };
+            let frag = u16::from_be_bytes([hdr[6], hdr[7]]) & 0x1fff;
+            if frag != 0 {
+                return Err(Skip::Fragment);
+            }
+            l4_proto = hdr[9];
+            key.family = FAMILY_IPV4;
+            key.local_addr[..4].copy_from_slice(&hdr[12..16]);
+            key.remote_addr[..4].copy_from_slice(&hdr[16..20]);
+            off += ihl;
+        }
+        ETH_P_IPV6 => {
+            let hdr = ptr_at::<[u8; 40]>(ctx, off)?;
+            let hdr = unsafe { &*hdr };
+            if hdr[0] >> 4 != 6 {
+                return Err(Skip::Malformed);
+            }
+            key.family = FAMILY_IPV6;
+            key.local_addr.copy_from_slice(&hdr[8..24]);
+            key.remote_addr.copy_from_slice(&hdr[24..40]);
+            let mut next = hdr[6];
+            off += 40;
+            let mut done = false;
+            for _ in 0..MAX_IPV6_EXT {
+                match next {
+                    NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
+                        let ext = ptr_at::<[u8; 2]>(ctx, off)?;
+                        let ext = unsafe { *ext };
+                        next = ext[0];
+                        off += (ext[1] as usize + 1) * 8;
+                    }
+                    NEXTHDR_FRAGMENT => {
+                        let ext = ptr_at::<[u8; 8]>(ctx, off)?;
+                        let ext = unsafe { *ext };
+                        if u16::from_be_bytes([ext[2], ext[3]]) & 0xfff8 != 0 {
+                            return Err(Skip::Fragment);
+                        }
+                        next = ext[0];
+                        off += 8;
+                    }
+                    _ => {
+                        done = true;
+                        break;
+                    }
+                }
+                if off > MAX_L4_OFF {
+                    return Err(Skip::Malformed);
+                }
+            }
+            if !done {
+                return Err(Skip::Malformed);
+            }
+            l4_proto = next;
+        }
+        _ => return Err(Skip::NonIp),
+    }
+    if off > MAX_L4_OFF {
+        return Err(Skip::Malformed);
+    }
+    key.proto = l4_proto;
+    let tcp_flags = match l4_proto {
+        PROTO_TCP => {
+            let th = ptr_at::<[u8; 20]>(ctx, off)?;
+            let th = unsafe { &*th };
+            if (th[12] >> 4) < 5 {
+                return Err(Skip::Malformed);
+            }
+            key.local_port = u16::from_be_bytes([th[0], th[1]]);
+            key.remote_port = u16::from_be_bytes([th[2], th[3]]);
+            th[13]
+        }
+        PROTO_UDP => {
+            let uh = ptr_at::<[u8; 8]>(ctx, off)?;
+            let uh = unsafe { &*uh };
+            key.local_port = u16::from_be_bytes([uh[0], uh[1]]);
+            key.remote_port = u16::from_be_bytes([uh[2], uh[3]]);
+            0
+        }
+        _ => return Err(Skip::OtherL4),
+    };
+    Ok(Parsed { key, tcp_flags })
+}

@@ -1,0 +1,61 @@
+//! Packet → (netns cookie, owning pid). Never `bpf_get_current_pid_tgid()`:
+//! TC runs in softirq and that names whichever task was interrupted.
+use crate::maps::{count, BOUND_PORTS, IFACE_NETNS, SOCK_OWNER};
+use agent_common::{Counter, FlowKey, PortKey, OWNER_BOUND, OWNER_CONNECTED, OWNER_NONE};
+use aya_ebpf::{
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::TcContext,
+    EbpfContext,
+};
+
+pub struct Owner {
+    pub pid: u32,
+    /// `OWNER_*`: how the pid was found.
+    pub how: u8,
+}
+
+/// The namespace of the packet's socket. Without a socket the helper reports
+/// init_net; a host-namespace socket on a pod's veth is no better. Both take
+/// the namespace the loader recorded for the interface (the veth peer's).
+#[inline(always)]
+pub fn netns(ctx: &TcContext, host_netns: u64) -> u64 {
+    // SAFETY: helper called with the program's own context pointer.
+    let ns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if ns != host_netns {
+        return ns;
+    }
+    count(Counter::NoSocket);
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match unsafe { IFACE_NETNS.get(&ifindex) } {
+        Some(n) => *n,
+        None => ns,
+    }
+}
+
+/// Socket owner first (client sockets, recorded at connect/sendmsg), then the
+/// bound local port (servers: accepted sockets are born in softirq and have
+/// no recorded owner, but their packets leave from the listening port).
+#[inline(always)]
+pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if cookie != 0 {
+        if let Some(pid) = unsafe { SOCK_OWNER.get(&cookie) } {
+            return Owner {
+                pid: *pid,
+                how: OWNER_CONNECTED,
+            };
+        }
+    }
+    let pk = PortKey::new(key.netns, key.proto, key.local_port);
+    if let Some(pid) = unsafe { BOUND_PORTS.get(&pk) } {
+        return Owner {
+            pid: *pid,
+            how: OWNER_BOUND,
+        };
+    }
+    count(Counter::NoOwner);
+    Owner {
+        pid: 0,
+        how: OWNER_NONE,
+    }
+}

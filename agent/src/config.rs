@@ -1,0 +1,263 @@
+//! Agent configuration: a TOML file (all keys optional, explicit defaults
+//! below) overridden by command-line flags.
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("parsing config: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// How `tagflow_ingress` is attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AttachMode {
+    /// TCX (Linux ≥ 6.6), falling back to a clsact/netlink filter.
+    #[default]
+    Auto,
+    /// TCX only.
+    Tcx,
+    /// clsact + netlink filter only (older kernels).
+    Netlink,
+}
+
+/// Where in a TCX chain tagflow goes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TcxOrder {
+    /// Before every other program, so datapaths after it (Cilium, Calico,
+    /// observers) see the tag in cb.
+    #[default]
+    First,
+    /// After every other program.
+    Last,
+}
+
+/// `max_entries` of each map (bytes for the ring buffer).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MapSizes {
+    pub traces: u32,
+    pub flow_traces: u32,
+    pub flow_stats: u32,
+    pub sock_owner: u32,
+    pub bound_ports: u32,
+    pub iface_netns: u32,
+    pub events_bytes: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            traces: 16384,
+            flow_traces: 16384,
+            flow_stats: 32768,
+            sock_owner: 65536,
+            bound_ports: 16384,
+            iface_netns: 4096,
+            events_bytes: 256 * 1024,
+        }
+    }
+}
+
+pub const DEFAULT_IFACE_PREFIXES: &[&str] = &["veth", "cali", "lxc", "gke", "eni"];
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Interfaces attached by exact name.
+    pub ifaces: Vec<String>,
+    /// Interfaces attached when their name starts with one of these.
+    pub iface_prefixes: Vec<String>,
+    pub attach_mode: AttachMode,
+    pub tcx_order: TcxOrder,
+    /// skb->mark bits set on tagged packets: `(mark & !mask) | (value & mask)`.
+    /// A zero mask leaves the mark alone.
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    /// Per-flow stats of tagged flows (FLOW_STATS).
+    pub flow_stats: bool,
+    /// New-flow events to userspace (needs `flow_stats`).
+    pub events: bool,
+    /// Write the skb->cb ABI on tagged packets.
+    pub cb: bool,
+    /// Trace entries not refreshed for this long are removed.
+    pub trace_idle_secs: u64,
+    /// cgroup v2 root for the owner hooks; found in /proc/self/mountinfo
+    /// when unset.
+    pub cgroup_root: Option<PathBuf>,
+    /// Fill BOUND_PORTS from /proc for sockets that existed before start.
+    pub backfill: bool,
+    pub maps: MapSizes,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            ifaces: Vec::new(),
+            iface_prefixes: DEFAULT_IFACE_PREFIXES.iter().map(|s| s.to_string()).collect(),
+            attach_mode: AttachMode::Auto,
+            tcx_order: TcxOrder::First,
+            mark_value: 0,
+            mark_mask: 0,
+            flow_stats: true,
+            events: true,
+            cb: true,
+            trace_idle_secs: 30,
+            cgroup_root: None,
+            backfill: true,
+            maps: MapSizes::default(),
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.mark_value & !self.mark_mask != 0 {
+            return bad(format!(
+                "mark_value {:#x} has bits outside mark_mask {:#x}",
+                self.mark_value, self.mark_mask
+            ));
+        }
+        if self.events && !self.flow_stats {
+            return bad("events needs flow_stats (it is how new flows are detected)".into());
+        }
+        if self.trace_idle_secs == 0 {
+            return bad("trace_idle_secs must be > 0".into());
+        }
+        let m = &self.maps;
+        for (name, v) in [
+            ("traces", m.traces),
+            ("flow_traces", m.flow_traces),
+            ("flow_stats", m.flow_stats),
+            ("sock_owner", m.sock_owner),
+            ("bound_ports", m.bound_ports),
+            ("iface_netns", m.iface_netns),
+        ] {
+            if v == 0 || v > 4 << 20 {
+                return bad(format!("maps.{name} = {v}: must be 1..=4194304"));
+            }
+        }
+        let rb = m.events_bytes;
+        if !rb.is_power_of_two() || rb < 4096 {
+            return bad(format!(
+                "maps.events_bytes = {rb}: must be a power of two ≥ 4096 (page size)"
+            ));
+        }
+        if self.ifaces.iter().chain(&self.iface_prefixes).any(|n| n.is_empty() || n.len() > 15) {
+            return bad("interface names and prefixes must be 1..=15 bytes".into());
+        }
+        Ok(())
+    }
+
+    /// Whether `tagflow_ingress` should be attached to `name`.
+    pub fn wants_iface(&self, name: &str) -> bool {
+        self.ifaces.iter().any(|i| i == name)
+            || self.iface_prefixes.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    pub fn datapath_config(&self) -> agent_common::DatapathConfig {
+        let mut features = 0;
+        if self.flow_stats {
+            features |= agent_common::FEATURE_FLOW_STATS;
+        }
+        if self.events {
+            features |= agent_common::FEATURE_EVENTS;
+        }
+        if self.cb {
+            features |= agent_common::FEATURE_CB;
+        }
+        agent_common::DatapathConfig {
+            mark_value: self.mark_value,
+            mark_mask: self.mark_mask,
+            features,
+            _pad: 0,
+            // Filled in by the loader (the namespace it runs in).
+            host_netns: 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(AgentConfig::from_toml("").unwrap(), AgentConfig::default());
+        let d = AgentConfig::default();
+        assert_eq!(d.datapath_config().mark_mask, 0);
+        assert_eq!(d.trace_idle_secs, 30);
+        assert!(d.wants_iface("veth1234") && d.wants_iface("lxc0") && !d.wants_iface("eth0"));
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let cfg = AgentConfig::from_toml(
+            r#"
+            ifaces = ["eth1"]
+            iface_prefixes = ["tap"]
+            attach_mode = "netlink"
+            tcx_order = "last"
+            mark_value = 0x100
+            mark_mask = 0xf00
+            trace_idle_secs = 5
+            [maps]
+            traces = 1024
+            events_bytes = 65536
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.attach_mode, AttachMode::Netlink);
+        assert_eq!(cfg.tcx_order, TcxOrder::Last);
+        assert_eq!(cfg.maps.traces, 1024);
+        assert_eq!(cfg.maps.flow_stats, MapSizes::default().flow_stats);
+        assert!(cfg.wants_iface("eth1") && cfg.wants_iface("tap3") && !cfg.wants_iface("veth0"));
+        let dp = cfg.datapath_config();
+        assert_eq!((dp.mark_value, dp.mark_mask), (0x100, 0xf00));
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        for (text, needle) in [
+            ("mark_value = 3\nmark_mask = 1", "outside mark_mask"),
+            ("flow_stats = false", "events needs flow_stats"),
+            ("trace_idle_secs = 0", "trace_idle_secs"),
+            ("[maps]\nevents_bytes = 5000", "power of two"),
+            ("[maps]\ntraces = 0", "maps.traces"),
+            ("iface_prefixes = [\"\"]", "1..=15"),
+        ] {
+            let err = AgentConfig::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?} gave {err}");
+        }
+        assert!(matches!(
+            AgentConfig::from_toml("no_such_key = 1"),
+            Err(ConfigError::Parse(_))
+        ));
+        assert!(matches!(
+            AgentConfig::from_toml("attach_mode = \"bogus\""),
+            Err(ConfigError::Parse(_))
+        ));
+    }
+}

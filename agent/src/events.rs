@@ -1,0 +1,56 @@
+//! Reading the `EVENTS` ring buffer.
+use agent_common::{EventHeader, FlowEvent, EVENT_FLOW_END, EVENT_FLOW_NEW};
+
+/// A decoded ring-buffer record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A (flow, trace) pair's first packet.
+    FlowNew(FlowEvent),
+    /// A (flow, trace) pair was superseded; carries its final stats.
+    FlowEnd(FlowEvent),
+    /// A kind this agent does not know (a newer datapath); skipped, counted.
+    Unknown(u32),
+    /// Shorter than its header says: dropped, counted.
+    Truncated,
+}
+
+/// Decodes one record. Never panics on short or unknown input.
+pub fn decode(buf: &[u8]) -> Event {
+    if buf.len() < size_of::<EventHeader>() {
+        return Event::Truncated;
+    }
+    // SAFETY: length checked; read_unaligned copes with any alignment.
+    let header: EventHeader = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) };
+    match header.kind {
+        EVENT_FLOW_NEW | EVENT_FLOW_END if buf.len() < size_of::<FlowEvent>() => Event::Truncated,
+        // SAFETY: length checked above.
+        EVENT_FLOW_NEW => Event::FlowNew(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) }),
+        EVENT_FLOW_END => Event::FlowEnd(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) }),
+        k => Event::Unknown(k),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_and_rejects_short_records() {
+        let mut ev = FlowEvent::default();
+        ev.header.kind = EVENT_FLOW_NEW;
+        ev.stats.pid = 77;
+        let bytes: &[u8] = unsafe {
+            std::slice::from_raw_parts((&ev as *const FlowEvent).cast(), size_of::<FlowEvent>())
+        };
+        assert_eq!(decode(bytes), Event::FlowNew(ev));
+        let mut end = ev;
+        end.header.kind = EVENT_FLOW_END;
+        let bytes_end: &[u8] = unsafe {
+            std::slice::from_raw_parts((&end as *const FlowEvent).cast(), size_of::<FlowEvent>())
+        };
+        assert_eq!(decode(bytes_end), Event::FlowEnd(end));
+        assert_eq!(decode(&bytes[..20]), Event::Truncated);
+        assert_eq!(decode(&[1, 0]), Event::Truncated);
+        assert_eq!(decode(&[9, 0, 0, 0, 8, 0, 0, 0]), Event::Unknown(9));
+    }
+}

@@ -1,0 +1,13 @@
+//! The tagflow agent library: loader, trace tables, interface following,
+//! and the helpers its tests, benchmarks and demo share.
+pub mod agent;
+pub mod backfill;
+pub mod bench;
+pub mod config;
+pub mod events;
+pub mod frames;
+pub mod loader;
+pub mod netlink;
+pub mod netns;
+pub mod tables;
+pub mod topo;

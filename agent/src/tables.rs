@@ -1,0 +1,481 @@
+//! `TraceTable`: the only writer of `TRACES` and `FLOW_TRACES`.
+//!
+//! Userspace keeps a shadow of every entry it wrote (trace id + last refresh)
+//! so that clearing can be compare-and-delete (a late `end` for request 1
+//! must not remove request 2's context) and idle entries can expire without
+//! walking the kernel maps.
+use std::{
+    collections::HashMap,
+    hash::Hash,
+    time::{Duration, Instant},
+};
+
+use agent_common::{FlowKey, NetnsSlot, TraceContext, TraceKey, SLOT_SHARED};
+use aya::maps::Array as BpfArray;
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("map update failed: {0}")]
+    Map(#[from] MapError),
+    #[error("table full ({0} entries)")]
+    Full(usize),
+}
+
+/// Where entries really live: a BPF hash map, or memory in unit tests.
+pub trait Store<K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<(), TableError>;
+    fn delete(&mut self, key: &K) -> Result<(), TableError>;
+}
+
+impl<K: aya::Pod, V: aya::Pod> Store<K, V> for BpfHashMap<MapData, K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<(), TableError> {
+        Ok(self.insert(key, value, 0)?)
+    }
+    fn delete(&mut self, key: &K) -> Result<(), TableError> {
+        match self.remove(key) {
+            Ok(()) => Ok(()),
+            // Already gone is what we wanted.
+            Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl<V: aya::Pod> Store<u32, V> for BpfArray<MapData, V> {
+    fn put(&mut self, key: &u32, value: &V) -> Result<(), TableError> {
+        Ok(self.set(*key, value, 0)?)
+    }
+    fn delete(&mut self, key: &u32) -> Result<(), TableError> {
+        // Array slots cannot be deleted; zero means empty.
+        Ok(self.set(*key, unsafe { std::mem::zeroed::<V>() }, 0)?)
+    }
+}
+
+impl<K: Clone + Eq + Hash, V: Clone> Store<K, V> for HashMap<K, V> {
+    fn put(&mut self, key: &K, value: &V) -> Result<(), TableError> {
+        self.insert(key.clone(), value.clone());
+        Ok(())
+    }
+    fn delete(&mut self, key: &K) -> Result<(), TableError> {
+        self.remove(key);
+        Ok(())
+    }
+}
+
+struct Shadow {
+    trace_id: [u8; 16],
+    touched: Instant,
+}
+
+/// What `set` replaced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    New,
+    /// Same trace again: the entry was refreshed.
+    Refreshed,
+    /// Another trace was active for the key; the new one wins.
+    Replaced { previous: [u8; 16] },
+}
+
+/// One keyed table with idle expiry.
+pub struct Table<K, S> {
+    store: S,
+    shadow: HashMap<K, Shadow>,
+    capacity: usize,
+    idle: Duration,
+}
+
+impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
+    pub fn new(store: S, capacity: usize, idle: Duration) -> Self {
+        Self {
+            store,
+            shadow: HashMap::new(),
+            capacity,
+            idle,
+        }
+    }
+
+    pub fn set(&mut self, key: K, ctx: &TraceContext, now: Instant) -> Result<SetOutcome, TableError> {
+        let previous = self.shadow.get(&key).map(|s| s.trace_id);
+        if previous.is_none() && self.shadow.len() >= self.capacity {
+            return Err(TableError::Full(self.capacity));
+        }
+        let mut ctx = *ctx;
+        ctx.updated_ns = monotonic_ns();
+        self.store.put(&key, &ctx)?;
+        self.shadow.insert(
+            key,
+            Shadow {
+                trace_id: ctx.trace_id,
+                touched: now,
+            },
+        );
+        Ok(match previous {
+            None => SetOutcome::New,
+            Some(p) if p == ctx.trace_id => SetOutcome::Refreshed,
+            Some(previous) => SetOutcome::Replaced { previous },
+        })
+    }
+
+    /// Removes the entry only if it still holds `trace_id`. Returns whether
+    /// something was removed.
+    pub fn clear(&mut self, key: &K, trace_id: &[u8; 16]) -> Result<bool, TableError> {
+        match self.shadow.get(key) {
+            Some(s) if &s.trace_id == trace_id => {
+                self.store.delete(key)?;
+                self.shadow.remove(key);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    /// Removes entries not set or refreshed within the idle timeout.
+    /// Returns the removed keys.
+    pub fn expire(&mut self, now: Instant) -> Result<Vec<K>, TableError> {
+        let stale: Vec<K> = self
+            .shadow
+            .iter()
+            .filter(|(_, s)| now.saturating_duration_since(s.touched) >= self.idle)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &stale {
+            self.store.delete(k)?;
+            self.shadow.remove(k);
+        }
+        Ok(stale)
+    }
+
+    pub fn get(&self, key: &K) -> Option<[u8; 16]> {
+        self.shadow.get(key).map(|s| s.trace_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.shadow.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shadow.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+}
+
+pub type BpfTable<K> = Table<K, BpfHashMap<MapData, K, TraceContext>>;
+
+/// Keys that belong to a network namespace.
+pub trait InNetns {
+    fn netns(&self) -> u64;
+}
+impl InNetns for TraceKey {
+    fn netns(&self) -> u64 {
+        self.netns
+    }
+}
+impl InNetns for FlowKey {
+    fn netns(&self) -> u64 {
+        self.netns
+    }
+}
+
+/// Maintains `NETNS_GEN` and its array front `NETNS_SLOTS`: which
+/// namespaces have trace entries, and a generation that changes whenever one
+/// of their entries is added, replaced or removed (the datapath's per-flow
+/// cache is valid for one generation). The generation is global and only
+/// grows, so a namespace that empties and fills again can never match a
+/// cache entry from its earlier life.
+pub struct Gate<G, A> {
+    gens: G,
+    slots: A,
+    entries: HashMap<u64, (usize, u64)>,
+    /// Active namespaces per slot index.
+    occupants: HashMap<u32, Vec<u64>>,
+    gen: u64,
+}
+
+impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
+    pub fn new(gens: G, slots: A) -> Self {
+        Self {
+            gens,
+            slots,
+            entries: HashMap::new(),
+            occupants: HashMap::new(),
+            gen: 0,
+        }
+    }
+
+    /// Records that `netns`'s entries changed (`delta` entries added or
+    /// removed). Call after the table itself was written.
+    pub fn changed(&mut self, netns: u64, delta: isize) -> Result<(), TableError> {
+        self.gen += 1;
+        let idx = NetnsSlot::index(netns);
+        let (n, g) = self.entries.entry(netns).or_insert((0, 0));
+        *n = n.saturating_add_signed(delta);
+        *g = self.gen;
+        let live = *n > 0;
+        let occ = self.occupants.entry(idx).or_default();
+        match (live, occ.contains(&netns)) {
+            (true, false) => occ.push(netns),
+            (false, true) => occ.retain(|c| *c != netns),
+            _ => {}
+        }
+        let slot = match occ.as_slice() {
+            [] => NetnsSlot::default(),
+            [only] => NetnsSlot { cookie: *only, gen: self.entries[only].1 },
+            _ => NetnsSlot { cookie: SLOT_SHARED, gen: 0 },
+        };
+        if occ.is_empty() {
+            self.occupants.remove(&idx);
+        }
+        // Opening: hash first, then the slot that points readers at it.
+        // Closing: the slot first, then the hash.
+        if live {
+            self.gens.put(&netns, &self.gen)?;
+            self.slots.put(&idx, &slot)
+        } else {
+            self.entries.remove(&netns);
+            self.slots.put(&idx, &slot)?;
+            self.gens.delete(&netns)
+        }
+    }
+
+    pub fn active_namespaces(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// The per-process and per-connection trace tables, as used by the sources,
+/// with their namespace gate.
+pub struct TraceTables<P, F, G, A> {
+    pub by_pid: Table<TraceKey, P>,
+    pub by_flow: Table<FlowKey, F>,
+    pub gate: Gate<G, A>,
+}
+
+pub type TraceTable = TraceTables<
+    BpfHashMap<MapData, TraceKey, TraceContext>,
+    BpfHashMap<MapData, FlowKey, TraceContext>,
+    BpfHashMap<MapData, u64, u64>,
+    BpfArray<MapData, NetnsSlot>,
+>;
+
+fn delta(o: &SetOutcome) -> Option<isize> {
+    match o {
+        SetOutcome::New => Some(1),
+        SetOutcome::Replaced { .. } => Some(0),
+        // Same trace: cached flow results stay valid.
+        SetOutcome::Refreshed => None,
+    }
+}
+
+impl<P, F, G, A> TraceTables<P, F, G, A>
+where
+    P: Store<TraceKey, TraceContext>,
+    F: Store<FlowKey, TraceContext>,
+    G: Store<u64, u64>,
+    A: Store<u32, NetnsSlot>,
+{
+    pub fn set_process(&mut self, key: TraceKey, ctx: &TraceContext) -> Result<SetOutcome, TableError> {
+        let o = self.by_pid.set(key, ctx, Instant::now())?;
+        if let Some(d) = delta(&o) {
+            self.gate.changed(key.netns, d)?;
+        }
+        Ok(o)
+    }
+    pub fn clear_process(&mut self, key: &TraceKey, trace_id: &[u8; 16]) -> Result<bool, TableError> {
+        let removed = self.by_pid.clear(key, trace_id)?;
+        if removed {
+            self.gate.changed(key.netns, -1)?;
+        }
+        Ok(removed)
+    }
+    pub fn set_flow(&mut self, key: FlowKey, ctx: &TraceContext) -> Result<SetOutcome, TableError> {
+        let o = self.by_flow.set(key, ctx, Instant::now())?;
+        if let Some(d) = delta(&o) {
+            self.gate.changed(key.netns, d)?;
+        }
+        Ok(o)
+    }
+    pub fn clear_flow(&mut self, key: &FlowKey, trace_id: &[u8; 16]) -> Result<bool, TableError> {
+        let removed = self.by_flow.clear(key, trace_id)?;
+        if removed {
+            self.gate.changed(key.netns, -1)?;
+        }
+        Ok(removed)
+    }
+    /// Expires idle entries in both tables; returns how many were removed.
+    pub fn expire(&mut self) -> Result<usize, TableError> {
+        self.expire_at(Instant::now())
+    }
+    pub fn expire_at(&mut self, now: Instant) -> Result<usize, TableError> {
+        let pids = self.by_pid.expire(now)?;
+        let flows = self.by_flow.expire(now)?;
+        for ns in pids.iter().map(InNetns::netns).chain(flows.iter().map(InNetns::netns)) {
+            self.gate.changed(ns, -1)?;
+        }
+        Ok(pids.len() + flows.len())
+    }
+}
+
+/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid timespec pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(b: u8) -> TraceContext {
+        TraceContext {
+            trace_id: [b; 16],
+            ..Default::default()
+        }
+    }
+
+    fn table() -> Table<TraceKey, HashMap<TraceKey, TraceContext>> {
+        Table::new(HashMap::new(), 3, Duration::from_secs(30))
+    }
+
+    #[test]
+    fn set_reports_new_refresh_and_replace() {
+        let mut t = table();
+        let k = TraceKey::new(10, 1);
+        let now = Instant::now();
+        assert_eq!(t.set(k, &ctx(1), now).unwrap(), SetOutcome::New);
+        assert_eq!(t.set(k, &ctx(1), now).unwrap(), SetOutcome::Refreshed);
+        assert_eq!(
+            t.set(k, &ctx(2), now).unwrap(),
+            SetOutcome::Replaced { previous: [1; 16] }
+        );
+        assert_eq!(t.store[&k].trace_id, [2; 16]);
+        assert!(t.store[&k].updated_ns > 0);
+    }
+
+    #[test]
+    fn clear_is_compare_and_delete() {
+        let mut t = table();
+        let k = TraceKey::new(10, 1);
+        t.set(k, &ctx(1), Instant::now()).unwrap();
+        t.set(k, &ctx(2), Instant::now()).unwrap();
+        // A late clear for trace 1 must not remove trace 2.
+        assert!(!t.clear(&k, &[1; 16]).unwrap());
+        assert_eq!(t.store[&k].trace_id, [2; 16]);
+        assert!(t.clear(&k, &[2; 16]).unwrap());
+        assert!(t.store.is_empty() && t.is_empty());
+        assert!(!t.clear(&k, &[2; 16]).unwrap());
+    }
+
+    #[test]
+    fn idle_entries_expire_and_refresh_keeps_them() {
+        let mut t = table();
+        let t0 = Instant::now();
+        let (a, b) = (TraceKey::new(1, 1), TraceKey::new(2, 1));
+        t.set(a, &ctx(1), t0).unwrap();
+        t.set(b, &ctx(2), t0).unwrap();
+        assert!(t.expire(t0 + Duration::from_secs(29)).unwrap().is_empty());
+        // b is refreshed at 20 s, a is not.
+        t.set(b, &ctx(2), t0 + Duration::from_secs(20)).unwrap();
+        assert_eq!(t.expire(t0 + Duration::from_secs(31)).unwrap(), vec![a]);
+        assert!(t.get(&a).is_none() && t.get(&b).is_some());
+        assert!(!t.store.contains_key(&a));
+        assert_eq!(t.expire(t0 + Duration::from_secs(51)).unwrap(), vec![b]);
+        assert!(t.store.is_empty());
+    }
+
+    type MemTables = TraceTables<
+        HashMap<TraceKey, TraceContext>,
+        HashMap<FlowKey, TraceContext>,
+        HashMap<u64, u64>,
+        HashMap<u32, NetnsSlot>,
+    >;
+
+    fn tables() -> MemTables {
+        let idle = Duration::from_secs(30);
+        TraceTables {
+            by_pid: Table::new(HashMap::new(), 100, idle),
+            by_flow: Table::new(HashMap::new(), 100, idle),
+            gate: Gate::new(HashMap::new(), HashMap::new()),
+        }
+    }
+
+    #[test]
+    fn gate_opens_with_the_first_entry_and_closes_with_the_last() {
+        let mut t = tables();
+        let (ns1, ns2) = (11, 22);
+        t.set_process(TraceKey::new(1, ns1), &ctx(1)).unwrap();
+        let g1 = t.gate.gens[&ns1];
+        let flow = FlowKey { netns: ns1, local_port: 5, ..Default::default() };
+        t.set_flow(flow, &ctx(2)).unwrap();
+        let g2 = t.gate.gens[&ns1];
+        assert!(g2 > g1, "a new entry invalidates cached flow results");
+        // A refresh of the same trace keeps the generation.
+        t.set_process(TraceKey::new(1, ns1), &ctx(1)).unwrap();
+        assert_eq!(t.gate.gens[&ns1], g2);
+        // A replaced trace bumps it.
+        t.set_process(TraceKey::new(1, ns1), &ctx(3)).unwrap();
+        assert!(t.gate.gens[&ns1] > g2);
+        assert!(!t.gate.gens.contains_key(&ns2));
+        // A compare-and-delete that does not match changes nothing.
+        let g3 = t.gate.gens[&ns1];
+        assert!(!t.clear_process(&TraceKey::new(1, ns1), &[1; 16]).unwrap());
+        assert_eq!(t.gate.gens[&ns1], g3);
+        assert!(t.clear_process(&TraceKey::new(1, ns1), &[3; 16]).unwrap());
+        assert!(t.gate.gens.contains_key(&ns1), "the flow entry remains");
+        assert!(t.clear_flow(&flow, &[2; 16]).unwrap());
+        assert!(!t.gate.gens.contains_key(&ns1), "gate closed with the last entry");
+        assert_eq!(t.gate.active_namespaces(), 0);
+    }
+
+    #[test]
+    fn slots_point_at_the_one_namespace_or_say_shared() {
+        let mut t = tables();
+        let n = agent_common::NETNS_SLOTS as u64;
+        let (a, b) = (5, 5 + n); // same slot
+        let slot = |t: &MemTables| t.gate.slots.get(&NetnsSlot::index(a)).copied().unwrap_or_default();
+        t.set_process(TraceKey::new(1, a), &ctx(1)).unwrap();
+        assert_eq!(slot(&t), NetnsSlot { cookie: a, gen: t.gate.gens[&a] });
+        t.set_process(TraceKey::new(1, b), &ctx(1)).unwrap();
+        assert_eq!(slot(&t).cookie, SLOT_SHARED, "two live namespaces share the slot");
+        assert!(t.gate.gens.contains_key(&a) && t.gate.gens.contains_key(&b));
+        t.clear_process(&TraceKey::new(1, a), &[1; 16]).unwrap();
+        assert_eq!(slot(&t), NetnsSlot { cookie: b, gen: t.gate.gens[&b] });
+        t.clear_process(&TraceKey::new(1, b), &[1; 16]).unwrap();
+        assert_eq!(slot(&t), NetnsSlot::default());
+        assert!(t.gate.gens.is_empty());
+    }
+
+    #[test]
+    fn expiry_closes_the_gate() {
+        let mut t = tables();
+        t.set_process(TraceKey::new(1, 7), &ctx(1)).unwrap();
+        t.set_process(TraceKey::new(2, 8), &ctx(1)).unwrap();
+        assert_eq!(t.expire_at(Instant::now() + Duration::from_secs(31)).unwrap(), 2);
+        assert!(t.gate.gens.is_empty());
+        // Generations only grow: a namespace that fills again gets a new one.
+        let before = t.gate.gen;
+        t.set_process(TraceKey::new(1, 7), &ctx(1)).unwrap();
+        assert!(t.gate.gens[&7] > before);
+    }
+
+    #[test]
+    fn capacity_is_enforced_for_new_keys_only() {
+        let mut t = table();
+        let now = Instant::now();
+        for pid in 0..3 {
+            t.set(TraceKey::new(pid, 1), &ctx(1), now).unwrap();
+        }
+        assert!(matches!(
+            t.set(TraceKey::new(9, 1), &ctx(1), now),
+            Err(TableError::Full(3))
+        ));
+        // Replacing an existing key still works at capacity.
+        t.set(TraceKey::new(0, 1), &ctx(5), now).unwrap();
+    }
+}

@@ -1,0 +1,253 @@
+//! A throw-away "node" for tests, the demo and benchmarks: pods as network
+//! namespaces, each with a veth whose host-side end sits on a private bridge
+//! (no address on the host, no routes, no sysctl changes). Names are unique
+//! per process and lab so parallel runs cannot collide; everything is removed
+//! on drop.
+use std::{
+    io::{self, BufRead, BufReader, Write},
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopoError {
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("child said {0:?}, expected `ready <pid>`")]
+    NotReady(String),
+}
+
+pub struct Pod {
+    pub name: String,
+    /// Host-side veth end (where tagflow attaches).
+    pub host_if: String,
+    pub host_ifindex: u32,
+    pub ip: Ipv4Addr,
+}
+
+impl Pod {
+    pub fn netns_path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// A command that runs inside the pod's namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+}
+
+pub struct Lab {
+    /// Interface-name prefix shared by every host-side veth of this lab.
+    pub prefix: String,
+    pub bridge: String,
+    pub pods: Vec<Pod>,
+    subnet: [u8; 3],
+    next: u8,
+}
+
+pub fn run(args: &[&str]) -> Result<String, TopoError> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if !out.status.success() {
+        return Err(TopoError::Command {
+            cmd: args.join(" "),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl Lab {
+    /// A lab with `pods` pods named a, b, c, ...
+    pub fn new(pods: usize) -> Result<Self, TopoError> {
+        let n = LABS.fetch_add(1, Ordering::Relaxed);
+        let uniq = (std::process::id().wrapping_mul(31).wrapping_add(n)) & 0xffffff;
+        let prefix = format!("tfv{uniq:06x}");
+        let bridge = format!("tfb{uniq:06x}");
+        run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
+        let mut lab = Self {
+            prefix,
+            bridge,
+            pods: Vec::new(),
+            subnet: [10, 100 + (uniq % 100) as u8, (uniq >> 8) as u8],
+            next: 0,
+        };
+        run(&["ip", "link", "set", &lab.bridge, "up"])?;
+        for _ in 0..pods {
+            lab.add_pod()?;
+        }
+        Ok(lab)
+    }
+
+    /// Adds one pod; returns its index.
+    pub fn add_pod(&mut self) -> Result<usize, TopoError> {
+        let i = self.next;
+        self.next += 1;
+        let name = format!("{}-{}", self.prefix, (b'a' + i % 26) as char);
+        let host_if = format!("{}{}", self.prefix, i);
+        let peer = format!("{}p{}", self.prefix, i);
+        let ip = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 2 + i);
+        run(&["ip", "netns", "add", &name])?;
+        // Register the pod before anything else can fail so Drop removes it.
+        self.pods.push(Pod {
+            name: name.clone(),
+            host_if: host_if.clone(),
+            host_ifindex: 0,
+            ip,
+        });
+        run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &name])?;
+        run(&["ip", "link", "set", &host_if, "master", &self.bridge, "up"])?;
+        let addr = format!("{ip}/24");
+        for args in [
+            vec!["ip", "link", "set", &peer, "name", "eth0"],
+            vec!["ip", "addr", "add", &addr, "dev", "eth0"],
+            vec!["ip", "link", "set", "eth0", "up"],
+            vec!["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut full = vec!["ip", "netns", "exec", &name];
+            full.extend(args);
+            run(&full)?;
+        }
+        let idx = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))?;
+        let pod = self.pods.last_mut().expect("just pushed");
+        pod.host_ifindex = idx.trim().parse().unwrap_or(0);
+        Ok(self.pods.len() - 1)
+    }
+
+    /// Removes a pod (namespace and veth) while the lab lives on.
+    pub fn remove_pod(&mut self, i: usize) {
+        let pod = self.pods.remove(i);
+        let _ = run(&["ip", "netns", "del", &pod.name]);
+        let _ = run(&["ip", "link", "del", &pod.host_if]);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for pod in self.pods.drain(..) {
+            // Kill anything still running in the pod, then remove it.
+            let _ = Command::new("ip")
+                .args(["netns", "pids", &pod.name])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        let _ = Command::new("kill").args(["-9", pid]).status();
+                    }
+                });
+            let _ = run(&["ip", "netns", "del", &pod.name]);
+            let _ = run(&["ip", "link", "del", &pod.host_if]);
+        }
+        let _ = run(&["ip", "link", "del", &self.bridge]);
+    }
+}
+
+/// A TCP echo server: `python3 -c ECHO_SERVER PORT [fork]`. Prints
+/// `ready <pid>` once listening. With `fork` every connection is served by
+/// a forked child.
+pub const ECHO_SERVER: &str = r#"
+import os, socket, sys, threading
+port = int(sys.argv[1]); fork = len(sys.argv) > 2 and sys.argv[2] == "fork"
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port)); s.listen(128)
+print("ready", os.getpid(), flush=True)
+def serve(c):
+    with c:
+        while True:
+            d = c.recv(65536)
+            if not d: return
+            c.sendall(d)
+while True:
+    c, _ = s.accept()
+    if fork:
+        if os.fork() == 0:
+            s.close(); serve(c); os._exit(0)
+        c.close()
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]: pass
+        except ChildProcessError: pass
+    else:
+        threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A TCP client: `python3 -c CLIENT HOST PORT SPORT ROUNDS`. Prints
+/// `ready <pid>`, waits for a line on stdin, connects (from SPORT unless 0),
+/// sends ROUNDS × 100 bytes and reads each echo, prints `done`, waits for
+/// another line, exits.
+pub const CLIENT: &str = r#"
+import os, socket, sys
+host, port, sport, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if sport: s.bind(("0.0.0.0", sport))
+s.connect((host, port))
+for _ in range(rounds):
+    s.sendall(b"x" * 100)
+    got = 0
+    while got < 100:
+        d = s.recv(100 - got)
+        if not d: sys.exit("server closed")
+        got += len(d)
+print("done", flush=True)
+sys.stdin.readline()
+s.close()
+"#;
+
+/// A process in a pod that talks over stdin/stdout.
+pub struct Proc {
+    pub pid: u32,
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl Proc {
+    /// Starts `python3 -c script args...` in `pod` and waits for `ready <pid>`.
+    pub fn python(pod: &Pod, script: &str, args: &[&str]) -> Result<Self, TopoError> {
+        let mut child = pod
+            .command("python3")
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().expect("piped");
+        let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let pid = line
+            .strip_prefix("ready ")
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| TopoError::NotReady(line.clone()))?;
+        Ok(Self {
+            pid,
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    /// Sends a line, then reads one line back (empty at EOF).
+    pub fn step(&mut self) -> Result<String, TopoError> {
+        writeln!(self.stdin, "go")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

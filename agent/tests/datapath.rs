@@ -1,0 +1,329 @@
+//! BPF_PROG_TEST_RUN on crafted frames: every frame is handed on unchanged
+//! with the pass-on verdict, the right counter moves, and traced flows come
+//! out with the trace id in cb. Runs as root; skips only if the kernel refuses.
+mod common;
+
+use std::net::IpAddr;
+
+use agent::{
+    config::AgentConfig,
+    events::{self, Event},
+    frames::{self, Ext6, Frame, L4},
+    loader::Datapath,
+    netns,
+};
+use agent_common::*;
+use common::{lock, run};
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn tcp4() -> Frame {
+    Frame::tcp(ip("10.1.0.1"), 40000, ip("10.2.0.1"), 80)
+}
+
+fn ctx(b: u8) -> TraceContext {
+    TraceContext {
+        trace_id: [b; 16],
+        flags: TRACE_FLAG_SAMPLED | TraceSource::Api.to_flags(),
+        ..Default::default()
+    }
+}
+
+/// A loaded datapath plus a namespace standing in for a pod.
+struct Bed {
+    dp: Datapath,
+    pod: std::fs::File,
+    pod_ns: u64,
+}
+
+fn bed(cfg: &AgentConfig) -> Option<Bed> {
+    let dp = common::load(cfg, false)?;
+    let pod = netns::anonymous().expect("new netns");
+    let pod_ns = netns::in_netns_file(&pod, netns::current_cookie).unwrap().unwrap();
+    Some(Bed { dp, pod, pod_ns })
+}
+
+impl Bed {
+    /// Runs a frame as if sent from the pod.
+    fn run(&mut self, frame: &[u8]) -> common::Run {
+        let pod = &self.pod;
+        let prog = self.dp.ingress().unwrap();
+        netns::in_netns_file(pod, || run(prog, frame))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("test_run of a {}-byte frame: {e:?}", frame.len()))
+    }
+
+    fn counters(&self) -> Vec<u64> {
+        self.dp.counters().unwrap().iter().map(|(_, v)| *v).collect()
+    }
+
+    /// Runs `frame`, asserts the verdict, the unchanged bytes, and that
+    /// exactly `want` among the terminal counters moved (by one).
+    fn expect(&mut self, frame: &[u8], want: Counter, what: &str) -> common::Run {
+        let before = self.counters();
+        let r = self.run(frame);
+        assert_eq!(r.verdict, TCX_NEXT, "{what}: verdict");
+        assert_eq!(r.data, frame, "{what}: bytes changed");
+        let after = self.counters();
+        for t in Counter::TERMINAL {
+            let d = after[t as usize] - before[t as usize];
+            assert_eq!(d, (t == want) as u64, "{what}: counter {} moved by {d}", t.name());
+        }
+        assert_eq!(after[Counter::Seen as usize] - before[Counter::Seen as usize], 1, "{what}: seen");
+        r
+    }
+}
+
+/// A namespace gate is open only while the pod has some trace entry: give
+/// the pod one for an unrelated process so frames go the whole way.
+fn open_gate(b: &mut Bed, table: &mut agent::tables::TraceTable) {
+    table.set_process(TraceKey::new(999_999, b.pod_ns), &ctx(0x99)).unwrap();
+}
+
+fn corpus() -> Vec<(String, Frame, Counter)> {
+    let mut v = Vec::new();
+    v.push(("ipv4/tcp".into(), tcp4(), Counter::NoTrace));
+    let mut f = tcp4();
+    f.ip4_options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert + NOPs
+    v.push(("ipv4 with options".into(), f, Counter::NoTrace));
+    v.push(("ipv4/udp".into(), Frame::udp(ip("10.1.0.1"), 5353, ip("10.2.0.1"), 53), Counter::NoTrace));
+    let mut f = tcp4();
+    f.vlans = vec![(frames::ETH_P_8021Q, 7)];
+    v.push(("vlan".into(), f, Counter::NoTrace));
+    let mut f = tcp4();
+    f.vlans = vec![(frames::ETH_P_8021AD, 7), (frames::ETH_P_8021Q, 8)];
+    v.push(("qinq".into(), f, Counter::NoTrace));
+    let v6 = Frame::tcp(ip("fd00::1"), 40000, ip("fd00::2"), 80);
+    v.push(("ipv6/tcp".into(), v6.clone(), Counter::NoTrace));
+    for (name, e) in [
+        ("hop-by-hop", Ext6::HopByHop),
+        ("routing", Ext6::Routing),
+        ("dest-opts", Ext6::DestOpts),
+        ("first fragment", Ext6::Fragment(0)),
+    ] {
+        let mut f = v6.clone();
+        f.ext6 = vec![e];
+        v.push((format!("ipv6 + {name}"), f, Counter::NoTrace));
+    }
+    let mut f = Frame::udp(ip("fd00::1"), 1, ip("fd00::2"), 2);
+    f.ext6 = vec![Ext6::HopByHop, Ext6::DestOpts, Ext6::Routing, Ext6::DestOpts];
+    v.push(("ipv6 + 4 extension headers / udp".into(), f, Counter::NoTrace));
+    let mut f = v6.clone();
+    f.ext6 = vec![Ext6::DestOpts; 7];
+    v.push(("ipv6 + 7 extension headers (over the bound)".into(), f, Counter::ParseFailed));
+    let mut f = v6.clone();
+    f.ext6 = vec![Ext6::Fragment(3)];
+    v.push(("ipv6 non-first fragment".into(), f, Counter::Fragment));
+    let mut f = tcp4();
+    f.ip4_frag_offset = 5;
+    v.push(("ipv4 non-first fragment".into(), f, Counter::Fragment));
+    let mut f = tcp4();
+    f.l4 = L4::Other(1);
+    v.push(("icmp".into(), f, Counter::OtherL4));
+    v
+}
+
+#[test]
+fn every_frame_is_handed_on_unchanged_and_counted() {
+    let _g = lock();
+    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let mut table = b.dp.take_trace_table().unwrap();
+    // Gate closed first (pod without traces), then open (full resolution).
+    for round in 0..2 {
+        if round == 1 {
+            open_gate(&mut b, &mut table);
+        }
+        for (name, f, want) in corpus() {
+            b.expect(&f.build(), want, &format!("{name} (round {round})"));
+        }
+        b.expect(&frames::arp(), Counter::NonIp, "arp");
+        // Bogus IHL (4 words).
+        let mut bad = tcp4().build();
+        bad[14] = 0x44;
+        b.expect(&bad, Counter::ParseFailed, "ihl 4");
+        // TCP data offset below 5.
+        let mut bad = tcp4().build();
+        bad[14 + 20 + 12] = 0x40;
+        b.expect(&bad, Counter::ParseFailed, "tcp doff 4");
+    }
+}
+
+#[test]
+fn every_truncation_is_handed_on_and_counted() {
+    let _g = lock();
+    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let mut table = b.dp.take_trace_table().unwrap();
+    open_gate(&mut b, &mut table);
+    let mut v6 = Frame::udp(ip("fd00::1"), 1, ip("fd00::2"), 2);
+    v6.ext6 = vec![Ext6::HopByHop, Ext6::Fragment(0)];
+    let mut qinq = tcp4();
+    qinq.vlans = vec![(frames::ETH_P_8021AD, 1), (frames::ETH_P_8021Q, 2)];
+    let mut opts = tcp4();
+    opts.ip4_options = vec![1, 1, 1, 1];
+    for (name, f) in [("ipv4/tcp", tcp4()), ("ipv6+ext/udp", v6), ("qinq", qinq), ("ipv4 options", opts)] {
+        let full = f.build();
+        let need = f.headers_len();
+        for len in 0..=full.len() {
+            let cut = &full[..len];
+            if len <= 14 {
+                // The kernel itself refuses frames without a byte past the
+                // Ethernet header (EINVAL): they never reach a program.
+                let prog = b.dp.ingress().unwrap();
+                let r = netns::in_netns_file(&b.pod, || run(prog, cut)).unwrap();
+                assert!(r.is_err(), "{name}/{len}: kernel accepted a {len}-byte frame");
+                continue;
+            }
+            let want = if len < need { Counter::ParseFailed } else { Counter::NoTrace };
+            b.expect(cut, want, &format!("{name} cut to {len}"));
+        }
+    }
+    let arp = frames::arp();
+    for len in 15..=arp.len() {
+        b.expect(&arp[..len], Counter::NonIp, &format!("arp cut to {len}"));
+    }
+}
+
+#[test]
+fn flow_trace_is_written_to_cb_and_counted() {
+    let _g = lock();
+    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let mut table = b.dp.take_trace_table().unwrap();
+    let mut events = b.dp.take_events().unwrap();
+    for (name, f) in [
+        ("ipv4", tcp4()),
+        ("ipv6", Frame::udp(ip("fd00::1"), 7, ip("fd00::2"), 9)),
+    ] {
+        let key = f.flow_key(b.pod_ns);
+        let id = if name == "ipv4" { 0x41 } else { 0x61 };
+        table.set_flow(key, &ctx(id)).unwrap();
+        for i in 0..3 {
+            let r = b.expect(&f.build(), Counter::Tagged, name);
+            let (got, flags) = decode_cb(&r.cb).expect("tagflow magic in cb[4]");
+            assert_eq!(got, [id; 16], "{name}: trace id in cb");
+            assert_ne!(flags & CB_FLAG_FLOW_MATCH, 0, "{name}: flow-match flag");
+            assert_ne!(flags & CB_FLAG_SAMPLED, 0, "{name}: sampled flag");
+            assert_eq!(r.mark, 0, "{name}: mark untouched by default");
+            let stats = b.dp.flow_stats();
+            let (_, s) = stats.iter().find(|(k, _)| *k == key).expect("FLOW_STATS entry");
+            assert_eq!(s.trace_id, [id; 16]);
+            assert_eq!(s.packets, i + 1, "{name}: packets accounted");
+            assert_eq!(s.bytes, (i + 1) * f.build().len() as u64);
+            assert_eq!(s.matched, MATCH_FLOW);
+            assert!(s.first_ns > 0 && s.last_ns >= s.first_ns);
+        }
+        // One new-flow event for the pair, not one per packet.
+        let mut news = 0;
+        while let Some(item) = events.next() {
+            match events::decode(&item) {
+                Event::FlowNew(e) => {
+                    assert_eq!(e.key, key);
+                    assert_eq!(e.stats.trace_id, [id; 16]);
+                    news += 1;
+                }
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        assert_eq!(news, 1, "{name}: events");
+    }
+    // The slow path ran once per flow; the rest came from the flow cache.
+    assert_eq!(b.dp.counter(Counter::Resolved), 2);
+}
+
+#[test]
+fn process_trace_via_bound_port_and_flow_beats_process() {
+    let _g = lock();
+    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let mut table = b.dp.take_trace_table().unwrap();
+    let f = tcp4();
+    let key = f.flow_key(b.pod_ns);
+    // The server bound port 40000 in the pod: its packets belong to pid 4242.
+    b.dp.set_bound_port(PortKey::new(b.pod_ns, PROTO_TCP, 40000), 4242).unwrap();
+    table.set_process(TraceKey::new(4242, b.pod_ns), &ctx(0x42)).unwrap();
+    let r = b.expect(&f.build(), Counter::Tagged, "by pid");
+    assert_eq!(decode_cb(&r.cb).unwrap().0, [0x42; 16]);
+    let s = b.dp.flow_stats().into_iter().find(|(k, _)| *k == key).unwrap().1;
+    assert_eq!((s.pid, s.owner, s.matched), (4242, OWNER_BOUND, MATCH_PID));
+    // An exact flow entry wins over the process's context.
+    table.set_flow(key, &ctx(0x77)).unwrap();
+    let r = b.expect(&f.build(), Counter::Tagged, "by flow");
+    assert_eq!(decode_cb(&r.cb).unwrap().0, [0x77; 16]);
+    // Another process in the same pod is not tagged.
+    let other = Frame::tcp(ip("10.1.0.1"), 40100, ip("10.2.0.1"), 80);
+    b.expect(&other.build(), Counter::NoTrace, "unowned flow");
+    // Clearing with the wrong trace id leaves the entry; the right one removes it.
+    assert!(!table.clear_flow(&key, &[0x42; 16]).unwrap());
+    assert!(table.clear_flow(&key, &[0x77; 16]).unwrap());
+    let r = b.expect(&f.build(), Counter::Tagged, "back to pid");
+    assert_eq!(decode_cb(&r.cb).unwrap().0, [0x42; 16]);
+    assert!(table.clear_process(&TraceKey::new(4242, b.pod_ns), &[0x42; 16]).unwrap());
+    b.expect(&f.build(), Counter::NoTrace, "cleared");
+}
+
+#[test]
+fn a_new_trace_on_a_flow_hands_over_the_old_pairs_final_numbers() {
+    let _g = lock();
+    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let mut table = b.dp.take_trace_table().unwrap();
+    let mut events = b.dp.take_events().unwrap();
+    let f = tcp4();
+    let key = f.flow_key(b.pod_ns);
+    table.set_flow(key, &ctx(1)).unwrap();
+    for _ in 0..3 {
+        b.expect(&f.build(), Counter::Tagged, "request 1");
+    }
+    // Next request on the keep-alive connection.
+    table.set_flow(key, &ctx(2)).unwrap();
+    b.expect(&f.build(), Counter::Tagged, "request 2");
+    let got: Vec<Event> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i))).collect();
+    match got.as_slice() {
+        [Event::FlowNew(a), Event::FlowEnd(end), Event::FlowNew(c)] => {
+            assert_eq!(a.stats.trace_id, [1; 16]);
+            assert_eq!(end.stats.trace_id, [1; 16]);
+            assert_eq!(end.stats.packets, 3, "final packet count of request 1");
+            assert_eq!(c.stats.trace_id, [2; 16]);
+        }
+        other => panic!("events: {other:?}"),
+    }
+}
+
+#[test]
+fn mark_bits_are_applied_only_when_configured() {
+    let _g = lock();
+    let cfg = AgentConfig {
+        mark_value: 0x0a00,
+        mark_mask: 0x0f00,
+        ..Default::default()
+    };
+    let Some(mut b) = bed(&cfg) else { return };
+    let mut table = b.dp.take_trace_table().unwrap();
+    let f = tcp4();
+    table.set_flow(f.flow_key(b.pod_ns), &ctx(3)).unwrap();
+    let pod = &b.pod;
+    let prog = b.dp.ingress().unwrap();
+    let frame = f.build();
+    let r = netns::in_netns_file(pod, || common::run_ctx(prog, &frame, &frames::skb_ctx(1, 0xf0f0_f1f1, [0; 5])))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.mark, 0xf0f0_faf1, "only the masked bits change");
+    assert_eq!(r.data, frame);
+}
+
+#[test]
+fn socketless_or_host_packets_take_the_interfaces_namespace() {
+    let _g = lock();
+    let Some(mut dp) = common::load(&AgentConfig::default(), false) else { return };
+    let mut table = dp.take_trace_table().unwrap();
+    // test_run skbs from the host namespace look like socket-less packets on
+    // a pod's veth: their namespace must come from IFACE_NETNS.
+    let fake_pod = 0x7a67_0000_0001;
+    dp.set_iface_netns(1, fake_pod).unwrap();
+    let f = tcp4();
+    table.set_flow(f.flow_key(fake_pod), &ctx(9)).unwrap();
+    let before = dp.counter(Counter::NoSocket);
+    let r = run(dp.ingress().unwrap(), &f.build()).unwrap();
+    assert_eq!(r.verdict, TCX_NEXT);
+    assert_eq!(decode_cb(&r.cb).map(|c| c.0), Some([9; 16]));
+    assert_eq!(dp.counter(Counter::NoSocket), before + 1);
+}
