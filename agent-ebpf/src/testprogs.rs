@@ -1,6 +1,6 @@
 //! Test-only programs, never loaded by the agent:
 //! - `tagflow_empty`: the baseline of the datapath benchmark (does nothing).
-//! - `tagflow_cb_reader`: attached after tagflow on the same hook, counts
+//! - `tf_cb_reader`: attached after tagflow on the same hook, counts
 //!   packets whose cb carries the expected trace id — proves tagflow hands
 //!   packets on and that the cb ABI is readable by later programs.
 #![no_std]
@@ -39,7 +39,7 @@ fn bump(i: u32) {
 }
 
 #[classifier]
-pub fn tagflow_cb_reader(ctx: TcContext) -> i32 {
+pub fn tf_cb_reader(ctx: TcContext) -> i32 {
     bump(0);
     let cb = ctx.cb();
     if cb.len() < 5 || cb[4] & CB_MAGIC_MASK != CB_MAGIC {

@@ -180,22 +180,22 @@ impl Datapath {
         ] {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             p.load().map_err(|source| LoaderError::Program { name, source })?;
-            // Multi mode coexists with other agents' hooks (Cilium's socket
-            // LB, for one); fall back where a single-mode program is present.
-            p.attach(&cgroup, CgroupAttachMode::AllowMultiple)
-                .or_else(|_| p.attach(&cgroup, CgroupAttachMode::Single))
+            // On ≥ 5.7 aya attaches with a cgroup *link*: always multi-attach
+            // (coexists with Cilium's socket LB and others), detached when
+            // our fd closes. BPF_LINK_CREATE takes no ALLOW_MULTI flag.
+            p.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| LoaderError::Program { name, source })?;
             self.owner_hooks.push(name);
         }
         // Housekeeping only: the LRU map copes without it.
         let release = program::<CgroupSock>(&mut self.ebpf, prog::SOCK_RELEASE).and_then(|p| {
             p.load().map_err(|source| LoaderError::Program { name: prog::SOCK_RELEASE, source })?;
-            p.attach(&cgroup, CgroupAttachMode::AllowMultiple)
+            p.attach(&cgroup, CgroupAttachMode::Single)
                 .map_err(|source| LoaderError::Program { name: prog::SOCK_RELEASE, source })
         });
         match release {
             Ok(_) => self.owner_hooks.push(prog::SOCK_RELEASE),
-            Err(e) => warn!("sock_release hook unavailable (owners expire by LRU only): {e}"),
+            Err(e) => warn!("sock_release hook unavailable (owners expire by LRU only): {e:?}"),
         }
         info!(cgroup = %root.display(), hooks = ?self.owner_hooks, "owner hooks attached");
         Ok(())
@@ -350,13 +350,14 @@ where
 }
 
 fn attach_netlink(p: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLinkId, String> {
-    match tc::qdisc_add_clsact(name) {
-        Ok(()) | Err(tc::TcError::AlreadyAttached) => {}
-        Err(tc::TcError::NetlinkError(e)) if e.to_string().contains("exists") => {}
-        Err(e) => return Err(format!("adding clsact: {e}")),
-    }
+    // Fails when the interface already has a clsact qdisc (ours from a
+    // previous run, or another agent's): that one serves as well.
+    let qdisc = tc::qdisc_add_clsact(name).err();
     p.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
-        .map_err(|e| e.to_string())
+        .map_err(|e| match qdisc {
+            Some(q) => format!("{e} (adding clsact: {q})"),
+            None => e.to_string(),
+        })
 }
 
 /// Removes netlink filters named like our program: an agent killed without
@@ -391,12 +392,13 @@ pub fn parse_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-/// Names of the programs attached to an interface's TCX ingress, in order.
-pub fn tcx_programs(iface: &str) -> Result<Vec<String>, ProgramError> {
+/// (name, program id) of the programs on an interface's TCX ingress, in
+/// chain order. Names are truncated by the kernel to 15 bytes.
+pub fn tcx_programs(iface: &str) -> Result<Vec<(String, u32)>, ProgramError> {
     let (_, progs) = SchedClassifier::query_tcx(iface, TcAttachType::Ingress)?;
     Ok(progs
         .iter()
-        .map(|p| p.name_as_str().unwrap_or("?").to_string())
+        .map(|p| (p.name_as_str().unwrap_or("?").to_string(), p.id()))
         .collect())
 }
 

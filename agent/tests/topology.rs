@@ -1,0 +1,290 @@
+//! Pods as network namespaces with veths to the host, real processes and
+//! real traffic: owners come from the cgroup hooks, traces from the tables,
+//! tags are read back by a second program after tagflow on the same hook.
+mod common;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent::{
+    backfill,
+    config::AgentConfig,
+    loader::{self, Datapath, TESTPROGS_OBJECT},
+    netns,
+    topo::{Lab, Proc, CLIENT, ECHO_SERVER},
+};
+use agent_common::*;
+use aya::{
+    maps::Array,
+    programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
+    Ebpf,
+};
+
+fn ctx(b: u8) -> TraceContext {
+    TraceContext {
+        trace_id: [b; 16],
+        flags: TRACE_FLAG_SAMPLED | TraceSource::Api.to_flags(),
+        ..Default::default()
+    }
+}
+
+/// A lab with the datapath loaded (owner hooks on) and attached to every pod.
+struct Node {
+    lab: Lab,
+    dp: Datapath,
+    ns: Vec<u64>,
+}
+
+fn node(pods: usize) -> Option<Node> {
+    let lab = Lab::new(pods).expect("creating the lab (needs root and iproute2)");
+    let mut dp = common::load(&AgentConfig::default(), true)?;
+    let mut ns = Vec::new();
+    for p in &lab.pods {
+        dp.attach(&p.host_if, p.host_ifindex).expect("attach");
+        let cookie = netns::cookie_of(&p.netns_path()).unwrap();
+        dp.set_iface_netns(p.host_ifindex, cookie).unwrap();
+        ns.push(cookie);
+    }
+    Some(Node { lab, dp, ns })
+}
+
+/// The test-only cb reader, attached after tagflow on an interface.
+struct CbReader {
+    ebpf: Ebpf,
+}
+
+impl CbReader {
+    fn attach(iface: &str, expect: [u8; 16]) -> Self {
+        let mut ebpf = Ebpf::load(TESTPROGS_OBJECT).unwrap();
+        let p: &mut SchedClassifier = ebpf.program_mut("tf_cb_reader").unwrap().try_into().unwrap();
+        p.load().unwrap();
+        p.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))
+            .unwrap();
+        let mut want: Array<_, [u32; 4]> = Array::try_from(ebpf.map_mut("CB_EXPECT").unwrap()).unwrap();
+        let words = encode_cb(&expect, 0);
+        want.set(0, [words[0], words[1], words[2], words[3]], 0).unwrap();
+        Self { ebpf }
+    }
+
+    /// (packets seen, with tagflow's magic, with the expected trace id)
+    fn counts(&self) -> (u64, u64, u64) {
+        let c: Array<_, u64> = Array::try_from(self.ebpf.map("CB_COUNT").unwrap()).unwrap();
+        (c.get(&0, 0).unwrap(), c.get(&1, 0).unwrap(), c.get(&2, 0).unwrap())
+    }
+}
+
+fn stats_for(dp: &Datapath, f: impl Fn(&FlowKey) -> bool) -> Vec<(FlowKey, FlowStats)> {
+    dp.flow_stats()
+        .into_iter()
+        .filter(|(k, s)| f(k) && !s.is_negative())
+        .collect()
+}
+
+#[test]
+fn clients_and_servers_are_tagged_by_owner_and_others_are_not() {
+    let _g = common::lock();
+    let Some(mut n) = node(3) else { return };
+    let (a, b, c) = (&n.lab.pods[0], &n.lab.pods[1], &n.lab.pods[2]);
+    let (ns_a, ns_b, ns_c) = (n.ns[0], n.ns[1], n.ns[2]);
+    let mut table = n.dp.take_trace_table().unwrap();
+
+    let server = Proc::python(b, ECHO_SERVER, &["8080"]).unwrap();
+    // The bind hook ran in the server's process context.
+    assert_eq!(n.dp.bound_port(&PortKey::new(ns_b, PROTO_TCP, 8080)), Some(server.pid));
+
+    let reader = CbReader::attach(&a.host_if, [0xa1; 16]);
+    let chain: Vec<String> = loader::tcx_programs(&a.host_if).unwrap().into_iter().map(|p| p.0).collect();
+    assert_eq!(chain, ["tagflow_ingress", "tf_cb_reader"], "tagflow first, the reader after it");
+
+    let b_ip = b.ip.to_string();
+    let mut client = Proc::python(a, CLIENT, &[&b_ip, "8080", "0", "5"]).unwrap();
+    table.set_process(TraceKey::new(client.pid, ns_a), &ctx(0xa1)).unwrap();
+    table.set_process(TraceKey::new(server.pid, ns_b), &ctx(0xb2)).unwrap();
+    assert_eq!(client.step().unwrap(), "done");
+
+    // A client in C that nobody registered talks to the same server.
+    let mut stranger = Proc::python(c, CLIENT, &[&b_ip, "8080", "0", "5"]).unwrap();
+    assert_eq!(stranger.step().unwrap(), "done");
+
+    let from_a = stats_for(&n.dp, |k| k.netns == ns_a && k.remote_port == 8080);
+    assert_eq!(from_a.len(), 1, "one tagged flow out of A: {from_a:?}");
+    let (ka, sa) = from_a[0];
+    assert_eq!(sa.trace_id, [0xa1; 16]);
+    assert_eq!((sa.pid, sa.owner, sa.matched), (client.pid, OWNER_CONNECTED, MATCH_PID));
+    assert_eq!(&ka.remote_addr[..4], &b.ip.octets());
+    assert!(sa.packets >= 7, "SYN, 5 requests, ACKs: {}", sa.packets);
+    assert_ne!(sa.tcp_flags & 0x02, 0, "SYN seen");
+
+    // The server answers from accepted sockets: resolved through its port.
+    let from_b = stats_for(&n.dp, |k| k.netns == ns_b && k.local_port == 8080);
+    let to_a: Vec<_> = from_b.iter().filter(|(k, _)| k.remote_addr[..4] == a.ip.octets()).collect();
+    assert_eq!(to_a.len(), 1, "server's flow back to A: {from_b:?}");
+    assert_eq!(to_a[0].1.trace_id, [0xb2; 16]);
+    assert_eq!((to_a[0].1.pid, to_a[0].1.owner), (server.pid, OWNER_BOUND));
+
+    // C's packets carry no tag.
+    assert!(stats_for(&n.dp, |k| k.netns == ns_c).is_empty(), "C was tagged");
+
+    // The reader behind tagflow saw exactly the packets tagflow tagged.
+    let (seen, magic, matching) = reader.counts();
+    assert_eq!(matching, sa.packets, "cb carried the trace id on every tagged packet");
+    assert_eq!(magic, matching, "no other tag on A's veth");
+    assert!(seen >= matching);
+    // Timestamps are on the monotonic clock, within this test's lifetime.
+    let now = agent::tables::monotonic_ns();
+    assert!(sa.first_ns <= sa.last_ns && sa.last_ns <= now && now - sa.first_ns < 60_000_000_000);
+}
+
+#[test]
+fn per_connection_entries_beat_the_process_entry() {
+    let _g = common::lock();
+    let Some(mut n) = node(2) else { return };
+    let (a, b) = (&n.lab.pods[0], &n.lab.pods[1]);
+    let ns_a = n.ns[0];
+    let mut table = n.dp.take_trace_table().unwrap();
+    let _server = Proc::python(b, ECHO_SERVER, &["9090"]).unwrap();
+    let b_ip = b.ip.to_string();
+    let mut c1 = Proc::python(a, CLIENT, &[&b_ip, "9090", "41001", "3"]).unwrap();
+    let mut c2 = Proc::python(a, CLIENT, &[&b_ip, "9090", "41002", "3"]).unwrap();
+    let key = |sport: u16| {
+        let mut k = FlowKey {
+            netns: ns_a,
+            local_port: sport,
+            remote_port: 9090,
+            family: FAMILY_IPV4,
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        k.local_addr[..4].copy_from_slice(&a.ip.octets());
+        k.remote_addr[..4].copy_from_slice(&b.ip.octets());
+        k
+    };
+    table.set_flow(key(41001), &ctx(0x01)).unwrap();
+    table.set_flow(key(41002), &ctx(0x02)).unwrap();
+    // c1's process also has its own context: the connection entry wins.
+    table.set_process(TraceKey::new(c1.pid, ns_a), &ctx(0x0f)).unwrap();
+    assert_eq!(c1.step().unwrap(), "done");
+    assert_eq!(c2.step().unwrap(), "done");
+    for (sport, want, pid) in [(41001, 0x01, c1.pid), (41002, 0x02, c2.pid)] {
+        let s = stats_for(&n.dp, |k| *k == key(sport));
+        assert_eq!(s.len(), 1, "flow from port {sport}");
+        assert_eq!(s[0].1.trace_id, [want; 16]);
+        assert_eq!((s[0].1.matched, s[0].1.pid), (MATCH_FLOW, pid));
+    }
+    assert!(stats_for(&n.dp, |_| true).iter().all(|(_, s)| s.trace_id != [0x0f; 16]));
+}
+
+#[test]
+fn backfill_finds_servers_that_predate_the_agent() {
+    let _g = common::lock();
+    let lab = Lab::new(1).unwrap();
+    let pod = &lab.pods[0];
+    let server = Proc::python(pod, ECHO_SERVER, &["7070"]).unwrap();
+    let ns = netns::cookie_of(&pod.netns_path()).unwrap();
+    let found = backfill::scan();
+    assert!(
+        found.contains(&(PortKey::new(ns, PROTO_TCP, 7070), server.pid)),
+        "listening socket of pid {} not found",
+        server.pid
+    );
+}
+
+// ---- the daemon as a process ----
+
+struct Agent(Child);
+
+impl Agent {
+    fn start(args: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_tagflow"))
+            .arg("run")
+            .arg("--no-backfill")
+            .args(args)
+            .stdout(Stdio::null())
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("spawn tagflow");
+        Self(child)
+    }
+    fn signal(&mut self, sig: i32) {
+        unsafe { libc::kill(self.0.id() as i32, sig) };
+        let _ = self.0.wait();
+    }
+    fn alive(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Program ids of tagflow programs on an interface's ingress hook.
+fn tcx_ids(iface: &str) -> Vec<u32> {
+    loader::tcx_programs(iface)
+        .map(|v| v.into_iter().filter(|p| p.0 == "tagflow_ingress").map(|p| p.1).collect())
+        .unwrap_or_default()
+}
+
+fn netlink_ids(iface: &str) -> Vec<u32> {
+    let out = Command::new("tc")
+        .args(["filter", "show", "dev", iface, "ingress"])
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("tagflow_ingress"))
+        .filter_map(|l| l.split(" id ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn restarts_never_leave_two_programs_on_a_hook() {
+    let _g = common::lock();
+    let mut lab = Lab::new(1).unwrap();
+    let iface = lab.pods[0].host_if.clone();
+    for (mode, ids) in [("tcx", tcx_ids as fn(&str) -> Vec<u32>), ("netlink", netlink_ids)] {
+        let args = ["--iface-prefix", lab.prefix.as_str(), "--attach-mode", mode];
+        let mut first = Agent::start(&args);
+        wait_for("first attach", || ids(&iface).len() == 1);
+        first.signal(libc::SIGKILL);
+        // TCX links die with the process; netlink filters stay behind.
+        let stale = ids(&iface);
+        assert!(stale.len() <= 1, "{mode}: {stale:?} after SIGKILL");
+        if mode == "netlink" {
+            assert_eq!(stale.len(), 1, "netlink filters outlive the process");
+        }
+        let mut second = Agent::start(&args);
+        // Wait for the new agent's own program, not the stale one.
+        wait_for("second attach", || {
+            let now = ids(&iface);
+            now.len() == 1 && !stale.contains(&now[0])
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(ids(&iface).len(), 1, "{mode}: exactly one tagflow program after restart");
+        assert!(second.alive());
+
+        // It follows interfaces that appear and disappear.
+        let i = lab.add_pod().unwrap();
+        let new_if = lab.pods[i].host_if.clone();
+        wait_for("attach to a new pod", || ids(&new_if).len() == 1);
+        lab.remove_pod(i);
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(second.alive(), "{mode}: agent died when an interface went away");
+
+        second.signal(libc::SIGTERM);
+        assert!(ids(&iface).is_empty(), "{mode}: clean detach on SIGTERM");
+    }
+}
