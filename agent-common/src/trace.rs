@@ -15,7 +15,11 @@ pub struct TraceKey {
 
 impl TraceKey {
     pub const fn new(pid: u32, netns: u64) -> Self {
-        Self { pid, _pad: 0, netns }
+        Self {
+            pid,
+            _pad: 0,
+            netns,
+        }
     }
 }
 

@@ -43,7 +43,11 @@ fn event_and_config() {
     assert_eq!(offset_of!(FlowEvent, parent_span_id), 128);
     assert_eq!(size_of::<DatapathConfig>(), 24);
     assert_eq!(offset_of!(DatapathConfig, host_netns), 16);
-    assert_eq!(DatapathConfig::default().mark_mask, 0, "mark untouched by default");
+    assert_eq!(
+        DatapathConfig::default().mark_mask,
+        0,
+        "mark untouched by default"
+    );
 }
 
 #[test]
@@ -80,6 +84,9 @@ fn trace_source_round_trip() {
         TraceSource::Passive,
         TraceSource::Api,
     ] {
-        assert_eq!(TraceSource::from_flags(s.to_flags() | TRACE_FLAG_SAMPLED), s);
+        assert_eq!(
+            TraceSource::from_flags(s.to_flags() | TRACE_FLAG_SAMPLED),
+            s
+        );
     }
 }

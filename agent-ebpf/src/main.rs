@@ -60,7 +60,7 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     };
 
     // Flow cache: resolved under the current generation → reuse it.
-    let old = FLOW_STATS.get_ptr_mut(&key);
+    let old = FLOW_STATS.get_ptr_mut(key);
     if let Some(s) = old {
         let s = unsafe { &mut *s };
         if s.gen == gen {
@@ -77,15 +77,25 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     // Slow path: the exact connection first, then the owning process.
     count(Counter::Resolved);
     let owner = resolve::owner(&ctx, &key);
-    let (trace, matched) = match unsafe { FLOW_TRACES.get(&key) } {
+    let (trace, matched) = match unsafe { FLOW_TRACES.get(key) } {
         Some(t) => (Some(t), MATCH_FLOW),
         None if owner.pid != 0 => (
-            unsafe { TRACES.get(&TraceKey::new(owner.pid, key.netns)) },
+            unsafe { TRACES.get(TraceKey::new(owner.pid, key.netns)) },
             MATCH_PID,
         ),
         None => (None, 0),
     };
-    tag::resolved(&mut ctx, &cfg, &key, old, gen, trace, &owner, matched, parsed.tcp_flags);
+    tag::resolved(
+        &mut ctx,
+        &cfg,
+        &key,
+        old,
+        gen,
+        trace,
+        &owner,
+        matched,
+        parsed.tcp_flags,
+    );
     TCX_NEXT
 }
 

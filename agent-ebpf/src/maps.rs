@@ -68,7 +68,7 @@ pub fn netns_gen(netns: u64) -> Option<u64> {
         return Some(slot.gen);
     }
     if slot.cookie == agent_common::SLOT_SHARED {
-        return unsafe { NETNS_GEN.get(&netns) }.copied();
+        return unsafe { NETNS_GEN.get(netns) }.copied();
     }
     None
 }

@@ -5,9 +5,7 @@
 use crate::maps::{count, BOUND_PORTS, SOCK_OWNER};
 use agent_common::{Counter, PortKey};
 use aya_ebpf::{
-    helpers::generated::{
-        bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie,
-    },
+    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockContext},
     EbpfContext,
 };
@@ -20,12 +18,12 @@ pub fn record_socket(ctx: &SockAddrContext) -> i32 {
     let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // sendmsg runs per datagram: skip the write when nothing changed.
-    if let Some(p) = unsafe { SOCK_OWNER.get(&cookie) } {
+    if let Some(p) = unsafe { SOCK_OWNER.get(cookie) } {
         if *p == tgid {
             return ALLOW;
         }
     }
-    if let Err(e) = SOCK_OWNER.insert(&cookie, &tgid, 0) {
+    if let Err(e) = SOCK_OWNER.insert(cookie, tgid, 0) {
         count(Counter::OwnerUpdateFailed);
         // Process context and rare: worth a log line (bridged into tracing).
         aya_log_ebpf::warn!(ctx, "SOCK_OWNER update failed: {}", e);
@@ -45,7 +43,7 @@ pub fn record_bind(ctx: &SockAddrContext) -> i32 {
     let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let key = PortKey::new(netns, sa.protocol as u8, port);
     let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
-    if let Err(e) = BOUND_PORTS.insert(&key, &tgid, 0) {
+    if let Err(e) = BOUND_PORTS.insert(key, tgid, 0) {
         count(Counter::OwnerUpdateFailed);
         aya_log_ebpf::warn!(ctx, "BOUND_PORTS update failed: {}", e);
     }
@@ -57,6 +55,6 @@ pub fn record_bind(ctx: &SockAddrContext) -> i32 {
 #[inline(always)]
 pub fn forget_socket(ctx: &SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let _ = SOCK_OWNER.remove(&cookie);
+    let _ = SOCK_OWNER.remove(cookie);
     ALLOW
 }

@@ -26,7 +26,7 @@ pub fn netns(ctx: &TcContext, host_netns: u64) -> u64 {
     }
     count(Counter::NoSocket);
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match unsafe { IFACE_NETNS.get(&ifindex) } {
+    match unsafe { IFACE_NETNS.get(ifindex) } {
         Some(n) => *n,
         None => ns,
     }
@@ -39,7 +39,7 @@ pub fn netns(ctx: &TcContext, host_netns: u64) -> u64 {
 pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if cookie != 0 {
-        if let Some(pid) = unsafe { SOCK_OWNER.get(&cookie) } {
+        if let Some(pid) = unsafe { SOCK_OWNER.get(cookie) } {
             return Owner {
                 pid: *pid,
                 how: OWNER_CONNECTED,
@@ -47,7 +47,7 @@ pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
         }
     }
     let pk = PortKey::new(key.netns, key.proto, key.local_port);
-    if let Some(pid) = unsafe { BOUND_PORTS.get(&pk) } {
+    if let Some(pid) = unsafe { BOUND_PORTS.get(pk) } {
         return Owner {
             pid: *pid,
             how: OWNER_BOUND,

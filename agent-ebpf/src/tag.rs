@@ -106,7 +106,7 @@ pub fn resolved(
                 gen,
                 ..FlowStats::default()
             };
-            if FLOW_STATS.insert(key, &neg, 0).is_err() {
+            if FLOW_STATS.insert(key, neg, 0).is_err() {
                 count(Counter::StatsUpdateFailed);
             }
         }
@@ -146,14 +146,28 @@ pub fn resolved(
         owner: owner.how,
         matched,
     };
-    if FLOW_STATS.insert(key, &stats, 0).is_err() {
+    if FLOW_STATS.insert(key, stats, 0).is_err() {
         count(Counter::StatsUpdateFailed);
     }
-    emit(cfg, EVENT_FLOW_NEW, key, &stats, &trace.parent_span_id, trace.flags);
+    emit(
+        cfg,
+        EVENT_FLOW_NEW,
+        key,
+        &stats,
+        &trace.parent_span_id,
+        trace.flags,
+    );
 }
 
 #[inline(always)]
-fn emit(cfg: &DatapathConfig, kind: u32, key: &FlowKey, stats: &FlowStats, parent: &[u8; 8], flags: u32) {
+fn emit(
+    cfg: &DatapathConfig,
+    kind: u32,
+    key: &FlowKey,
+    stats: &FlowStats,
+    parent: &[u8; 8],
+    flags: u32,
+) {
     if cfg.features & FEATURE_EVENTS == 0 {
         return;
     }

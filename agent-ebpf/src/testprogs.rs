@@ -33,7 +33,9 @@ fn bump(i: u32) {
     if let Some(v) = CB_COUNT.get_ptr_mut(i) {
         // SAFETY: v points into the array's value; xadd is the BPF atomic add.
         unsafe {
-            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(v, 1)
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                v, 1,
+            )
         };
     }
 }

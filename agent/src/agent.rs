@@ -56,7 +56,9 @@ impl<'a> Follower<'a> {
 
     pub fn handle(&mut self, dp: &mut Datapath, ev: LinkEvent, stats: &mut AgentStats) {
         match ev {
-            LinkEvent::New(link) if self.cfg.wants_iface(&link.name) => self.attach(dp, &link, stats),
+            LinkEvent::New(link) if self.cfg.wants_iface(&link.name) => {
+                self.attach(dp, &link, stats)
+            }
             LinkEvent::New(_) => {}
             LinkEvent::Del(link) => dp.detach(link.index),
         }
@@ -130,7 +132,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             }
         })?;
 
-    let rb = dp.take_events().expect("fresh datapath has its ring buffer");
+    let rb = dp
+        .take_events()
+        .expect("fresh datapath has its ring buffer");
     // SAFETY: the ring buffer owns its map fd and keeps it open (and the
     // same) for as long as the AsyncFd owns the ring buffer.
     let mut events: AsyncFd<RingBuf<MapData>> =

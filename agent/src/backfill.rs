@@ -37,10 +37,16 @@ pub fn parse_proc_net(text: &str, proto: u8) -> Vec<BoundSocket> {
 /// socket inode → pid, from /proc/<pid>/fd links `socket:[N]`.
 fn socket_inodes() -> HashMap<u64, u32> {
     let mut out = HashMap::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
     for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
         for fd in fds.flatten() {
             if let Ok(target) = fs::read_link(fd.path()) {
                 let t = target.to_string_lossy();
@@ -68,9 +74,18 @@ pub fn scan() -> Vec<(PortKey, u32)> {
     let mut out = Vec::new();
     for pid in namespaces.values() {
         let ns_path = format!("/proc/{pid}/ns/net");
-        let Ok(cookie) = crate::netns::cookie_of(Path::new(&ns_path)) else { continue };
-        for (file, proto) in [("tcp", PROTO_TCP), ("tcp6", PROTO_TCP), ("udp", PROTO_UDP), ("udp6", PROTO_UDP)] {
-            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else { continue };
+        let Ok(cookie) = crate::netns::cookie_of(Path::new(&ns_path)) else {
+            continue;
+        };
+        for (file, proto) in [
+            ("tcp", PROTO_TCP),
+            ("tcp6", PROTO_TCP),
+            ("udp", PROTO_UDP),
+            ("udp6", PROTO_UDP),
+        ] {
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{file}")) else {
+                continue;
+            };
             for s in parse_proc_net(&text, proto) {
                 if let Some(owner) = owners.get(&s.inode) {
                     out.push((PortKey::new(cookie, s.proto, s.port), *owner));
@@ -100,15 +115,27 @@ mod tests {
     fn keeps_listeners_and_bound_udp() {
         assert_eq!(
             parse_proc_net(TCP, PROTO_TCP),
-            vec![BoundSocket { proto: PROTO_TCP, port: 8080, inode: 12345 }]
+            vec![BoundSocket {
+                proto: PROTO_TCP,
+                port: 8080,
+                inode: 12345
+            }]
         );
         assert_eq!(
             parse_proc_net(TCP6, PROTO_TCP),
-            vec![BoundSocket { proto: PROTO_TCP, port: 80, inode: 999 }]
+            vec![BoundSocket {
+                proto: PROTO_TCP,
+                port: 80,
+                inode: 999
+            }]
         );
         assert_eq!(
             parse_proc_net(UDP, PROTO_UDP),
-            vec![BoundSocket { proto: PROTO_UDP, port: 53, inode: 4242 }]
+            vec![BoundSocket {
+                proto: PROTO_UDP,
+                port: 53,
+                inode: 4242
+            }]
         );
         assert!(parse_proc_net("header only\n garbage line\n", PROTO_TCP).is_empty());
     }

@@ -3,7 +3,7 @@
 //! the scenarios alternated round by round and medians reported.
 use std::net::{IpAddr, Ipv4Addr};
 
-use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, TCX_NEXT, FAMILY_IPV4, PROTO_TCP};
+use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, FAMILY_IPV4, PROTO_TCP, TCX_NEXT};
 use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfError,
@@ -72,7 +72,12 @@ fn flow_key(netns: u64, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> F
     k
 }
 
-fn ns_per_run(p: &SchedClassifier, frame: &[u8], ctx: &[u8], repeat: u32) -> Result<f64, BenchError> {
+fn ns_per_run(
+    p: &SchedClassifier,
+    frame: &[u8],
+    ctx: &[u8],
+    repeat: u32,
+) -> Result<f64, BenchError> {
     let r = p.test_run(TestRunOptions {
         data_in: Some(frame),
         ctx_in: Some(ctx),
@@ -80,7 +85,10 @@ fn ns_per_run(p: &SchedClassifier, frame: &[u8], ctx: &[u8], repeat: u32) -> Res
         ..Default::default()
     })?;
     if r.return_value as i32 != TCX_NEXT {
-        return Err(BenchError::Other(format!("verdict {} != TCX_NEXT", r.return_value as i32)));
+        return Err(BenchError::Other(format!(
+            "verdict {} != TCX_NEXT",
+            r.return_value as i32
+        )));
     }
     Ok(r.duration.as_nanos() as f64)
 }
@@ -114,15 +122,26 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
     for i in 0..1000u32 {
         let other = 1_000_000 + i as u64;
         table.set_process(TraceKey::new(100_000 + i, other), &ctx(1))?;
-        let k = flow_key(other, [10, 9, (i >> 8) as u8, i as u8], 30000, [10, 8, 0, 1], 80);
+        let k = flow_key(
+            other,
+            [10, 9, (i >> 8) as u8, i as u8],
+            30000,
+            [10, 8, 0, 1],
+            80,
+        );
         table.set_flow(k, &ctx(2))?;
     }
     // The traced pod has a traced process, but not the "untagged" flow's.
     table.set_process(TraceKey::new(999_999, traced), &ctx(5))?;
-    let frame = |last: u8, sport: u16| Frame::tcp(v4([10, 1, 0, last]), sport, v4([10, 2, 0, 1]), 80).build();
+    let frame = |last: u8, sport: u16| {
+        Frame::tcp(v4([10, 1, 0, last]), sport, v4([10, 2, 0, 1]), 80).build()
+    };
     let untagged = frame(1, 40000);
     let by_flow = frame(2, 40001);
-    table.set_flow(flow_key(traced, [10, 1, 0, 2], 40001, [10, 2, 0, 1], 80), &ctx(3))?;
+    table.set_flow(
+        flow_key(traced, [10, 1, 0, 2], 40001, [10, 2, 0, 1], 80),
+        &ctx(3),
+    )?;
     let by_pid = frame(3, 40002);
     dp.set_bound_port(PortKey::new(traced, PROTO_TCP, 40002), 4242)?;
     table.set_process(TraceKey::new(4242, traced), &ctx(4))?;
@@ -131,10 +150,14 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
     // TCP segments carry a monotonic departure time; use one when the
     // kernel lets test_run set it, else measure the bpf_ktime_get_ns path.
     let stamped = frames::skb_ctx_tstamp(1, crate::tables::monotonic_ns());
-    let tcp_skb = match netns::in_netns_file(&traced_pod, || ns_per_run(dp_ingress_probe(&mut dp)?, &by_flow, &stamped, 1))? {
+    let tcp_skb = match netns::in_netns_file(&traced_pod, || {
+        ns_per_run(dp_ingress_probe(&mut dp)?, &by_flow, &stamped, 1)
+    })? {
         Ok(_) => stamped,
         Err(e) => {
-            tracing::warn!("test_run refuses skb timestamps ({e}); tagged rows include bpf_ktime_get_ns");
+            tracing::warn!(
+                "test_run refuses skb timestamps ({e}); tagged rows include bpf_ktime_get_ns"
+            );
             skb
         }
     };
@@ -215,8 +238,12 @@ pub fn table(rows: &[Row]) -> String {
             r.scenario,
             r.value,
             r.unit,
-            r.baseline.map(|b| format!("{b:.1}")).unwrap_or_else(|| "-".into()),
-            r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
+            r.baseline
+                .map(|b| format!("{b:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            r.ratio
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
             if r.target.is_empty() { "-" } else { &r.target },
             r.spread.0,
             r.spread.1,

@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing config: {0}")]
     Parse(#[from] toml::de::Error),
     #[error("invalid config: {0}")]
@@ -101,7 +104,10 @@ impl Default for AgentConfig {
     fn default() -> Self {
         Self {
             ifaces: Vec::new(),
-            iface_prefixes: DEFAULT_IFACE_PREFIXES.iter().map(|s| s.to_string()).collect(),
+            iface_prefixes: DEFAULT_IFACE_PREFIXES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             attach_mode: AttachMode::Auto,
             tcx_order: TcxOrder::First,
             mark_value: 0,
@@ -165,7 +171,12 @@ impl AgentConfig {
                 "maps.events_bytes = {rb}: must be a power of two ≥ 4096 (page size)"
             ));
         }
-        if self.ifaces.iter().chain(&self.iface_prefixes).any(|n| n.is_empty() || n.len() > 15) {
+        if self
+            .ifaces
+            .iter()
+            .chain(&self.iface_prefixes)
+            .any(|n| n.is_empty() || n.len() > 15)
+        {
             return bad("interface names and prefixes must be 1..=15 bytes".into());
         }
         Ok(())
@@ -174,7 +185,10 @@ impl AgentConfig {
     /// Whether `tagflow_ingress` should be attached to `name`.
     pub fn wants_iface(&self, name: &str) -> bool {
         self.ifaces.iter().any(|i| i == name)
-            || self.iface_prefixes.iter().any(|p| name.starts_with(p.as_str()))
+            || self
+                .iface_prefixes
+                .iter()
+                .any(|p| name.starts_with(p.as_str()))
     }
 
     pub fn datapath_config(&self) -> agent_common::DatapathConfig {

@@ -20,7 +20,9 @@ pub enum Ext6 {
 
 #[derive(Clone, Debug)]
 pub enum L4 {
-    Tcp { flags: u8 },
+    Tcp {
+        flags: u8,
+    },
     Udp,
     /// Another IP protocol number with an opaque 8-byte header.
     Other(u8),
@@ -130,8 +132,12 @@ impl Frame {
         l4.extend_from_slice(&self.payload);
 
         let (ethertype, l3) = match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => (ETH_P_IP, self.ipv4(s.octets(), d.octets(), proto, &l4)),
-            (IpAddr::V6(s), IpAddr::V6(d)) => (ETH_P_IPV6, self.ipv6(s.octets(), d.octets(), proto, &l4)),
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                (ETH_P_IP, self.ipv4(s.octets(), d.octets(), proto, &l4))
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                (ETH_P_IPV6, self.ipv6(s.octets(), d.octets(), proto, &l4))
+            }
             _ => panic!("mixed address families"),
         };
         let mut f = Vec::new();
@@ -264,7 +270,10 @@ pub fn skb_ctx_tstamp(ifindex: u32, tstamp_ns: u64) -> [u8; SKB_CTX_LEN] {
 /// (mark, cb) from a `ctx_out` buffer.
 pub fn skb_ctx_out(c: &[u8]) -> (u32, [u32; 5]) {
     let word = |o: usize| u32::from_ne_bytes(c[o..o + 4].try_into().unwrap());
-    (word(SKB_MARK), std::array::from_fn(|i| word(SKB_CB + i * 4)))
+    (
+        word(SKB_MARK),
+        std::array::from_fn(|i| word(SKB_CB + i * 4)),
+    )
 }
 
 #[cfg(test)]
@@ -273,7 +282,13 @@ mod tests {
 
     #[test]
     fn ipv4_tcp_layout() {
-        let f = Frame::tcp("10.0.0.1".parse().unwrap(), 1234, "10.0.0.2".parse().unwrap(), 80).build();
+        let f = Frame::tcp(
+            "10.0.0.1".parse().unwrap(),
+            1234,
+            "10.0.0.2".parse().unwrap(),
+            80,
+        )
+        .build();
         assert_eq!(&f[12..14], &ETH_P_IP.to_be_bytes());
         assert_eq!(f[14], 0x45);
         assert_eq!(&f[26..30], &[10, 0, 0, 1]);
@@ -283,7 +298,12 @@ mod tests {
 
     #[test]
     fn ipv4_options_and_vlans() {
-        let mut fr = Frame::udp("10.0.0.1".parse().unwrap(), 5, "10.0.0.2".parse().unwrap(), 53);
+        let mut fr = Frame::udp(
+            "10.0.0.1".parse().unwrap(),
+            5,
+            "10.0.0.2".parse().unwrap(),
+            53,
+        );
         fr.vlans = vec![(ETH_P_8021AD, 10), (ETH_P_8021Q, 20)];
         fr.ip4_options = vec![1, 1, 1];
         let f = fr.build();

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod backfill;
 pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod events;
 pub mod frames;
 pub mod loader;

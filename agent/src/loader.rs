@@ -41,9 +41,15 @@ pub enum LoaderError {
     #[error("loading the eBPF object: {0}")]
     Ebpf(#[from] EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("map {0} missing from the object (or already taken)")]
     MissingMap(&'static str),
     #[error("program {0} missing from the object")]
@@ -138,7 +144,10 @@ impl Datapath {
         let table = TraceTable {
             by_pid: Table::new(traces, sizes.traces as usize, idle),
             by_flow: Table::new(flow_traces, sizes.flow_traces as usize, idle),
-            gate: Gate::new(take(&mut ebpf, m::NETNS_GEN)?, take(&mut ebpf, m::NETNS_SLOTS)?),
+            gate: Gate::new(
+                take(&mut ebpf, m::NETNS_GEN)?,
+                take(&mut ebpf, m::NETNS_SLOTS)?,
+            ),
         };
         let mut dp = Self {
             counters: take(&mut ebpf, m::COUNTERS)?,
@@ -179,7 +188,8 @@ impl Datapath {
             prog::BIND6,
         ] {
             let p: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            p.load().map_err(|source| LoaderError::Program { name, source })?;
+            p.load()
+                .map_err(|source| LoaderError::Program { name, source })?;
             // On ≥ 5.7 aya attaches with a cgroup *link*: always multi-attach
             // (coexists with Cilium's socket LB and others), detached when
             // our fd closes. BPF_LINK_CREATE takes no ALLOW_MULTI flag.
@@ -189,9 +199,15 @@ impl Datapath {
         }
         // Housekeeping only: the LRU map copes without it.
         let release = program::<CgroupSock>(&mut self.ebpf, prog::SOCK_RELEASE).and_then(|p| {
-            p.load().map_err(|source| LoaderError::Program { name: prog::SOCK_RELEASE, source })?;
+            p.load().map_err(|source| LoaderError::Program {
+                name: prog::SOCK_RELEASE,
+                source,
+            })?;
             p.attach(&cgroup, CgroupAttachMode::Single)
-                .map_err(|source| LoaderError::Program { name: prog::SOCK_RELEASE, source })
+                .map_err(|source| LoaderError::Program {
+                    name: prog::SOCK_RELEASE,
+                    source,
+                })
         });
         match release {
             Ok(_) => self.owner_hooks.push(prog::SOCK_RELEASE),
@@ -225,12 +241,20 @@ impl Datapath {
         let (kind, link) = match mode {
             AttachMode::Tcx => (
                 AttachKind::Tcx,
-                p.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(tcx()))
-                    .map_err(|e| err(e.to_string()))?,
+                p.attach_with_options(
+                    name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(tcx()),
+                )
+                .map_err(|e| err(e.to_string()))?,
             ),
             AttachMode::Netlink => (AttachKind::Netlink, attach_netlink(p, name).map_err(err)?),
             AttachMode::Auto => {
-                match p.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(tcx())) {
+                match p.attach_with_options(
+                    name,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(tcx()),
+                ) {
                     Ok(l) => (AttachKind::Tcx, l),
                     Err(e) => {
                         debug!(iface = name, "TCX attach failed ({e}); using clsact");
@@ -280,13 +304,19 @@ impl Datapath {
     pub fn set_iface_netns(&mut self, ifindex: u32, netns: u64) -> Result<(), LoaderError> {
         self.iface_netns
             .insert(ifindex, netns, 0)
-            .map_err(|source| LoaderError::Map { name: "IFACE_NETNS", source })
+            .map_err(|source| LoaderError::Map {
+                name: "IFACE_NETNS",
+                source,
+            })
     }
 
     pub fn set_bound_port(&mut self, key: PortKey, pid: u32) -> Result<(), LoaderError> {
         self.bound_ports
             .insert(key, pid, 0)
-            .map_err(|source| LoaderError::Map { name: "BOUND_PORTS", source })
+            .map_err(|source| LoaderError::Map {
+                name: "BOUND_PORTS",
+                source,
+            })
     }
 
     pub fn bound_port(&self, key: &PortKey) -> Option<u32> {
@@ -306,7 +336,10 @@ impl Datapath {
                 let v = self
                     .counters
                     .get(&(*c as u32), 0)
-                    .map_err(|source| LoaderError::Map { name: "COUNTERS", source })?;
+                    .map_err(|source| LoaderError::Map {
+                        name: "COUNTERS",
+                        source,
+                    })?;
                 Ok((*c, v.iter().sum()))
             })
             .collect::<Result<Vec<(Counter, u64)>, LoaderError>>()?;
@@ -315,9 +348,7 @@ impl Datapath {
     }
 
     pub fn counter(&self, c: Counter) -> u64 {
-        self.counters()
-            .map(|v| v[c as usize].1)
-            .unwrap_or(0)
+        self.counters().map(|v| v[c as usize].1).unwrap_or(0)
     }
 
     /// A snapshot of FLOW_STATS.
@@ -345,19 +376,26 @@ fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, L
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    let p = ebpf.program_mut(name).ok_or(LoaderError::MissingProgram(name))?;
-    p.try_into().map_err(|source| LoaderError::Program { name, source })
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?;
+    p.try_into()
+        .map_err(|source| LoaderError::Program { name, source })
 }
 
 fn attach_netlink(p: &mut SchedClassifier, name: &str) -> Result<SchedClassifierLinkId, String> {
     // Fails when the interface already has a clsact qdisc (ours from a
     // previous run, or another agent's): that one serves as well.
     let qdisc = tc::qdisc_add_clsact(name).err();
-    p.attach_with_options(name, TcAttachType::Ingress, TcAttachOptions::Netlink(NlOptions::default()))
-        .map_err(|e| match qdisc {
-            Some(q) => format!("{e} (adding clsact: {q})"),
-            None => e.to_string(),
-        })
+    p.attach_with_options(
+        name,
+        TcAttachType::Ingress,
+        TcAttachOptions::Netlink(NlOptions::default()),
+    )
+    .map_err(|e| match qdisc {
+        Some(q) => format!("{e} (adding clsact: {q})"),
+        None => e.to_string(),
+    })
 }
 
 /// Removes netlink filters named like our program: an agent killed without
@@ -374,10 +412,11 @@ pub fn remove_stale_filters(iface: &str) -> bool {
 
 /// The cgroup v2 mount point, from /proc/self/mountinfo.
 pub fn cgroup2_root() -> Result<PathBuf, LoaderError> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| LoaderError::Cgroup {
-        path: "/proc/self/mountinfo".into(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| LoaderError::Cgroup {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     parse_cgroup2_mount(&text).ok_or(LoaderError::NoCgroup2)
 }
 
@@ -412,7 +451,13 @@ mod tests {
         assert_eq!(parse_cgroup2_mount(mi), Some("/sys/fs/cgroup".into()));
         let hybrid = "30 25 0:26 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n\
                       31 25 0:27 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_cgroup2_mount(hybrid), Some("/sys/fs/cgroup/unified".into()));
-        assert_eq!(parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"), None);
+        assert_eq!(
+            parse_cgroup2_mount(hybrid),
+            Some("/sys/fs/cgroup/unified".into())
+        );
+        assert_eq!(
+            parse_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw\n"),
+            None
+        );
     }
 }

@@ -10,7 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(version, about)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "TAGFLOW_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "TAGFLOW_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
@@ -26,6 +31,12 @@ enum LogFormat {
 enum Cmd {
     /// Run the agent (needs root: BPF, NET_ADMIN).
     Run(RunArgs),
+    /// End-to-end demo: pods, traffic, traces, tagged flows (needs root).
+    Demo {
+        /// Leave the pods up until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Measure the datapath against an empty TC program (BPF_PROG_TEST_RUN).
     Bench {
         #[command(subcommand)]
@@ -59,7 +70,11 @@ struct RunArgs {
     ifaces: Vec<String>,
     /// Attach to interfaces whose name starts with this (repeatable;
     /// replaces the default veth,cali,lxc,gke,eni).
-    #[arg(long = "iface-prefix", env = "TAGFLOW_IFACE_PREFIXES", value_delimiter = ',')]
+    #[arg(
+        long = "iface-prefix",
+        env = "TAGFLOW_IFACE_PREFIXES",
+        value_delimiter = ','
+    )]
     iface_prefixes: Vec<String>,
     #[arg(long, env = "TAGFLOW_ATTACH_MODE")]
     attach_mode: Option<AttachMode>,
@@ -132,7 +147,9 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // `init()` also installs the log→tracing bridge, which carries aya-log
     // records from the eBPF programs.
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().init(),
@@ -152,8 +169,14 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(agent::agent::run(cfg, shutdown_signal()))
                 .context("agent failed")?;
         }
+        Cmd::Demo { keep } => agent::demo::run(keep)?,
         Cmd::Bench {
-            what: BenchCmd::Datapath { json, repeat, rounds },
+            what:
+                BenchCmd::Datapath {
+                    json,
+                    repeat,
+                    rounds,
+                },
         } => {
             let rows = agent::bench::datapath(repeat, rounds)?;
             print!("{}", agent::bench::table(&rows));

@@ -53,10 +53,7 @@ pub fn current_cookie() -> Result<u64, NetnsError> {
 
 /// Runs `f` on a short-lived thread that has joined the namespace at `path`
 /// (`/run/netns/NAME`, `/proc/PID/ns/net`). Only that thread moves.
-pub fn in_netns<T: Send>(
-    path: &Path,
-    f: impl FnOnce() -> T + Send,
-) -> Result<T, NetnsError> {
+pub fn in_netns<T: Send>(path: &Path, f: impl FnOnce() -> T + Send) -> Result<T, NetnsError> {
     let file = File::open(path).map_err(|source| NetnsError::Open {
         path: path.into(),
         source,
@@ -125,7 +122,11 @@ pub fn candidates() -> Vec<PathBuf> {
     }
     if let Ok(rd) = std::fs::read_dir("/proc") {
         for e in rd.flatten() {
-            if e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
                 push(e.path().join("ns/net"));
             }
         }

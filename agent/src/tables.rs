@@ -75,7 +75,9 @@ pub enum SetOutcome {
     /// Same trace again: the entry was refreshed.
     Refreshed,
     /// Another trace was active for the key; the new one wins.
-    Replaced { previous: [u8; 16] },
+    Replaced {
+        previous: [u8; 16],
+    },
 }
 
 /// One keyed table with idle expiry.
@@ -96,7 +98,12 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
         }
     }
 
-    pub fn set(&mut self, key: K, ctx: &TraceContext, now: Instant) -> Result<SetOutcome, TableError> {
+    pub fn set(
+        &mut self,
+        key: K,
+        ctx: &TraceContext,
+        now: Instant,
+    ) -> Result<SetOutcome, TableError> {
         let previous = self.shadow.get(&key).map(|s| s.trace_id);
         if previous.is_none() && self.shadow.len() >= self.capacity {
             return Err(TableError::Full(self.capacity));
@@ -224,8 +231,14 @@ impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
         }
         let slot = match occ.as_slice() {
             [] => NetnsSlot::default(),
-            [only] => NetnsSlot { cookie: *only, gen: self.entries[only].1 },
-            _ => NetnsSlot { cookie: SLOT_SHARED, gen: 0 },
+            [only] => NetnsSlot {
+                cookie: *only,
+                gen: self.entries[only].1,
+            },
+            _ => NetnsSlot {
+                cookie: SLOT_SHARED,
+                gen: 0,
+            },
         };
         if occ.is_empty() {
             self.occupants.remove(&idx);
@@ -278,14 +291,22 @@ where
     G: Store<u64, u64>,
     A: Store<u32, NetnsSlot>,
 {
-    pub fn set_process(&mut self, key: TraceKey, ctx: &TraceContext) -> Result<SetOutcome, TableError> {
+    pub fn set_process(
+        &mut self,
+        key: TraceKey,
+        ctx: &TraceContext,
+    ) -> Result<SetOutcome, TableError> {
         let o = self.by_pid.set(key, ctx, Instant::now())?;
         if let Some(d) = delta(&o) {
             self.gate.changed(key.netns, d)?;
         }
         Ok(o)
     }
-    pub fn clear_process(&mut self, key: &TraceKey, trace_id: &[u8; 16]) -> Result<bool, TableError> {
+    pub fn clear_process(
+        &mut self,
+        key: &TraceKey,
+        trace_id: &[u8; 16],
+    ) -> Result<bool, TableError> {
         let removed = self.by_pid.clear(key, trace_id)?;
         if removed {
             self.gate.changed(key.netns, -1)?;
@@ -313,7 +334,11 @@ where
     pub fn expire_at(&mut self, now: Instant) -> Result<usize, TableError> {
         let pids = self.by_pid.expire(now)?;
         let flows = self.by_flow.expire(now)?;
-        for ns in pids.iter().map(InNetns::netns).chain(flows.iter().map(InNetns::netns)) {
+        for ns in pids
+            .iter()
+            .map(InNetns::netns)
+            .chain(flows.iter().map(InNetns::netns))
+        {
             self.gate.changed(ns, -1)?;
         }
         Ok(pids.len() + flows.len())
@@ -322,7 +347,10 @@ where
 
 /// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid timespec pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -411,7 +439,11 @@ mod tests {
         let (ns1, ns2) = (11, 22);
         t.set_process(TraceKey::new(1, ns1), &ctx(1)).unwrap();
         let g1 = t.gate.gens[&ns1];
-        let flow = FlowKey { netns: ns1, local_port: 5, ..Default::default() };
+        let flow = FlowKey {
+            netns: ns1,
+            local_port: 5,
+            ..Default::default()
+        };
         t.set_flow(flow, &ctx(2)).unwrap();
         let g2 = t.gate.gens[&ns1];
         assert!(g2 > g1, "a new entry invalidates cached flow results");
@@ -429,7 +461,10 @@ mod tests {
         assert!(t.clear_process(&TraceKey::new(1, ns1), &[3; 16]).unwrap());
         assert!(t.gate.gens.contains_key(&ns1), "the flow entry remains");
         assert!(t.clear_flow(&flow, &[2; 16]).unwrap());
-        assert!(!t.gate.gens.contains_key(&ns1), "gate closed with the last entry");
+        assert!(
+            !t.gate.gens.contains_key(&ns1),
+            "gate closed with the last entry"
+        );
         assert_eq!(t.gate.active_namespaces(), 0);
     }
 
@@ -438,14 +473,36 @@ mod tests {
         let mut t = tables();
         let n = agent_common::NETNS_SLOTS as u64;
         let (a, b) = (5, 5 + n); // same slot
-        let slot = |t: &MemTables| t.gate.slots.get(&NetnsSlot::index(a)).copied().unwrap_or_default();
+        let slot = |t: &MemTables| {
+            t.gate
+                .slots
+                .get(&NetnsSlot::index(a))
+                .copied()
+                .unwrap_or_default()
+        };
         t.set_process(TraceKey::new(1, a), &ctx(1)).unwrap();
-        assert_eq!(slot(&t), NetnsSlot { cookie: a, gen: t.gate.gens[&a] });
+        assert_eq!(
+            slot(&t),
+            NetnsSlot {
+                cookie: a,
+                gen: t.gate.gens[&a]
+            }
+        );
         t.set_process(TraceKey::new(1, b), &ctx(1)).unwrap();
-        assert_eq!(slot(&t).cookie, SLOT_SHARED, "two live namespaces share the slot");
+        assert_eq!(
+            slot(&t).cookie,
+            SLOT_SHARED,
+            "two live namespaces share the slot"
+        );
         assert!(t.gate.gens.contains_key(&a) && t.gate.gens.contains_key(&b));
         t.clear_process(&TraceKey::new(1, a), &[1; 16]).unwrap();
-        assert_eq!(slot(&t), NetnsSlot { cookie: b, gen: t.gate.gens[&b] });
+        assert_eq!(
+            slot(&t),
+            NetnsSlot {
+                cookie: b,
+                gen: t.gate.gens[&b]
+            }
+        );
         t.clear_process(&TraceKey::new(1, b), &[1; 16]).unwrap();
         assert_eq!(slot(&t), NetnsSlot::default());
         assert!(t.gate.gens.is_empty());
@@ -456,7 +513,11 @@ mod tests {
         let mut t = tables();
         t.set_process(TraceKey::new(1, 7), &ctx(1)).unwrap();
         t.set_process(TraceKey::new(2, 8), &ctx(1)).unwrap();
-        assert_eq!(t.expire_at(Instant::now() + Duration::from_secs(31)).unwrap(), 2);
+        assert_eq!(
+            t.expire_at(Instant::now() + Duration::from_secs(31))
+                .unwrap(),
+            2
+        );
         assert!(t.gate.gens.is_empty());
         // Generations only grow: a namespace that fills again gets a new one.
         let before = t.gate.gen;

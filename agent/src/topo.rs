@@ -102,7 +102,9 @@ impl Lab {
             host_ifindex: 0,
             ip,
         });
-        run(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &name])?;
+        run(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &name,
+        ])?;
         run(&["ip", "link", "set", &host_if, "master", &self.bridge, "up"])?;
         let addr = format!("{ip}/24");
         for args in [

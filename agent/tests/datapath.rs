@@ -41,7 +41,9 @@ struct Bed {
 fn bed(cfg: &AgentConfig) -> Option<Bed> {
     let dp = common::load(cfg, false)?;
     let pod = netns::anonymous().expect("new netns");
-    let pod_ns = netns::in_netns_file(&pod, netns::current_cookie).unwrap().unwrap();
+    let pod_ns = netns::in_netns_file(&pod, netns::current_cookie)
+        .unwrap()
+        .unwrap();
     Some(Bed { dp, pod, pod_ns })
 }
 
@@ -56,7 +58,12 @@ impl Bed {
     }
 
     fn counters(&self) -> Vec<u64> {
-        self.dp.counters().unwrap().iter().map(|(_, v)| *v).collect()
+        self.dp
+            .counters()
+            .unwrap()
+            .iter()
+            .map(|(_, v)| *v)
+            .collect()
     }
 
     /// Runs `frame`, asserts the verdict, the unchanged bytes, and that
@@ -69,9 +76,18 @@ impl Bed {
         let after = self.counters();
         for t in Counter::TERMINAL {
             let d = after[t as usize] - before[t as usize];
-            assert_eq!(d, (t == want) as u64, "{what}: counter {} moved by {d}", t.name());
+            assert_eq!(
+                d,
+                (t == want) as u64,
+                "{what}: counter {} moved by {d}",
+                t.name()
+            );
         }
-        assert_eq!(after[Counter::Seen as usize] - before[Counter::Seen as usize], 1, "{what}: seen");
+        assert_eq!(
+            after[Counter::Seen as usize] - before[Counter::Seen as usize],
+            1,
+            "{what}: seen"
+        );
         r
     }
 }
@@ -79,7 +95,9 @@ impl Bed {
 /// A namespace gate is open only while the pod has some trace entry: give
 /// the pod one for an unrelated process so frames go the whole way.
 fn open_gate(b: &mut Bed, table: &mut agent::tables::TraceTable) {
-    table.set_process(TraceKey::new(999_999, b.pod_ns), &ctx(0x99)).unwrap();
+    table
+        .set_process(TraceKey::new(999_999, b.pod_ns), &ctx(0x99))
+        .unwrap();
 }
 
 fn corpus() -> Vec<(String, Frame, Counter)> {
@@ -88,7 +106,11 @@ fn corpus() -> Vec<(String, Frame, Counter)> {
     let mut f = tcp4();
     f.ip4_options = vec![0x94, 0x04, 0, 0, 1, 1, 1, 0]; // router alert + NOPs
     v.push(("ipv4 with options".into(), f, Counter::NoTrace));
-    v.push(("ipv4/udp".into(), Frame::udp(ip("10.1.0.1"), 5353, ip("10.2.0.1"), 53), Counter::NoTrace));
+    v.push((
+        "ipv4/udp".into(),
+        Frame::udp(ip("10.1.0.1"), 5353, ip("10.2.0.1"), 53),
+        Counter::NoTrace,
+    ));
     let mut f = tcp4();
     f.vlans = vec![(frames::ETH_P_8021Q, 7)];
     v.push(("vlan".into(), f, Counter::NoTrace));
@@ -108,11 +130,24 @@ fn corpus() -> Vec<(String, Frame, Counter)> {
         v.push((format!("ipv6 + {name}"), f, Counter::NoTrace));
     }
     let mut f = Frame::udp(ip("fd00::1"), 1, ip("fd00::2"), 2);
-    f.ext6 = vec![Ext6::HopByHop, Ext6::DestOpts, Ext6::Routing, Ext6::DestOpts];
-    v.push(("ipv6 + 4 extension headers / udp".into(), f, Counter::NoTrace));
+    f.ext6 = vec![
+        Ext6::HopByHop,
+        Ext6::DestOpts,
+        Ext6::Routing,
+        Ext6::DestOpts,
+    ];
+    v.push((
+        "ipv6 + 4 extension headers / udp".into(),
+        f,
+        Counter::NoTrace,
+    ));
     let mut f = v6.clone();
     f.ext6 = vec![Ext6::DestOpts; 7];
-    v.push(("ipv6 + 7 extension headers (over the bound)".into(), f, Counter::ParseFailed));
+    v.push((
+        "ipv6 + 7 extension headers (over the bound)".into(),
+        f,
+        Counter::ParseFailed,
+    ));
     let mut f = v6.clone();
     f.ext6 = vec![Ext6::Fragment(3)];
     v.push(("ipv6 non-first fragment".into(), f, Counter::Fragment));
@@ -128,7 +163,9 @@ fn corpus() -> Vec<(String, Frame, Counter)> {
 #[test]
 fn every_frame_is_handed_on_unchanged_and_counted() {
     let _g = lock();
-    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let Some(mut b) = bed(&AgentConfig::default()) else {
+        return;
+    };
     let mut table = b.dp.take_trace_table().unwrap();
     // Gate closed first (pod without traces), then open (full resolution).
     for round in 0..2 {
@@ -153,7 +190,9 @@ fn every_frame_is_handed_on_unchanged_and_counted() {
 #[test]
 fn every_truncation_is_handed_on_and_counted() {
     let _g = lock();
-    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let Some(mut b) = bed(&AgentConfig::default()) else {
+        return;
+    };
     let mut table = b.dp.take_trace_table().unwrap();
     open_gate(&mut b, &mut table);
     let mut v6 = Frame::udp(ip("fd00::1"), 1, ip("fd00::2"), 2);
@@ -162,14 +201,21 @@ fn every_truncation_is_handed_on_and_counted() {
     qinq.vlans = vec![(frames::ETH_P_8021AD, 1), (frames::ETH_P_8021Q, 2)];
     let mut opts = tcp4();
     opts.ip4_options = vec![1, 1, 1, 1];
-    for (name, f) in [("ipv4/tcp", tcp4()), ("ipv6+ext/udp", v6), ("qinq", qinq), ("ipv4 options", opts)] {
+    for (name, f) in [
+        ("ipv4/tcp", tcp4()),
+        ("ipv6+ext/udp", v6),
+        ("qinq", qinq),
+        ("ipv4 options", opts),
+    ] {
         let full = f.build();
         let need = f.headers_len();
         let mut ran = 0;
         for len in 0..=full.len() {
             let cut = &full[..len];
             let prog = b.dp.ingress().unwrap();
-            let refused = netns::in_netns_file(&b.pod, || run(prog, cut)).unwrap().is_err();
+            let refused = netns::in_netns_file(&b.pod, || run(prog, cut))
+                .unwrap()
+                .is_err();
             if refused {
                 // test_run refuses frames without a byte past Ethernet, and
                 // IP frames shorter than their fixed IP header: such frames
@@ -178,10 +224,17 @@ fn every_truncation_is_handed_on_and_counted() {
                 continue;
             }
             ran += 1;
-            let want = if len < need { Counter::ParseFailed } else { Counter::NoTrace };
+            let want = if len < need {
+                Counter::ParseFailed
+            } else {
+                Counter::NoTrace
+            };
             b.expect(cut, want, &format!("{name} cut to {len}"));
         }
-        assert!(ran > need / 4, "{name}: only {ran} truncations reached the program");
+        assert!(
+            ran > need / 4,
+            "{name}: only {ran} truncations reached the program"
+        );
     }
     let arp = frames::arp();
     for len in 14..=arp.len() {
@@ -192,7 +245,9 @@ fn every_truncation_is_handed_on_and_counted() {
 #[test]
 fn flow_trace_is_written_to_cb_and_counted() {
     let _g = lock();
-    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let Some(mut b) = bed(&AgentConfig::default()) else {
+        return;
+    };
     let mut table = b.dp.take_trace_table().unwrap();
     let mut events = b.dp.take_events().unwrap();
     for (name, f) in [
@@ -210,7 +265,10 @@ fn flow_trace_is_written_to_cb_and_counted() {
             assert_ne!(flags & CB_FLAG_SAMPLED, 0, "{name}: sampled flag");
             assert_eq!(r.mark, 0, "{name}: mark untouched by default");
             let stats = b.dp.flow_stats();
-            let (_, s) = stats.iter().find(|(k, _)| *k == key).expect("FLOW_STATS entry");
+            let (_, s) = stats
+                .iter()
+                .find(|(k, _)| *k == key)
+                .expect("FLOW_STATS entry");
             assert_eq!(s.trace_id, [id; 16]);
             assert_eq!(s.packets, i + 1, "{name}: packets accounted");
             assert_eq!(s.bytes, (i + 1) * f.build().len() as u64);
@@ -238,16 +296,26 @@ fn flow_trace_is_written_to_cb_and_counted() {
 #[test]
 fn process_trace_via_bound_port_and_flow_beats_process() {
     let _g = lock();
-    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let Some(mut b) = bed(&AgentConfig::default()) else {
+        return;
+    };
     let mut table = b.dp.take_trace_table().unwrap();
     let f = tcp4();
     let key = f.flow_key(b.pod_ns);
     // The server bound port 40000 in the pod: its packets belong to pid 4242.
-    b.dp.set_bound_port(PortKey::new(b.pod_ns, PROTO_TCP, 40000), 4242).unwrap();
-    table.set_process(TraceKey::new(4242, b.pod_ns), &ctx(0x42)).unwrap();
+    b.dp.set_bound_port(PortKey::new(b.pod_ns, PROTO_TCP, 40000), 4242)
+        .unwrap();
+    table
+        .set_process(TraceKey::new(4242, b.pod_ns), &ctx(0x42))
+        .unwrap();
     let r = b.expect(&f.build(), Counter::Tagged, "by pid");
     assert_eq!(decode_cb(&r.cb).unwrap().0, [0x42; 16]);
-    let s = b.dp.flow_stats().into_iter().find(|(k, _)| *k == key).unwrap().1;
+    let s =
+        b.dp.flow_stats()
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .unwrap()
+            .1;
     assert_eq!((s.pid, s.owner, s.matched), (4242, OWNER_BOUND, MATCH_PID));
     // An exact flow entry wins over the process's context.
     table.set_flow(key, &ctx(0x77)).unwrap();
@@ -261,14 +329,18 @@ fn process_trace_via_bound_port_and_flow_beats_process() {
     assert!(table.clear_flow(&key, &[0x77; 16]).unwrap());
     let r = b.expect(&f.build(), Counter::Tagged, "back to pid");
     assert_eq!(decode_cb(&r.cb).unwrap().0, [0x42; 16]);
-    assert!(table.clear_process(&TraceKey::new(4242, b.pod_ns), &[0x42; 16]).unwrap());
+    assert!(table
+        .clear_process(&TraceKey::new(4242, b.pod_ns), &[0x42; 16])
+        .unwrap());
     b.expect(&f.build(), Counter::NoTrace, "cleared");
 }
 
 #[test]
 fn a_new_trace_on_a_flow_hands_over_the_old_pairs_final_numbers() {
     let _g = lock();
-    let Some(mut b) = bed(&AgentConfig::default()) else { return };
+    let Some(mut b) = bed(&AgentConfig::default()) else {
+        return;
+    };
     let mut table = b.dp.take_trace_table().unwrap();
     let mut events = b.dp.take_events().unwrap();
     let f = tcp4();
@@ -280,7 +352,8 @@ fn a_new_trace_on_a_flow_hands_over_the_old_pairs_final_numbers() {
     // Next request on the keep-alive connection.
     table.set_flow(key, &ctx(2)).unwrap();
     b.expect(&f.build(), Counter::Tagged, "request 2");
-    let got: Vec<Event> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i))).collect();
+    let got: Vec<Event> =
+        std::iter::from_fn(|| events.next().map(|i| events::decode(&i))).collect();
     match got.as_slice() {
         [Event::FlowNew(a), Event::FlowEnd(end), Event::FlowNew(c)] => {
             assert_eq!(a.stats.trace_id, [1; 16]);
@@ -307,9 +380,11 @@ fn mark_bits_are_applied_only_when_configured() {
     let pod = &b.pod;
     let prog = b.dp.ingress().unwrap();
     let frame = f.build();
-    let r = netns::in_netns_file(pod, || common::run_ctx(prog, &frame, &frames::skb_ctx(1, 0xf0f0_f1f1, [0; 5])))
-        .unwrap()
-        .unwrap();
+    let r = netns::in_netns_file(pod, || {
+        common::run_ctx(prog, &frame, &frames::skb_ctx(1, 0xf0f0_f1f1, [0; 5]))
+    })
+    .unwrap()
+    .unwrap();
     assert_eq!(r.mark, 0xf0f0_faf1, "only the masked bits change");
     assert_eq!(r.data, frame);
 }
@@ -317,7 +392,9 @@ fn mark_bits_are_applied_only_when_configured() {
 #[test]
 fn socketless_or_host_packets_take_the_interfaces_namespace() {
     let _g = lock();
-    let Some(mut dp) = common::load(&AgentConfig::default(), false) else { return };
+    let Some(mut dp) = common::load(&AgentConfig::default(), false) else {
+        return;
+    };
     let mut table = dp.take_trace_table().unwrap();
     // test_run skbs from the host namespace look like socket-less packets on
     // a pod's veth: their namespace must come from IFACE_NETNS.

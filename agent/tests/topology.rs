@@ -58,20 +58,34 @@ struct CbReader {
 impl CbReader {
     fn attach(iface: &str, expect: [u8; 16]) -> Self {
         let mut ebpf = Ebpf::load(TESTPROGS_OBJECT).unwrap();
-        let p: &mut SchedClassifier = ebpf.program_mut("tf_cb_reader").unwrap().try_into().unwrap();
-        p.load().unwrap();
-        p.attach_with_options(iface, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::last()))
+        let p: &mut SchedClassifier = ebpf
+            .program_mut("tf_cb_reader")
+            .unwrap()
+            .try_into()
             .unwrap();
-        let mut want: Array<_, [u32; 4]> = Array::try_from(ebpf.map_mut("CB_EXPECT").unwrap()).unwrap();
+        p.load().unwrap();
+        p.attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::last()),
+        )
+        .unwrap();
+        let mut want: Array<_, [u32; 4]> =
+            Array::try_from(ebpf.map_mut("CB_EXPECT").unwrap()).unwrap();
         let words = encode_cb(&expect, 0);
-        want.set(0, [words[0], words[1], words[2], words[3]], 0).unwrap();
+        want.set(0, [words[0], words[1], words[2], words[3]], 0)
+            .unwrap();
         Self { ebpf }
     }
 
     /// (packets seen, with tagflow's magic, with the expected trace id)
     fn counts(&self) -> (u64, u64, u64) {
         let c: Array<_, u64> = Array::try_from(self.ebpf.map("CB_COUNT").unwrap()).unwrap();
-        (c.get(&0, 0).unwrap(), c.get(&1, 0).unwrap(), c.get(&2, 0).unwrap())
+        (
+            c.get(&0, 0).unwrap(),
+            c.get(&1, 0).unwrap(),
+            c.get(&2, 0).unwrap(),
+        )
     }
 }
 
@@ -92,16 +106,31 @@ fn clients_and_servers_are_tagged_by_owner_and_others_are_not() {
 
     let server = Proc::python(b, ECHO_SERVER, &["8080"]).unwrap();
     // The bind hook ran in the server's process context.
-    assert_eq!(n.dp.bound_port(&PortKey::new(ns_b, PROTO_TCP, 8080)), Some(server.pid));
+    assert_eq!(
+        n.dp.bound_port(&PortKey::new(ns_b, PROTO_TCP, 8080)),
+        Some(server.pid)
+    );
 
     let reader = CbReader::attach(&a.host_if, [0xa1; 16]);
-    let chain: Vec<String> = loader::tcx_programs(&a.host_if).unwrap().into_iter().map(|p| p.0).collect();
-    assert_eq!(chain, ["tagflow_ingress", "tf_cb_reader"], "tagflow first, the reader after it");
+    let chain: Vec<String> = loader::tcx_programs(&a.host_if)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(
+        chain,
+        ["tagflow_ingress", "tf_cb_reader"],
+        "tagflow first, the reader after it"
+    );
 
     let b_ip = b.ip.to_string();
     let mut client = Proc::python(a, CLIENT, &[&b_ip, "8080", "0", "5"]).unwrap();
-    table.set_process(TraceKey::new(client.pid, ns_a), &ctx(0xa1)).unwrap();
-    table.set_process(TraceKey::new(server.pid, ns_b), &ctx(0xb2)).unwrap();
+    table
+        .set_process(TraceKey::new(client.pid, ns_a), &ctx(0xa1))
+        .unwrap();
+    table
+        .set_process(TraceKey::new(server.pid, ns_b), &ctx(0xb2))
+        .unwrap();
     assert_eq!(client.step().unwrap(), "done");
 
     // A client in C that nobody registered talks to the same server.
@@ -112,24 +141,36 @@ fn clients_and_servers_are_tagged_by_owner_and_others_are_not() {
     assert_eq!(from_a.len(), 1, "one tagged flow out of A: {from_a:?}");
     let (ka, sa) = from_a[0];
     assert_eq!(sa.trace_id, [0xa1; 16]);
-    assert_eq!((sa.pid, sa.owner, sa.matched), (client.pid, OWNER_CONNECTED, MATCH_PID));
+    assert_eq!(
+        (sa.pid, sa.owner, sa.matched),
+        (client.pid, OWNER_CONNECTED, MATCH_PID)
+    );
     assert_eq!(&ka.remote_addr[..4], &b.ip.octets());
     assert!(sa.packets >= 7, "SYN, 5 requests, ACKs: {}", sa.packets);
     assert_ne!(sa.tcp_flags & 0x02, 0, "SYN seen");
 
     // The server answers from accepted sockets: resolved through its port.
     let from_b = stats_for(&n.dp, |k| k.netns == ns_b && k.local_port == 8080);
-    let to_a: Vec<_> = from_b.iter().filter(|(k, _)| k.remote_addr[..4] == a.ip.octets()).collect();
+    let to_a: Vec<_> = from_b
+        .iter()
+        .filter(|(k, _)| k.remote_addr[..4] == a.ip.octets())
+        .collect();
     assert_eq!(to_a.len(), 1, "server's flow back to A: {from_b:?}");
     assert_eq!(to_a[0].1.trace_id, [0xb2; 16]);
     assert_eq!((to_a[0].1.pid, to_a[0].1.owner), (server.pid, OWNER_BOUND));
 
     // C's packets carry no tag.
-    assert!(stats_for(&n.dp, |k| k.netns == ns_c).is_empty(), "C was tagged");
+    assert!(
+        stats_for(&n.dp, |k| k.netns == ns_c).is_empty(),
+        "C was tagged"
+    );
 
     // The reader behind tagflow saw exactly the packets tagflow tagged.
     let (seen, magic, matching) = reader.counts();
-    assert_eq!(matching, sa.packets, "cb carried the trace id on every tagged packet");
+    assert_eq!(
+        matching, sa.packets,
+        "cb carried the trace id on every tagged packet"
+    );
     assert_eq!(magic, matching, "no other tag on A's veth");
     assert!(seen >= matching);
     // Timestamps are on the monotonic clock, within this test's lifetime.
@@ -164,7 +205,9 @@ fn per_connection_entries_beat_the_process_entry() {
     table.set_flow(key(41001), &ctx(0x01)).unwrap();
     table.set_flow(key(41002), &ctx(0x02)).unwrap();
     // c1's process also has its own context: the connection entry wins.
-    table.set_process(TraceKey::new(c1.pid, ns_a), &ctx(0x0f)).unwrap();
+    table
+        .set_process(TraceKey::new(c1.pid, ns_a), &ctx(0x0f))
+        .unwrap();
     assert_eq!(c1.step().unwrap(), "done");
     assert_eq!(c2.step().unwrap(), "done");
     for (sport, want, pid) in [(41001, 0x01, c1.pid), (41002, 0x02, c2.pid)] {
@@ -173,7 +216,9 @@ fn per_connection_entries_beat_the_process_entry() {
         assert_eq!(s[0].1.trace_id, [want; 16]);
         assert_eq!((s[0].1.matched, s[0].1.pid), (MATCH_FLOW, pid));
     }
-    assert!(stats_for(&n.dp, |_| true).iter().all(|(_, s)| s.trace_id != [0x0f; 16]));
+    assert!(stats_for(&n.dp, |_| true)
+        .iter()
+        .all(|(_, s)| s.trace_id != [0x0f; 16]));
 }
 
 #[test]
@@ -226,7 +271,10 @@ impl Drop for Agent {
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !f() {
-        assert!(t0.elapsed() < Duration::from_secs(30), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -234,7 +282,12 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// Program ids of tagflow programs on an interface's ingress hook.
 fn tcx_ids(iface: &str) -> Vec<u32> {
     loader::tcx_programs(iface)
-        .map(|v| v.into_iter().filter(|p| p.0 == "tagflow_ingress").map(|p| p.1).collect())
+        .map(|v| {
+            v.into_iter()
+                .filter(|p| p.0 == "tagflow_ingress")
+                .map(|p| p.1)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -246,7 +299,14 @@ fn netlink_ids(iface: &str) -> Vec<u32> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("tagflow_ingress"))
-        .filter_map(|l| l.split(" id ").nth(1)?.split_whitespace().next()?.parse().ok())
+        .filter_map(|l| {
+            l.split(" id ")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .collect()
 }
 
@@ -255,7 +315,10 @@ fn restarts_never_leave_two_programs_on_a_hook() {
     let _g = common::lock();
     let mut lab = Lab::new(1).unwrap();
     let iface = lab.pods[0].host_if.clone();
-    for (mode, ids) in [("tcx", tcx_ids as fn(&str) -> Vec<u32>), ("netlink", netlink_ids)] {
+    for (mode, ids) in [
+        ("tcx", tcx_ids as fn(&str) -> Vec<u32>),
+        ("netlink", netlink_ids),
+    ] {
         let args = ["--iface-prefix", lab.prefix.as_str(), "--attach-mode", mode];
         let mut first = Agent::start(&args);
         wait_for("first attach", || ids(&iface).len() == 1);
@@ -273,7 +336,11 @@ fn restarts_never_leave_two_programs_on_a_hook() {
             now.len() == 1 && !stale.contains(&now[0])
         });
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(ids(&iface).len(), 1, "{mode}: exactly one tagflow program after restart");
+        assert_eq!(
+            ids(&iface).len(),
+            1,
+            "{mode}: exactly one tagflow program after restart"
+        );
         assert!(second.alive());
 
         // It follows interfaces that appear and disappear.
@@ -282,7 +349,10 @@ fn restarts_never_leave_two_programs_on_a_hook() {
         wait_for("attach to a new pod", || ids(&new_if).len() == 1);
         lab.remove_pod(i);
         std::thread::sleep(Duration::from_millis(200));
-        assert!(second.alive(), "{mode}: agent died when an interface went away");
+        assert!(
+            second.alive(),
+            "{mode}: agent died when an interface went away"
+        );
 
         second.signal(libc::SIGTERM);
         assert!(ids(&iface).is_empty(), "{mode}: clean detach on SIGTERM");

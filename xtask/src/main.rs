@@ -1,1 +1,185 @@
-fn main(){}
+//! `cargo xtask`: build, run, test, bench and demo tagflow. Every command
+//! first bootstraps the toolchain it needs (see bootstrap.rs).
+mod bootstrap;
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install missing prerequisites only.
+    Bootstrap,
+    /// Build the agent (and its eBPF object).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run `tagflow` with the given arguments (needs root).
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Lint, unit tests, then kernel-level tests (test_run and netns
+    /// topologies; need root).
+    Test {
+        /// Only the steps that need no root.
+        #[arg(long)]
+        unit_only: bool,
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// Benchmarks: each figure is a ratio to a baseline run alongside.
+    Bench {
+        /// Fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+        /// Also write `{"rows":[...]}` here.
+        #[arg(long)]
+        json: Option<String>,
+    },
+    /// The end-to-end demo: pods, traffic, tagged flows (needs root).
+    Demo {
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> Result<String> {
+    let mut c = cargo();
+    c.args(["build", "--package", "agent", "--bin", "tagflow"]);
+    if release {
+        c.arg("--release");
+    }
+    run(&mut c)?;
+    Ok(format!(
+        "target/{}/tagflow",
+        if release { "release" } else { "debug" }
+    ))
+}
+
+fn need_root(what: &str) -> Result<()> {
+    if !bootstrap::is_root() {
+        bail!("{what} needs root (BPF, network namespaces): run it as root, e.g. `sudo -E cargo xtask ...`");
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // Paths below are relative to the workspace root.
+    std::env::set_current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))?;
+    bootstrap::ensure()?;
+    match cli.cmd {
+        Cmd::Bootstrap => {}
+        Cmd::Build { release } => {
+            build(release)?;
+        }
+        Cmd::Run { release, args } => {
+            need_root("tagflow run")?;
+            let bin = build(release)?;
+            run(Command::new(bin).args(args))?;
+        }
+        Cmd::Test { unit_only, no_lint } => {
+            if !no_lint {
+                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+                run(cargo().args([
+                    "clippy",
+                    "--workspace",
+                    "--exclude",
+                    "agent-ebpf",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+                // The eBPF crate only builds for the bpf target, on nightly.
+                run(Command::new("rustup").args([
+                    "run",
+                    "nightly",
+                    "cargo",
+                    "clippy",
+                    "--package",
+                    "agent-ebpf",
+                    "--release",
+                    "--target",
+                    "bpfel-unknown-none",
+                    "-Z",
+                    "build-std=core",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]))?;
+            }
+            // Pure Rust: parsers, ABI layout, tables, config, netlink codec.
+            run(cargo().args([
+                "test",
+                "--workspace",
+                "--exclude",
+                "agent-ebpf",
+                "--lib",
+                "--bins",
+            ]))?;
+            run(cargo().args(["test", "--package", "agent-common"]))?;
+            if unit_only {
+                return Ok(());
+            }
+            need_root("the kernel-level tests")?;
+            // BPF_PROG_TEST_RUN, then netns/veth topologies. One test at a
+            // time: they share the host's cgroup root and TCX hooks.
+            run(cargo().args([
+                "test",
+                "--package",
+                "agent",
+                "--test",
+                "datapath",
+                "--test",
+                "topology",
+                "--",
+                "--test-threads=1",
+            ]))?;
+        }
+        Cmd::Bench { quick, json } => {
+            need_root("the benchmarks")?;
+            let bin = build(true)?;
+            let mut c = Command::new(bin);
+            c.args(["bench", "datapath"]);
+            if quick {
+                c.args(["--repeat", "300000", "--rounds", "5"]);
+            }
+            if let Some(j) = json {
+                c.args(["--json", &j]);
+            }
+            run(&mut c)?;
+        }
+        Cmd::Demo { args } => {
+            need_root("the demo")?;
+            let bin = build(false)?;
+            run(Command::new(bin).arg("demo").args(args))?;
+        }
+    }
+    Ok(())
+}

@@ -53,7 +53,11 @@ pub fn run(prog: &SchedClassifier, frame: &[u8]) -> Result<Run, aya::programs::P
     run_ctx(prog, frame, &agent::frames::skb_ctx(1, 0, [0; 5]))
 }
 
-pub fn run_ctx(prog: &SchedClassifier, frame: &[u8], ctx: &[u8]) -> Result<Run, aya::programs::ProgramError> {
+pub fn run_ctx(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    ctx: &[u8],
+) -> Result<Run, aya::programs::ProgramError> {
     let mut data = vec![0u8; frame.len() + 256];
     let mut ctx_out = [0u8; agent::frames::SKB_CTX_LEN];
     let r = prog.test_run(TestRunOptions {

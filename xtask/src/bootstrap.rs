@@ -1,0 +1,178 @@
+//! Makes sure the toolchain the eBPF build needs is present, installing what
+//! is missing when it can (root on Debian). A run with everything present
+//! costs a few version checks.
+use std::{
+    path::Path,
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// LLVM major version bpf-linker must be built against: rustc nightly's.
+pub const LLVM_MAJOR: u32 = 22;
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const APT_LLVM: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+];
+/// Tools the tests and the demo run.
+const APT_TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("tc", "iproute2"),
+    ("python3", "python3"),
+];
+
+fn ok(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: running {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn is_debian() -> bool {
+    Path::new("/etc/debian_version").exists()
+}
+
+fn which(tool: &str) -> bool {
+    ok(Command::new("sh").args(["-c", &format!("command -v {tool}")]))
+}
+
+/// The commands a person would run by hand, for the error message.
+fn manual_steps() -> String {
+    format!(
+        "  rustup toolchain install nightly --component rust-src\n  \
+         sudo apt-get update && sudo apt-get install -y {} iproute2 python3\n  \
+         LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --no-default-features --features llvm-{LLVM_MAJOR}\n",
+        APT_LLVM.join(" ")
+    )
+}
+
+fn apt_install(pkgs: &[&str]) -> Result<()> {
+    if !(is_root() && is_debian()) {
+        bail!(
+            "missing system packages {pkgs:?} and cannot install them (needs root on Debian). Run:\n{}",
+            manual_steps()
+        );
+    }
+    // Without an update the package lists may be empty or stale.
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn nightly_rust_src() -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]));
+    match installed {
+        Some(list) if list.lines().any(|l| l.starts_with("rust-src")) => Ok(()),
+        Some(_) => run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ])),
+        None => run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ])),
+    }
+}
+
+fn llvm_dev() -> Result<()> {
+    if Path::new(LLVM_PREFIX).join("lib/libLLVM.so").exists() {
+        return Ok(());
+    }
+    apt_install(APT_LLVM)
+}
+
+/// bpf-linker links dynamically against libLLVM: the soname says which LLVM
+/// it was built for.
+fn bpf_linker_llvm() -> Option<bool> {
+    let path = output(Command::new("sh").args(["-c", "command -v bpf-linker"]))?;
+    let ldd = output(Command::new("ldd").arg(path.trim()))?;
+    Some(
+        ldd.contains(&format!("libLLVM.so.{LLVM_MAJOR}"))
+            || ldd.contains(&format!("libLLVM-{LLVM_MAJOR}")),
+    )
+}
+
+fn bpf_linker() -> Result<()> {
+    match bpf_linker_llvm() {
+        Some(true) => return Ok(()),
+        Some(false) => eprintln!(
+            "xtask: bpf-linker is built for another LLVM; rebuilding for LLVM {LLVM_MAJOR}"
+        ),
+        None => eprintln!("xtask: bpf-linker missing; building it (about 4 minutes on 2 cores)"),
+    }
+    // LLVM_PREFIX: otherwise its build script may find an older llvm-config
+    // first on PATH.
+    run(Command::new("cargo")
+        .args([
+            "install",
+            "bpf-linker",
+            "--version",
+            "^0.13",
+            "--force",
+            "--no-default-features",
+        ])
+        .args(["--features", &format!("llvm-{LLVM_MAJOR}")])
+        .env("LLVM_PREFIX", LLVM_PREFIX))
+}
+
+fn tools() -> Result<()> {
+    let missing: Vec<&str> = APT_TOOLS
+        .iter()
+        .filter(|(tool, _)| !which(tool))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        apt_install(&missing)
+    }
+}
+
+/// Everything `cargo xtask build|run|test|bench|demo` needs.
+pub fn ensure() -> Result<()> {
+    nightly_rust_src().context("nightly rust-src")?;
+    llvm_dev().context("LLVM development files")?;
+    bpf_linker().context("bpf-linker")?;
+    tools().context("test tools")?;
+    Ok(())
+}
