@@ -14,6 +14,12 @@ pub const FEATURE_CB: u32 = 1 << 2;
 
 pub const FEATURES_DEFAULT: u32 = FEATURE_FLOW_STATS | FEATURE_EVENTS | FEATURE_CB;
 
+/// Upper bound of `DatapathConfig.capture_len`: the size of the data area of
+/// an HTTP head record (the ring-buffer reservation is fixed-size).
+pub const MAX_CAPTURE: usize = 1024;
+/// Default bytes of an HTTP request head copied to userspace.
+pub const DEFAULT_CAPTURE: u32 = 512;
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DatapathConfig {
@@ -28,6 +34,10 @@ pub struct DatapathConfig {
     /// (or that have none: the helper then reports init_net) take their
     /// namespace from `IFACE_NETNS` instead.
     pub host_netns: u64,
+    /// Bytes of a TCP payload that starts like an HTTP/1.x request head to
+    /// copy to userspace (0 = passive capture off; ≤ MAX_CAPTURE).
+    pub capture_len: u32,
+    pub _pad2: u32,
 }
 
 impl DatapathConfig {
@@ -37,6 +47,8 @@ impl DatapathConfig {
         features: FEATURES_DEFAULT,
         _pad: 0,
         host_netns: 0,
+        capture_len: DEFAULT_CAPTURE,
+        _pad2: 0,
     };
 }
 
@@ -46,4 +58,4 @@ impl Default for DatapathConfig {
     }
 }
 
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);

@@ -39,10 +39,12 @@ pub enum Counter {
     /// Packets that went through full resolution (owner, both trace tables)
     /// because their flow had no valid cache entry.
     Resolved = 12,
+    /// HTTP request heads copied to userspace (passive capture).
+    HeadCaptured = 13,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::Seen,
         Self::Tagged,
@@ -57,6 +59,7 @@ impl Counter {
         Self::StatsUpdateFailed,
         Self::OwnerUpdateFailed,
         Self::Resolved,
+        Self::HeadCaptured,
     ];
 
     /// The outcomes: each packet increments exactly one of these.
@@ -85,6 +88,7 @@ impl Counter {
             Self::StatsUpdateFailed => "stats_update_failed",
             Self::OwnerUpdateFailed => "owner_update_failed",
             Self::Resolved => "resolved",
+            Self::HeadCaptured => "head_captured",
         }
     }
 }

@@ -10,6 +10,10 @@ pub const EVENT_FLOW_NEW: u32 = 1;
 /// is lost between userspace sweeps.
 pub const EVENT_FLOW_END: u32 = 2;
 
+/// `EventHeader.kind`: a TCP payload that starts like an HTTP/1.x request
+/// head ([`HttpHeadEvent`]).
+pub const EVENT_HTTP_HEAD: u32 = 3;
+
 /// First field of every record, so readers can dispatch on `kind`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -34,3 +38,19 @@ pub struct FlowEvent {
 }
 
 const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
+
+/// `EVENT_HTTP_HEAD`: the first `len` bytes of a segment's payload that
+/// begins with an HTTP method token, with its flow and sender.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct HttpHeadEvent {
+    pub header: EventHeader,
+    pub key: FlowKey,
+    pub ts_ns: u64,
+    pub pid: u32,
+    /// Bytes of `data` that are valid.
+    pub len: u32,
+    pub data: [u8; crate::config::MAX_CAPTURE],
+}
+
+const _: () = assert!(core::mem::size_of::<HttpHeadEvent>() == 8 + 48 + 16 + 1024);

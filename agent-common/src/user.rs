@@ -11,3 +11,4 @@ unsafe impl aya::Pod for PortKey {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for DatapathConfig {}
 unsafe impl aya::Pod for NetnsSlot {}
+unsafe impl aya::Pod for HttpHeadEvent {}

@@ -41,7 +41,10 @@ fn event_and_config() {
     assert_eq!(offset_of!(FlowEvent, key), 8);
     assert_eq!(offset_of!(FlowEvent, stats), 56);
     assert_eq!(offset_of!(FlowEvent, parent_span_id), 128);
-    assert_eq!(size_of::<DatapathConfig>(), 24);
+    assert_eq!(size_of::<DatapathConfig>(), 32);
+    assert_eq!(offset_of!(DatapathConfig, capture_len), 24);
+    assert_eq!(size_of::<HttpHeadEvent>(), 1096);
+    assert_eq!(offset_of!(HttpHeadEvent, data), 72);
     assert_eq!(offset_of!(DatapathConfig, host_netns), 16);
     assert_eq!(
         DatapathConfig::default().mark_mask,

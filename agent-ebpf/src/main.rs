@@ -12,6 +12,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
+mod capture;
 mod maps;
 mod owners;
 mod parse;
@@ -49,6 +50,12 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     let cfg = CONFIG.load();
     let mut key = parsed.key;
     key.netns = resolve::netns(&ctx, cfg.host_netns);
+
+    // Passive capture runs before the gate: heads from trace-free pods are
+    // how traces start.
+    if cfg.capture_len != 0 && parse::looks_like_http_request(&ctx, parsed.payload_off) {
+        capture::head(&ctx, &cfg, &key, parsed.payload_off);
+    }
 
     // Gate: a namespace without trace entries stops here, after one lookup.
     let gen = match maps::netns_gen(key.netns) {

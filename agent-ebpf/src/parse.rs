@@ -32,6 +32,24 @@ pub struct Parsed {
     pub key: FlowKey,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// Offset of the L4 payload (TCP only; 0 for UDP).
+    pub payload_off: usize,
+}
+
+/// Whether the TCP payload at `off` starts with an HTTP/1.x method token
+/// and a space (the first 4 bytes decide; userspace parses the rest).
+#[inline(always)]
+pub fn looks_like_http_request(ctx: &TcContext, off: usize) -> bool {
+    if off == 0 || off > MAX_L4_OFF {
+        return false;
+    }
+    let Ok(p) = ptr_at::<[u8; 4]>(ctx, off) else {
+        return false;
+    };
+    matches!(
+        &unsafe { *p },
+        b"GET " | b"PUT " | b"POST" | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
+    )
 }
 
 #[inline(always)]
@@ -139,25 +157,30 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         return Err(Skip::Malformed);
     }
     key.proto = l4_proto;
-    let tcp_flags = match l4_proto {
+    let (tcp_flags, payload_off) = match l4_proto {
         PROTO_TCP => {
             let th = ptr_at::<[u8; 20]>(ctx, off)?;
             let th = unsafe { &*th };
-            if (th[12] >> 4) < 5 {
+            let doff = (th[12] >> 4) as usize;
+            if doff < 5 {
                 return Err(Skip::Malformed);
             }
             key.local_port = u16::from_be_bytes([th[0], th[1]]);
             key.remote_port = u16::from_be_bytes([th[2], th[3]]);
-            th[13]
+            (th[13], off + doff * 4)
         }
         PROTO_UDP => {
             let uh = ptr_at::<[u8; 8]>(ctx, off)?;
             let uh = unsafe { &*uh };
             key.local_port = u16::from_be_bytes([uh[0], uh[1]]);
             key.remote_port = u16::from_be_bytes([uh[2], uh[3]]);
-            0
+            (0, 0)
         }
         _ => return Err(Skip::OtherL4),
     };
-    Ok(Parsed { key, tcp_flags })
+    Ok(Parsed {
+        key,
+        tcp_flags,
+        payload_off,
+    })
 }

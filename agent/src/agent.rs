@@ -17,6 +17,10 @@ use crate::{
     loader::{Datapath, LoaderError},
     netlink::{self, Link, LinkEvent},
     netns::PeerResolver,
+    sources::{
+        capture::Capture,
+        registry::{self, Limits, Registry},
+    },
     tables::TraceTable,
 };
 
@@ -28,6 +32,8 @@ pub enum AgentError {
     Netlink(#[from] netlink::NetlinkError),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
 }
 
 /// Userspace-side counters of what the agent itself dropped or skipped.
@@ -103,6 +109,19 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         dp.take_trace_table().expect("fresh datapath has its table"),
     ));
     let mut stats = AgentStats::default();
+    if cfg.registration.enabled {
+        let r = &cfg.registration;
+        let listener = Registry::bind(&r.socket, r.group.as_deref()).await?;
+        registry::announce(&r.socket);
+        let limits = Limits {
+            max_connections: r.max_connections,
+            max_connections_per_netns: r.max_connections_per_netns,
+            rate_per_netns: r.rate_per_netns,
+            ..Limits::default()
+        };
+        tokio::spawn(Registry::new(table.clone(), limits).serve(listener));
+    }
+    let mut capture = Capture::new(cfg.capture_headers.clone(), 65536);
 
     // Subscribe before the dump so no link can slip between the two.
     let monitor = netlink::Socket::open(true)?;
@@ -159,6 +178,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                             stats.events += 1;
                             debug!(pid = f.stats.pid, packets = f.stats.packets, trace = %hex(&f.stats.trace_id), "flow moved on");
                         }
+                        Event::HttpHead(h) => {
+                            let out = capture.handle(&h, &mut table.lock().expect("table lock"));
+                            debug!(pid = h.pid, ?out, "request head");
+                        }
                         Event::Unknown(_) => stats.events_unknown += 1,
                         Event::Truncated => stats.events_truncated += 1,
                     }
@@ -174,6 +197,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
         }
     }
     info!(?stats, "shutting down; detaching");
+    if cfg.registration.enabled {
+        let _ = std::fs::remove_file(&cfg.registration.socket);
+    }
     drop(dp);
     Ok(())
 }

@@ -70,6 +70,35 @@ impl Default for MapSizes {
 }
 
 pub const DEFAULT_IFACE_PREFIXES: &[&str] = &["veth", "cali", "lxc", "gke", "eni"];
+pub const DEFAULT_SOCKET: &str = "/run/tagflow/agent.sock";
+
+/// The registration socket (sidecars, `tagflow register`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistrationConfig {
+    pub enabled: bool,
+    pub socket: PathBuf,
+    /// Group owning the socket (mode 0660); root's group when unset.
+    pub group: Option<String>,
+    pub max_connections: usize,
+    pub max_connections_per_netns: usize,
+    /// Messages per second per pod network namespace.
+    pub rate_per_netns: u32,
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        let l = crate::sources::registry::Limits::default();
+        Self {
+            enabled: true,
+            socket: DEFAULT_SOCKET.into(),
+            group: None,
+            max_connections: l.max_connections,
+            max_connections_per_netns: l.max_connections_per_netns,
+            rate_per_netns: l.rate_per_netns,
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -97,6 +126,13 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     /// Fill BOUND_PORTS from /proc for sockets that existed before start.
     pub backfill: bool,
+    /// Bytes of each HTTP request head copied from the datapath (0 = no
+    /// passive capture; at most 1024).
+    pub capture_len: u32,
+    /// Headers holding a request id, in order of preference (`traceparent`
+    /// is always read too and wins when valid).
+    pub capture_headers: Vec<String>,
+    pub registration: RegistrationConfig,
     pub maps: MapSizes,
 }
 
@@ -118,6 +154,9 @@ impl Default for AgentConfig {
             trace_idle_secs: 30,
             cgroup_root: None,
             backfill: true,
+            capture_len: agent_common::DEFAULT_CAPTURE,
+            capture_headers: vec!["x-request-id".into()],
+            registration: RegistrationConfig::default(),
             maps: MapSizes::default(),
         }
     }
@@ -148,6 +187,12 @@ impl AgentConfig {
         }
         if self.events && !self.flow_stats {
             return bad("events needs flow_stats (it is how new flows are detected)".into());
+        }
+        if self.capture_len as usize > agent_common::MAX_CAPTURE {
+            return bad(format!("capture_len {} > {}", self.capture_len, agent_common::MAX_CAPTURE));
+        }
+        if self.capture_headers.iter().any(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic())) {
+            return bad("capture_headers must be header names".into());
         }
         if self.trace_idle_secs == 0 {
             return bad("trace_idle_secs must be > 0".into());
@@ -209,6 +254,8 @@ impl AgentConfig {
             _pad: 0,
             // Filled in by the loader (the namespace it runs in).
             host_netns: 0,
+            capture_len: self.capture_len,
+            _pad2: 0,
         }
     }
 }
@@ -237,6 +284,10 @@ mod tests {
             mark_value = 0x100
             mark_mask = 0xf00
             trace_idle_secs = 5
+            capture_headers = ["x-correlation-id", "x-request-id"]
+            [registration]
+            socket = "/tmp/x.sock"
+            rate_per_netns = 10
             [maps]
             traces = 1024
             events_bytes = 65536
@@ -246,6 +297,10 @@ mod tests {
         assert_eq!(cfg.attach_mode, AttachMode::Netlink);
         assert_eq!(cfg.tcx_order, TcxOrder::Last);
         assert_eq!(cfg.maps.traces, 1024);
+        assert_eq!(cfg.registration.socket, PathBuf::from("/tmp/x.sock"));
+        assert_eq!(cfg.registration.rate_per_netns, 10);
+        assert_eq!(cfg.registration.max_connections, RegistrationConfig::default().max_connections);
+        assert_eq!(cfg.capture_headers[0], "x-correlation-id");
         assert_eq!(cfg.maps.flow_stats, MapSizes::default().flow_stats);
         assert!(cfg.wants_iface("eth1") && cfg.wants_iface("tap3") && !cfg.wants_iface("veth0"));
         let dp = cfg.datapath_config();
@@ -261,6 +316,8 @@ mod tests {
             ("[maps]\nevents_bytes = 5000", "power of two"),
             ("[maps]\ntraces = 0", "maps.traces"),
             ("iface_prefixes = [\"\"]", "1..=15"),
+            ("capture_len = 5000", "capture_len"),
+            ("capture_headers = [\"bad header\"]", "header names"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?} gave {err}");

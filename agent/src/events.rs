@@ -1,13 +1,15 @@
 //! Reading the `EVENTS` ring buffer.
-use agent_common::{EventHeader, FlowEvent, EVENT_FLOW_END, EVENT_FLOW_NEW};
+use agent_common::{EventHeader, FlowEvent, HttpHeadEvent, EVENT_FLOW_END, EVENT_FLOW_NEW, EVENT_HTTP_HEAD};
 
 /// A decoded ring-buffer record.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub enum Event {
     /// A (flow, trace) pair's first packet.
     FlowNew(FlowEvent),
     /// A (flow, trace) pair was superseded; carries its final stats.
     FlowEnd(FlowEvent),
+    /// The start of an HTTP request head (passive capture).
+    HttpHead(Box<HttpHeadEvent>),
     /// A kind this agent does not know (a newer datapath); skipped, counted.
     Unknown(u32),
     /// Shorter than its header says: dropped, counted.
@@ -26,7 +28,36 @@ pub fn decode(buf: &[u8]) -> Event {
         // SAFETY: length checked above.
         EVENT_FLOW_NEW => Event::FlowNew(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) }),
         EVENT_FLOW_END => Event::FlowEnd(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) }),
+        EVENT_HTTP_HEAD if buf.len() < size_of::<HttpHeadEvent>() => Event::Truncated,
+        // SAFETY: length checked above.
+        EVENT_HTTP_HEAD => Event::HttpHead(Box::new(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) })),
         k => Event::Unknown(k),
+    }
+}
+
+impl std::fmt::Debug for Event {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::FlowNew(e) => f.debug_tuple("FlowNew").field(e).finish(),
+            Self::FlowEnd(e) => f.debug_tuple("FlowEnd").field(e).finish(),
+            Self::HttpHead(h) => write!(f, "HttpHead({:?}, pid {}, {} bytes)", h.key, h.pid, h.len),
+            Self::Unknown(k) => write!(f, "Unknown({k})"),
+            Self::Truncated => write!(f, "Truncated"),
+        }
+    }
+}
+
+impl PartialEq for Event {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::FlowNew(a), Self::FlowNew(b)) | (Self::FlowEnd(a), Self::FlowEnd(b)) => a == b,
+            (Self::HttpHead(a), Self::HttpHead(b)) => {
+                a.key == b.key && a.pid == b.pid && a.len == b.len && a.data[..] == b.data[..]
+            }
+            (Self::Unknown(a), Self::Unknown(b)) => a == b,
+            (Self::Truncated, Self::Truncated) => true,
+            _ => false,
+        }
     }
 }
 

@@ -31,6 +31,25 @@ enum LogFormat {
 enum Cmd {
     /// Run the agent (needs root: BPF, NET_ADMIN).
     Run(RunArgs),
+    /// HTTP/1.1 reverse proxy beside an app: injects x-request-id and
+    /// traceparent, registers each request with the agent.
+    Sidecar {
+        /// Address to serve on.
+        #[arg(long, env = "TAGFLOW_SIDECAR_LISTEN", default_value = "0.0.0.0:15080")]
+        listen: std::net::SocketAddr,
+        /// The app (usually 127.0.0.1:PORT).
+        #[arg(long, env = "TAGFLOW_SIDECAR_UPSTREAM")]
+        upstream: std::net::SocketAddr,
+        #[arg(long, env = "TAGFLOW_AGENT_SOCKET", default_value = agent::config::DEFAULT_SOCKET)]
+        agent_socket: PathBuf,
+    },
+    /// Talk to a running agent's registration socket.
+    Register {
+        #[arg(long, env = "TAGFLOW_AGENT_SOCKET", default_value = agent::config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        #[command(subcommand)]
+        what: RegisterCmd,
+    },
     /// End-to-end demo: pods, traffic, traces, tagged flows (needs root).
     Demo {
         /// Leave the pods up until Ctrl-C.
@@ -42,6 +61,60 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+}
+
+#[derive(Subcommand)]
+enum RegisterCmd {
+    /// The target's traffic carries the request's trace from now on.
+    Begin(RegisterArgs),
+    /// Stop, if the target still carries this trace.
+    End(RegisterArgs),
+    /// Check that the agent answers.
+    Ping,
+}
+
+#[derive(clap::Args)]
+struct RegisterArgs {
+    #[arg(long)]
+    request_id: Option<String>,
+    #[arg(long)]
+    traceparent: Option<String>,
+    /// Target process (in your network namespace).
+    #[arg(long, conflicts_with = "port", required_unless_present = "port")]
+    pid: Option<u32>,
+    /// Target: whoever listens on this TCP port in your namespace.
+    #[arg(long)]
+    port: Option<u16>,
+    /// Connection to tag exactly: LOCAL,REMOTE (ip:port,ip:port); repeatable.
+    #[arg(long = "flow")]
+    flows: Vec<String>,
+}
+
+impl RegisterArgs {
+    fn registration(&self) -> anyhow::Result<agent::sources::protocol::Registration> {
+        use agent::sources::protocol::{Flow, Proto, Registration, Target};
+        let mut headers = std::collections::BTreeMap::new();
+        if let Some(r) = &self.request_id {
+            headers.insert("x-request-id".to_string(), r.clone());
+        }
+        if let Some(t) = &self.traceparent {
+            headers.insert("traceparent".to_string(), t.clone());
+        }
+        let target = match (self.pid, self.port) {
+            (Some(pid), _) => Target::Pid(pid),
+            (None, Some(port)) => Target::Port { port, proto: Proto::Tcp },
+            (None, None) => anyhow::bail!("give --pid or --port"),
+        };
+        let flows = self
+            .flows
+            .iter()
+            .map(|f| {
+                let (l, r) = f.split_once(',').ok_or_else(|| anyhow::anyhow!("--flow wants LOCAL,REMOTE"))?;
+                Ok(Flow { proto: Proto::Tcp, local: l.into(), remote: r.into() })
+            })
+            .collect::<anyhow::Result<_>>()?;
+        Ok(Registration { headers, target, flows })
+    }
 }
 
 #[derive(Subcommand)]
@@ -94,6 +167,18 @@ struct RunArgs {
     /// Skip the /proc backfill of listening sockets.
     #[arg(long, env = "TAGFLOW_NO_BACKFILL")]
     no_backfill: bool,
+    /// Registration socket path.
+    #[arg(long, env = "TAGFLOW_AGENT_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Group that may use the registration socket.
+    #[arg(long, env = "TAGFLOW_SOCKET_GROUP")]
+    socket_group: Option<String>,
+    /// Bytes of HTTP request heads to capture (0 = off, max 1024).
+    #[arg(long, env = "TAGFLOW_CAPTURE_LEN")]
+    capture_len: Option<u32>,
+    /// Request-id header names, in order of preference (repeatable).
+    #[arg(long = "capture-header", env = "TAGFLOW_CAPTURE_HEADERS", value_delimiter = ',')]
+    capture_headers: Vec<String>,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -137,6 +222,18 @@ impl RunArgs {
         if self.no_backfill {
             cfg.backfill = false;
         }
+        if let Some(p) = self.socket {
+            cfg.registration.socket = p;
+        }
+        if self.socket_group.is_some() {
+            cfg.registration.group = self.socket_group;
+        }
+        if let Some(n) = self.capture_len {
+            cfg.capture_len = n;
+        }
+        if !self.capture_headers.is_empty() {
+            cfg.capture_headers = self.capture_headers;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -170,6 +267,25 @@ fn main() -> anyhow::Result<()> {
                 .context("agent failed")?;
         }
         Cmd::Demo { keep } => agent::demo::run(keep)?,
+        Cmd::Sidecar { listen, upstream, agent_socket } => {
+            let cfg = agent::sidecar::SidecarConfig::new(listen, upstream, agent_socket);
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            rt.block_on(agent::sidecar::run(cfg, Default::default(), None, shutdown_signal()))?;
+        }
+        Cmd::Register { socket, what } => {
+            use agent::sources::client::Client;
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let reply = rt.block_on(async {
+                let mut c = Client::new(socket, std::time::Duration::from_secs(5));
+                match what {
+                    RegisterCmd::Ping => c.ping().await,
+                    RegisterCmd::Begin(a) => c.begin(a.registration()?).await,
+                    RegisterCmd::End(a) => c.end(a.registration()?).await,
+                }
+                .map_err(anyhow::Error::from)
+            })?;
+            println!("{}", serde_json::to_string(&reply)?);
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Datapath {

@@ -279,6 +279,7 @@ fn flow_trace_is_written_to_cb_and_counted() {
         let mut news = 0;
         while let Some(item) = events.next() {
             match events::decode(&item) {
+                Event::HttpHead(_) => {}
                 Event::FlowNew(e) => {
                     assert_eq!(e.key, key);
                     assert_eq!(e.stats.trace_id, [id; 16]);
@@ -352,8 +353,9 @@ fn a_new_trace_on_a_flow_hands_over_the_old_pairs_final_numbers() {
     // Next request on the keep-alive connection.
     table.set_flow(key, &ctx(2)).unwrap();
     b.expect(&f.build(), Counter::Tagged, "request 2");
-    let got: Vec<Event> =
-        std::iter::from_fn(|| events.next().map(|i| events::decode(&i))).collect();
+    let got: Vec<Event> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i)))
+        .filter(|e| !matches!(e, Event::HttpHead(_)))
+        .collect();
     match got.as_slice() {
         [Event::FlowNew(a), Event::FlowEnd(end), Event::FlowNew(c)] => {
             assert_eq!(a.stats.trace_id, [1; 16]);
@@ -407,4 +409,53 @@ fn socketless_or_host_packets_take_the_interfaces_namespace() {
     assert_eq!(r.verdict, TCX_NEXT);
     assert_eq!(decode_cb(&r.cb).map(|c| c.0), Some([9; 16]));
     assert_eq!(dp.counter(Counter::NoSocket), before + 1);
+}
+
+#[test]
+fn http_request_heads_are_captured_even_in_pods_without_traces() {
+    let _g = lock();
+    let cfg = AgentConfig {
+        capture_len: 64,
+        ..Default::default()
+    };
+    let Some(mut b) = bed(&cfg) else { return };
+    let mut events = b.dp.take_events().unwrap();
+    let mut f = tcp4();
+    f.payload = b"POST /orders HTTP/1.1\r\nHost: shop\r\nX-Request-Id: 0123456789abcdef0123456789abcdef\r\n\r\n".to_vec();
+    // The gate is closed (no traces in the pod): the packet is untagged,
+    // but its head still reaches userspace.
+    b.expect(&f.build(), Counter::NoTrace, "head");
+    let mut not_http = tcp4();
+    not_http.payload = b"\x16\x03\x01 TLS hello".to_vec();
+    b.expect(&not_http.build(), Counter::NoTrace, "tls");
+    let mut udp = Frame::udp(ip("10.1.0.1"), 1, ip("10.2.0.1"), 2);
+    udp.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
+    b.expect(&udp.build(), Counter::NoTrace, "udp is never an HTTP/1 head");
+    let heads: Vec<_> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i))).collect();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    let Event::HttpHead(h) = &heads[0] else { panic!("{heads:?}") };
+    assert_eq!(h.key, f.flow_key(b.pod_ns));
+    assert_eq!(h.len, 64, "capture_len bounds the copy");
+    assert_eq!(&h.data[..64], &f.payload[..64]);
+    assert_eq!(b.dp.counter(Counter::HeadCaptured), 1);
+    // A short payload is copied whole.
+    let mut short = tcp4();
+    short.payload = b"GET /x HTTP/1.1\r\n".to_vec();
+    b.expect(&short.build(), Counter::NoTrace, "short head");
+    let Some(Event::HttpHead(h)) = events.next().map(|i| events::decode(&i)) else { panic!("no head") };
+    assert_eq!(&h.data[..h.len as usize], &short.payload[..]);
+}
+
+#[test]
+fn capture_can_be_turned_off() {
+    let _g = lock();
+    let cfg = AgentConfig {
+        capture_len: 0,
+        ..Default::default()
+    };
+    let Some(mut b) = bed(&cfg) else { return };
+    let mut events = b.dp.take_events().unwrap();
+    b.expect(&tcp4().build(), Counter::NoTrace, "head, capture off");
+    assert!(events.next().is_none());
+    assert_eq!(b.dp.counter(Counter::HeadCaptured), 0);
 }

@@ -1,0 +1,60 @@
+//! Passive capture: the start of every TCP payload that looks like an
+//! HTTP/1.x request head goes to userspace, which reads its request id.
+//! Bounded work: one fixed-size ring-buffer reservation and one copy.
+use crate::{
+    maps::{count, EVENTS},
+    resolve,
+};
+use agent_common::{Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, EVENT_HTTP_HEAD, MAX_CAPTURE};
+use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
+use core::ffi::c_void;
+
+#[inline(always)]
+pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize) {
+    let Some(mut entry) = EVENTS.reserve::<HttpHeadEvent>(0) else {
+        count(Counter::RingbufFull);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    let avail = (ctx.len() as usize).saturating_sub(payload_off);
+    let mut want = cfg.capture_len as usize;
+    if want > MAX_CAPTURE {
+        want = MAX_CAPTURE;
+    }
+    if avail < want {
+        want = avail;
+    }
+    // SAFETY: e points at a reservation of size_of::<HttpHeadEvent>().
+    let data = unsafe { &mut (*e).data };
+    let n = if want == 0 {
+        0
+    } else {
+        // Masked into [1, MAX_CAPTURE] so the verifier can prove the length
+        // (MAX_CAPTURE is a power of two; `want` is already in range).
+        let len = ((want - 1) & (MAX_CAPTURE - 1)) + 1;
+        // SAFETY: data has MAX_CAPTURE bytes; len ≤ MAX_CAPTURE.
+        let rc = unsafe {
+            bpf_skb_load_bytes(ctx.as_ptr(), payload_off as u32, data.as_mut_ptr().cast::<c_void>(), len as u32)
+        };
+        if rc < 0 {
+            0
+        } else {
+            len
+        }
+    };
+    let owner = resolve::owner(ctx, key);
+    unsafe {
+        (*e).header = EventHeader {
+            kind: EVENT_HTTP_HEAD,
+            len: core::mem::size_of::<HttpHeadEvent>() as u32,
+        };
+        (*e).key = *key;
+        (*e).ts_ns = crate::tag::now(ctx);
+        (*e).pid = owner.pid;
+        (*e).len = n as u32;
+    }
+    entry.submit(0);
+    count(Counter::HeadCaptured);
+}
+
+const _: () = assert!(MAX_CAPTURE.is_power_of_two());

@@ -1,0 +1,225 @@
+//! Passive capture, userspace half: request heads copied by the datapath
+//! become trace entries for their connection and their sender.
+use std::collections::{HashMap, VecDeque};
+
+use agent_common::{
+    FlowKey, HttpHeadEvent, TraceContext, TraceKey, TraceSource, TRACE_FLAG_HAS_PARENT, TRACE_FLAG_SAMPLED,
+};
+
+use crate::{ids, tables::TraceTable};
+
+/// What the spans want to know about a captured request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadInfo {
+    pub method: String,
+    pub target: String,
+    pub host: Option<String>,
+    pub request_id: Option<String>,
+    pub trace_id: [u8; 16],
+    pub parent_span_id: Option<[u8; 8]>,
+    pub pid: u32,
+    pub ts_ns: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum HeadOutcome {
+    Applied(HeadInfo),
+    /// Not an HTTP/1.x request head after all.
+    NotHttp,
+    /// A head without any of the configured id headers (possibly because it
+    /// was cut off: split across segments or longer than the capture).
+    NoId { truncated: bool },
+    /// An id header was present but unusable.
+    BadId,
+}
+
+/// Parses a captured head. A head cut off by the capture length or the
+/// segment boundary is parsed up to its last complete line: ids in the
+/// part we have are still found.
+pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool), HeadOutcome> {
+    let end = data.windows(4).position(|w| w == b"\r\n\r\n");
+    let (buf, truncated) = match end {
+        Some(e) => (data[..e + 4].to_vec(), false),
+        None => {
+            let last = data.windows(2).rposition(|w| w == b"\r\n").ok_or(HeadOutcome::NotHttp)?;
+            let mut b = data[..last + 2].to_vec();
+            b.extend_from_slice(b"\r\n");
+            (b, true)
+        }
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(&buf) {
+        Ok(httparse::Status::Complete(_)) => {}
+        _ => return Err(HeadOutcome::NotHttp),
+    }
+    let get = |name: &str| {
+        req.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| std::str::from_utf8(h.value).ok())
+    };
+    let rid = id_headers.iter().find_map(|h| get(h));
+    let tp = get("traceparent");
+    let id = match ids::identify(rid, tp) {
+        Ok(id) => id,
+        Err(ids::IdError::Missing) => return Err(HeadOutcome::NoId { truncated }),
+        Err(_) => return Err(HeadOutcome::BadId),
+    };
+    Ok((
+        HeadInfo {
+            method: req.method.unwrap_or("").to_string(),
+            target: req.path.unwrap_or("").to_string(),
+            host: get("host").map(str::to_string),
+            request_id: id.request_id.clone(),
+            trace_id: id.trace_id,
+            parent_span_id: id.parent_span_id,
+            pid: 0,
+            ts_ns: 0,
+        },
+        id.sampled,
+    ))
+}
+
+/// Applies captured heads to the trace tables and remembers the request
+/// details per (connection, trace), bounded.
+pub struct Capture {
+    id_headers: Vec<String>,
+    heads: HashMap<(FlowKey, [u8; 16]), HeadInfo>,
+    order: VecDeque<(FlowKey, [u8; 16])>,
+    cap: usize,
+    pub applied: u64,
+    pub no_id: u64,
+    pub truncated_no_id: u64,
+    pub bad_id: u64,
+    pub not_http: u64,
+    pub table_errors: u64,
+    pub evicted: u64,
+}
+
+impl Capture {
+    pub fn new(id_headers: Vec<String>, cap: usize) -> Self {
+        Self {
+            id_headers,
+            heads: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+            applied: 0,
+            no_id: 0,
+            truncated_no_id: 0,
+            bad_id: 0,
+            not_http: 0,
+            table_errors: 0,
+            evicted: 0,
+        }
+    }
+
+    pub fn handle(&mut self, ev: &HttpHeadEvent, table: &mut TraceTable) -> HeadOutcome {
+        let data = &ev.data[..(ev.len as usize).min(ev.data.len())];
+        let (mut info, sampled) = match parse_head(data, &self.id_headers) {
+            Ok(x) => x,
+            Err(o) => {
+                match o {
+                    HeadOutcome::NotHttp => self.not_http += 1,
+                    HeadOutcome::NoId { truncated: true } => self.truncated_no_id += 1,
+                    HeadOutcome::NoId { truncated: false } => self.no_id += 1,
+                    HeadOutcome::BadId => self.bad_id += 1,
+                    HeadOutcome::Applied(_) => {}
+                }
+                return o;
+            }
+        };
+        info.pid = ev.pid;
+        info.ts_ns = ev.ts_ns;
+        let mut flags = TraceSource::Passive.to_flags();
+        if sampled {
+            flags |= TRACE_FLAG_SAMPLED;
+        }
+        if info.parent_span_id.is_some() {
+            flags |= TRACE_FLAG_HAS_PARENT;
+        }
+        let ctx = TraceContext {
+            trace_id: info.trace_id,
+            parent_span_id: info.parent_span_id.unwrap_or_default(),
+            flags,
+            ..Default::default()
+        };
+        // This connection carries this request from now on; the sender's
+        // other traffic (its own outgoing calls) too.
+        if table.set_flow(ev.key, &ctx).is_err() {
+            self.table_errors += 1;
+        }
+        if ev.pid != 0 && table.set_process(TraceKey::new(ev.pid, ev.key.netns), &ctx).is_err() {
+            self.table_errors += 1;
+        }
+        let k = (ev.key, info.trace_id);
+        if self.heads.insert(k, info.clone()).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.heads.remove(&old);
+                    self.evicted += 1;
+                }
+            }
+        }
+        self.applied += 1;
+        HeadOutcome::Applied(info)
+    }
+
+    pub fn head(&self, key: &FlowKey, trace: &[u8; 16]) -> Option<&HeadInfo> {
+        self.heads.get(&(*key, *trace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hdrs() -> Vec<String> {
+        vec!["x-request-id".into()]
+    }
+
+    #[test]
+    fn complete_head_with_request_id() {
+        let h = b"GET /api/v1?x=1 HTTP/1.1\r\nHost: api:8080\r\nX-Request-ID: 0123456789abcdef0123456789abcdef\r\n\r\nbody";
+        let (info, sampled) = parse_head(h, &hdrs()).unwrap();
+        assert_eq!(info.method, "GET");
+        assert_eq!(info.target, "/api/v1?x=1");
+        assert_eq!(info.host.as_deref(), Some("api:8080"));
+        assert_eq!(ids::to_hex(&info.trace_id), "0123456789abcdef0123456789abcdef");
+        assert!(sampled);
+    }
+
+    #[test]
+    fn traceparent_wins_and_custom_header_names_work() {
+        let h = b"POST /x HTTP/1.1\r\nx-correlation-id: abc\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n\r\n";
+        let (info, sampled) = parse_head(h, &["x-correlation-id".to_string()]).unwrap();
+        assert_eq!(ids::to_hex(&info.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(info.request_id.as_deref(), Some("abc"));
+        assert!(!sampled);
+        assert!(info.parent_span_id.is_some());
+    }
+
+    #[test]
+    fn truncated_heads_keep_the_ids_they_contain() {
+        let mut h = b"GET / HTTP/1.1\r\nX-Request-Id: req-1\r\nCookie: ".to_vec();
+        h.extend(std::iter::repeat_n(b'a', 600));
+        let (info, _) = parse_head(&h[..512], &hdrs()).unwrap();
+        assert_eq!(info.request_id.as_deref(), Some("req-1"));
+        // The id itself cut off: no id, reported as truncated.
+        let h2 = b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: req-";
+        assert_eq!(parse_head(h2, &hdrs()).unwrap_err(), HeadOutcome::NoId { truncated: true });
+    }
+
+    #[test]
+    fn not_http_and_bad_ids() {
+        assert_eq!(parse_head(b"GETTING STARTED\r\n\r\n", &hdrs()).unwrap_err(), HeadOutcome::NotHttp);
+        assert_eq!(parse_head(b"GET / HTTP/1.1", &hdrs()).unwrap_err(), HeadOutcome::NotHttp);
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &hdrs()).unwrap_err(),
+            HeadOutcome::NoId { truncated: false }
+        );
+        let long = format!("GET / HTTP/1.1\r\nX-Request-Id: {}\r\n\r\n", "x".repeat(300));
+        assert_eq!(parse_head(long.as_bytes(), &hdrs()).unwrap_err(), HeadOutcome::BadId);
+    }
+}

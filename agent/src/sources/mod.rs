@@ -1,0 +1,7 @@
+//! Trace-context sources: registrations over a Unix socket (sidecars, the
+//! CLI) and HTTP request heads captured in the datapath.
+pub mod capture;
+pub mod client;
+pub mod protocol;
+pub mod registry;
+pub mod targets;
