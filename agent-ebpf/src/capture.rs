@@ -5,7 +5,9 @@ use crate::{
     maps::{count, EVENTS},
     resolve,
 };
-use agent_common::{Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, EVENT_HTTP_HEAD, MAX_CAPTURE};
+use agent_common::{
+    Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, EVENT_HTTP_HEAD, MAX_CAPTURE,
+};
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
 use core::ffi::c_void;
 
@@ -34,7 +36,12 @@ pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: u
         let len = ((want - 1) & (MAX_CAPTURE - 1)) + 1;
         // SAFETY: data has MAX_CAPTURE bytes; len ≤ MAX_CAPTURE.
         let rc = unsafe {
-            bpf_skb_load_bytes(ctx.as_ptr(), payload_off as u32, data.as_mut_ptr().cast::<c_void>(), len as u32)
+            bpf_skb_load_bytes(
+                ctx.as_ptr(),
+                payload_off as u32,
+                data.as_mut_ptr().cast::<c_void>(),
+                len as u32,
+            )
         };
         if rc < 0 {
             0

@@ -38,16 +38,20 @@ pub struct Parsed {
 
 /// Whether the TCP payload at `off` starts with an HTTP/1.x method token
 /// and a space (the first 4 bytes decide; userspace parses the rest).
+///
+/// Payload sent from a socket usually sits in page fragments, outside the
+/// linear area direct packet access can see: read it with the helper, and
+/// only when there are payload bytes at all (pure ACKs skip the call).
 #[inline(always)]
 pub fn looks_like_http_request(ctx: &TcContext, off: usize) -> bool {
-    if off == 0 || off > MAX_L4_OFF {
+    if off == 0 || off > MAX_L4_OFF || (ctx.len() as usize) < off + 4 {
         return false;
     }
-    let Ok(p) = ptr_at::<[u8; 4]>(ctx, off) else {
+    let Ok(p) = ctx.load::<[u8; 4]>(off) else {
         return false;
     };
     matches!(
-        &unsafe { *p },
+        &p,
         b"GET " | b"PUT " | b"POST" | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
     )
 }

@@ -188,7 +188,9 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
         // run pays for a real capture.
         let mut hs = Vec::new();
         for _ in 0..20 {
-            hs.push(netns::in_netns_file(&quiet_pod, || ns_per_run(ing, &head, &skb, 100))??);
+            hs.push(netns::in_netns_file(&quiet_pod, || {
+                ns_per_run(ing, &head, &skb, 100)
+            })??);
             while events.next().is_some() {}
         }
         let h = median(&mut hs);

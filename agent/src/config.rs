@@ -189,9 +189,17 @@ impl AgentConfig {
             return bad("events needs flow_stats (it is how new flows are detected)".into());
         }
         if self.capture_len as usize > agent_common::MAX_CAPTURE {
-            return bad(format!("capture_len {} > {}", self.capture_len, agent_common::MAX_CAPTURE));
+            return bad(format!(
+                "capture_len {} > {}",
+                self.capture_len,
+                agent_common::MAX_CAPTURE
+            ));
         }
-        if self.capture_headers.iter().any(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic())) {
+        if self
+            .capture_headers
+            .iter()
+            .any(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()))
+        {
             return bad("capture_headers must be header names".into());
         }
         if self.trace_idle_secs == 0 {
@@ -299,7 +307,10 @@ mod tests {
         assert_eq!(cfg.maps.traces, 1024);
         assert_eq!(cfg.registration.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(cfg.registration.rate_per_netns, 10);
-        assert_eq!(cfg.registration.max_connections, RegistrationConfig::default().max_connections);
+        assert_eq!(
+            cfg.registration.max_connections,
+            RegistrationConfig::default().max_connections
+        );
         assert_eq!(cfg.capture_headers[0], "x-correlation-id");
         assert_eq!(cfg.maps.flow_stats, MapSizes::default().flow_stats);
         assert!(cfg.wants_iface("eth1") && cfg.wants_iface("tap3") && !cfg.wants_iface("veth0"));

@@ -1,5 +1,7 @@
 //! Reading the `EVENTS` ring buffer.
-use agent_common::{EventHeader, FlowEvent, HttpHeadEvent, EVENT_FLOW_END, EVENT_FLOW_NEW, EVENT_HTTP_HEAD};
+use agent_common::{
+    EventHeader, FlowEvent, HttpHeadEvent, EVENT_FLOW_END, EVENT_FLOW_NEW, EVENT_HTTP_HEAD,
+};
 
 /// A decoded ring-buffer record.
 #[derive(Clone)]
@@ -30,7 +32,9 @@ pub fn decode(buf: &[u8]) -> Event {
         EVENT_FLOW_END => Event::FlowEnd(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) }),
         EVENT_HTTP_HEAD if buf.len() < size_of::<HttpHeadEvent>() => Event::Truncated,
         // SAFETY: length checked above.
-        EVENT_HTTP_HEAD => Event::HttpHead(Box::new(unsafe { std::ptr::read_unaligned(buf.as_ptr().cast()) })),
+        EVENT_HTTP_HEAD => Event::HttpHead(Box::new(unsafe {
+            std::ptr::read_unaligned(buf.as_ptr().cast())
+        })),
         k => Event::Unknown(k),
     }
 }

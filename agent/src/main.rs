@@ -102,18 +102,31 @@ impl RegisterArgs {
         }
         let target = match (self.pid, self.port) {
             (Some(pid), _) => Target::Pid(pid),
-            (None, Some(port)) => Target::Port { port, proto: Proto::Tcp },
+            (None, Some(port)) => Target::Port {
+                port,
+                proto: Proto::Tcp,
+            },
             (None, None) => anyhow::bail!("give --pid or --port"),
         };
         let flows = self
             .flows
             .iter()
             .map(|f| {
-                let (l, r) = f.split_once(',').ok_or_else(|| anyhow::anyhow!("--flow wants LOCAL,REMOTE"))?;
-                Ok(Flow { proto: Proto::Tcp, local: l.into(), remote: r.into() })
+                let (l, r) = f
+                    .split_once(',')
+                    .ok_or_else(|| anyhow::anyhow!("--flow wants LOCAL,REMOTE"))?;
+                Ok(Flow {
+                    proto: Proto::Tcp,
+                    local: l.into(),
+                    remote: r.into(),
+                })
             })
             .collect::<anyhow::Result<_>>()?;
-        Ok(Registration { headers, target, flows })
+        Ok(Registration {
+            headers,
+            target,
+            flows,
+        })
     }
 }
 
@@ -177,7 +190,11 @@ struct RunArgs {
     #[arg(long, env = "TAGFLOW_CAPTURE_LEN")]
     capture_len: Option<u32>,
     /// Request-id header names, in order of preference (repeatable).
-    #[arg(long = "capture-header", env = "TAGFLOW_CAPTURE_HEADERS", value_delimiter = ',')]
+    #[arg(
+        long = "capture-header",
+        env = "TAGFLOW_CAPTURE_HEADERS",
+        value_delimiter = ','
+    )]
     capture_headers: Vec<String>,
 }
 
@@ -267,14 +284,28 @@ fn main() -> anyhow::Result<()> {
                 .context("agent failed")?;
         }
         Cmd::Demo { keep } => agent::demo::run(keep)?,
-        Cmd::Sidecar { listen, upstream, agent_socket } => {
+        Cmd::Sidecar {
+            listen,
+            upstream,
+            agent_socket,
+        } => {
             let cfg = agent::sidecar::SidecarConfig::new(listen, upstream, agent_socket);
-            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            rt.block_on(agent::sidecar::run(cfg, Default::default(), None, shutdown_signal()))?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::sidecar::run(
+                cfg,
+                Default::default(),
+                None,
+                shutdown_signal(),
+            ))?;
         }
         Cmd::Register { socket, what } => {
             use agent::sources::client::Client;
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let reply = rt.block_on(async {
                 let mut c = Client::new(socket, std::time::Duration::from_secs(5));
                 match what {

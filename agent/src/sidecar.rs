@@ -150,15 +150,29 @@ fn shared_header_timeout() -> Duration {
 }
 
 fn full(status: StatusCode, msg: &'static str) -> Response<Out> {
-    let mut r = Response::new(Full::new(Bytes::from_static(msg.as_bytes())).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from_static(msg.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
     r
 }
 
-async fn handle(s: Arc<Shared>, mut req: Request<Incoming>, local: SocketAddr, peer: SocketAddr) -> Response<Out> {
+async fn handle(
+    s: Arc<Shared>,
+    mut req: Request<Incoming>,
+    local: SocketAddr,
+    peer: SocketAddr,
+) -> Response<Out> {
     s.stats.requests.fetch_add(1, Ordering::Relaxed);
     // x-request-id: keep a valid one, else a new UUIDv4.
-    let rid = match req.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).map(ids::validate_request_id) {
+    let rid = match req
+        .headers()
+        .get(&X_REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .map(ids::validate_request_id)
+    {
         Some(Ok(v)) => {
             s.stats.ids_kept.fetch_add(1, Ordering::Relaxed);
             v.to_string()
@@ -184,7 +198,8 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>, local: SocketAddr, p
     };
     let rid_value = HeaderValue::from_str(&rid).expect("printable ASCII");
     req.headers_mut().insert(X_REQUEST_ID, rid_value.clone());
-    req.headers_mut().insert(TRACEPARENT, HeaderValue::from_str(&tp).expect("ascii"));
+    req.headers_mut()
+        .insert(TRACEPARENT, HeaderValue::from_str(&tp).expect("ascii"));
 
     let (mut sender, up_local) = match upstream(&s).await {
         Ok(x) => x,
@@ -197,7 +212,11 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>, local: SocketAddr, p
         }
     };
     let reg = Registration {
-        headers: [("x-request-id".to_string(), rid.clone()), ("traceparent".to_string(), tp)].into(),
+        headers: [
+            ("x-request-id".to_string(), rid.clone()),
+            ("traceparent".to_string(), tp),
+        ]
+        .into(),
         target: Target::Port {
             port: s.cfg.upstream.port(),
             proto: Proto::Tcp,
@@ -232,7 +251,9 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>, local: SocketAddr, p
         let _ = done_rx.await;
         if registered {
             if let Err(e) = s2.agent.lock().await.end(reg).await {
-                s2.stats.registrations_failed.fetch_add(1, Ordering::Relaxed);
+                s2.stats
+                    .registrations_failed
+                    .fetch_add(1, Ordering::Relaxed);
                 debug!("end registration: {e}");
             }
         }
@@ -298,7 +319,10 @@ impl Body for Tracked {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             if let Some(d) = self.done.take() {

@@ -213,14 +213,21 @@ pub struct Proc {
 impl Proc {
     /// Starts `python3 -c script args...` in `pod` and waits for `ready <pid>`.
     pub fn python(pod: &Pod, script: &str, args: &[&str]) -> Result<Self, TopoError> {
-        let mut child = pod
-            .command("python3")
-            .arg("-c")
-            .arg(script)
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()?;
+        let mut cmd = pod.command("python3");
+        cmd.arg("-c").arg(script).args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Like [`Proc::python`], in the host's namespace.
+    pub fn host_python(script: &str, args: &[&str]) -> Result<Self, TopoError> {
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c").arg(script).args(args);
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` and waits for it to print `ready <pid>`.
+    pub fn spawn(mut cmd: Command) -> Result<Self, TopoError> {
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
         let stdin = child.stdin.take().expect("piped");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
@@ -251,5 +258,86 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An HTTP app: `python3 -c HTTP_APP PORT DOWNSTREAM MODE` where DOWNSTREAM is
+/// `host:port` of an echo server to call while serving each request (or
+/// `-`), MODE `thread` or `fork` (a child process per connection). Replies
+/// `rid=<x-request-id> tp=<traceparent> pid=<serving pid>`. Prints
+/// `ready <pid>`.
+pub const HTTP_APP: &str = r#"
+import os, socket, sys, socketserver
+from http.server import BaseHTTPRequestHandler, HTTPServer
+port, down, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a): pass
+    def do_GET(self):
+        rid = self.headers.get("x-request-id", "")
+        tp = self.headers.get("traceparent", "")
+        if down != "-":
+            h, p = down.rsplit(":", 1)
+            with socket.create_connection((h, int(p))) as s:
+                for _ in range(3):
+                    s.sendall(b"y" * 100)
+                    got = 0
+                    while got < 100:
+                        d = s.recv(100 - got)
+                        if not d: break
+                        got += len(d)
+        body = f"rid={rid} tp={tp} pid={os.getpid()}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+class Threaded(socketserver.ThreadingMixIn, HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+class Forking(socketserver.ForkingMixIn, HTTPServer):
+    allow_reuse_address = True
+srv = (Forking if mode == "fork" else Threaded)(("0.0.0.0", port), H)
+print("ready", os.getpid(), flush=True)
+srv.serve_forever()
+"#;
+
+/// An HTTP client: `python3 -c HTTP_CLIENT URL REQUEST_ID N`. Prints
+/// `ready <pid>`, waits for a line, sends N GETs (with `x-request-id:
+/// REQUEST_ID` unless it is `-`), printing `<x-request-id of the
+/// response> <body>` per request, then `done`.
+pub const HTTP_CLIENT: &str = r#"
+import os, sys, urllib.request
+url, rid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+for _ in range(n):
+    req = urllib.request.Request(url)
+    if rid != "-": req.add_header("X-Request-ID", rid)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        print(r.headers.get("x-request-id"), r.read().decode().strip(), flush=True)
+print("done", flush=True)
+sys.stdin.readline()
+"#;
+
+impl Proc {
+    /// Reads one line of output.
+    pub fn line(&mut self) -> Result<String, TopoError> {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(line.trim().to_string())
+    }
+
+    /// Sends a line and collects output lines up to `done`.
+    pub fn run_until_done(&mut self) -> Result<Vec<String>, TopoError> {
+        writeln!(self.stdin, "go")?;
+        self.stdin.flush()?;
+        let mut out = Vec::new();
+        loop {
+            let l = self.line()?;
+            if l == "done" || l.is_empty() {
+                return Ok(out);
+            }
+            out.push(l);
+        }
     }
 }

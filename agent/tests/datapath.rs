@@ -430,10 +430,16 @@ fn http_request_heads_are_captured_even_in_pods_without_traces() {
     b.expect(&not_http.build(), Counter::NoTrace, "tls");
     let mut udp = Frame::udp(ip("10.1.0.1"), 1, ip("10.2.0.1"), 2);
     udp.payload = b"GET / HTTP/1.1\r\n\r\n".to_vec();
-    b.expect(&udp.build(), Counter::NoTrace, "udp is never an HTTP/1 head");
+    b.expect(
+        &udp.build(),
+        Counter::NoTrace,
+        "udp is never an HTTP/1 head",
+    );
     let heads: Vec<_> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i))).collect();
     assert_eq!(heads.len(), 1, "{heads:?}");
-    let Event::HttpHead(h) = &heads[0] else { panic!("{heads:?}") };
+    let Event::HttpHead(h) = &heads[0] else {
+        panic!("{heads:?}")
+    };
     assert_eq!(h.key, f.flow_key(b.pod_ns));
     assert_eq!(h.len, 64, "capture_len bounds the copy");
     assert_eq!(&h.data[..64], &f.payload[..64]);
@@ -442,7 +448,9 @@ fn http_request_heads_are_captured_even_in_pods_without_traces() {
     let mut short = tcp4();
     short.payload = b"GET /x HTTP/1.1\r\n".to_vec();
     b.expect(&short.build(), Counter::NoTrace, "short head");
-    let Some(Event::HttpHead(h)) = events.next().map(|i| events::decode(&i)) else { panic!("no head") };
+    let Some(Event::HttpHead(h)) = events.next().map(|i| events::decode(&i)) else {
+        panic!("no head")
+    };
     assert_eq!(&h.data[..h.len as usize], &short.payload[..]);
 }
 

@@ -158,6 +158,8 @@ fn main() -> Result<()> {
                 "datapath",
                 "--test",
                 "topology",
+                "--test",
+                "sources",
                 "--",
                 "--test-threads=1",
             ]))?;

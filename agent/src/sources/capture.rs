@@ -3,7 +3,8 @@
 use std::collections::{HashMap, VecDeque};
 
 use agent_common::{
-    FlowKey, HttpHeadEvent, TraceContext, TraceKey, TraceSource, TRACE_FLAG_HAS_PARENT, TRACE_FLAG_SAMPLED,
+    FlowKey, HttpHeadEvent, TraceContext, TraceKey, TraceSource, TRACE_FLAG_HAS_PARENT,
+    TRACE_FLAG_SAMPLED,
 };
 
 use crate::{ids, tables::TraceTable};
@@ -23,12 +24,14 @@ pub struct HeadInfo {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum HeadOutcome {
-    Applied(HeadInfo),
+    Applied(Box<HeadInfo>),
     /// Not an HTTP/1.x request head after all.
     NotHttp,
     /// A head without any of the configured id headers (possibly because it
     /// was cut off: split across segments or longer than the capture).
-    NoId { truncated: bool },
+    NoId {
+        truncated: bool,
+    },
     /// An id header was present but unusable.
     BadId,
 }
@@ -41,7 +44,10 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
     let (buf, truncated) = match end {
         Some(e) => (data[..e + 4].to_vec(), false),
         None => {
-            let last = data.windows(2).rposition(|w| w == b"\r\n").ok_or(HeadOutcome::NotHttp)?;
+            let last = data
+                .windows(2)
+                .rposition(|w| w == b"\r\n")
+                .ok_or(HeadOutcome::NotHttp)?;
             let mut b = data[..last + 2].to_vec();
             b.extend_from_slice(b"\r\n");
             (b, true)
@@ -149,7 +155,11 @@ impl Capture {
         if table.set_flow(ev.key, &ctx).is_err() {
             self.table_errors += 1;
         }
-        if ev.pid != 0 && table.set_process(TraceKey::new(ev.pid, ev.key.netns), &ctx).is_err() {
+        if ev.pid != 0
+            && table
+                .set_process(TraceKey::new(ev.pid, ev.key.netns), &ctx)
+                .is_err()
+        {
             self.table_errors += 1;
         }
         let k = (ev.key, info.trace_id);
@@ -163,7 +173,7 @@ impl Capture {
             }
         }
         self.applied += 1;
-        HeadOutcome::Applied(info)
+        HeadOutcome::Applied(Box::new(info))
     }
 
     pub fn head(&self, key: &FlowKey, trace: &[u8; 16]) -> Option<&HeadInfo> {
@@ -186,7 +196,10 @@ mod tests {
         assert_eq!(info.method, "GET");
         assert_eq!(info.target, "/api/v1?x=1");
         assert_eq!(info.host.as_deref(), Some("api:8080"));
-        assert_eq!(ids::to_hex(&info.trace_id), "0123456789abcdef0123456789abcdef");
+        assert_eq!(
+            ids::to_hex(&info.trace_id),
+            "0123456789abcdef0123456789abcdef"
+        );
         assert!(sampled);
     }
 
@@ -194,7 +207,10 @@ mod tests {
     fn traceparent_wins_and_custom_header_names_work() {
         let h = b"POST /x HTTP/1.1\r\nx-correlation-id: abc\r\ntraceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00\r\n\r\n";
         let (info, sampled) = parse_head(h, &["x-correlation-id".to_string()]).unwrap();
-        assert_eq!(ids::to_hex(&info.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            ids::to_hex(&info.trace_id),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
         assert_eq!(info.request_id.as_deref(), Some("abc"));
         assert!(!sampled);
         assert!(info.parent_span_id.is_some());
@@ -208,18 +224,33 @@ mod tests {
         assert_eq!(info.request_id.as_deref(), Some("req-1"));
         // The id itself cut off: no id, reported as truncated.
         let h2 = b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: req-";
-        assert_eq!(parse_head(h2, &hdrs()).unwrap_err(), HeadOutcome::NoId { truncated: true });
+        assert_eq!(
+            parse_head(h2, &hdrs()).unwrap_err(),
+            HeadOutcome::NoId { truncated: true }
+        );
     }
 
     #[test]
     fn not_http_and_bad_ids() {
-        assert_eq!(parse_head(b"GETTING STARTED\r\n\r\n", &hdrs()).unwrap_err(), HeadOutcome::NotHttp);
-        assert_eq!(parse_head(b"GET / HTTP/1.1", &hdrs()).unwrap_err(), HeadOutcome::NotHttp);
+        assert_eq!(
+            parse_head(b"GETTING STARTED\r\n\r\n", &hdrs()).unwrap_err(),
+            HeadOutcome::NotHttp
+        );
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1", &hdrs()).unwrap_err(),
+            HeadOutcome::NotHttp
+        );
         assert_eq!(
             parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", &hdrs()).unwrap_err(),
             HeadOutcome::NoId { truncated: false }
         );
-        let long = format!("GET / HTTP/1.1\r\nX-Request-Id: {}\r\n\r\n", "x".repeat(300));
-        assert_eq!(parse_head(long.as_bytes(), &hdrs()).unwrap_err(), HeadOutcome::BadId);
+        let long = format!(
+            "GET / HTTP/1.1\r\nX-Request-Id: {}\r\n\r\n",
+            "x".repeat(300)
+        );
+        assert_eq!(
+            parse_head(long.as_bytes(), &hdrs()).unwrap_err(),
+            HeadOutcome::BadId
+        );
     }
 }

@@ -11,7 +11,10 @@ use super::protocol::{self, ErrorReply, Registration, Request, Response};
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("agent socket {path}: {source}")]
-    Connect { path: PathBuf, source: std::io::Error },
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("talking to the agent: {0}")]
     Io(#[from] std::io::Error),
     #[error("agent replied with a bad frame: {0}")]
@@ -70,10 +73,13 @@ impl Client {
 
     async fn exchange(&mut self, req: &Request) -> Result<protocol::Ok, ClientError> {
         if self.stream.is_none() {
-            let s = UnixStream::connect(&self.path).await.map_err(|source| ClientError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+            let s =
+                UnixStream::connect(&self.path)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        path: self.path.clone(),
+                        source,
+                    })?;
             self.stream = Some(s);
         }
         let s = self.stream.as_mut().expect("connected above");
@@ -85,7 +91,9 @@ impl Client {
         s.read_exact(&mut body).await?;
         match protocol::decode_response(&body)? {
             Response::Ok(ok) => Ok(ok),
-            Response::Error(ErrorReply { code, message }) => Err(ClientError::Refused(code, message)),
+            Response::Error(ErrorReply { code, message }) => {
+                Err(ClientError::Refused(code, message))
+            }
         }
     }
 }

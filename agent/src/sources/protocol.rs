@@ -49,20 +49,67 @@ impl Code {
     pub fn closes_connection(self) -> bool {
         matches!(
             self,
-            Code::BadFrame | Code::TooLarge | Code::UnsupportedVersion | Code::BadUtf8 | Code::TooManyConnections
+            Code::BadFrame
+                | Code::TooLarge
+                | Code::UnsupportedVersion
+                | Code::BadUtf8
+                | Code::TooManyConnections
         )
     }
 }
 
-/// Whose traffic a registration is for.
+/// Whose traffic a registration is for. On the wire: `{"pid": 42}` or
+/// `{"port": 8080}` (optionally with `"proto": "tcp"|"udp"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[serde(try_from = "TargetWire", into = "TargetWire")]
 pub enum Target {
     /// A process, in the caller's own network namespace.
     Pid(u32),
     /// Whoever listens on this port in the caller's namespace (every
     /// process sharing the listening socket, e.g. prefork workers).
-    Port { port: u16, #[serde(default = "tcp")] proto: Proto },
+    Port { port: u16, proto: Proto },
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TargetWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    proto: Option<Proto>,
+}
+
+impl TryFrom<TargetWire> for Target {
+    type Error = String;
+    fn try_from(w: TargetWire) -> Result<Self, String> {
+        match (w.pid, w.port) {
+            (Some(pid), None) if w.proto.is_none() => Ok(Target::Pid(pid)),
+            (None, Some(port)) => Ok(Target::Port {
+                port,
+                proto: w.proto.unwrap_or(Proto::Tcp),
+            }),
+            _ => Err("target wants exactly one of pid or port (proto only with port)".into()),
+        }
+    }
+}
+
+impl From<Target> for TargetWire {
+    fn from(t: Target) -> Self {
+        match t {
+            Target::Pid(pid) => TargetWire {
+                pid: Some(pid),
+                port: None,
+                proto: None,
+            },
+            Target::Port { port, proto } => TargetWire {
+                pid: None,
+                port: Some(port),
+                proto: Some(proto),
+            },
+        }
+    }
 }
 
 fn tcp() -> Proto {
@@ -160,7 +207,10 @@ pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, ProtoError> {
     }
     let n = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if n < BODY_HEADER {
-        return Err(err(Code::BadFrame, format!("body length {n} < {BODY_HEADER}")));
+        return Err(err(
+            Code::BadFrame,
+            format!("body length {n} < {BODY_HEADER}"),
+        ));
     }
     if n > MAX_BODY {
         return Err(err(Code::TooLarge, format!("body length {n} > {MAX_BODY}")));
@@ -173,16 +223,22 @@ fn split_body(body: &[u8]) -> Result<(u8, &str), ProtoError> {
         return Err(err(Code::BadFrame, "body shorter than its header"));
     }
     if body[0] != VERSION {
-        return Err(err(Code::UnsupportedVersion, format!("version {} (this agent speaks {VERSION})", body[0])));
+        return Err(err(
+            Code::UnsupportedVersion,
+            format!("version {} (this agent speaks {VERSION})", body[0]),
+        ));
     }
-    let payload = std::str::from_utf8(&body[BODY_HEADER..]).map_err(|e| err(Code::BadUtf8, e.to_string()))?;
+    let payload =
+        std::str::from_utf8(&body[BODY_HEADER..]).map_err(|e| err(Code::BadUtf8, e.to_string()))?;
     Ok((body[1], payload))
 }
 
 /// Decodes a request body (the bytes after the length prefix).
 pub fn decode_request(body: &[u8]) -> Result<Request, ProtoError> {
     let (ty, payload) = split_body(body)?;
-    let reg = || serde_json::from_str::<Registration>(payload).map_err(|e| err(Code::BadJson, e.to_string()));
+    let reg = || {
+        serde_json::from_str::<Registration>(payload).map_err(|e| err(Code::BadJson, e.to_string()))
+    };
     match ty {
         T_BEGIN => Ok(Request::Begin(reg()?)),
         T_END => Ok(Request::End(reg()?)),
@@ -241,7 +297,10 @@ mod tests {
     fn begin() -> Registration {
         Registration {
             headers: [("X-Request-Id".to_string(), "abc".to_string())].into(),
-            target: Target::Port { port: 8080, proto: Proto::Tcp },
+            target: Target::Port {
+                port: 8080,
+                proto: Proto::Tcp,
+            },
             flows: vec![Flow {
                 proto: Proto::Tcp,
                 local: "10.0.0.1:40000".into(),
@@ -258,7 +317,11 @@ mod tests {
 
     #[test]
     fn requests_and_responses_round_trip() {
-        for r in [Request::Begin(begin()), Request::End(begin()), Request::Ping] {
+        for r in [
+            Request::Begin(begin()),
+            Request::End(begin()),
+            Request::Ping,
+        ] {
             assert_eq!(decode_request(body(&encode_request(&r))).unwrap(), r);
         }
         let ok = Response::Ok(Ok {
@@ -269,7 +332,10 @@ mod tests {
             version: None,
         });
         assert_eq!(decode_response(body(&encode_response(&ok))).unwrap(), ok);
-        let e = Response::Error(ErrorReply { code: Code::NotYourNetns, message: "no".into() });
+        let e = Response::Error(ErrorReply {
+            code: Code::NotYourNetns,
+            message: "no".into(),
+        });
         assert_eq!(decode_response(body(&encode_response(&e))).unwrap(), e);
         assert_eq!(begin().header("x-request-id"), Some("abc"));
         // The pid form.
@@ -286,7 +352,12 @@ mod tests {
     fn every_malformed_class_gets_its_code() {
         let code = |b: &[u8]| decode_request(b).unwrap_err().code;
         assert_eq!(frame_len(&[0, 0, 0, 2]).unwrap_err().code, Code::BadFrame);
-        assert_eq!(frame_len(&(MAX_BODY as u32 + 1).to_be_bytes()).unwrap_err().code, Code::TooLarge);
+        assert_eq!(
+            frame_len(&(MAX_BODY as u32 + 1).to_be_bytes())
+                .unwrap_err()
+                .code,
+            Code::TooLarge
+        );
         assert_eq!(frame_len(&[0, 0]).unwrap(), None, "needs more bytes");
         assert_eq!(code(&[VERSION, T_BEGIN]), Code::BadFrame);
         assert_eq!(code(&[9, T_PING, 0, 0]), Code::UnsupportedVersion);
@@ -294,7 +365,33 @@ mod tests {
         assert_eq!(code(&[VERSION, T_BEGIN, 0, 0, 0xff, 0xfe]), Code::BadUtf8);
         assert_eq!(code(&[VERSION, T_BEGIN, 0, 0, b'{']), Code::BadJson);
         let unknown_field = br#"{"headers":{},"target":{"pid":1},"nope":1}"#;
-        assert_eq!(code(&[&[VERSION, T_BEGIN, 0, 0][..], unknown_field].concat()), Code::BadJson);
+        assert_eq!(
+            code(&[&[VERSION, T_BEGIN, 0, 0][..], unknown_field].concat()),
+            Code::BadJson
+        );
         assert!(Code::TooLarge.closes_connection() && !Code::NotYourNetns.closes_connection());
+        for bad_target in [
+            r#"{"pid":1,"port":2}"#,
+            r#"{}"#,
+            r#"{"pid":1,"proto":"udp"}"#,
+        ] {
+            let j = format!(r#"{{"headers":{{}},"target":{bad_target}}}"#);
+            assert_eq!(
+                code(&[&[VERSION, T_BEGIN, 0, 0][..], j.as_bytes()].concat()),
+                Code::BadJson,
+                "{bad_target}"
+            );
+        }
+        let j = br#"{"headers":{},"target":{"port":53,"proto":"udp"}}"#;
+        match decode_request(&[&[VERSION, T_END, 0, 0][..], j].concat()).unwrap() {
+            Request::End(r) => assert_eq!(
+                r.target,
+                Target::Port {
+                    port: 53,
+                    proto: Proto::Udp
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -32,17 +32,26 @@ use super::{
     protocol::{self, Code, ErrorReply, Proto, Registration, Request, Response, Target},
     targets::{self, ListenerCache, NsId},
 };
-use crate::{ids, netns, tables::{SetOutcome, TraceTable}};
+use crate::{
+    ids, netns,
+    tables::{SetOutcome, TraceTable},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("socket {path}: {source}")]
-    Socket { path: PathBuf, source: std::io::Error },
+    Socket {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("socket {0} is in use by a running agent")]
     InUse(PathBuf),
     #[error("group {0} not found")]
     NoGroup(String),
 }
+
+/// Polls for the holder of a freshly accepted connection (2 ms apart).
+const ACCEPT_RETRIES: usize = 8;
 
 /// Registration server settings (see `AgentConfig::registration`).
 #[derive(Debug, Clone)]
@@ -127,7 +136,10 @@ impl Registry {
 
     /// Binds the socket (mode 0660, optional group), replacing a stale file.
     pub async fn bind(path: &Path, group: Option<&str>) -> Result<UnixListener, RegistryError> {
-        let err = |source| RegistryError::Socket { path: path.into(), source };
+        let err = |source| RegistryError::Socket {
+            path: path.into(),
+            source,
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
@@ -184,15 +196,28 @@ impl Registry {
         let peer = stream.peer_cred().ok().and_then(|c| {
             let pid = c.pid()? as u32;
             let ns = targets::netns_id_of(pid)?;
-            Some(Peer { pid, ns, cookie: self.netns_cookie(pid, ns)? })
+            Some(Peer {
+                pid,
+                ns,
+                cookie: self.netns_cookie(pid, ns)?,
+            })
         });
         let Some(peer) = peer else {
-            self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
-            let _ = reply_err(&mut stream, Code::Internal, "cannot identify the peer (SO_PEERCRED)").await;
+            self.stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            let _ = reply_err(
+                &mut stream,
+                Code::Internal,
+                "cannot identify the peer (SO_PEERCRED)",
+            )
+            .await;
             return;
         };
         if let Err(msg) = self.admit(peer.ns) {
-            self.stats.connections_refused.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
             let _ = reply_err(&mut stream, Code::TooManyConnections, &msg).await;
             return;
         }
@@ -204,7 +229,9 @@ impl Registry {
         }
         // Requests that never saw their END: undo them now.
         for (id, o) in open.drain() {
-            self.stats.open_dropped_at_close.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .open_dropped_at_close
+                .fetch_add(1, Ordering::Relaxed);
             self.undo(&id, &o);
         }
         self.leave(peer.ns);
@@ -212,7 +239,10 @@ impl Registry {
 
     fn admit(&self, ns: NsId) -> Result<(), String> {
         if self.total.load(Ordering::Relaxed) as usize >= self.limits.max_connections {
-            return Err(format!("agent has {} connections", self.limits.max_connections));
+            return Err(format!(
+                "agent has {} connections",
+                self.limits.max_connections
+            ));
         }
         let mut m = self.per_netns.lock().unwrap();
         let e = m.entry(ns).or_insert((
@@ -244,7 +274,9 @@ impl Registry {
     fn take_token(&self, ns: NsId) -> bool {
         let rate = self.limits.rate_per_netns as f64;
         let mut m = self.per_netns.lock().unwrap();
-        let Some((_, b)) = m.get_mut(&ns) else { return false };
+        let Some((_, b)) = m.get_mut(&ns) else {
+            return false;
+        };
         let now = Instant::now();
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(rate);
         b.last = now;
@@ -265,7 +297,11 @@ impl Registry {
         let mut len = [0u8; 4];
         loop {
             if let Err(e) = stream.read_exact(&mut len).await {
-                return if e.kind() == std::io::ErrorKind::UnexpectedEof { Ok(()) } else { Err(e) };
+                return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
             }
             let n = match protocol::frame_len(&len) {
                 Ok(Some(n)) => n,
@@ -290,11 +326,17 @@ impl Registry {
                 }
                 Ok(_) if !self.take_token(peer.ns) => {
                     self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    error_response(Code::RateLimited, "namespace over its registration rate".into())
+                    error_response(
+                        Code::RateLimited,
+                        "namespace over its registration rate".into(),
+                    )
                 }
-                Ok(req) => self.handle(req, peer, open),
+                // Resolution walks /proc: keep it off the async workers' hot loop.
+                Ok(req) => tokio::task::block_in_place(|| self.handle(req, peer, open)),
             };
-            stream.write_all(&protocol::encode_response(&response)).await?;
+            stream
+                .write_all(&protocol::encode_response(&response))
+                .await?;
         }
     }
 
@@ -321,46 +363,90 @@ impl Registry {
     }
 
     fn identity(reg: &Registration) -> Result<ids::TraceIdentity, (Code, String)> {
-        ids::identify(reg.header("x-request-id"), reg.header("traceparent")).map_err(|e| (Code::BadHeader, e.to_string()))
+        ids::identify(reg.header("x-request-id"), reg.header("traceparent"))
+            .map_err(|e| (Code::BadHeader, e.to_string()))
     }
 
     /// The processes a registration is for, in the peer's namespace.
-    fn resolve(&self, reg: &Registration, flows: &[(SocketAddr, SocketAddr, u8)], peer: Peer) -> Result<Vec<u32>, (Code, String)> {
+    fn resolve(
+        &self,
+        reg: &Registration,
+        flows: &[FlowSpec],
+        peer: Peer,
+    ) -> Result<Vec<u32>, (Code, String)> {
         match &reg.target {
             Target::Pid(pid) => match targets::netns_id_of(*pid) {
                 Some(ns) if ns == peer.ns => Ok(vec![*pid]),
-                Some(_) => Err((Code::NotYourNetns, format!("pid {pid} is not in your network namespace"))),
+                Some(_) => Err((
+                    Code::NotYourNetns,
+                    format!("pid {pid} is not in your network namespace"),
+                )),
                 None => Err((Code::BadTarget, format!("no process {pid}"))),
             },
             Target::Port { port, proto } => {
                 let p = proto_num(*proto);
                 // The exact server-side sockets of the given connections
                 // name the process that serves this request.
-                let accepted: Vec<u64> = flows
+                let to_port: Vec<_> = flows
                     .iter()
                     .filter(|(_, remote, fp)| *fp == p && p == PROTO_TCP && remote.port() == *port)
-                    .filter_map(|(l, r, _)| targets::accepted_inode(peer.pid, *l, *r))
                     .collect();
-                let mut pids = targets::holders(peer.ns, &accepted);
-                if pids.is_empty() {
-                    pids = self.listeners.lock().unwrap().get(peer.ns, peer.pid, *port, p);
+                let mut pids = Vec::new();
+                // A connection just made may not be accepted yet (or its
+                // forked handler not born): give the server a moment.
+                for attempt in 0..ACCEPT_RETRIES {
+                    if to_port.is_empty() {
+                        break;
+                    }
+                    let accepted: Vec<u64> = to_port
+                        .iter()
+                        .filter_map(|(l, r, _)| targets::accepted_inode(peer.pid, *l, *r))
+                        .collect();
+                    pids = targets::holders(peer.ns, &accepted);
+                    if !pids.is_empty() {
+                        break;
+                    }
+                    if attempt + 1 < ACCEPT_RETRIES {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
                 }
                 if pids.is_empty() {
-                    return Err((Code::NoListener, format!("nothing listens on {port} in your namespace")));
+                    pids = self
+                        .listeners
+                        .lock()
+                        .unwrap()
+                        .get(peer.ns, peer.pid, *port, p);
+                }
+                if pids.is_empty() {
+                    return Err((
+                        Code::NoListener,
+                        format!("nothing listens on {port} in your namespace"),
+                    ));
                 }
                 Ok(pids)
             }
         }
     }
 
-    fn begin(&self, reg: &Registration, peer: Peer, open: &mut HashMap<[u8; 16], Open>) -> Result<protocol::Ok, (Code, String)> {
+    fn begin(
+        &self,
+        reg: &Registration,
+        peer: Peer,
+        open: &mut HashMap<[u8; 16], Open>,
+    ) -> Result<protocol::Ok, (Code, String)> {
         let id = Self::identity(reg)?;
         let flows = parse_flows(reg)?;
         let pids = self.resolve(reg, &flows, peer)?;
         if !open.contains_key(&id.trace_id) && open.len() >= self.limits.max_open_per_connection {
-            return Err((Code::TableFull, format!("{} open registrations on this connection", open.len())));
+            return Err((
+                Code::TableFull,
+                format!("{} open registrations on this connection", open.len()),
+            ));
         }
-        let mut flags = TRACE_FLAG_HAS_PARENT * id.parent_span_id.is_some() as u32 | TraceSource::Registration.to_flags();
+        let mut flags = TraceSource::Registration.to_flags();
+        if id.parent_span_id.is_some() {
+            flags |= TRACE_FLAG_HAS_PARENT;
+        }
         if id.sampled {
             flags |= TRACE_FLAG_SAMPLED;
         }
@@ -387,13 +473,17 @@ impl Registry {
             // peer is in the same namespace (a sidecar and its app).
             for (a, b) in [(l, r), (r, l)] {
                 let k = flow_key(peer.cookie, *a, *b, *p);
-                table.set_flow(k, &ctx).map_err(|e| (Code::TableFull, e.to_string()))?;
+                table
+                    .set_flow(k, &ctx)
+                    .map_err(|e| (Code::TableFull, e.to_string()))?;
                 o.flows.push(k);
             }
         }
         drop(table);
         self.stats.begin_ok.fetch_add(1, Ordering::Relaxed);
-        self.stats.overlaps.fetch_add(overlaps as u64, Ordering::Relaxed);
+        self.stats
+            .overlaps
+            .fetch_add(overlaps as u64, Ordering::Relaxed);
         let reply = protocol::Ok {
             trace_id: Some(ids::to_hex(&id.trace_id)),
             pids: pids.clone(),
@@ -408,7 +498,12 @@ impl Registry {
         Ok(reply)
     }
 
-    fn end(&self, reg: &Registration, peer: Peer, open: &mut HashMap<[u8; 16], Open>) -> Result<protocol::Ok, (Code, String)> {
+    fn end(
+        &self,
+        reg: &Registration,
+        peer: Peer,
+        open: &mut HashMap<[u8; 16], Open>,
+    ) -> Result<protocol::Ok, (Code, String)> {
         let id = Self::identity(reg)?;
         let o = match open.remove(&id.trace_id) {
             Some(o) => o,
@@ -417,10 +512,18 @@ impl Registry {
                 let flows = parse_flows(reg)?;
                 let pids = self.resolve(reg, &flows, peer)?;
                 Open {
-                    pids: pids.iter().map(|p| TraceKey::new(*p, peer.cookie)).collect(),
+                    pids: pids
+                        .iter()
+                        .map(|p| TraceKey::new(*p, peer.cookie))
+                        .collect(),
                     flows: flows
                         .iter()
-                        .flat_map(|(l, r, p)| [flow_key(peer.cookie, *l, *r, *p), flow_key(peer.cookie, *r, *l, *p)])
+                        .flat_map(|(l, r, p)| {
+                            [
+                                flow_key(peer.cookie, *l, *r, *p),
+                                flow_key(peer.cookie, *r, *l, *p),
+                            ]
+                        })
                         .collect(),
                 }
             }
@@ -460,14 +563,20 @@ fn proto_num(p: Proto) -> u8 {
     }
 }
 
-fn parse_flows(reg: &Registration) -> Result<Vec<(SocketAddr, SocketAddr, u8)>, (Code, String)> {
+/// A connection from a registration: (local, remote, IP protocol).
+type FlowSpec = (SocketAddr, SocketAddr, u8);
+
+fn parse_flows(reg: &Registration) -> Result<Vec<FlowSpec>, (Code, String)> {
     if reg.flows.len() > 16 {
         return Err((Code::BadTarget, "at most 16 flows per registration".into()));
     }
     reg.flows
         .iter()
         .map(|f| {
-            let parse = |s: &str| s.parse::<SocketAddr>().map_err(|e| (Code::BadTarget, format!("flow address {s:?}: {e}")));
+            let parse = |s: &str| {
+                s.parse::<SocketAddr>()
+                    .map_err(|e| (Code::BadTarget, format!("flow address {s:?}: {e}")))
+            };
             let (l, r) = (parse(&f.local)?, parse(&f.remote)?);
             if l.is_ipv4() != r.is_ipv4() {
                 return Err((Code::BadTarget, "flow mixes IPv4 and IPv6".into()));
@@ -519,10 +628,13 @@ fn group_id(name: &str) -> Option<u32> {
     if let Ok(n) = name.parse() {
         return Some(n);
     }
-    std::fs::read_to_string("/etc/group").ok()?.lines().find_map(|l| {
-        let mut f = l.split(':');
-        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
-    })
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+        })
 }
 
 /// Logs the socket path once bound.

@@ -40,7 +40,9 @@ fn proc_addr(s: &str) -> Option<SocketAddr> {
     let (a, p) = s.split_once(':')?;
     let port = u16::from_str_radix(p, 16).ok()?;
     let ip = match a.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(a, 16).ok()?.to_ne_bytes())),
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(a, 16).ok()?.to_ne_bytes(),
+        )),
         32 => {
             let mut b = [0u8; 16];
             for i in 0..4 {
@@ -72,7 +74,10 @@ pub fn parse_tcp_table(text: &str) -> Vec<TcpEntry> {
 /// Same address, treating IPv4-mapped IPv6 as IPv4 (dual-stack sockets).
 fn same(a: &SocketAddr, b: &SocketAddr) -> bool {
     let canon = |s: &SocketAddr| match s.ip() {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     a.port() == b.port() && canon(a) == canon(b)
@@ -80,13 +85,21 @@ fn same(a: &SocketAddr, b: &SocketAddr) -> bool {
 
 /// Inode of the server-side socket of a connection, seen from the client
 /// (`client_local` → `client_remote`), in the namespace of `ns_pid`.
-pub fn accepted_inode(ns_pid: u32, client_local: SocketAddr, client_remote: SocketAddr) -> Option<u64> {
+pub fn accepted_inode(
+    ns_pid: u32,
+    client_local: SocketAddr,
+    client_remote: SocketAddr,
+) -> Option<u64> {
     for f in ["tcp", "tcp6"] {
-        let Ok(t) = fs::read_to_string(format!("/proc/{ns_pid}/net/{f}")) else { continue };
-        if let Some(e) = parse_tcp_table(&t)
-            .into_iter()
-            .find(|e| e.state == 0x01 && same(&e.local, &client_remote) && same(&e.remote, &client_local) && e.inode != 0)
-        {
+        let Ok(t) = fs::read_to_string(format!("/proc/{ns_pid}/net/{f}")) else {
+            continue;
+        };
+        if let Some(e) = parse_tcp_table(&t).into_iter().find(|e| {
+            e.state == 0x01
+                && same(&e.local, &client_remote)
+                && same(&e.remote, &client_local)
+                && e.inode != 0
+        }) {
             return Some(e.inode);
         }
     }
@@ -95,7 +108,11 @@ pub fn accepted_inode(ns_pid: u32, client_local: SocketAddr, client_remote: Sock
 
 /// Inodes of sockets listening (TCP) or bound (UDP) on `port`.
 pub fn listener_inodes(ns_pid: u32, port: u16, proto: u8) -> Vec<u64> {
-    let files: &[&str] = if proto == agent_common::PROTO_UDP { &["udp", "udp6"] } else { &["tcp", "tcp6"] };
+    let files: &[&str] = if proto == agent_common::PROTO_UDP {
+        &["udp", "udp6"]
+    } else {
+        &["tcp", "tcp6"]
+    };
     files
         .iter()
         .filter_map(|f| fs::read_to_string(format!("/proc/{ns_pid}/net/{f}")).ok())
@@ -112,13 +129,19 @@ pub fn holders(ns: NsId, inodes: &[u64]) -> Vec<u32> {
     }
     let want: HashSet<u64> = inodes.iter().copied().collect();
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir("/proc") else { return out };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
     for p in procs.flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
         if netns_id_of(pid) != Some(ns) {
             continue;
         }
-        let Ok(fds) = fs::read_dir(p.path().join("fd")) else { continue };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
         let holds = fds.flatten().any(|fd| {
             fs::read_link(fd.path()).ok().is_some_and(|t| {
                 let t = t.to_string_lossy();
@@ -160,7 +183,8 @@ impl ListenerCache {
         }
         let pids = holders(ns, &listener_inodes(ns_pid, port, proto));
         if self.entries.len() > 4096 {
-            self.entries.retain(|_, (t, _)| now.duration_since(*t) < self.ttl);
+            self.entries
+                .retain(|_, (t, _)| now.duration_since(*t) < self.ttl);
         }
         self.entries.insert((ns, port, proto), (now, pids.clone()));
         pids
@@ -188,7 +212,10 @@ mod tests {
         assert_eq!(e[1].inode, 222);
         let e6 = parse_tcp_table(TCP6);
         assert_eq!(e6[0].local, "[::ffff:10.2.1.10]:8080".parse().unwrap());
-        assert!(same(&e6[0].local, &"10.2.1.10:8080".parse().unwrap()), "v4-mapped matches v4");
+        assert!(
+            same(&e6[0].local, &"10.2.1.10:8080".parse().unwrap()),
+            "v4-mapped matches v4"
+        );
         assert!(same(&e6[0].remote, &"10.2.1.11:50000".parse().unwrap()));
     }
 }

@@ -76,3 +76,137 @@ pub fn run_ctx(
         cb,
     })
 }
+
+use std::{
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use agent::{
+    events::{self, Event},
+    netns,
+    sources::{
+        capture::Capture,
+        registry::{Limits, Registry, RegistryStats},
+    },
+    tables::TraceTable,
+    topo::Lab,
+};
+use agent_common::{FlowKey, FlowStats};
+
+/// The agent's moving parts, in-process, around a lab: datapath attached to
+/// every pod, registration socket served, ring buffer pumped (new-flow
+/// events recorded, request heads applied).
+pub struct LiveAgent {
+    pub dp: Arc<Mutex<Datapath>>,
+    pub table: Arc<Mutex<TraceTable>>,
+    pub ns: Vec<u64>,
+    pub socket: PathBuf,
+    pub stats: Arc<RegistryStats>,
+    pub flows: Arc<Mutex<Vec<(FlowKey, FlowStats)>>>,
+    pub rt: tokio::runtime::Runtime,
+    stop: Arc<AtomicBool>,
+    pump: Option<std::thread::JoinHandle<()>>,
+}
+
+static SOCKETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl LiveAgent {
+    pub fn start(lab: &Lab, cfg: &AgentConfig, limits: Limits) -> Option<Self> {
+        let mut dp = load(cfg, true)?;
+        let mut ns = Vec::new();
+        for p in &lab.pods {
+            dp.attach(&p.host_if, p.host_ifindex).expect("attach");
+            let c = netns::cookie_of(&p.netns_path()).unwrap();
+            dp.set_iface_netns(p.host_ifindex, c).unwrap();
+            ns.push(c);
+        }
+        let table = Arc::new(Mutex::new(dp.take_trace_table().unwrap()));
+        let mut ring = dp.take_events().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let n = SOCKETS.fetch_add(1, Ordering::Relaxed);
+        let socket = PathBuf::from(format!(
+            "/tmp/tagflow-test-{}-{n}/agent.sock",
+            std::process::id()
+        ));
+        let listener = rt
+            .block_on(Registry::bind(&socket, None))
+            .expect("bind registration socket");
+        let reg = Registry::new(table.clone(), limits);
+        let stats = reg.stats.clone();
+        rt.spawn(reg.serve(listener));
+        let stop = Arc::new(AtomicBool::new(false));
+        let flows = Arc::new(Mutex::new(Vec::new()));
+        let (t2, s2, f2) = (table.clone(), stop.clone(), flows.clone());
+        let headers = cfg.capture_headers.clone();
+        let pump = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let mut capture = Capture::new(headers, 4096);
+            while !s2.load(Ordering::Relaxed) {
+                let mut pfd = libc::pollfd {
+                    fd: ring.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                unsafe { libc::poll(&mut pfd, 1, 5) };
+                while let Some(item) = ring.next() {
+                    match events::decode(&item) {
+                        Event::HttpHead(h) => {
+                            capture.handle(&h, &mut t2.lock().unwrap());
+                        }
+                        Event::FlowNew(e) | Event::FlowEnd(e) => {
+                            f2.lock().unwrap().push((e.key, e.stats))
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        });
+        Some(Self {
+            dp: Arc::new(Mutex::new(dp)),
+            table,
+            ns,
+            socket,
+            stats,
+            flows,
+            rt,
+            stop,
+            pump: Some(pump),
+        })
+    }
+
+    /// (flow, trace) pairs the datapath reported plus what FLOW_STATS holds.
+    pub fn tagged(&self) -> Vec<(FlowKey, FlowStats)> {
+        std::thread::sleep(Duration::from_millis(50));
+        let mut v = self.flows.lock().unwrap().clone();
+        v.extend(
+            self.dp
+                .lock()
+                .unwrap()
+                .flow_stats()
+                .into_iter()
+                .filter(|(_, s)| !s.is_negative()),
+        );
+        v
+    }
+}
+
+impl Drop for LiveAgent {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(p) = self.pump.take() {
+            let _ = p.join();
+        }
+        if let Some(dir) = self.socket.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

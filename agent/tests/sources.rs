@@ -1,0 +1,573 @@
+//! Trace-context sources end to end: the registration protocol against a
+//! live server, the sidecar, and passive capture of request heads.
+mod common;
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::unix::net::UnixStream,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use agent::{
+    config::AgentConfig,
+    ids, netns,
+    sidecar::{self, SidecarConfig, SidecarStats},
+    sources::{
+        protocol::{self, Code, Response},
+        registry::Limits,
+    },
+    topo::{Lab, Proc, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
+};
+use agent_common::{TraceKey, MATCH_FLOW};
+use common::LiveAgent;
+
+fn send(s: &mut UnixStream, bytes: &[u8]) -> Option<Response> {
+    s.write_all(bytes).ok()?;
+    read_reply(s)
+}
+
+fn read_reply(s: &mut UnixStream) -> Option<Response> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).ok()?;
+    let n = u32::from_be_bytes(len) as usize;
+    let mut body = vec![0u8; n];
+    s.read_exact(&mut body).ok()?;
+    Some(protocol::decode_response(&body).expect("agent sends valid frames"))
+}
+
+fn code(r: Option<Response>) -> Code {
+    match r {
+        Some(Response::Error(e)) => e.code,
+        other => panic!("expected an error reply, got {other:?}"),
+    }
+}
+
+fn closed(s: &mut UnixStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    matches!(s.read(&mut [0u8; 1]), Ok(0))
+}
+
+fn raw(ty: u8, json: &str) -> Vec<u8> {
+    let mut f = ((4 + json.len()) as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(&[protocol::VERSION, ty, 0, 0]);
+    f.extend_from_slice(json.as_bytes());
+    f
+}
+
+fn ping(s: &mut UnixStream) -> bool {
+    matches!(send(s, &raw(protocol::T_PING, "{}")), Some(Response::Ok(_)))
+}
+
+#[test]
+fn malformed_frames_and_spoofed_targets_are_refused_and_others_still_served() {
+    let _g = common::lock();
+    let lab = Lab::new(1).unwrap();
+    let Some(agent) = LiveAgent::start(&lab, &AgentConfig::default(), Limits::default()) else {
+        return;
+    };
+    let mut good = UnixStream::connect(&agent.socket).unwrap();
+    assert!(ping(&mut good));
+
+    // Framing errors: error reply, then the connection is closed.
+    let too_big = ((protocol::MAX_BODY + 1) as u32).to_be_bytes().to_vec();
+    let mut bad_utf8 = raw(protocol::T_BEGIN, "");
+    bad_utf8[0..4].copy_from_slice(&6u32.to_be_bytes());
+    bad_utf8.extend_from_slice(&[0xff, 0xfe]);
+    let mut unsupported = raw(protocol::T_PING, "{}");
+    unsupported[4] = 9;
+    for (what, bytes, want) in [
+        ("length below the header", vec![0, 0, 0, 2], Code::BadFrame),
+        ("oversized", too_big, Code::TooLarge),
+        ("unknown version", unsupported, Code::UnsupportedVersion),
+        ("bad utf-8", bad_utf8, Code::BadUtf8),
+    ] {
+        let mut s = UnixStream::connect(&agent.socket).unwrap();
+        assert_eq!(code(send(&mut s, &bytes)), want, "{what}");
+        assert!(closed(&mut s), "{what}: connection should be closed");
+    }
+    // Truncated frame: the length promises more than arrives.
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    s.write_all(&[0, 0, 0, 100, 1, 1, 0, 0, b'{']).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(code(read_reply(&mut s)), Code::BadFrame, "truncated");
+
+    // Message errors: error reply, the connection stays usable.
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    let me = std::process::id();
+    for (what, bytes, want) in [
+        ("unknown type", raw(0x42, "{}"), Code::UnknownType),
+        (
+            "bad json",
+            raw(protocol::T_BEGIN, "{\"headers\":"),
+            Code::BadJson,
+        ),
+        (
+            "invalid header value",
+            raw(
+                protocol::T_BEGIN,
+                &format!(
+                    r#"{{"headers":{{"x-request-id":"{}"}},"target":{{"pid":{me}}}}}"#,
+                    "x".repeat(300)
+                ),
+            ),
+            Code::BadHeader,
+        ),
+        (
+            "no id at all",
+            raw(
+                protocol::T_BEGIN,
+                &format!(r#"{{"headers":{{}},"target":{{"pid":{me}}}}}"#),
+            ),
+            Code::BadHeader,
+        ),
+        (
+            "bad flow address",
+            raw(
+                protocol::T_BEGIN,
+                &format!(
+                    r#"{{"headers":{{"x-request-id":"a"}},"target":{{"pid":{me}}},"flows":[{{"local":"nope","remote":"1.2.3.4:5"}}]}}"#
+                ),
+            ),
+            Code::BadTarget,
+        ),
+        (
+            "nobody listens",
+            raw(
+                protocol::T_BEGIN,
+                r#"{"headers":{"x-request-id":"a"},"target":{"port":1}}"#,
+            ),
+            Code::NoListener,
+        ),
+    ] {
+        assert_eq!(code(send(&mut s, &bytes)), want, "{what}");
+        assert!(ping(&mut s), "{what}: connection still usable");
+    }
+
+    // Spoofing: a process in another namespace (a pod) is not ours to tag.
+    let pod_proc = Proc::python(&lab.pods[0], ECHO_SERVER, &["7000"]).unwrap();
+    let spoof = raw(
+        protocol::T_BEGIN,
+        &format!(
+            r#"{{"headers":{{"x-request-id":"a"}},"target":{{"pid":{}}}}}"#,
+            pod_proc.pid
+        ),
+    );
+    assert_eq!(code(send(&mut s, &spoof)), Code::NotYourNetns);
+    assert!(
+        agent.table.lock().unwrap().by_pid.is_empty(),
+        "nothing written for a spoofed pid"
+    );
+
+    // Meanwhile a well-behaved peer is served: its own process, its netns.
+    let host = netns::current_cookie().unwrap();
+    let begin = raw(
+        protocol::T_BEGIN,
+        &format!(r#"{{"headers":{{"x-request-id":"req-7"}},"target":{{"pid":{me}}}}}"#),
+    );
+    match send(&mut good, &begin) {
+        Some(Response::Ok(ok)) => {
+            assert_eq!(ok.pids, vec![me]);
+            assert_eq!(
+                ok.trace_id.as_deref(),
+                Some(ids::to_hex(&ids::hash_id("req-7")).as_str())
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        agent
+            .table
+            .lock()
+            .unwrap()
+            .by_pid
+            .get(&TraceKey::new(me, host)),
+        Some(ids::hash_id("req-7"))
+    );
+    let end = raw(
+        protocol::T_END,
+        &format!(r#"{{"headers":{{"x-request-id":"req-7"}},"target":{{"pid":{me}}}}}"#),
+    );
+    assert!(matches!(send(&mut good, &end), Some(Response::Ok(_))));
+    assert!(
+        agent.table.lock().unwrap().by_pid.is_empty(),
+        "END removed it"
+    );
+    let st = &agent.stats;
+    use std::sync::atomic::Ordering::Relaxed;
+    assert!(st.malformed.load(Relaxed) >= 7 && st.refused.load(Relaxed) >= 4);
+    assert_eq!((st.begin_ok.load(Relaxed), st.end_ok.load(Relaxed)), (1, 1));
+}
+
+#[test]
+fn rate_and_connection_limits_hold() {
+    let _g = common::lock();
+    let lab = Lab::new(1).unwrap();
+    let limits = Limits {
+        max_connections_per_netns: 2,
+        rate_per_netns: 20,
+        ..Limits::default()
+    };
+    let Some(agent) = LiveAgent::start(&lab, &AgentConfig::default(), limits) else {
+        return;
+    };
+    let mut a = UnixStream::connect(&agent.socket).unwrap();
+    let mut b = UnixStream::connect(&agent.socket).unwrap();
+    assert!(ping(&mut a) && ping(&mut b));
+    let mut c = UnixStream::connect(&agent.socket).unwrap();
+    assert_eq!(code(read_reply(&mut c)), Code::TooManyConnections);
+    let limited = (0..100)
+        .filter(|_| matches!(send(&mut a, &raw(protocol::T_PING, "{}")), Some(Response::Error(e)) if e.code == Code::RateLimited))
+        .count();
+    assert!(limited >= 70, "only {limited} of 100 rate-limited at 20/s");
+    drop(b);
+    std::thread::sleep(Duration::from_millis(100));
+    // A slot is free again once a connection closes; tokens refill.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut d = UnixStream::connect(&agent.socket).unwrap();
+    assert!(ping(&mut d));
+}
+
+/// A minimal HTTP/1.1 exchange: (status, headers lowercased, body).
+fn http_get(addr: SocketAddr, headers: &[(&str, &str)]) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut req = "GET / HTTP/1.1\r\nHost: app\r\nConnection: close\r\n".to_string();
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    req += "\r\n";
+    s.write_all(req.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let hs = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, hs, body.to_string())
+}
+
+fn header<'a>(hs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    hs.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+fn field<'a>(body: &'a str, name: &str) -> &'a str {
+    body.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+        .unwrap_or("")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn sidecar_keeps_or_makes_ids_and_never_fails_a_request_for_tagflow() {
+    let _g = common::lock();
+    let app_port = free_port();
+    let _app = Proc::host_python(HTTP_APP, &[&app_port.to_string(), "-", "thread"]).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // No agent behind the socket: tagflow is down.
+    let cfg = SidecarConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{app_port}").parse().unwrap(),
+        "/nonexistent/agent.sock".into(),
+    );
+    let stats = Arc::new(SidecarStats::default());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rt.spawn(sidecar::run(
+        cfg,
+        stats.clone(),
+        Some(tx),
+        std::future::pending(),
+    ));
+    let addr = rt.block_on(rx).unwrap();
+
+    // An incoming id is kept, and the traceparent made for it carries its
+    // mapping.
+    let (st, hs, body) = http_get(addr, &[("X-Request-ID", "req-abc")]);
+    assert_eq!(st, 200);
+    assert_eq!(header(&hs, "x-request-id"), Some("req-abc"));
+    assert_eq!(field(&body, "rid"), "req-abc");
+    let tp = ids::parse_traceparent(field(&body, "tp")).expect("app got a valid traceparent");
+    assert_eq!(tp.0, ids::hash_id("req-abc"));
+
+    // A valid incoming traceparent is kept as it is.
+    let given = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, _, body) = http_get(addr, &[("X-Request-ID", "r2"), ("traceparent", given)]);
+    assert_eq!(field(&body, "tp"), given);
+
+    // No id: a UUIDv4 is made, echoed, and the traceparent matches it.
+    let (st, hs, body) = http_get(addr, &[]);
+    assert_eq!(st, 200);
+    let rid = header(&hs, "x-request-id").unwrap().to_string();
+    assert_eq!(field(&body, "rid"), rid);
+    let (mapped, kind) = ids::map_request_id(&rid).unwrap();
+    assert_eq!(kind, ids::IdKind::Uuid);
+    assert_eq!(
+        ids::parse_traceparent(field(&body, "tp")).unwrap().0,
+        mapped
+    );
+
+    // An invalid id is replaced.
+    let (_, hs, _) = http_get(addr, &[("X-Request-ID", &"z".repeat(400))]);
+    assert_eq!(
+        ids::map_request_id(header(&hs, "x-request-id").unwrap())
+            .unwrap()
+            .1,
+        ids::IdKind::Uuid
+    );
+
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(stats.requests.load(Relaxed), 4);
+    assert!(
+        stats.registrations_failed.load(Relaxed) >= 4,
+        "agent down is counted"
+    );
+    assert_eq!(
+        (
+            stats.ids_kept.load(Relaxed),
+            stats.ids_generated.load(Relaxed)
+        ),
+        (2, 2)
+    );
+
+    // Upstream down: 502, still with the request id.
+    let dead = SidecarConfig::new(
+        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        "/nonexistent".into(),
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    rt.spawn(sidecar::run(
+        dead,
+        Arc::default(),
+        Some(tx),
+        std::future::pending(),
+    ));
+    let addr = rt.block_on(rx).unwrap();
+    let (st, hs, _) = http_get(addr, &[("X-Request-ID", "q")]);
+    assert_eq!((st, header(&hs, "x-request-id")), (502, Some("q")));
+}
+
+/// `tagflow sidecar` as a process inside a pod.
+struct SidecarProc(Child);
+
+impl SidecarProc {
+    fn start(pod: &agent::topo::Pod, upstream: &str, socket: &std::path::Path) -> Self {
+        let mut child = pod
+            .command(env!("CARGO_BIN_EXE_tagflow"))
+            .args([
+                "sidecar",
+                "--listen",
+                "0.0.0.0:15080",
+                "--upstream",
+                upstream,
+                "--agent-socket",
+            ])
+            .arg(socket)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let t0 = Instant::now();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 256];
+        while !String::from_utf8_lossy(&seen).contains("sidecar ready") {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "sidecar did not start"
+            );
+            let n = err.read(&mut buf).unwrap();
+            assert!(n > 0, "sidecar exited: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buf[..n]);
+        }
+        // Keep draining so the sidecar never blocks on a full pipe.
+        std::thread::spawn(move || while err.read(&mut buf).map(|n| n > 0).unwrap_or(false) {});
+        Self(child)
+    }
+}
+
+impl Drop for SidecarProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sidecar_pod_scenario(mode: &str) {
+    let _g = common::lock();
+    let lab = Lab::new(3).unwrap();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    let Some(agent) = LiveAgent::start(&lab, &AgentConfig::default(), Limits::default()) else {
+        return;
+    };
+    let ns_b = agent.ns[1];
+    let _echo = Proc::python(c, ECHO_SERVER, &["9000"]).unwrap();
+    let app = Proc::python(b, HTTP_APP, &["8000", &format!("{}:9000", c.ip), mode]).unwrap();
+    let _sidecar = SidecarProc::start(b, "127.0.0.1:8000", &agent.socket);
+    let rid = ids::new_uuid();
+    let url = format!("http://{}:15080/", b.ip);
+    let mut client = Proc::python(a, HTTP_CLIENT, &[&url, &rid, "2"]).unwrap();
+    let out = client.run_until_done().unwrap();
+    assert_eq!(out.len(), 2, "{out:?}");
+    let (want, _) = ids::map_request_id(&rid).unwrap();
+    let tagged = agent.tagged();
+    for line in &out {
+        let (resp_rid, body) = line.split_once(' ').unwrap();
+        assert_eq!(resp_rid, rid, "response carries the request id");
+        assert_eq!(field(body, "rid"), rid, "the app received the same id");
+        let served_by: u32 = field(body, "pid").parse().unwrap();
+        if mode == "fork" {
+            assert_ne!(served_by, app.pid, "a forked child served it");
+        }
+        // The app's call to C, made while serving, carries the trace.
+        let calls: Vec<_> = tagged
+            .iter()
+            .filter(|(k, s)| k.netns == ns_b && k.remote_port == 9000 && s.pid == served_by)
+            .collect();
+        assert!(
+            !calls.is_empty(),
+            "no tagged call to C from pid {served_by}: {tagged:?}"
+        );
+        assert!(
+            calls.iter().all(|(_, s)| s.trace_id == want),
+            "calls carry the request's trace"
+        );
+    }
+    // The sidecar's responses to the client carry it too (exact connection).
+    let down: Vec<_> = tagged
+        .iter()
+        .filter(|(k, _)| {
+            k.netns == ns_b && k.local_port == 15080 && k.remote_addr[..4] == a.ip.octets()
+        })
+        .collect();
+    assert!(
+        !down.is_empty()
+            && down
+                .iter()
+                .all(|(_, s)| s.trace_id == want && s.matched == MATCH_FLOW),
+        "{down:?}"
+    );
+    use std::sync::atomic::Ordering::Relaxed;
+    assert_eq!(agent.stats.begin_ok.load(Relaxed), 2);
+    assert_eq!(agent.stats.refused.load(Relaxed), 0);
+}
+
+#[test]
+fn sidecar_traces_a_threaded_apps_outgoing_calls() {
+    sidecar_pod_scenario("thread");
+}
+
+#[test]
+fn sidecar_traces_a_forking_apps_outgoing_calls() {
+    sidecar_pod_scenario("fork");
+}
+
+#[test]
+fn passive_capture_tags_flows_with_the_ids_nginx_logged() {
+    let _g = common::lock();
+    assert!(
+        Command::new("nginx").arg("-v").output().is_ok(),
+        "nginx missing: `cargo xtask test` installs it (apt nginx)"
+    );
+    let lab = Lab::new(3).unwrap();
+    let (a, b, c) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    let Some(agent) = LiveAgent::start(&lab, &AgentConfig::default(), Limits::default()) else {
+        return;
+    };
+    let ns_a = agent.ns[0];
+    let _upstream = Proc::python(b, HTTP_APP, &["9000", "-", "thread"]).unwrap();
+    let dir = std::env::temp_dir().join(format!("tagflow-nginx-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log; daemon off;
+events {{}}
+http {{
+  log_format rid '$request_id';
+  access_log {d}/access.log rid;
+  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
+  server {{
+    listen 8080;
+    location / {{ proxy_set_header X-Request-ID $request_id; proxy_pass http://{}:9000; }}
+  }}
+}}
+",
+        b.ip
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let mut nginx = a
+        .command("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while !dir.join("nginx.pid").exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "nginx did not start: {:?}",
+            std::fs::read_to_string(dir.join("error.log"))
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("http://{}:8080/", a.ip);
+    let mut client = Proc::python(c, HTTP_CLIENT, &[&url, "-", "3"]).unwrap();
+    let out = client.run_until_done().unwrap();
+    assert_eq!(out.len(), 3, "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = nginx.kill();
+    let _ = nginx.wait();
+    let logged: Vec<String> = std::fs::read_to_string(dir.join("access.log"))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(logged.len(), 3, "{logged:?}");
+    let mut want: Vec<[u8; 16]> = logged
+        .iter()
+        .map(|r| ids::map_request_id(r).unwrap().0)
+        .collect();
+    want.sort();
+    // Every flow out of pod A towards the upstream carries one of the
+    // logged ids, and every logged id shows up: no sidecar involved.
+    let mut got: Vec<[u8; 16]> = agent
+        .tagged()
+        .into_iter()
+        .filter(|(k, _)| k.netns == ns_a && k.remote_port == 9000)
+        .map(|(_, s)| s.trace_id)
+        .collect();
+    got.sort();
+    got.dedup();
+    assert_eq!(
+        got,
+        want,
+        "flows out of A vs nginx's $request_id log; counters {:?}",
+        agent.dp.lock().unwrap().counters()
+    );
+}
