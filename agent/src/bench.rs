@@ -242,19 +242,173 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
         .collect())
 }
 
+/// The registration path: begin/end pairs over the Unix socket from several
+/// clients at once (messages/s), and begin → entry visible in the kernel's
+/// TRACES map, read through a second handle (p50/p99).
+pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchError> {
+    use crate::sources::{
+        client::Client,
+        protocol::{Registration, Target},
+        registry::{Limits, Registry},
+    };
+    use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData};
+    use std::{
+        sync::{Arc, Mutex},
+        time::{Duration, Instant},
+    };
+
+    let mut dp = Datapath::load(&AgentConfig::default(), false)?;
+    let table = dp.take_trace_table().expect("fresh datapath");
+    let id = table
+        .by_pid
+        .store()
+        .map()
+        .info()
+        .map_err(|e| BenchError::Other(e.to_string()))?
+        .id();
+    let reader: BpfHashMap<MapData, TraceKey, TraceContext> = BpfHashMap::try_from(Map::HashMap(
+        MapData::from_id(id).map_err(|e| BenchError::Other(e.to_string()))?,
+    ))
+    .map_err(|e| BenchError::Other(e.to_string()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let dir = std::env::temp_dir().join(format!("tagflow-bench-{}", std::process::id()));
+    let socket = dir.join("agent.sock");
+    let listener = rt
+        .block_on(Registry::bind(&socket, None))
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    // Server capacity is measured: no rate limit in the way.
+    let limits = Limits {
+        rate_per_netns: u32::MAX,
+        ..Limits::default()
+    };
+    let reg = Registry::new(Arc::new(Mutex::new(table)), limits);
+    rt.spawn(reg.serve(listener));
+    let me = std::process::id();
+    let ns = netns::current_cookie()?;
+    let registration = move |i: usize| Registration {
+        headers: [("x-request-id".to_string(), format!("{i:032x}"))].into(),
+        target: Target::Pid(me),
+        flows: Vec::new(),
+    };
+
+    // Throughput: every client its own connection, begin then end.
+    let per = messages / 2 / clients.max(1);
+    let t0 = Instant::now();
+    let results: Vec<Result<(), String>> = rt.block_on(async {
+        let tasks: Vec<_> = (0..clients.max(1))
+            .map(|c| {
+                let socket = socket.clone();
+                tokio::spawn(async move {
+                    let mut cl = Client::new(socket, Duration::from_secs(5));
+                    for i in 0..per {
+                        let r = registration(c * per + i + 1);
+                        cl.begin(r.clone()).await.map_err(|e| e.to_string())?;
+                        cl.end(r).await.map_err(|e| e.to_string())?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap_or_else(|e| Err(e.to_string())));
+        }
+        out
+    });
+    let elapsed = t0.elapsed().as_secs_f64();
+    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
+        return Err(BenchError::Other(format!("registration failed: {e}")));
+    }
+    let rate = (per * clients.max(1) * 2) as f64 / elapsed;
+
+    // Latency: begin sent → the kernel map holds the entry.
+    let key = TraceKey::new(me, ns);
+    let mut lat: Vec<f64> = rt.block_on(async {
+        let mut cl = Client::new(socket.clone(), Duration::from_secs(5));
+        let mut v = Vec::new();
+        for i in 0..2000usize {
+            let r = registration(1_000_000 + i);
+            let want = crate::ids::map_request_id(&format!("{:032x}", 1_000_000 + i))
+                .unwrap()
+                .0;
+            let t = Instant::now();
+            let _ = cl.begin(r.clone()).await;
+            while reader.get(&key, 0).ok().map(|c| c.trace_id) != Some(want) {
+                std::hint::spin_loop();
+                if t.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+            }
+            v.push(t.elapsed().as_secs_f64() * 1e6);
+            let _ = cl.end(r).await;
+        }
+        v
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let p = |q: f64| {
+        let mut l = lat.clone();
+        l.sort_by(|a, b| a.total_cmp(b));
+        l[((l.len() - 1) as f64 * q) as usize]
+    };
+    let (p50, p99) = (p(0.5), p(0.99));
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let row = |scenario: &str, metric: &str, unit: &str, value: f64, target: &str| Row {
+        scenario: scenario.into(),
+        metric: metric.into(),
+        unit: unit.into(),
+        value,
+        baseline: None,
+        ratio: None,
+        target: target.into(),
+        spread: (lat[0], lat[lat.len() - 1]),
+    };
+    Ok(vec![
+        Row {
+            spread: (rate, rate),
+            ..row(
+                &format!("registration: begin+end, {clients} clients"),
+                "throughput",
+                "msg/s",
+                rate,
+                ">= 200000",
+            )
+        },
+        row("registration: begin -> map visible", "p50", "us", p50, ""),
+        row(
+            "registration: begin -> map visible",
+            "p99",
+            "us",
+            p99,
+            "<= 50",
+        ),
+    ])
+}
+
 fn dp_ingress_probe(dp: &mut Datapath) -> Result<&mut SchedClassifier, BenchError> {
     Ok(dp.ingress()?)
 }
 
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<34} {:>9} {:>9} {:>7} {:>7}  {}\n",
+        "{:<44} {:>12} {:>9} {:>7} {:>9}  {}\n",
         "scenario", "value", "baseline", "ratio", "target", "min..max"
     );
     for r in rows {
         out += &format!(
-            "{:<34} {:>6.1} {:<2} {:>9} {:>7} {:>7}  {:.1}..{:.1}\n",
-            r.scenario,
+            "{:<44} {:>9.1} {:<5} {:>9} {:>7} {:>9}  {:.1}..{:.1}\n",
+            format!(
+                "{} {}",
+                r.scenario,
+                if r.metric.starts_with('p') {
+                    &r.metric
+                } else {
+                    ""
+                }
+            ),
             r.value,
             r.unit,
             r.baseline

@@ -132,6 +132,23 @@ impl RegisterArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Every benchmark below, one table.
+    All {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Fewer repetitions.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// Registration throughput and begin → map-visible latency.
+    Registration {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 200_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 4)]
+        clients: usize,
+    },
     /// ns per packet of tagflow_ingress, tagged and untagged.
     Datapath {
         /// Write `{"rows":[...]}` here too.
@@ -317,15 +334,29 @@ fn main() -> anyhow::Result<()> {
             })?;
             println!("{}", serde_json::to_string(&reply)?);
         }
-        Cmd::Bench {
-            what:
+        Cmd::Bench { what } => {
+            let (rows, json) = match what {
                 BenchCmd::Datapath {
                     json,
                     repeat,
                     rounds,
-                },
-        } => {
-            let rows = agent::bench::datapath(repeat, rounds)?;
+                } => (agent::bench::datapath(repeat, rounds)?, json),
+                BenchCmd::Registration {
+                    json,
+                    messages,
+                    clients,
+                } => (agent::bench::registration(messages, clients)?, json),
+                BenchCmd::All { json, quick } => {
+                    let (repeat, rounds, messages) = if quick {
+                        (300_000, 5, 40_000)
+                    } else {
+                        (2_000_000, 7, 200_000)
+                    };
+                    let mut rows = agent::bench::datapath(repeat, rounds)?;
+                    rows.extend(agent::bench::registration(messages, 4)?);
+                    (rows, json)
+                }
+            };
             print!("{}", agent::bench::table(&rows));
             if let Some(path) = json {
                 std::fs::write(&path, agent::bench::json(&rows))

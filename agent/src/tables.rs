@@ -169,6 +169,11 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
     pub fn capacity(&self) -> usize {
         self.capacity
     }
+
+    /// The backing store (the BPF map, for its id or a direct read).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
 }
 
 pub type BpfTable<K> = Table<K, BpfHashMap<MapData, K, TraceContext>>;

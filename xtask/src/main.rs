@@ -168,9 +168,9 @@ fn main() -> Result<()> {
             need_root("the benchmarks")?;
             let bin = build(true)?;
             let mut c = Command::new(bin);
-            c.args(["bench", "datapath"]);
+            c.args(["bench", "all"]);
             if quick {
-                c.args(["--repeat", "300000", "--rounds", "5"]);
+                c.arg("--quick");
             }
             if let Some(j) = json {
                 c.args(["--json", &j]);

@@ -331,8 +331,12 @@ impl Registry {
                         "namespace over its registration rate".into(),
                     )
                 }
-                // Resolution walks /proc: keep it off the async workers' hot loop.
-                Ok(req) => tokio::task::block_in_place(|| self.handle(req, peer, open)),
+                // Port targets walk /proc (and may wait for an accept):
+                // off the async workers. Pid targets need one stat.
+                Ok(req) if needs_proc_walk(&req) => {
+                    tokio::task::block_in_place(|| self.handle(req, peer, open))
+                }
+                Ok(req) => self.handle(req, peer, open),
             };
             stream
                 .write_all(&protocol::encode_response(&response))
@@ -554,6 +558,10 @@ impl Registry {
         }
         cleared
     }
+}
+
+fn needs_proc_walk(req: &Request) -> bool {
+    matches!(req, Request::Begin(r) | Request::End(r) if matches!(r.target, Target::Port { .. }))
 }
 
 fn proto_num(p: Proto) -> u8 {
