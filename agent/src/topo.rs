@@ -263,7 +263,8 @@ impl Drop for Proc {
 
 /// An HTTP app: `python3 -c HTTP_APP PORT DOWNSTREAM MODE` where DOWNSTREAM is
 /// `host:port` of an echo server to call while serving each request (or
-/// `-`), MODE `thread` or `fork` (a child process per connection). Replies
+/// `-`), MODE `thread`, `fork` (a child process per connection) or `prefork`
+/// (three worker processes sharing the listening socket). Replies
 /// `rid=<x-request-id> tp=<traceparent> pid=<serving pid>`. Prints
 /// `ready <pid>`.
 pub const HTTP_APP: &str = r#"
@@ -296,6 +297,14 @@ class Threaded(socketserver.ThreadingMixIn, HTTPServer):
     allow_reuse_address = True
 class Forking(socketserver.ForkingMixIn, HTTPServer):
     allow_reuse_address = True
+if mode == "prefork":
+    srv = HTTPServer(("0.0.0.0", port), H)
+    for _ in range(3):
+        if os.fork() == 0:
+            srv.serve_forever()
+    print("ready", os.getpid(), flush=True)
+    while True:
+        os.wait()
 srv = (Forking if mode == "fork" else Threaded)(("0.0.0.0", port), H)
 print("ready", os.getpid(), flush=True)
 srv.serve_forever()

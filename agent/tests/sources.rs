@@ -440,8 +440,8 @@ fn sidecar_pod_scenario(mode: &str) {
         assert_eq!(resp_rid, rid, "response carries the request id");
         assert_eq!(field(body, "rid"), rid, "the app received the same id");
         let served_by: u32 = field(body, "pid").parse().unwrap();
-        if mode == "fork" {
-            assert_ne!(served_by, app.pid, "a forked child served it");
+        if mode != "thread" {
+            assert_ne!(served_by, app.pid, "a child/worker process served it");
         }
         // The app's call to C, made while serving, carries the trace.
         let calls: Vec<_> = tagged
@@ -484,6 +484,11 @@ fn sidecar_traces_a_threaded_apps_outgoing_calls() {
 #[test]
 fn sidecar_traces_a_forking_apps_outgoing_calls() {
     sidecar_pod_scenario("fork");
+}
+
+#[test]
+fn sidecar_traces_a_prefork_apps_outgoing_calls() {
+    sidecar_pod_scenario("prefork");
 }
 
 #[test]
