@@ -1,9 +1,10 @@
 //! The `tagflow run` daemon: load, attach to matching interfaces and follow
-//! them, backfill owners, expire idle trace entries, drain new-flow events.
+//! them, backfill owners, serve registrations, turn datapath events into
+//! spans and export them, publish metrics, expire idle trace entries.
 use std::{
     future::Future,
-    sync::{Arc, Mutex},
-    time::Duration,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -14,12 +15,19 @@ use crate::{
     backfill,
     config::AgentConfig,
     events::{self, Event},
-    loader::{Datapath, LoaderError},
+    export::{Exporter, SendError, Sink},
+    loader::{AttachKind, Datapath, LoaderError},
+    metrics::{self, Attachment, Ops, Snapshot},
     netlink::{self, Link, LinkEvent},
     netns::PeerResolver,
     sources::{
-        capture::Capture,
-        registry::{self, Limits, Registry},
+        capture::{Capture, HeadOutcome},
+        registry::{self, Limits, Registry, RegistryStats},
+    },
+    spans::{
+        assemble::{Assembler, AssemblerConfig},
+        clock::WallClock,
+        resource::Resources,
     },
     tables::TraceTable,
 };
@@ -34,12 +42,16 @@ pub enum AgentError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Export(#[from] SendError),
 }
 
-/// Userspace-side counters of what the agent itself dropped or skipped.
-#[derive(Default, Debug)]
+/// Agent-side counters (exported as metrics).
+#[derive(Default, Debug, Clone)]
 pub struct AgentStats {
-    pub events: u64,
+    pub flow_new: u64,
+    pub flow_end: u64,
+    pub heads: u64,
     pub events_unknown: u64,
     pub events_truncated: u64,
     pub attach_failures: u64,
@@ -92,23 +104,234 @@ impl<'a> Follower<'a> {
     }
 }
 
-/// Runs until `shutdown` resolves; detaches everything on the way out.
+/// Datapath events → spans → exporter.
+pub struct Pipeline {
+    pub capture: Capture,
+    pub assembler: Assembler,
+    pub clock: WallClock,
+    pub stats: AgentStats,
+}
+
+impl Pipeline {
+    pub fn new(cfg: &AgentConfig) -> Self {
+        Self {
+            capture: Capture::new(cfg.capture_headers.clone(), 65536),
+            assembler: Assembler::new(
+                AssemblerConfig {
+                    idle_ns: cfg.span_idle_ms * 1_000_000,
+                    max_open: cfg.max_open_spans,
+                    ..AssemblerConfig::default()
+                },
+                Resources::new(std::env::var("OTEL_SERVICE_NAME").ok()),
+            ),
+            clock: WallClock::measure(),
+            stats: AgentStats::default(),
+        }
+    }
+
+    /// Handles one ring-buffer record.
+    pub fn event(&mut self, ev: Event, table: &Mutex<TraceTable>) {
+        let now = WallClock::monotonic_now();
+        match ev {
+            Event::FlowNew(f) => {
+                self.stats.flow_new += 1;
+                let head = self.capture.head(&f.key, &f.stats.trace_id).cloned();
+                self.assembler.flow_new(&f, head, now);
+            }
+            Event::FlowEnd(f) => {
+                self.stats.flow_end += 1;
+                self.assembler.flow_end(&f, now);
+            }
+            Event::HttpHead(h) => {
+                self.stats.heads += 1;
+                let out = self
+                    .capture
+                    .handle(&h, &mut table.lock().expect("table lock"));
+                if let HeadOutcome::Applied(info) = out {
+                    self.assembler.head(&h.key, *info);
+                }
+            }
+            Event::Unknown(_) => self.stats.events_unknown += 1,
+            Event::Truncated => self.stats.events_truncated += 1,
+        }
+    }
+
+    /// Refreshes open spans from FLOW_STATS, closes finished ones and hands
+    /// complete traces to the exporter.
+    pub fn sweep(&mut self, dp: &Datapath, exporter: &Exporter) {
+        let now = WallClock::monotonic_now();
+        self.clock.refresh(Duration::from_secs(10));
+        let keys = self.assembler.open_keys();
+        let snapshot = dp.flow_stats_for(keys.iter());
+        self.assembler.sweep(&snapshot, now);
+        for s in self.assembler.ready(&self.clock, now) {
+            exporter.send(s);
+        }
+    }
+
+    pub fn counters(&self) -> Vec<(String, String, u64)> {
+        let c = &self.capture;
+        let a = &self.assembler.stats;
+        let s = &self.stats;
+        [
+            ("events_flow_new_total", "FLOW_NEW events read.", s.flow_new),
+            ("events_flow_end_total", "FLOW_END events read.", s.flow_end),
+            (
+                "events_http_heads_total",
+                "Captured request heads read.",
+                s.heads,
+            ),
+            (
+                "events_unknown_total",
+                "Ring-buffer records of an unknown kind (skipped).",
+                s.events_unknown,
+            ),
+            (
+                "events_truncated_total",
+                "Ring-buffer records shorter than their kind (dropped).",
+                s.events_truncated,
+            ),
+            (
+                "attach_failures_total",
+                "Interfaces that could not be attached.",
+                s.attach_failures,
+            ),
+            (
+                "trace_entries_expired_total",
+                "Trace entries removed after the idle timeout.",
+                s.expired,
+            ),
+            (
+                "capture_applied_total",
+                "Request heads that set a trace.",
+                c.applied,
+            ),
+            (
+                "capture_no_id_total",
+                "Complete request heads without an id header.",
+                c.no_id,
+            ),
+            (
+                "capture_truncated_no_id_total",
+                "Cut-off request heads without an id in the part seen.",
+                c.truncated_no_id,
+            ),
+            (
+                "capture_bad_id_total",
+                "Request heads with an unusable id.",
+                c.bad_id,
+            ),
+            (
+                "capture_not_http_total",
+                "Captured payloads that were not HTTP/1 heads.",
+                c.not_http,
+            ),
+            (
+                "capture_table_errors_total",
+                "Trace-table writes from capture that failed.",
+                c.table_errors,
+            ),
+            (
+                "capture_evicted_total",
+                "Request details evicted before their span closed.",
+                c.evicted,
+            ),
+            ("spans_opened_total", "Spans started.", a.opened),
+            (
+                "spans_closed_end_total",
+                "Spans finished by a request boundary.",
+                a.closed_end,
+            ),
+            (
+                "spans_closed_fin_total",
+                "Spans finished by FIN/RST.",
+                a.closed_fin,
+            ),
+            (
+                "spans_closed_idle_total",
+                "Spans finished by the idle timeout.",
+                a.closed_idle,
+            ),
+            (
+                "spans_evicted_total",
+                "Spans finished early: open-span limit reached.",
+                a.evicted,
+            ),
+            ("spans_created_total", "Spans handed to export.", a.emitted),
+        ]
+        .into_iter()
+        .map(|(n, h, v)| (n.to_string(), h.to_string(), v))
+        .collect()
+    }
+}
+
+fn snapshot(
+    dp: &Datapath,
+    table: &Mutex<TraceTable>,
+    pipe: &Pipeline,
+    maps: &[(String, u64, u64)],
+) -> Snapshot {
+    let attachments = dp
+        .attached()
+        .into_iter()
+        .map(|(ifindex, name, kind)| Attachment {
+            ifindex,
+            name,
+            mode: match kind {
+                AttachKind::Tcx => "tcx".into(),
+                AttachKind::Netlink => "clsact".into(),
+            },
+        })
+        .collect();
+    let datapath = dp
+        .counters()
+        .map(|v| {
+            v.into_iter()
+                .map(|(c, n)| (c.name().to_string(), n))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut m = maps.to_vec();
+    {
+        let t = table.lock().expect("table lock");
+        m.push((
+            "TRACES".into(),
+            t.by_pid.len() as u64,
+            t.by_pid.capacity() as u64,
+        ));
+        m.push((
+            "FLOW_TRACES".into(),
+            t.by_flow.len() as u64,
+            t.by_flow.capacity() as u64,
+        ));
+        m.push(("NETNS_GEN".into(), t.gate.active_namespaces() as u64, 0));
+    }
+    Snapshot {
+        attachments,
+        datapath,
+        maps: m,
+        agent: pipe.counters(),
+        spans_open: pipe.assembler.open_spans() as u64,
+        ready: true,
+    }
+}
+
+/// Runs until `shutdown` resolves; flushes spans and detaches on the way out.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let sink = Sink::from_config(&cfg.export)?;
     let mut dp = Datapath::load(&cfg, true)?;
     if cfg.backfill {
         let owners = tokio::task::block_in_place(backfill::scan);
-        let mut n = 0;
-        for (key, pid) in owners {
-            if dp.set_bound_port(key, pid).is_ok() {
-                n += 1;
-            }
-        }
+        let n = owners
+            .into_iter()
+            .filter(|(k, pid)| dp.set_bound_port(*k, *pid).is_ok())
+            .count();
         info!(sockets = n, "backfilled bound ports");
     }
     let table: Arc<Mutex<TraceTable>> = Arc::new(Mutex::new(
         dp.take_trace_table().expect("fresh datapath has its table"),
     ));
-    let mut stats = AgentStats::default();
+    let mut registry_stats: Option<Arc<RegistryStats>> = None;
     if cfg.registration.enabled {
         let r = &cfg.registration;
         let listener = Registry::bind(&r.socket, r.group.as_deref()).await?;
@@ -119,16 +342,32 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
             rate_per_netns: r.rate_per_netns,
             ..Limits::default()
         };
-        tokio::spawn(Registry::new(table.clone(), limits).serve(listener));
+        let reg = Registry::new(table.clone(), limits);
+        registry_stats = Some(reg.stats.clone());
+        tokio::spawn(reg.serve(listener));
     }
-    let mut capture = Capture::new(cfg.capture_headers.clone(), 65536);
+    let exporter = Exporter::start(&cfg.export, sink);
+    let ops = Arc::new(Ops {
+        snapshot: Mutex::new(Snapshot::default()),
+        export: exporter.stats.clone(),
+        registry: registry_stats,
+    });
+    if let Some(addr) = cfg.metrics_addr {
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, ops).await {
+                warn!("metrics endpoint {addr}: {e}");
+            }
+        });
+    }
+    let mut pipe = Pipeline::new(&cfg);
 
     // Subscribe before the dump so no link can slip between the two.
     let monitor = netlink::Socket::open(true)?;
     let links = netlink::Socket::open(false)?.dump_links()?;
     let mut follower = Follower::new(&cfg);
     for link in links {
-        follower.handle(&mut dp, LinkEvent::New(link), &mut stats);
+        follower.handle(&mut dp, LinkEvent::New(link), &mut pipe.stats);
     }
     let (tx, mut link_rx) = mpsc::channel::<LinkEvent>(1024);
     std::thread::Builder::new()
@@ -144,8 +383,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
                             }
                         }
                     }
-                    // ENOBUFS: we missed notifications; keep going (a
-                    // missed link is picked up by the next restart).
+                    // ENOBUFS: notifications were lost; keep going (a missed
+                    // link is picked up by the next restart).
                     Err(e) => warn!("link monitor: {e}"),
                 }
             }
@@ -158,45 +397,56 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
     // same) for as long as the AsyncFd owns the ring buffer.
     let mut events: AsyncFd<RingBuf<MapData>> =
         unsafe { AsyncFd::register(rb) }.map_err(|e| AgentError::Io(e.into()))?;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut sweep = tokio::time::interval(Duration::from_millis(250));
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut maps = dp.map_fill();
+    let mut maps_at = Instant::now();
     info!(attached = dp.attached().len(), "tagflow running");
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
-            Some(ev) = link_rx.recv() => follower.handle(&mut dp, ev, &mut stats),
+            Some(ev) = link_rx.recv() => follower.handle(&mut dp, ev, &mut pipe.stats),
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let rb = guard.get_inner_mut();
                 while let Some(item) = rb.next() {
-                    match events::decode(&item) {
-                        Event::FlowNew(f) => {
-                            stats.events += 1;
-                            debug!(pid = f.stats.pid, ifindex = f.stats.ifindex, trace = %hex(&f.stats.trace_id), "flow tagged");
-                        }
-                        Event::FlowEnd(f) => {
-                            stats.events += 1;
-                            debug!(pid = f.stats.pid, packets = f.stats.packets, trace = %hex(&f.stats.trace_id), "flow moved on");
-                        }
-                        Event::HttpHead(h) => {
-                            let out = capture.handle(&h, &mut table.lock().expect("table lock"));
-                            debug!(pid = h.pid, ?out, "request head");
-                        }
-                        Event::Unknown(_) => stats.events_unknown += 1,
-                        Event::Truncated => stats.events_truncated += 1,
-                    }
+                    let ev = events::decode(&item);
+                    drop(item);
+                    pipe.event(ev, &table);
                 }
                 guard.clear_ready();
             }
-            _ = tick.tick() => {
+            _ = sweep.tick() => pipe.sweep(&dp, &exporter),
+            _ = second.tick() => {
                 match table.lock().expect("table lock").expire() {
-                    Ok(n) => stats.expired += n as u64,
+                    Ok(n) => pipe.stats.expired += n as u64,
                     Err(e) => warn!("expiring trace entries: {e}"),
                 }
+                if maps_at.elapsed() >= Duration::from_secs(10) {
+                    maps = dp.map_fill();
+                    maps_at = Instant::now();
+                }
+                *ops.snapshot.lock().expect("snapshot lock") = snapshot(&dp, &table, &pipe, &maps);
             }
         }
     }
-    info!(?stats, "shutting down; detaching");
+    info!("shutting down: flushing spans, detaching");
+    ops.snapshot.lock().expect("snapshot lock").ready = false;
+    for s in pipe
+        .assembler
+        .flush_all(&pipe.clock, WallClock::monotonic_now())
+    {
+        exporter.send(s);
+    }
+    let stats = exporter.stats.clone();
+    exporter.shutdown().await;
+    info!(
+        exported = stats.exported.load(Ordering::Relaxed),
+        dropped = stats.dropped.load(Ordering::Relaxed),
+        failed = stats.failed.load(Ordering::Relaxed),
+        "spans"
+    );
     if cfg.registration.enabled {
         let _ = std::fs::remove_file(&cfg.registration.socket);
     }
@@ -205,5 +455,5 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result
 }
 
 pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::ids::to_hex(b)
 }

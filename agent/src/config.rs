@@ -71,6 +71,7 @@ impl Default for MapSizes {
 
 pub const DEFAULT_IFACE_PREFIXES: &[&str] = &["veth", "cali", "lxc", "gke", "eni"];
 pub const DEFAULT_SOCKET: &str = "/run/tagflow/agent.sock";
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// The registration socket (sidecars, `tagflow register`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +134,13 @@ pub struct AgentConfig {
     /// is always read too and wins when valid).
     pub capture_headers: Vec<String>,
     pub registration: RegistrationConfig,
+    /// Prometheus metrics, /healthz, /readyz and /status (none = off).
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// A span with no packet for this long is finished.
+    pub span_idle_ms: u64,
+    /// Spans assembled at once, at most (the stalest is finished early).
+    pub max_open_spans: usize,
+    pub export: crate::export::ExportConfig,
     pub maps: MapSizes,
 }
 
@@ -157,6 +165,10 @@ impl Default for AgentConfig {
             capture_len: agent_common::DEFAULT_CAPTURE,
             capture_headers: vec!["x-request-id".into()],
             registration: RegistrationConfig::default(),
+            metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("valid")),
+            span_idle_ms: 2000,
+            max_open_spans: 65536,
+            export: crate::export::ExportConfig::default(),
             maps: MapSizes::default(),
         }
     }
@@ -201,6 +213,15 @@ impl AgentConfig {
             .any(|h| h.is_empty() || !h.bytes().all(|b| b.is_ascii_graphic()))
         {
             return bad("capture_headers must be header names".into());
+        }
+        if self.span_idle_ms == 0
+            || self.max_open_spans == 0
+            || self.export.queue == 0
+            || self.export.batch == 0
+        {
+            return bad(
+                "span_idle_ms, max_open_spans, export.queue and export.batch must be > 0".into(),
+            );
         }
         if self.trace_idle_secs == 0 {
             return bad("trace_idle_secs must be > 0".into());

@@ -356,6 +356,44 @@ impl Datapath {
         self.flow_stats.iter().filter_map(Result::ok).collect()
     }
 
+    /// FLOW_STATS entries for these flows only (cheaper than a full walk).
+    pub fn flow_stats_for<'a>(
+        &self,
+        keys: impl Iterator<Item = &'a FlowKey>,
+    ) -> std::collections::HashMap<FlowKey, FlowStats> {
+        keys.filter_map(|k| self.flow_stats.get(k, 0).ok().map(|s| (*k, s)))
+            .collect()
+    }
+
+    /// (map, entries, capacity) of the maps the datapath fills. Walks the
+    /// maps: call it every few seconds, not per event.
+    pub fn map_fill(&self) -> Vec<(String, u64, u64)> {
+        let cap = |m: &aya::maps::MapData| m.info().map(|i| i.max_entries() as u64).unwrap_or(0);
+        use aya::maps::IterableMap;
+        vec![
+            (
+                "FLOW_STATS".into(),
+                self.flow_stats.keys().count() as u64,
+                cap(self.flow_stats.map()),
+            ),
+            (
+                "SOCK_OWNER".into(),
+                self.sock_owner.keys().count() as u64,
+                cap(self.sock_owner.map()),
+            ),
+            (
+                "BOUND_PORTS".into(),
+                self.bound_ports.keys().count() as u64,
+                cap(self.bound_ports.map()),
+            ),
+            (
+                "IFACE_NETNS".into(),
+                self.iface_netns.keys().count() as u64,
+                cap(self.iface_netns.map()),
+            ),
+        ]
+    }
+
     /// The trace tables (once; the sources own them from then on).
     pub fn take_trace_table(&mut self) -> Option<TraceTable> {
         self.table.take()

@@ -30,7 +30,7 @@ enum LogFormat {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent (needs root: BPF, NET_ADMIN).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// HTTP/1.1 reverse proxy beside an app: injects x-request-id and
     /// traceparent, registers each request with the agent.
     Sidecar {
@@ -49,6 +49,15 @@ enum Cmd {
         socket: PathBuf,
         #[command(subcommand)]
         what: RegisterCmd,
+    },
+    /// Ask a running agent for its attachments, map fill and loss counters.
+    Status {
+        /// The agent's metrics address.
+        #[arg(long, env = "TAGFLOW_METRICS_ADDR", default_value = agent::config::DEFAULT_METRICS_ADDR)]
+        addr: std::net::SocketAddr,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// End-to-end demo: pods, traffic, traces, tagged flows (needs root).
     Demo {
@@ -213,6 +222,29 @@ struct RunArgs {
         value_delimiter = ','
     )]
     capture_headers: Vec<String>,
+    /// OTLP endpoint (e.g. http://jaeger:4317); without one spans are
+    /// printed as JSON lines. OTEL_EXPORTER_OTLP_* variables are honoured.
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    #[arg(long)]
+    otlp_protocol: Option<agent::export::Protocol>,
+    /// Extra export header KEY=VALUE (repeatable).
+    #[arg(long = "otlp-header")]
+    otlp_headers: Vec<String>,
+    /// Send uncompressed.
+    #[arg(long)]
+    otlp_no_gzip: bool,
+    #[arg(long)]
+    otlp_timeout_ms: Option<u64>,
+    /// Spans waiting for export, at most (beyond: dropped and counted).
+    #[arg(long, env = "TAGFLOW_EXPORT_QUEUE")]
+    export_queue: Option<usize>,
+    /// Metrics/health/status address; "off" disables it.
+    #[arg(long, env = "TAGFLOW_METRICS_ADDR")]
+    metrics_addr: Option<String>,
+    /// A span with no packet for this long is finished.
+    #[arg(long, env = "TAGFLOW_SPAN_IDLE_MS")]
+    span_idle_ms: Option<u64>,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -268,6 +300,36 @@ impl RunArgs {
         if !self.capture_headers.is_empty() {
             cfg.capture_headers = self.capture_headers;
         }
+        cfg.export.apply_env(|k| std::env::var(k).ok());
+        if let Some(p) = self.otlp_protocol {
+            cfg.export.protocol = p;
+        }
+        if let Some(e) = self.otlp_endpoint {
+            cfg.export.endpoint = Some(e);
+        }
+        for h in &self.otlp_headers {
+            let (k, v) = h
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--otlp-header wants KEY=VALUE"))?;
+            cfg.export.headers.push((k.into(), v.into()));
+        }
+        if self.otlp_no_gzip {
+            cfg.export.gzip = false;
+        }
+        if let Some(t) = self.otlp_timeout_ms {
+            cfg.export.timeout_ms = t;
+        }
+        if let Some(q) = self.export_queue {
+            cfg.export.queue = q;
+        }
+        match self.metrics_addr.as_deref() {
+            Some("off") => cfg.metrics_addr = None,
+            Some(a) => cfg.metrics_addr = Some(a.parse().context("--metrics-addr")?),
+            None => {}
+        }
+        if let Some(ms) = self.span_idle_ms {
+            cfg.span_idle_ms = ms;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -301,6 +363,19 @@ fn main() -> anyhow::Result<()> {
                 .context("agent failed")?;
         }
         Cmd::Demo { keep } => agent::demo::run(keep)?,
+        Cmd::Status { addr, json } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let s = rt
+                .block_on(agent::metrics::fetch_status(addr))
+                .map_err(anyhow::Error::msg)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print!("{}", agent::metrics::format_status(&s));
+            }
+        }
         Cmd::Sidecar {
             listen,
             upstream,

@@ -1,0 +1,410 @@
+//! Span export: a bounded queue in front of one sink (stdout JSON lines,
+//! OTLP/gRPC or OTLP/HTTP-protobuf). When the collector is unreachable the
+//! current batch is retried with backoff while new spans queue up to the
+//! bound; beyond it they are dropped and counted. Nothing here can block
+//! the agent's event loop.
+pub mod otlp;
+pub mod stdout;
+
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::spans::SpanRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("exporter configuration: {0}")]
+    Config(String),
+    #[error("collector: {message}")]
+    Remote { retry: bool, message: String },
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Protocol {
+    #[default]
+    #[serde(rename = "grpc")]
+    #[value(name = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportConfig {
+    /// OTLP endpoint; none = JSON lines on stdout.
+    pub endpoint: Option<String>,
+    pub protocol: Protocol,
+    pub headers: Vec<(String, String)>,
+    pub gzip: bool,
+    pub timeout_ms: u64,
+    /// Spans waiting for export, at most.
+    pub queue: usize,
+    pub batch: usize,
+    pub batch_delay_ms: u64,
+    /// How long shutdown waits for the queue to drain.
+    pub shutdown_ms: u64,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            protocol: Protocol::Grpc,
+            headers: Vec::new(),
+            gzip: true,
+            timeout_ms: 10_000,
+            queue: 4096,
+            batch: 512,
+            batch_delay_ms: 1000,
+            shutdown_ms: 15_000,
+        }
+    }
+}
+
+impl ExportConfig {
+    /// Applies the standard `OTEL_EXPORTER_OTLP_*` variables (the
+    /// `_TRACES_` forms win). Flags applied afterwards override these.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        let var = |name: &str| {
+            get(&format!("OTEL_EXPORTER_OTLP_TRACES_{name}"))
+                .or_else(|| get(&format!("OTEL_EXPORTER_OTLP_{name}")))
+        };
+        if let Some(p) = var("PROTOCOL") {
+            match p.trim() {
+                "grpc" => self.protocol = Protocol::Grpc,
+                "http/protobuf" => self.protocol = Protocol::HttpProtobuf,
+                other => warn!(
+                    "OTEL_EXPORTER_OTLP_PROTOCOL={other} not supported; using {:?}",
+                    self.protocol
+                ),
+            }
+        }
+        if let Some(e) = get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+            // The signal-specific endpoint is used as given.
+            self.endpoint = Some(e);
+        } else if let Some(e) = get("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            self.endpoint = Some(match self.protocol {
+                Protocol::HttpProtobuf => format!("{}/v1/traces", e.trim_end_matches('/')),
+                Protocol::Grpc => e,
+            });
+        }
+        if let Some(h) = var("HEADERS") {
+            self.headers = parse_headers(&h);
+        }
+        if let Some(c) = var("COMPRESSION") {
+            self.gzip = c.trim() == "gzip";
+        }
+        if let Some(t) = var("TIMEOUT").and_then(|t| t.trim().parse().ok()) {
+            self.timeout_ms = t;
+        }
+    }
+}
+
+/// `k1=v1,k2=v2` with percent-encoded values (the OTEL convention).
+pub fn parse_headers(s: &str) -> Vec<(String, String)> {
+    s.split(',')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), percent_decode(v.trim())))
+        .filter(|(k, _)| !k.is_empty())
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Where spans go.
+pub enum Sink {
+    Stdout,
+    Grpc(otlp::Grpc),
+    Http(otlp::Http),
+    /// Kept in memory (the demo, tests).
+    Collect(Arc<Mutex<Vec<SpanRecord>>>),
+}
+
+impl Sink {
+    pub fn from_config(cfg: &ExportConfig) -> Result<Self, SendError> {
+        let t = Duration::from_millis(cfg.timeout_ms);
+        Ok(match (&cfg.endpoint, cfg.protocol) {
+            (None, _) => Sink::Stdout,
+            (Some(e), Protocol::Grpc) => Sink::Grpc(otlp::Grpc::new(e, &cfg.headers, cfg.gzip, t)?),
+            (Some(e), Protocol::HttpProtobuf) => {
+                Sink::Http(otlp::Http::new(e, &cfg.headers, cfg.gzip, t)?)
+            }
+        })
+    }
+
+    async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
+        match self {
+            Sink::Stdout => {
+                stdout::write(spans);
+                Ok(())
+            }
+            Sink::Grpc(g) => g.send(spans).await,
+            Sink::Http(h) => h.send(spans).await,
+            Sink::Collect(v) => {
+                v.lock().expect("collect lock").extend_from_slice(spans);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Upper bounds (seconds) of the export-latency histogram buckets.
+pub const LATENCY_BUCKETS: [f64; 8] = [0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+#[derive(Default, Debug)]
+pub struct ExportStats {
+    pub enqueued: AtomicU64,
+    /// Dropped because the queue was full.
+    pub dropped: AtomicU64,
+    pub exported: AtomicU64,
+    /// Gave up on (non-retryable error, or still failing at shutdown).
+    pub failed: AtomicU64,
+    pub retries: AtomicU64,
+    pub batches: AtomicU64,
+    /// Cumulative histogram of successful export calls.
+    pub latency_buckets: [AtomicU64; 8],
+    pub latency_count: AtomicU64,
+    pub latency_sum_us: AtomicU64,
+    /// Unix seconds of the last success and the last failure (0 = never).
+    pub last_ok: AtomicU64,
+    pub last_err: AtomicU64,
+}
+
+impl ExportStats {
+    pub fn healthy(&self) -> bool {
+        let (ok, err) = (
+            self.last_ok.load(Ordering::Relaxed),
+            self.last_err.load(Ordering::Relaxed),
+        );
+        err == 0 || ok >= err
+    }
+
+    fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub struct Exporter {
+    tx: Option<mpsc::Sender<SpanRecord>>,
+    pub stats: Arc<ExportStats>,
+    worker: Option<tokio::task::JoinHandle<()>>,
+    shutdown: Duration,
+}
+
+impl Exporter {
+    /// Starts the export worker on the current tokio runtime.
+    pub fn start(cfg: &ExportConfig, sink: Sink) -> Self {
+        let (tx, rx) = mpsc::channel(cfg.queue.max(1));
+        let stats = Arc::new(ExportStats::default());
+        let worker = tokio::spawn(work(
+            rx,
+            sink,
+            stats.clone(),
+            cfg.batch.max(1),
+            Duration::from_millis(cfg.batch_delay_ms),
+        ));
+        Self {
+            tx: Some(tx),
+            stats,
+            worker: Some(worker),
+            shutdown: Duration::from_millis(cfg.shutdown_ms),
+        }
+    }
+
+    /// Never blocks: a full queue drops the span (counted).
+    pub fn send(&self, span: SpanRecord) {
+        let Some(tx) = &self.tx else { return };
+        match tx.try_send(span) {
+            Ok(()) => {
+                self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    pub fn queued(&self) -> usize {
+        self.tx
+            .as_ref()
+            .map(|t| t.max_capacity() - t.capacity())
+            .unwrap_or(0)
+    }
+
+    /// Closes the queue and waits (bounded) for it to drain.
+    pub async fn shutdown(mut self) {
+        self.tx = None;
+        if let Some(w) = self.worker.take() {
+            let abort = w.abort_handle();
+            if tokio::time::timeout(self.shutdown, w).await.is_err() {
+                abort.abort();
+                warn!("span export did not drain within {:?}", self.shutdown);
+            }
+        }
+    }
+}
+
+async fn work(
+    mut rx: mpsc::Receiver<SpanRecord>,
+    mut sink: Sink,
+    stats: Arc<ExportStats>,
+    batch: usize,
+    delay: Duration,
+) {
+    let mut buf: Vec<SpanRecord> = Vec::with_capacity(batch);
+    loop {
+        // Wait for the first span, then fill the batch for up to `delay`.
+        match rx.recv().await {
+            Some(s) => buf.push(s),
+            None => break,
+        }
+        let deadline = tokio::time::Instant::now() + delay;
+        while buf.len() < batch {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(s)) => buf.push(s),
+                _ => break,
+            }
+        }
+        export(&mut sink, &mut buf, &stats, &rx).await;
+    }
+    // Queue closed (shutdown): whatever is left goes out too.
+    while let Ok(s) = rx.try_recv() {
+        buf.push(s);
+        if buf.len() >= batch {
+            export(&mut sink, &mut buf, &stats, &rx).await;
+        }
+    }
+    if !buf.is_empty() {
+        export(&mut sink, &mut buf, &stats, &rx).await;
+    }
+}
+
+/// Sends one batch; retries retryable failures with backoff (100 ms
+/// doubling to 5 s) until it succeeds, the error is permanent, or the queue
+/// is closed and a last attempt failed.
+async fn export(
+    sink: &mut Sink,
+    buf: &mut Vec<SpanRecord>,
+    stats: &ExportStats,
+    rx: &mpsc::Receiver<SpanRecord>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let t0 = Instant::now();
+        match sink.send(buf).await {
+            Ok(()) => {
+                stats.observe(t0.elapsed());
+                stats
+                    .exported
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+                stats.last_ok.store(unix_now(), Ordering::Relaxed);
+                buf.clear();
+                return;
+            }
+            Err(e) => {
+                stats.last_err.store(unix_now(), Ordering::Relaxed);
+                let retry = matches!(e, SendError::Remote { retry: true, .. });
+                if !retry || rx.is_closed() {
+                    warn!(spans = buf.len(), "export failed, spans dropped: {e}");
+                    stats.failed.fetch_add(buf.len() as u64, Ordering::Relaxed);
+                    buf.clear();
+                    return;
+                }
+                debug!("export failed, retrying in {backoff:?}: {e}");
+                stats.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_variables_are_honoured() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let mut c = ExportConfig::default();
+        c.apply_env(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=a%20b,x=1"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2500"),
+        ]));
+        assert_eq!(
+            c.endpoint.as_deref(),
+            Some("http://collector:4318/v1/traces")
+        );
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        assert_eq!(
+            c.headers,
+            vec![("api-key".into(), "a b".into()), ("x".into(), "1".into())]
+        );
+        assert!(!c.gzip);
+        assert_eq!(c.timeout_ms, 2500);
+        let mut c = ExportConfig::default();
+        c.apply_env(env(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://a:4317"),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://b:4317"),
+        ]));
+        assert_eq!(
+            c.endpoint.as_deref(),
+            Some("http://b:4317"),
+            "signal-specific wins, verbatim"
+        );
+        assert_eq!(c.protocol, Protocol::Grpc);
+    }
+}

@@ -1,0 +1,271 @@
+//! OTLP encoding of span records, and the gRPC and HTTP/protobuf senders.
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
+    common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue as PKeyValue},
+    resource::v1::Resource as PResource,
+    trace::v1::{span::SpanKind as PSpanKind, ResourceSpans, ScopeSpans, Span},
+};
+use prost::Message;
+use tonic::{codec::CompressionEncoding, metadata::MetadataValue, transport::Channel};
+
+use super::SendError;
+use crate::spans::{KeyValue, Resource, SpanKind, SpanRecord, Value};
+
+/// W3C trace-flags "sampled" and OTLP's "has remote parent" flag bits.
+const FLAG_SAMPLED: u32 = 0x01;
+const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
+const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
+
+fn value(v: &Value) -> AnyValue {
+    let inner = match v {
+        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+        Value::Int(i) => any_value::Value::IntValue(*i),
+        Value::StrArray(a) => any_value::Value::ArrayValue(ArrayValue {
+            values: a
+                .iter()
+                .map(|s| AnyValue {
+                    value: Some(any_value::Value::StringValue(s.clone())),
+                })
+                .collect(),
+        }),
+    };
+    AnyValue { value: Some(inner) }
+}
+
+fn attrs(a: &[KeyValue]) -> Vec<PKeyValue> {
+    a.iter()
+        .map(|kv| PKeyValue {
+            key: kv.key.clone(),
+            value: Some(value(&kv.value)),
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn span(s: &SpanRecord) -> Span {
+    let mut flags = FLAG_SAMPLED;
+    if s.parent_span_id.is_some() {
+        flags |= FLAG_CONTEXT_HAS_IS_REMOTE;
+        if s.parent_is_remote {
+            flags |= FLAG_CONTEXT_IS_REMOTE;
+        }
+    }
+    Span {
+        trace_id: s.trace_id.to_vec(),
+        span_id: s.span_id.to_vec(),
+        parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
+        flags,
+        name: s.name.clone(),
+        kind: match s.kind {
+            SpanKind::Internal => PSpanKind::Internal,
+            SpanKind::Server => PSpanKind::Server,
+            SpanKind::Client => PSpanKind::Client,
+        } as i32,
+        start_time_unix_nano: s.start_unix_ns,
+        end_time_unix_nano: s.end_unix_ns,
+        attributes: attrs(&s.attributes),
+        ..Default::default()
+    }
+}
+
+/// One request, spans grouped by resource (each its own service).
+pub fn request(spans: &[SpanRecord]) -> ExportTraceServiceRequest {
+    let mut groups: HashMap<&Resource, Vec<Span>> = HashMap::new();
+    let mut order: Vec<&Arc<Resource>> = Vec::new();
+    for s in spans {
+        let e = groups.entry(&s.resource).or_default();
+        if e.is_empty() {
+            order.push(&s.resource);
+        }
+        e.push(span(s));
+    }
+    let resource_spans = order
+        .into_iter()
+        .map(|r| ResourceSpans {
+            resource: Some(PResource {
+                attributes: attrs(&r.attributes),
+                ..Default::default()
+            }),
+            scope_spans: vec![ScopeSpans {
+                scope: Some(InstrumentationScope {
+                    name: "tagflow".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    ..Default::default()
+                }),
+                spans: groups.remove(&**r).unwrap_or_default(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .collect();
+    ExportTraceServiceRequest { resource_spans }
+}
+
+pub struct Grpc {
+    client: TraceServiceClient<Channel>,
+    headers: Vec<(
+        tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
+        MetadataValue<tonic::metadata::Ascii>,
+    )>,
+}
+
+impl Grpc {
+    pub fn new(
+        endpoint: &str,
+        headers: &[(String, String)],
+        gzip: bool,
+        timeout: Duration,
+    ) -> Result<Self, SendError> {
+        let ch = Channel::from_shared(endpoint.to_string())
+            .map_err(|e| SendError::Config(format!("endpoint {endpoint}: {e}")))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect_lazy();
+        let mut client = TraceServiceClient::new(ch);
+        if gzip {
+            client = client.send_compressed(CompressionEncoding::Gzip);
+        }
+        let headers = headers
+            .iter()
+            .map(|(k, v)| {
+                Ok((
+                    k.parse()
+                        .map_err(|_| SendError::Config(format!("header name {k:?}")))?,
+                    v.parse()
+                        .map_err(|_| SendError::Config(format!("header value for {k}")))?,
+                ))
+            })
+            .collect::<Result<_, SendError>>()?;
+        Ok(Self { client, headers })
+    }
+
+    pub async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
+        let mut req = tonic::Request::new(request(spans));
+        for (k, v) in &self.headers {
+            req.metadata_mut().insert(k.clone(), v.clone());
+        }
+        match self.client.export(req).await {
+            Ok(_) => Ok(()),
+            Err(st) => {
+                use tonic::Code::*;
+                let retry = matches!(
+                    st.code(),
+                    Unavailable | ResourceExhausted | DeadlineExceeded | Aborted | Cancelled
+                );
+                Err(SendError::Remote {
+                    retry,
+                    message: format!("gRPC {:?}: {}", st.code(), st.message()),
+                })
+            }
+        }
+    }
+}
+
+pub struct Http {
+    uri: hyper::Uri,
+    authority: String,
+    headers: Vec<(String, String)>,
+    gzip: bool,
+    timeout: Duration,
+    conn: Option<hyper::client::conn::http1::SendRequest<Full<Bytes>>>,
+}
+
+impl Http {
+    pub fn new(
+        endpoint: &str,
+        headers: &[(String, String)],
+        gzip: bool,
+        timeout: Duration,
+    ) -> Result<Self, SendError> {
+        let uri: hyper::Uri = endpoint
+            .parse()
+            .map_err(|e| SendError::Config(format!("endpoint {endpoint}: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(SendError::Config(format!(
+                "endpoint {endpoint}: only http:// is supported for OTLP/HTTP (no TLS in this build); use a local collector"
+            )));
+        }
+        let authority = uri
+            .authority()
+            .map(|a| a.to_string())
+            .ok_or_else(|| SendError::Config("endpoint without host".into()))?;
+        Ok(Self {
+            uri,
+            authority,
+            headers: headers.to_vec(),
+            gzip,
+            timeout,
+            conn: None,
+        })
+    }
+
+    pub async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
+        let mut body = request(spans).encode_to_vec();
+        if self.gzip {
+            use std::io::Write;
+            let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            enc.write_all(&body)
+                .map_err(|e| SendError::Config(e.to_string()))?;
+            body = enc.finish().map_err(|e| SendError::Config(e.to_string()))?;
+        }
+        let t = self.timeout;
+        tokio::time::timeout(t, self.post(body))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SendError::Remote {
+                    retry: true,
+                    message: format!("timed out after {t:?}"),
+                })
+            })
+    }
+
+    async fn post(&mut self, body: Vec<u8>) -> Result<(), SendError> {
+        let net = |e: String| SendError::Remote {
+            retry: true,
+            message: e,
+        };
+        if !self.conn.as_ref().is_some_and(|c| c.is_ready()) {
+            let stream = tokio::net::TcpStream::connect(&self.authority)
+                .await
+                .map_err(|e| net(e.to_string()))?;
+            let (send, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                    .await
+                    .map_err(|e| net(e.to_string()))?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.conn = Some(send);
+        }
+        let mut req = hyper::Request::post(self.uri.clone())
+            .header("host", &self.authority)
+            .header("content-type", "application/x-protobuf");
+        if self.gzip {
+            req = req.header("content-encoding", "gzip");
+        }
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| SendError::Config(e.to_string()))?;
+        let conn = self.conn.as_mut().expect("connected above");
+        let resp = conn.send_request(req).await.map_err(|e| {
+            self.conn = None;
+            net(e.to_string())
+        })?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        if status.is_success() {
+            return Ok(());
+        }
+        Err(SendError::Remote {
+            retry: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+            message: format!("HTTP {status}"),
+        })
+    }
+}

@@ -1,0 +1,331 @@
+//! Operations endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`
+//! and `/status` (JSON for `tagflow status`). The agent loop publishes a
+//! snapshot every second; scrapes never touch the datapath directly.
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{server::conn::http1, service::service_fn, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info};
+
+use crate::{
+    export::{ExportStats, LATENCY_BUCKETS},
+    sources::registry::RegistryStats,
+};
+
+/// One interface's attachment, for /status.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    pub ifindex: u32,
+    pub name: String,
+    pub mode: String,
+}
+
+/// Numbers the agent loop publishes (see `Snapshot::render`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub attachments: Vec<Attachment>,
+    /// Datapath counters summed over CPUs: (name, value).
+    pub datapath: Vec<(String, u64)>,
+    /// (map, entries, capacity).
+    pub maps: Vec<(String, u64, u64)>,
+    /// Agent-side counters: (name, help, value).
+    pub agent: Vec<(String, String, u64)>,
+    pub spans_open: u64,
+    pub ready: bool,
+}
+
+pub struct Ops {
+    pub snapshot: Mutex<Snapshot>,
+    pub export: Arc<ExportStats>,
+    pub registry: Option<Arc<RegistryStats>>,
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP tagflow_{name} {help}\n# TYPE tagflow_{name} counter\ntagflow_{name} {v}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP tagflow_{name} {help}\n# TYPE tagflow_{name} gauge\ntagflow_{name} {v}"
+    );
+}
+
+impl Ops {
+    pub fn render(&self) -> String {
+        let s = self.snapshot.lock().expect("snapshot lock").clone();
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP tagflow_datapath_packets_total Packets by datapath outcome and event (summed over CPUs).\n# TYPE tagflow_datapath_packets_total counter"
+        );
+        for (name, v) in &s.datapath {
+            let _ = writeln!(
+                out,
+                "tagflow_datapath_packets_total{{counter=\"{name}\"}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tagflow_map_entries Entries in a BPF map.\n# TYPE tagflow_map_entries gauge"
+        );
+        for (m, n, _) in &s.maps {
+            let _ = writeln!(out, "tagflow_map_entries{{map=\"{m}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP tagflow_map_capacity max_entries of a BPF map.\n# TYPE tagflow_map_capacity gauge");
+        for (m, _, c) in &s.maps {
+            let _ = writeln!(out, "tagflow_map_capacity{{map=\"{m}\"}} {c}");
+        }
+        for (name, help, v) in &s.agent {
+            counter(&mut out, name, help, *v);
+        }
+        gauge(
+            &mut out,
+            "attached_interfaces",
+            "Interfaces tagflow_ingress is attached to.",
+            s.attachments.len() as u64,
+        );
+        gauge(
+            &mut out,
+            "spans_open",
+            "Spans being assembled.",
+            s.spans_open,
+        );
+        let e = &self.export;
+        let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        counter(
+            &mut out,
+            "spans_enqueued_total",
+            "Spans handed to the exporter.",
+            l(&e.enqueued),
+        );
+        counter(
+            &mut out,
+            "spans_exported_total",
+            "Spans the collector accepted.",
+            l(&e.exported),
+        );
+        counter(
+            &mut out,
+            "spans_dropped_total",
+            "Spans dropped because the export queue was full.",
+            l(&e.dropped),
+        );
+        counter(
+            &mut out,
+            "spans_failed_total",
+            "Spans given up after export errors.",
+            l(&e.failed),
+        );
+        counter(
+            &mut out,
+            "export_retries_total",
+            "Export attempts retried.",
+            l(&e.retries),
+        );
+        let _ = writeln!(out, "# HELP tagflow_export_duration_seconds Successful export calls.\n# TYPE tagflow_export_duration_seconds histogram");
+        for (i, b) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "tagflow_export_duration_seconds_bucket{{le=\"{b}\"}} {}",
+                l(&e.latency_buckets[i])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "tagflow_export_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            l(&e.latency_count)
+        );
+        let _ = writeln!(
+            out,
+            "tagflow_export_duration_seconds_sum {}",
+            l(&e.latency_sum_us) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "tagflow_export_duration_seconds_count {}",
+            l(&e.latency_count)
+        );
+        if let Some(r) = &self.registry {
+            counter(
+                &mut out,
+                "registrations_begin_total",
+                "BEGIN registrations accepted.",
+                l(&r.begin_ok),
+            );
+            counter(
+                &mut out,
+                "registrations_end_total",
+                "END registrations accepted.",
+                l(&r.end_ok),
+            );
+            counter(
+                &mut out,
+                "registrations_refused_total",
+                "Registrations refused (bad header/target, other netns, table full).",
+                l(&r.refused),
+            );
+            counter(
+                &mut out,
+                "registrations_malformed_total",
+                "Malformed registration frames.",
+                l(&r.malformed),
+            );
+            counter(
+                &mut out,
+                "registrations_rate_limited_total",
+                "Registrations refused by the rate limit.",
+                l(&r.rate_limited),
+            );
+            counter(
+                &mut out,
+                "registration_overlaps_total",
+                "BEGINs that replaced another trace on a process.",
+                l(&r.overlaps),
+            );
+            counter(
+                &mut out,
+                "registration_connections_total",
+                "Registration connections accepted.",
+                l(&r.connections),
+            );
+            counter(
+                &mut out,
+                "registration_connections_refused_total",
+                "Registration connections refused (limits, unknown peer).",
+                l(&r.connections_refused),
+            );
+            counter(
+                &mut out,
+                "registrations_dropped_at_close_total",
+                "Open registrations ended because their connection closed.",
+                l(&r.open_dropped_at_close),
+            );
+        }
+        out
+    }
+
+    pub fn ready(&self) -> bool {
+        let s = self.snapshot.lock().expect("snapshot lock");
+        s.ready && self.export.healthy()
+    }
+
+    pub fn status_json(&self) -> String {
+        let s = self.snapshot.lock().expect("snapshot lock").clone();
+        serde_json::to_string(&s).unwrap_or_else(|_| "{}".into())
+    }
+}
+
+fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static(ctype),
+    );
+    r
+}
+
+/// Serves the operations endpoint until the process exits.
+pub async fn serve(addr: SocketAddr, ops: Arc<Ops>) -> std::io::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    info!(addr = %listener.local_addr()?, "metrics, health and status endpoint ready");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let ops = ops.clone();
+                async move {
+                    let r = match req.uri().path() {
+                        "/metrics" => {
+                            text(StatusCode::OK, "text/plain; version=0.0.4", ops.render())
+                        }
+                        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+                        "/readyz" if ops.ready() => {
+                            text(StatusCode::OK, "text/plain", "ready\n".into())
+                        }
+                        "/readyz" => text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "text/plain",
+                            "not ready\n".into(),
+                        ),
+                        "/status" => text(StatusCode::OK, "application/json", ops.status_json()),
+                        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+                    };
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await
+            {
+                debug!("metrics connection: {e}");
+            }
+        });
+    }
+}
+
+/// `tagflow status`: fetch /status and print it readably.
+pub async fn fetch_status(addr: SocketAddr) -> Result<Snapshot, String> {
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("agent at {addr}: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = Request::get("/status")
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    use http_body_util::BodyExt;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| format!("bad /status reply: {e}"))
+}
+
+pub fn format_status(s: &Snapshot) -> String {
+    let mut out = format!(
+        "ready: {}\n\nattachments ({}):\n",
+        s.ready,
+        s.attachments.len()
+    );
+    for a in &s.attachments {
+        let _ = writeln!(out, "  {:<16} ifindex {:<6} {}", a.name, a.ifindex, a.mode);
+    }
+    out += "\nmaps:\n";
+    for (m, n, c) in &s.maps {
+        let pct = if *c > 0 {
+            *n as f64 * 100.0 / *c as f64
+        } else {
+            0.0
+        };
+        let _ = writeln!(out, "  {m:<14} {n:>8} / {c:<8} ({pct:.1}%)");
+    }
+    out += "\ndatapath counters:\n";
+    for (k, v) in &s.datapath {
+        let _ = writeln!(out, "  {k:<22} {v}");
+    }
+    out += "\nagent counters (losses included):\n";
+    for (k, _, v) in &s.agent {
+        let _ = writeln!(out, "  {k:<36} {v}");
+    }
+    let _ = writeln!(out, "\nspans being assembled: {}", s.spans_open);
+    out
+}

@@ -1,0 +1,721 @@
+//! Span assembly: one span per (flow, trace) pair.
+//!
+//! A pair opens with the datapath's FLOW_NEW event and closes with FLOW_END
+//! (the connection moved on to the next request's trace: request boundary),
+//! a FIN/RST seen in FLOW_STATS, or no packet for `idle` (2 s). Closed spans
+//! wait, per trace, until the trace is quiet (`settle`), then are linked:
+//! - a SERVER span's parent is the CLIENT span on the reverse flow (the pod
+//!   that called it, when that pod is on this node and traced);
+//! - a CLIENT span's parent is the SERVER span of its own pod that was
+//!   serving when the call started;
+//! - anything else hangs off the remote parent from `traceparent`.
+//!
+//! Memory is bounded: at most `max_open` open spans (the stalest is closed
+//! early and counted) and a trace is held at most `max_hold`.
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    sync::Arc,
+};
+
+use agent_common::*;
+
+use super::{
+    clock::WallClock, kv, resource::Resources, KeyValue, Resource, SpanKind, SpanRecord, Value,
+};
+use crate::{ids, sources::capture::HeadInfo};
+
+#[derive(Debug, Clone)]
+pub struct AssemblerConfig {
+    pub idle_ns: u64,
+    pub settle_ns: u64,
+    pub max_hold_ns: u64,
+    pub max_open: usize,
+}
+
+impl Default for AssemblerConfig {
+    fn default() -> Self {
+        Self {
+            idle_ns: 2_000_000_000,
+            settle_ns: 200_000_000,
+            max_hold_ns: 30_000_000_000,
+            max_open: 65536,
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct AssemblerStats {
+    pub opened: u64,
+    pub closed_end: u64,
+    pub closed_fin: u64,
+    pub closed_idle: u64,
+    /// Closed early because `max_open` was reached.
+    pub evicted: u64,
+    pub emitted: u64,
+}
+
+struct Open {
+    span_id: [u8; 8],
+    trace_flags: u32,
+    stats: FlowStats,
+    head: Option<HeadInfo>,
+    resource: Arc<Resource>,
+}
+
+struct Closed {
+    key: FlowKey,
+    start: u64,
+    end: u64,
+    record: SpanRecord,
+}
+
+#[derive(Default)]
+struct Group {
+    open: usize,
+    closed: Vec<Closed>,
+    first: u64,
+    last_change: u64,
+    remote_parent: Option<[u8; 8]>,
+}
+
+pub struct Assembler {
+    cfg: AssemblerConfig,
+    open: HashMap<(FlowKey, [u8; 16]), Open>,
+    groups: HashMap<[u8; 16], Group>,
+    resources: Resources,
+    ifnames: HashMap<u32, String>,
+    pub stats: AssemblerStats,
+}
+
+enum Why {
+    End,
+    Fin,
+    Idle,
+    Evicted,
+}
+
+impl Assembler {
+    pub fn new(cfg: AssemblerConfig, resources: Resources) -> Self {
+        Self {
+            cfg,
+            open: HashMap::new(),
+            groups: HashMap::new(),
+            resources,
+            ifnames: HashMap::new(),
+            stats: AssemblerStats::default(),
+        }
+    }
+
+    pub fn open_spans(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Flows with an open span (what a sweep must read from FLOW_STATS).
+    pub fn open_keys(&self) -> Vec<FlowKey> {
+        self.open.keys().map(|k| k.0).collect()
+    }
+
+    /// FLOW_NEW: a (flow, trace) pair's first packet.
+    pub fn flow_new(&mut self, ev: &FlowEvent, head: Option<HeadInfo>, now: u64) {
+        let k = (ev.key, ev.stats.trace_id);
+        if let Some(o) = self.open.get_mut(&k) {
+            o.stats = ev.stats;
+            if head.is_some() {
+                o.head = head;
+            }
+            return;
+        }
+        if self.open.len() >= self.cfg.max_open {
+            let stalest = self
+                .open
+                .iter()
+                .min_by_key(|(_, o)| o.stats.last_ns)
+                .map(|(k, _)| *k);
+            if let Some(s) = stalest {
+                self.close(s, Why::Evicted, now);
+            }
+        }
+        let mut span_id = ids::random::<8>();
+        span_id[0] |= 1;
+        let remote_parent =
+            (ev.trace_flags & TRACE_FLAG_HAS_PARENT != 0).then_some(ev.parent_span_id);
+        self.open.insert(
+            k,
+            Open {
+                span_id,
+                trace_flags: ev.trace_flags,
+                stats: ev.stats,
+                head,
+                resource: self.resources.for_pid(ev.stats.pid),
+            },
+        );
+        let g = self.groups.entry(k.1).or_default();
+        if g.open == 0 && g.closed.is_empty() {
+            g.first = now;
+        }
+        g.open += 1;
+        g.last_change = now;
+        if g.remote_parent.is_none() {
+            g.remote_parent = remote_parent;
+        }
+        self.stats.opened += 1;
+    }
+
+    /// FLOW_END: the pair's final numbers.
+    pub fn flow_end(&mut self, ev: &FlowEvent, now: u64) {
+        let k = (ev.key, ev.stats.trace_id);
+        if let Some(o) = self.open.get_mut(&k) {
+            o.stats = ev.stats;
+            self.close(k, Why::End, now);
+        }
+    }
+
+    /// A request head seen after its span opened.
+    pub fn head(&mut self, key: &FlowKey, info: HeadInfo) {
+        if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
+            o.head = Some(info);
+        }
+    }
+
+    /// Refreshes open spans from a FLOW_STATS snapshot and closes those that
+    /// saw FIN/RST or went idle.
+    pub fn sweep(&mut self, snapshot: &HashMap<FlowKey, FlowStats>, now: u64) {
+        let mut done = Vec::new();
+        for (k, o) in self.open.iter_mut() {
+            if let Some(s) = snapshot.get(&k.0) {
+                if s.trace_id == k.1 {
+                    o.stats = *s;
+                }
+            }
+            if o.stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                done.push((*k, Why::Fin));
+            } else if now.saturating_sub(o.stats.last_ns) >= self.cfg.idle_ns {
+                done.push((*k, Why::Idle));
+            }
+        }
+        for (k, why) in done {
+            self.close(k, why, now);
+        }
+    }
+
+    fn close(&mut self, k: (FlowKey, [u8; 16]), why: Why, now: u64) {
+        let Some(o) = self.open.remove(&k) else {
+            return;
+        };
+        match why {
+            Why::End => self.stats.closed_end += 1,
+            Why::Fin => self.stats.closed_fin += 1,
+            Why::Idle => self.stats.closed_idle += 1,
+            Why::Evicted => self.stats.evicted += 1,
+        }
+        let record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        let g = self.groups.entry(k.1).or_default();
+        g.open = g.open.saturating_sub(1);
+        g.last_change = now;
+        g.closed.push(Closed {
+            key: k.0,
+            start: o.stats.first_ns,
+            end: o.stats.last_ns,
+            record,
+        });
+    }
+
+    /// Spans of traces that are complete (quiet for `settle`) or held too
+    /// long, linked and with wall-clock times.
+    pub fn ready(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
+        let (settle, hold) = (self.cfg.settle_ns, self.cfg.max_hold_ns);
+        let due: Vec<[u8; 16]> = self
+            .groups
+            .iter()
+            .filter(|(_, g)| {
+                !g.closed.is_empty()
+                    && ((g.open == 0 && now.saturating_sub(g.last_change) >= settle)
+                        || now.saturating_sub(g.first) >= hold)
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        let mut out = Vec::new();
+        for t in due {
+            let g = self.groups.get_mut(&t).expect("listed above");
+            let mut spans = std::mem::take(&mut g.closed);
+            g.first = now;
+            let remote = g.remote_parent;
+            if g.open == 0 {
+                self.groups.remove(&t);
+            }
+            link(&mut spans, remote);
+            for mut c in spans {
+                c.record.start_unix_ns = clock.to_unix_ns(c.start);
+                c.record.end_unix_ns = clock.to_unix_ns(c.end.max(c.start));
+                out.push(c.record);
+            }
+        }
+        self.stats.emitted += out.len() as u64;
+        out
+    }
+
+    /// Closes everything (shutdown) and returns all spans.
+    pub fn flush_all(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
+        let keys: Vec<_> = self.open.keys().copied().collect();
+        for k in keys {
+            self.close(k, Why::Idle, now);
+        }
+        self.ready(clock, u64::MAX / 2)
+    }
+
+    fn ifname(&mut self, ifindex: u32) -> String {
+        self.ifnames
+            .entry(ifindex)
+            .or_insert_with(|| {
+                let mut buf = [0u8; libc::IF_NAMESIZE];
+                // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
+                let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+                if p.is_null() {
+                    format!("if{ifindex}")
+                } else {
+                    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+                    String::from_utf8_lossy(&buf[..end]).into_owned()
+                }
+            })
+            .clone()
+    }
+
+    fn build(&mut self, key: &FlowKey, trace_id: [u8; 16], o: &Open, evicted: bool) -> SpanRecord {
+        let s = &o.stats;
+        let (local, peer) = (
+            addr(key.family, &key.local_addr),
+            addr(key.family, &key.remote_addr),
+        );
+        let transport = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
+        let kind = match s.owner {
+            OWNER_CONNECTED => SpanKind::Client,
+            OWNER_BOUND => SpanKind::Server,
+            _ if key.local_port < key.remote_port => SpanKind::Server,
+            _ => SpanKind::Client,
+        };
+        let name = match &o.head {
+            Some(h) => format!("HTTP {}", h.method),
+            None => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
+        };
+        let mut a: Vec<KeyValue> = vec![
+            kv("network.transport", Value::Str(transport.into())),
+            kv(
+                "network.type",
+                Value::Str(
+                    if key.family == FAMILY_IPV6 {
+                        "ipv6"
+                    } else {
+                        "ipv4"
+                    }
+                    .into(),
+                ),
+            ),
+            kv("network.peer.address", Value::Str(peer.to_string())),
+            kv("network.peer.port", Value::Int(key.remote_port as i64)),
+            kv("network.local.address", Value::Str(local.to_string())),
+            kv("network.local.port", Value::Int(key.local_port as i64)),
+            kv("network.interface.name", Value::Str(self.ifname(s.ifindex))),
+            kv("network.interface.direction", Value::Str("ingress".into())),
+            kv("process.pid", Value::Int(s.pid as i64)),
+            kv("tagflow.packets", Value::Int(s.packets as i64)),
+            kv("tagflow.bytes", Value::Int(s.bytes as i64)),
+            kv("tagflow.tcp_flags", Value::Str(tcp_flags(s.tcp_flags))),
+            kv("tagflow.source", Value::Str(source(o.trace_flags).into())),
+            kv(
+                "tagflow.match",
+                Value::Str(
+                    if s.matched == MATCH_FLOW {
+                        "flow"
+                    } else {
+                        "pid"
+                    }
+                    .into(),
+                ),
+            ),
+        ];
+        if evicted {
+            a.push(kv("tagflow.evicted", Value::Str("true".into())));
+        }
+        if let Some(h) = &o.head {
+            a.push(kv("http.request.method", Value::Str(h.method.clone())));
+            let path = h.target.split('?').next().unwrap_or("");
+            a.push(kv("url.path", Value::Str(path.into())));
+            if let Some(host) = &h.host {
+                let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+                a.push(kv("server.address", Value::Str(host.into())));
+            }
+            if let Some(rid) = &h.request_id {
+                a.push(kv(
+                    "http.request.header.x-request-id",
+                    Value::StrArray(vec![rid.clone()]),
+                ));
+                a.push(kv("tagflow.request_id", Value::Str(rid.clone())));
+            }
+        }
+        SpanRecord {
+            trace_id,
+            span_id: o.span_id,
+            parent_span_id: None,
+            parent_is_remote: false,
+            name,
+            kind,
+            start_unix_ns: 0,
+            end_unix_ns: 0,
+            attributes: a,
+            resource: o.resource.clone(),
+        }
+    }
+}
+
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+fn tcp_flags(f: u8) -> String {
+    let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| f & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn source(flags: u32) -> &'static str {
+    match TraceSource::from_flags(flags) {
+        TraceSource::Registration => "sidecar",
+        TraceSource::Passive => "passive",
+        TraceSource::Api => "api",
+        TraceSource::Unknown => "unknown",
+    }
+}
+
+fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        IpAddr::V6(Ipv6Addr::from(*b))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
+}
+
+fn fmt_hostport(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        v4 => format!("{v4}:{port}"),
+    }
+}
+
+fn reverse_of(a: &FlowKey, b: &FlowKey) -> bool {
+    a.proto == b.proto
+        && a.local_addr == b.remote_addr
+        && a.remote_addr == b.local_addr
+        && a.local_port == b.remote_port
+        && a.remote_port == b.local_port
+}
+
+/// Slack when deciding that a call happened while a server span was open.
+const CONTAIN_SLACK_NS: u64 = 5_000_000;
+
+/// Links the spans of one trace (see the module docs). Never makes a cycle.
+fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
+    let n = spans.len();
+    let mut parent: Vec<Option<usize>> = vec![None; n];
+    for i in 0..n {
+        let si = &spans[i];
+        parent[i] = match si.record.kind {
+            SpanKind::Server => (0..n).find(|&j| {
+                spans[j].record.kind == SpanKind::Client && reverse_of(&spans[j].key, &si.key)
+            }),
+            _ => (0..n)
+                .filter(|&j| {
+                    let sj = &spans[j];
+                    j != i
+                        && sj.record.kind == SpanKind::Server
+                        && sj.key.netns == si.key.netns
+                        && sj.start <= si.start + CONTAIN_SLACK_NS
+                        && si.start <= sj.end + CONTAIN_SLACK_NS
+                })
+                .max_by_key(|&j| spans[j].start),
+        };
+    }
+    // Break cycles: walk up from each span; a revisit drops that link.
+    for i in 0..n {
+        let mut seen = vec![false; n];
+        let mut cur = i;
+        seen[cur] = true;
+        while let Some(p) = parent[cur] {
+            if seen[p] {
+                parent[cur] = None;
+                break;
+            }
+            seen[p] = true;
+            cur = p;
+        }
+    }
+    for i in 0..n {
+        match parent[i] {
+            Some(p) => {
+                spans[i].record.parent_span_id = Some(spans[p].record.span_id);
+                spans[i].record.parent_is_remote = false;
+            }
+            None => {
+                spans[i].record.parent_span_id = remote;
+                spans[i].record.parent_is_remote = remote.is_some();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T1: [u8; 16] = [1; 16];
+    const T2: [u8; 16] = [2; 16];
+
+    fn key(netns: u64, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> FlowKey {
+        let mut k = FlowKey {
+            netns,
+            local_port: lport,
+            remote_port: rport,
+            family: FAMILY_IPV4,
+            proto: PROTO_TCP,
+            ..Default::default()
+        };
+        k.local_addr[..4].copy_from_slice(&local);
+        k.remote_addr[..4].copy_from_slice(&remote);
+        k
+    }
+
+    fn ev(
+        k: FlowKey,
+        trace: [u8; 16],
+        owner: u8,
+        first: u64,
+        last: u64,
+        packets: u64,
+    ) -> FlowEvent {
+        FlowEvent {
+            key: k,
+            stats: FlowStats {
+                trace_id: trace,
+                pid: 0,
+                packets,
+                bytes: packets * 100,
+                first_ns: first,
+                last_ns: last,
+                owner,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn asm(idle_ns: u64) -> Assembler {
+        Assembler::new(
+            AssemblerConfig {
+                idle_ns,
+                settle_ns: 10,
+                max_hold_ns: 1_000_000,
+                max_open: 100,
+            },
+            Resources::new(None),
+        )
+    }
+
+    const CLOCK: fn() -> WallClock = || WallClock::with_offset(1_000_000_000);
+
+    #[test]
+    fn keep_alive_request_boundaries_make_one_span_each() {
+        let mut a = asm(1_000_000);
+        let k = key(7, [10, 0, 0, 1], 40000, [10, 0, 0, 2], 80);
+        a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
+        a.flow_end(&ev(k, T1, OWNER_CONNECTED, 100, 400, 5), 400);
+        a.flow_new(&ev(k, T2, OWNER_CONNECTED, 500, 500, 1), None, 500);
+        a.flow_end(&ev(k, T2, OWNER_CONNECTED, 500, 900, 3), 900);
+        let spans = a.ready(&CLOCK(), 1_000);
+        assert_eq!(spans.len(), 2);
+        let s1 = spans.iter().find(|s| s.trace_id == T1).unwrap();
+        assert_eq!(
+            (s1.start_unix_ns, s1.end_unix_ns),
+            (1_000_000_100, 1_000_000_400)
+        );
+        assert_eq!(s1.attr("tagflow.packets"), Some(&Value::Int(5)));
+        assert_eq!(s1.kind, SpanKind::Client);
+        assert_eq!(s1.name, "tcp 10.0.0.2:80");
+        assert_ne!(
+            s1.span_id,
+            spans.iter().find(|s| s.trace_id == T2).unwrap().span_id
+        );
+        assert_eq!(a.stats.closed_end, 2);
+    }
+
+    #[test]
+    fn idle_and_fin_close_spans_and_sweeps_refresh_counts() {
+        let mut a = asm(1_000);
+        let k1 = key(7, [10, 0, 0, 1], 40000, [10, 0, 0, 2], 80);
+        let k2 = key(7, [10, 0, 0, 1], 40001, [10, 0, 0, 2], 80);
+        a.flow_new(&ev(k1, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
+        a.flow_new(&ev(k2, T2, OWNER_CONNECTED, 100, 100, 1), None, 100);
+        let mut snap = HashMap::new();
+        let mut s1 = ev(k1, T1, OWNER_CONNECTED, 100, 600, 9).stats;
+        s1.tcp_flags = TCP_FIN | 0x10;
+        snap.insert(k1, s1);
+        snap.insert(k2, ev(k2, T2, OWNER_CONNECTED, 100, 600, 4).stats);
+        a.sweep(&snap, 700);
+        assert_eq!(
+            (a.stats.closed_fin, a.open_spans()),
+            (1, 1),
+            "FIN closes at once"
+        );
+        a.sweep(&snap, 1_599);
+        assert_eq!(a.open_spans(), 1, "999 ns idle: still open");
+        a.sweep(&snap, 1_600);
+        assert_eq!(
+            (a.stats.closed_idle, a.open_spans()),
+            (1, 0),
+            "idle after 1000 ns"
+        );
+        let spans = a.ready(&CLOCK(), 2_000);
+        let s = spans.iter().find(|s| s.trace_id == T1).unwrap();
+        assert_eq!(s.attr("tagflow.packets"), Some(&Value::Int(9)));
+        assert_eq!(
+            s.attr("tagflow.tcp_flags"),
+            Some(&Value::Str("FIN,ACK".into()))
+        );
+    }
+
+    #[test]
+    fn spans_are_linked_across_pods_and_within_a_pod() {
+        // Pod A (ns 1, 10.0.0.1) calls pod B (ns 2, 10.0.0.2:8080); while
+        // serving, B calls C (10.0.0.3:9000). The request came with a
+        // traceparent whose parent span is P.
+        let p = [9u8; 8];
+        let mut a = asm(1_000_000);
+        let a_call = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 2], 8080);
+        let b_serve = key(2, [10, 0, 0, 2], 8080, [10, 0, 0, 1], 40000);
+        let b_call = key(2, [10, 0, 0, 2], 50000, [10, 0, 0, 3], 9000);
+        let with_parent = |mut e: FlowEvent| {
+            e.parent_span_id = p;
+            e.trace_flags = TRACE_FLAG_HAS_PARENT;
+            e
+        };
+        a.flow_new(
+            &with_parent(ev(a_call, T1, OWNER_CONNECTED, 100, 100, 1)),
+            None,
+            100,
+        );
+        a.flow_new(
+            &with_parent(ev(b_serve, T1, OWNER_BOUND, 110, 110, 1)),
+            None,
+            110,
+        );
+        a.flow_new(
+            &with_parent(ev(b_call, T1, OWNER_CONNECTED, 120, 120, 1)),
+            None,
+            120,
+        );
+        a.flow_end(&ev(b_call, T1, OWNER_CONNECTED, 120, 200, 4), 200);
+        // The trace is not complete yet: nothing is emitted.
+        assert!(a.ready(&CLOCK(), 1_000).is_empty());
+        a.flow_end(&ev(b_serve, T1, OWNER_BOUND, 110, 250, 4), 250);
+        a.flow_end(&ev(a_call, T1, OWNER_CONNECTED, 100, 260, 4), 260);
+        let spans = a.ready(&CLOCK(), 1_000);
+        let by = |k: &FlowKey| {
+            let want = addr(FAMILY_IPV4, &k.remote_addr).to_string();
+            spans
+                .iter()
+                .find(|s| {
+                    s.attr("network.peer.address") == Some(&Value::Str(want.clone()))
+                        && s.attr("network.local.port") == Some(&Value::Int(k.local_port as i64))
+                })
+                .unwrap()
+        };
+        let (sa, sb, sc) = (by(&a_call), by(&b_serve), by(&b_call));
+        assert_eq!(
+            (sa.parent_span_id, sa.parent_is_remote),
+            (Some(p), true),
+            "entry span hangs off traceparent"
+        );
+        assert_eq!(sb.kind, SpanKind::Server);
+        assert_eq!(
+            sb.parent_span_id,
+            Some(sa.span_id),
+            "server's parent is the caller's client span"
+        );
+        assert_eq!(
+            sc.parent_span_id,
+            Some(sb.span_id),
+            "call made while serving"
+        );
+        assert!(!sb.parent_is_remote && !sc.parent_is_remote);
+    }
+
+    #[test]
+    fn open_spans_are_bounded_and_evictions_counted() {
+        let mut a = Assembler::new(
+            AssemblerConfig {
+                max_open: 3,
+                ..AssemblerConfig::default()
+            },
+            Resources::new(None),
+        );
+        for i in 0..5u16 {
+            let k = key(1, [10, 0, 0, 1], 40000 + i, [10, 0, 0, 2], 80);
+            a.flow_new(
+                &ev(
+                    k,
+                    [i as u8 + 1; 16],
+                    OWNER_CONNECTED,
+                    100 + i as u64,
+                    100 + i as u64,
+                    1,
+                ),
+                None,
+                100,
+            );
+        }
+        assert_eq!(a.open_spans(), 3);
+        assert_eq!(a.stats.evicted, 2);
+        let all = a.flush_all(&CLOCK(), 1_000);
+        assert_eq!(all.len(), 5, "evicted spans are still emitted");
+        assert_eq!(
+            all.iter()
+                .filter(|s| s.attr("tagflow.evicted").is_some())
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn head_details_name_the_span() {
+        let mut a = asm(1_000_000);
+        let k = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 2], 80);
+        let head = HeadInfo {
+            method: "POST".into(),
+            target: "/orders?id=1".into(),
+            host: Some("shop:80".into()),
+            request_id: Some("req-9".into()),
+            trace_id: T1,
+            parent_span_id: None,
+            pid: 0,
+            ts_ns: 0,
+        };
+        a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
+        a.head(&k, head);
+        a.flow_end(&ev(k, T1, OWNER_CONNECTED, 100, 200, 2), 200);
+        let s = &a.ready(&CLOCK(), 1_000)[0];
+        assert_eq!(s.name, "HTTP POST");
+        assert_eq!(s.attr("url.path"), Some(&Value::Str("/orders".into())));
+        assert_eq!(s.attr("server.address"), Some(&Value::Str("shop".into())));
+        assert_eq!(
+            s.attr("http.request.header.x-request-id"),
+            Some(&Value::StrArray(vec!["req-9".into()]))
+        );
+        assert_eq!(
+            s.attr("tagflow.request_id"),
+            Some(&Value::Str("req-9".into()))
+        );
+    }
+}

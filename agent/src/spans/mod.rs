@@ -1,0 +1,92 @@
+//! Spans: what tagged flows become. Exporter-agnostic model, assembly from
+//! datapath events, wall-clock conversion and resources.
+pub mod assemble;
+pub mod clock;
+pub mod resource;
+
+use std::sync::Arc;
+
+/// OTLP span kinds tagflow produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SpanKind {
+    Internal,
+    Server,
+    Client,
+}
+
+impl SpanKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Internal => "internal",
+            Self::Server => "server",
+            Self::Client => "client",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Value {
+    Str(String),
+    Int(i64),
+    StrArray(Vec<String>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Value,
+}
+
+pub fn kv(key: &str, value: Value) -> KeyValue {
+    KeyValue {
+        key: key.to_string(),
+        value,
+    }
+}
+
+/// Who emitted a span (OTLP resource). Spans are grouped by it on export;
+/// each distinct resource is its own service in Jaeger.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Resource {
+    pub attributes: Vec<KeyValue>,
+}
+
+impl Resource {
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| &a.value)
+    }
+
+    pub fn service_name(&self) -> &str {
+        match self.get("service.name") {
+            Some(Value::Str(s)) => s,
+            _ => "unknown_service",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_span_id: Option<[u8; 8]>,
+    /// The parent is in another process/node (from `traceparent`).
+    pub parent_is_remote: bool,
+    pub name: String,
+    pub kind: SpanKind,
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Vec<KeyValue>,
+    pub resource: Arc<Resource>,
+}
+
+impl SpanRecord {
+    pub fn attr(&self, key: &str) -> Option<&Value> {
+        self.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| &a.value)
+    }
+}
