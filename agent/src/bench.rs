@@ -293,6 +293,7 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
         headers: [("x-request-id".to_string(), format!("{i:032x}"))].into(),
         target: Target::Pid(me),
         flows: Vec::new(),
+        release_on_close: true,
     };
 
     // Throughput: every client its own connection, begin then end.

@@ -135,6 +135,8 @@ impl RegisterArgs {
             headers,
             target,
             flows,
+            // A registration from the shell outlives this short connection.
+            release_on_close: false,
         })
     }
 }

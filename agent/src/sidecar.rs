@@ -233,6 +233,8 @@ async fn handle(
                 remote: peer.to_string(),
             },
         ],
+        // If this sidecar dies mid-request, its registrations go with it.
+        release_on_close: true,
     };
     let registered = match s.agent.lock().await.begin(reg.clone()).await {
         Ok(_) => true,

@@ -160,6 +160,8 @@ fn main() -> Result<()> {
                 "topology",
                 "--test",
                 "sources",
+                "--test",
+                "spans",
                 "--",
                 "--test-threads=1",
             ]))?;

@@ -144,6 +144,11 @@ pub struct Registration {
     pub target: Target,
     #[serde(default)]
     pub flows: Vec<Flow>,
+    /// BEGIN: undo this registration if the connection closes before its
+    /// END (a sidecar that dies leaves nothing behind). Without it the
+    /// registration lives until END or the idle timeout (the CLI).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release_on_close: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,6 +311,7 @@ mod tests {
                 local: "10.0.0.1:40000".into(),
                 remote: "10.0.0.2:8080".into(),
             }],
+            release_on_close: true,
         }
     }
 

@@ -119,6 +119,7 @@ struct Peer {
 struct Open {
     pids: Vec<TraceKey>,
     flows: Vec<FlowKey>,
+    release_on_close: bool,
 }
 
 impl Registry {
@@ -227,8 +228,9 @@ impl Registry {
         if let Err(e) = result {
             debug!(pid = peer.pid, "registration connection closed: {e}");
         }
-        // Requests that never saw their END: undo them now.
-        for (id, o) in open.drain() {
+        // Requests that never saw their END and asked for it: undo them
+        // now. The others live on until END or the idle timeout.
+        for (id, o) in open.drain().filter(|(_, o)| o.release_on_close) {
             self.stats
                 .open_dropped_at_close
                 .fetch_add(1, Ordering::Relaxed);
@@ -499,6 +501,7 @@ impl Registry {
         let e = open.entry(id.trace_id).or_default();
         e.pids.extend(o.pids);
         e.flows.extend(o.flows);
+        e.release_on_close |= reg.release_on_close;
         Ok(reply)
     }
 
@@ -516,6 +519,7 @@ impl Registry {
                 let flows = parse_flows(reg)?;
                 let pids = self.resolve(reg, &flows, peer)?;
                 Open {
+                    release_on_close: false,
                     pids: pids
                         .iter()
                         .map(|p| TraceKey::new(*p, peer.cookie))

@@ -1,0 +1,514 @@
+//! Spans end to end through the `tagflow run` binary: pods, real traffic,
+//! registrations over the socket (with `tagflow register` inside the pods),
+//! and in-process OTLP receivers (gRPC and HTTP, gzip) on the other side.
+mod common;
+
+use std::{
+    collections::HashMap,
+    io::Read,
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use agent::{
+    ids,
+    topo::{Lab, Pod, Proc, CLIENT, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    common::v1::any_value,
+    trace::v1::{span::SpanKind, Span},
+};
+use prost::Message;
+
+/// What a receiver got: (resource attributes, span).
+type Got = Arc<Mutex<Vec<(HashMap<String, String>, Span)>>>;
+
+fn attr_str(v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>) -> String {
+    match v.as_ref().and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn record(got: &Got, req: ExportTraceServiceRequest) {
+    let mut g = got.lock().unwrap();
+    for rs in req.resource_spans {
+        let res: HashMap<String, String> = rs
+            .resource
+            .map(|r| {
+                r.attributes
+                    .iter()
+                    .map(|a| (a.key.clone(), attr_str(&a.value)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for ss in rs.scope_spans {
+            for s in ss.spans {
+                g.push((res.clone(), s));
+            }
+        }
+    }
+}
+
+struct GrpcRx(Got);
+
+#[tonic::async_trait]
+impl TraceService for GrpcRx {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        record(&self.0, req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts a receiver on `addr` in the background; returns what it gets.
+fn receiver(rt: &tokio::runtime::Runtime, addr: SocketAddr, grpc: bool) -> Got {
+    let got: Got = Arc::default();
+    if grpc {
+        let svc = TraceServiceServer::new(GrpcRx(got.clone()))
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        rt.spawn(
+            tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve(addr),
+        );
+    } else {
+        let g = got.clone();
+        let listener = rt.block_on(tokio::net::TcpListener::bind(addr)).unwrap();
+        rt.spawn(async move {
+            use http_body_util::BodyExt;
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let g = g.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let g = g.clone();
+                            async move {
+                                assert_eq!(req.uri().path(), "/v1/traces");
+                                assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                                let gz = req
+                                    .headers()
+                                    .get("content-encoding")
+                                    .is_some_and(|v| v == "gzip");
+                                let body = req.into_body().collect().await.unwrap().to_bytes();
+                                let raw = if gz {
+                                    let mut out = Vec::new();
+                                    flate2::read::GzDecoder::new(&body[..])
+                                        .read_to_end(&mut out)
+                                        .unwrap();
+                                    out
+                                } else {
+                                    body.to_vec()
+                                };
+                                record(&g, ExportTraceServiceRequest::decode(&raw[..]).unwrap());
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::new()),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
+                });
+            }
+        });
+    }
+    got
+}
+
+/// `tagflow run` as a process.
+struct Agent {
+    child: Child,
+    metrics: SocketAddr,
+    socket: std::path::PathBuf,
+}
+
+impl Agent {
+    fn start(lab: &Lab, extra: &[&str]) -> Self {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let socket = std::env::temp_dir().join(format!(
+            "tagflow-spans-{}-{}/agent.sock",
+            std::process::id(),
+            metrics.port()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_tagflow"))
+            .args([
+                "run",
+                "--no-backfill",
+                "--span-idle-ms",
+                "300",
+                "--iface-prefix",
+                &lab.prefix,
+            ])
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--metrics-addr", &metrics.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let a = Self {
+            child,
+            metrics,
+            socket,
+        };
+        let t0 = Instant::now();
+        loop {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "agent did not become ready"
+            );
+            if let Some(m) = a.metrics() {
+                if m.get("tagflow_attached_interfaces").copied().unwrap_or(0.0)
+                    >= lab.pods.len() as f64
+                {
+                    break;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        a
+    }
+
+    /// /metrics parsed as Prometheus text: every sample line must parse.
+    fn metrics(&self) -> Option<HashMap<String, f64>> {
+        let text = http_get(self.metrics, "/metrics")?;
+        let mut m = HashMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (name, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let v: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            assert!(
+                name.chars().next().unwrap().is_ascii_alphabetic(),
+                "bad metric name {name:?}"
+            );
+            m.insert(name.to_string(), v);
+        }
+        Some(m)
+    }
+
+    fn metric(&self, name: &str) -> f64 {
+        self.metrics()
+            .and_then(|m| m.get(name).copied())
+            .unwrap_or(-1.0)
+    }
+
+    /// `tagflow register ...` run inside a pod (its own namespace).
+    fn register(&self, pod: &Pod, args: &[&str]) -> String {
+        let out = pod
+            .command(env!("CARGO_BIN_EXE_tagflow"))
+            .arg("register")
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "register {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        if let Some(d) = self.socket.parent() {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// GET over a plain TcpStream; Some(body) on 200.
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+fn registered_traffic_becomes_linked_spans(grpc: bool) {
+    let _g = common::lock();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lab = Lab::new(2).unwrap();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let got = receiver(&rt, addr, grpc);
+    let endpoint = if grpc {
+        format!("http://{addr}")
+    } else {
+        format!("http://{addr}/v1/traces")
+    };
+    let proto = if grpc { "grpc" } else { "http/protobuf" };
+    let agent = Agent::start(
+        &lab,
+        &["--otlp-endpoint", &endpoint, "--otlp-protocol", proto],
+    );
+    let t0 = unix_ns();
+
+    let server = Proc::python(b, ECHO_SERVER, &["9000"]).unwrap();
+    let mut client = Proc::python(a, CLIENT, &[&b.ip.to_string(), "9000", "0", "5"]).unwrap();
+    let trace = ids::random::<16>();
+    let parent = [0x42u8; 8];
+    let tp = format!("00-{}-{}-01", ids::to_hex(&trace), ids::to_hex(&parent));
+    agent.register(
+        a,
+        &[
+            "begin",
+            "--traceparent",
+            &tp,
+            "--pid",
+            &client.pid.to_string(),
+        ],
+    );
+    agent.register(
+        b,
+        &[
+            "begin",
+            "--traceparent",
+            &tp,
+            "--pid",
+            &server.pid.to_string(),
+        ],
+    );
+    assert_eq!(client.step().unwrap(), "done");
+    agent.register(
+        a,
+        &[
+            "end",
+            "--traceparent",
+            &tp,
+            "--pid",
+            &client.pid.to_string(),
+        ],
+    );
+    agent.register(
+        b,
+        &[
+            "end",
+            "--traceparent",
+            &tp,
+            "--pid",
+            &server.pid.to_string(),
+        ],
+    );
+    drop(client); // closes the connection: FIN ends the spans
+    wait_for("two spans at the receiver", 20, || {
+        got.lock().unwrap().len() >= 2
+    });
+    let t1 = unix_ns();
+    std::thread::sleep(Duration::from_millis(500));
+    let spans = got.lock().unwrap().clone();
+    assert_eq!(spans.len(), 2, "one span per side: {spans:#?}");
+    let find = |k: SpanKind| {
+        spans
+            .iter()
+            .find(|(_, s)| s.kind == k as i32)
+            .unwrap_or_else(|| panic!("no {k:?} span"))
+    };
+    let (cres, c) = find(SpanKind::Client);
+    let (sres, s) = find(SpanKind::Server);
+    for (res, sp) in [(cres, c), (sres, s)] {
+        assert_eq!(sp.trace_id, trace.to_vec(), "trace id from the traceparent");
+        assert!(
+            t0 <= sp.start_time_unix_nano
+                && sp.start_time_unix_nano <= sp.end_time_unix_nano
+                && sp.end_time_unix_nano <= t1,
+            "timestamps"
+        );
+        let packets: i64 = sp
+            .attributes
+            .iter()
+            .find(|a| a.key == "tagflow.packets")
+            .map(|a| attr_str(&a.value).parse().unwrap())
+            .unwrap();
+        assert!(packets >= 5, "packets {packets}");
+        assert_eq!(res.get("service.name").map(String::as_str), Some("python3"));
+        assert!(res.contains_key("host.name"));
+    }
+    assert_eq!(
+        cres.get("process.pid"),
+        Some(&client_pid_str(&spans, SpanKind::Client))
+    );
+    assert_eq!(
+        c.parent_span_id,
+        parent.to_vec(),
+        "the entry span's parent comes from traceparent"
+    );
+    assert_ne!(c.flags & 0x200, 0, "marked as a remote parent");
+    assert_eq!(
+        s.parent_span_id, c.span_id,
+        "the server span hangs off the client span"
+    );
+    assert_eq!(c.name, format!("tcp {}:9000", b.ip));
+
+    // /metrics agrees with what happened.
+    let m = agent.metrics().expect("metrics");
+    assert_eq!(m["tagflow_registrations_begin_total"], 2.0);
+    assert_eq!(m["tagflow_registrations_end_total"], 2.0);
+    assert_eq!(m["tagflow_spans_exported_total"], spans.len() as f64);
+    assert_eq!(m["tagflow_spans_dropped_total"], 0.0);
+    assert!(m["tagflow_datapath_packets_total{counter=\"tagged\"}"] >= 10.0);
+    assert_eq!(m["tagflow_attached_interfaces"], 2.0);
+}
+
+fn client_pid_str(spans: &[(HashMap<String, String>, Span)], k: SpanKind) -> String {
+    let (_, s) = spans.iter().find(|(_, s)| s.kind == k as i32).unwrap();
+    s.attributes
+        .iter()
+        .find(|a| a.key == "process.pid")
+        .map(|a| attr_str(&a.value))
+        .unwrap()
+}
+
+#[test]
+fn registered_traffic_becomes_linked_spans_over_grpc() {
+    registered_traffic_becomes_linked_spans(true);
+}
+
+#[test]
+fn registered_traffic_becomes_linked_spans_over_http() {
+    registered_traffic_becomes_linked_spans(false);
+}
+
+#[test]
+fn collector_down_then_up_bounded_queue_and_counted_drops() {
+    let _g = common::lock();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lab = Lab::new(2).unwrap();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    // Nothing listens there yet.
+    let agent = Agent::start(
+        &lab,
+        &[
+            "--otlp-endpoint",
+            &format!("http://{addr}"),
+            "--export-queue",
+            "4",
+        ],
+    );
+    let _app = Proc::python(b, HTTP_APP, &["8000", "-", "thread"]).unwrap();
+    let url = format!("http://{}:8000/", b.ip);
+    let mut client = Proc::python(a, HTTP_CLIENT, &[&url, "-", "12"]).unwrap();
+    agent.register(
+        a,
+        &[
+            "begin",
+            "--request-id",
+            "burst-1",
+            "--pid",
+            &client.pid.to_string(),
+        ],
+    );
+    assert_eq!(client.run_until_done().unwrap().len(), 12);
+    agent.register(
+        a,
+        &[
+            "end",
+            "--request-id",
+            "burst-1",
+            "--pid",
+            &client.pid.to_string(),
+        ],
+    );
+    // 12 connections → 12 spans, one trace; the queue holds 4.
+    wait_for("spans created", 20, || {
+        agent.metric("tagflow_spans_created_total") >= 12.0
+    });
+    wait_for("drops counted", 10, || {
+        agent.metric("tagflow_spans_dropped_total") > 0.0
+    });
+    wait_for("the exporter to retry", 10, || {
+        agent.metric("tagflow_export_retries_total") > 1.0
+    });
+    assert_eq!(agent.metric("tagflow_spans_exported_total"), 0.0);
+    let got = receiver(&rt, addr, true);
+    let created = agent.metric("tagflow_spans_created_total");
+    wait_for("queued spans delivered", 30, || {
+        let m = agent.metrics().unwrap();
+        m["tagflow_spans_exported_total"]
+            + m["tagflow_spans_dropped_total"]
+            + m["tagflow_spans_failed_total"]
+            >= created
+    });
+    let m = agent.metrics().unwrap();
+    let received = got.lock().unwrap().len() as f64;
+    assert!(
+        received > 0.0,
+        "spans queued within the bound arrive once the collector is back"
+    );
+    assert_eq!(received, m["tagflow_spans_exported_total"]);
+    assert_eq!(
+        received + m["tagflow_spans_dropped_total"],
+        created,
+        "every span is delivered or counted as dropped"
+    );
+    assert!(received <= 4.0 + 512.0);
+    let want = ids::map_request_id("burst-1").unwrap().0.to_vec();
+    assert!(got.lock().unwrap().iter().all(|(_, s)| s.trace_id == want));
+}
