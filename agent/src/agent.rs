@@ -319,6 +319,15 @@ fn snapshot(
 /// Runs until `shutdown` resolves; flushes spans and detaches on the way out.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
     let sink = Sink::from_config(&cfg.export)?;
+    run_with(cfg, sink, shutdown).await
+}
+
+/// [`run`] with a given span sink (the demo collects spans in memory).
+pub async fn run_with(
+    cfg: AgentConfig,
+    sink: Sink,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
     let mut dp = Datapath::load(&cfg, true)?;
     if cfg.backfill {
         let owners = tokio::task::block_in_place(backfill::scan);

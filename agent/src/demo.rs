@@ -1,23 +1,28 @@
-//! `tagflow demo`: a small node with three pods (client, api, db), real
-//! processes and traffic, trace contexts registered for the processes that
-//! serve each request, and the tagged flows the datapath recorded, grouped
-//! by trace. Everything is torn down on exit, on failure and on Ctrl-C.
+//! `tagflow demo`: a small node, end to end. Three pods: `client`,
+//! `frontend` (tagflow sidecar + an app that calls the backend while it
+//! serves) and `backend` (tagflow sidecar + an app). The agent runs
+//! in-process; requests go out with and without an incoming `x-request-id`;
+//! each resulting trace is printed as a tree. Everything is torn down on
+//! exit, on failure and on Ctrl-C.
 use std::{
-    collections::BTreeMap,
-    io::Read,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    collections::HashMap,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
 };
 
-use agent_common::{Counter, TraceContext, TraceKey, TraceSource, OWNER_BOUND, TRACE_FLAG_SAMPLED};
-
 use crate::{
-    agent::hex,
+    agent::{run_with, AgentError},
     config::AgentConfig,
-    loader::{Datapath, LoaderError},
-    netns,
-    tables::TableError,
-    topo::{Lab, Proc, TopoError, CLIENT, ECHO_SERVER},
+    export::{ExportConfig, SendError, Sink},
+    ids,
+    spans::{SpanRecord, Value},
+    topo::{Lab, Pod, Proc, TopoError, HTTP_APP, HTTP_CLIENT},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +30,11 @@ pub enum DemoError {
     #[error(transparent)]
     Topo(#[from] TopoError),
     #[error(transparent)]
-    Loader(#[from] LoaderError),
+    Agent(#[from] AgentError),
     #[error(transparent)]
-    Table(#[from] TableError),
+    Export(#[from] SendError),
     #[error(transparent)]
-    Netns(#[from] netns::NetnsError),
+    Io(#[from] std::io::Error),
     #[error("interrupted")]
     Interrupted,
     #[error("{0}")]
@@ -50,156 +55,252 @@ fn check() -> Result<(), DemoError> {
     }
 }
 
-fn random_id() -> [u8; 16] {
-    let mut id = [0u8; 16];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = f.read_exact(&mut id);
+/// `tagflow sidecar` inside a pod.
+struct Sidecar(Child);
+
+impl Sidecar {
+    fn start(pod: &Pod, upstream: &str, socket: &Path) -> Result<Self, DemoError> {
+        let exe = std::env::current_exe()?;
+        let mut child = pod
+            .command(&exe.to_string_lossy())
+            .args([
+                "sidecar",
+                "--listen",
+                "0.0.0.0:15080",
+                "--upstream",
+                upstream,
+                "--agent-socket",
+            ])
+            .arg(socket)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut err = BufReader::new(child.stderr.take().expect("piped"));
+        let mut line = String::new();
+        let t0 = Instant::now();
+        while !line.contains("sidecar ready") {
+            line.clear();
+            if err.read_line(&mut line)? == 0 || t0.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                return Err(DemoError::Other("sidecar did not start".into()));
+            }
+        }
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while err.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        Ok(Self(child))
     }
-    id[0] |= 1; // never all zero
-    id
 }
 
-const PODS: [&str; 3] = ["client", "api", "db"];
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
-pub fn run(keep: bool) -> Result<(), DemoError> {
+const PODS: [&str; 3] = ["client", "frontend", "backend"];
+
+pub fn run(keep: bool, otlp: Option<String>) -> Result<(), DemoError> {
     // SAFETY: the handler only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    println!("tagflow demo: creating pods {PODS:?} (network namespaces + veths)");
+    println!("tagflow demo: pods {PODS:?} as network namespaces with veths");
     let lab = Lab::new(3)?;
-    let mut dp = Datapath::load(&AgentConfig::default(), true)?;
-    let mut ns = Vec::new();
-    for p in &lab.pods {
-        dp.attach(&p.host_if, p.host_ifindex)?;
-        let cookie = netns::cookie_of(&p.netns_path())?;
-        dp.set_iface_netns(p.host_ifindex, cookie)?;
-        ns.push(cookie);
+    let (client, frontend, backend) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    let dir = std::env::temp_dir().join(format!("tagflow-demo-{}", std::process::id()));
+    let socket: PathBuf = dir.join("agent.sock");
+    let mut cfg = AgentConfig {
+        iface_prefixes: vec![lab.prefix.clone()],
+        backfill: false,
+        metrics_addr: None,
+        span_idle_ms: 500,
+        ..AgentConfig::default()
+    };
+    cfg.registration.socket = socket.clone();
+    let collected: Arc<Mutex<Vec<SpanRecord>>> = Arc::default();
+    let mut sink = Sink::Collect(collected.clone());
+    if let Some(endpoint) = &otlp {
+        let mut e = ExportConfig::default();
+        e.apply_env(|k| std::env::var(k).ok());
+        e.endpoint = Some(endpoint.clone());
+        sink = Sink::Tee(vec![sink, Sink::from_config(&e)?]);
+        println!("  also exporting to {endpoint} ({:?})", e.protocol);
     }
-    let mut table = dp.take_trace_table().expect("fresh datapath");
-    let (client_pod, api_pod, db_pod) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
-    let api = Proc::python(api_pod, ECHO_SERVER, &["8080"])?;
-    let db = Proc::python(db_pod, ECHO_SERVER, &["5432"])?;
-    let (api_ip, db_ip) = (api_pod.ip.to_string(), db_pod.ip.to_string());
-    println!(
-        "  api listens on {api_ip}:8080 (pid {}), db on {db_ip}:5432 (pid {})",
-        api.pid, db.pid
-    );
-
-    let mut traces = Vec::new();
-    for i in 0..3 {
-        check()?;
-        let id = random_id();
-        let ctx = TraceContext {
-            trace_id: id,
-            flags: TRACE_FLAG_SAMPLED | TraceSource::Api.to_flags(),
-            ..Default::default()
-        };
-        // A request from the client pod; while the api serves it, the api
-        // calls the db. Each process handling the request is registered
-        // under (pid, its pod's netns), as a sidecar registration does.
-        let mut client = Proc::python(client_pod, CLIENT, &[&api_ip, "8080", "0", "4"])?;
-        let mut call = Proc::python(api_pod, CLIENT, &[&db_ip, "5432", "0", "2"])?;
-        let keys = [
-            TraceKey::new(client.pid, ns[0]),
-            TraceKey::new(api.pid, ns[1]),
-            TraceKey::new(call.pid, ns[1]),
-        ];
-        for k in keys {
-            table.set_process(k, &ctx)?;
-        }
-        expect_done(client.step()?)?;
-        expect_done(call.step()?)?;
-        for k in keys {
-            table.clear_process(&k, &id)?;
-        }
-        println!("  request {} done, trace {}", i + 1, hex(&id));
-        traces.push(id);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let agent = rt.spawn(run_with(cfg, sink, async {
+        let _ = stop_rx.await;
+    }));
+    let result = scenario(&lab, client, frontend, backend, &socket, keep);
+    // Stop the agent: it flushes the spans it still holds.
+    let _ = stop_tx.send(());
+    let agent_result = rt.block_on(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+    result?;
+    match agent_result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.into()),
+        Err(e) => return Err(DemoError::Other(format!("agent task: {e}"))),
     }
-    // Traffic nobody registered: never tagged.
-    let mut stranger = Proc::python(client_pod, CLIENT, &[&api_ip, "8080", "0", "4"])?;
-    expect_done(stranger.step()?)?;
-    println!("  one more request without a trace context (must stay untagged)");
-
-    print_flows(&dp, &lab, &ns, &traces);
-    let c = dp.counters()?;
-    println!("\ndatapath counters:");
-    for (k, v) in c.iter().filter(|(_, v)| *v > 0) {
-        println!("  {:<20} {v}", k.name());
+    let spans = collected.lock().expect("collect lock").clone();
+    if spans.is_empty() {
+        return Err(DemoError::Other("no spans were produced".into()));
     }
-    if c[Counter::Tagged as usize].1 == 0 {
-        return Err(DemoError::Other("nothing was tagged".into()));
-    }
-    if keep {
-        println!(
-            "\n--keep: pods stay up (namespaces {:?}); Ctrl-C to tear down",
-            lab.pods.iter().map(|p| &p.name).collect::<Vec<_>>()
-        );
-        while check().is_ok() {
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
+    print!("{}", render(&spans, &lab));
     println!("\ntearing down");
     Ok(())
 }
 
-fn expect_done(line: String) -> Result<(), DemoError> {
-    if line == "done" {
-        Ok(())
-    } else {
-        Err(DemoError::Other(format!("client said {line:?}")))
+fn scenario(
+    lab: &Lab,
+    client: &Pod,
+    frontend: &Pod,
+    backend: &Pod,
+    socket: &Path,
+    keep: bool,
+) -> Result<(), DemoError> {
+    let t0 = Instant::now();
+    while !socket.exists() {
+        check()?;
+        if t0.elapsed() > Duration::from_secs(30) {
+            return Err(DemoError::Other("agent did not start".into()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let backend_url = format!("http://{}:15080/", backend.ip);
+    let _backend_app = Proc::python(backend, HTTP_APP, &["8080", "-", "thread", "backend"])?;
+    let _backend_sidecar = Sidecar::start(backend, "127.0.0.1:8080", socket)?;
+    let _frontend_app = Proc::python(
+        frontend,
+        HTTP_APP,
+        &["8080", &backend_url, "thread", "frontend"],
+    )?;
+    let _frontend_sidecar = Sidecar::start(frontend, "127.0.0.1:8080", socket)?;
+    println!("  frontend and backend: app on :8080 behind tagflow sidecar on :15080");
+    let url = format!("http://{}:15080/", frontend.ip);
+    for (what, rid) in [
+        ("with a UUID x-request-id", ids::new_uuid()),
+        (
+            "with an nginx-style x-request-id",
+            ids::to_hex(&ids::random::<16>()),
+        ),
+        ("without x-request-id", "-".to_string()),
+    ] {
+        check()?;
+        let mut c = Proc::python(client, HTTP_CLIENT, &[&url, &rid, "1", "client"])?;
+        let out = c.run_until_done()?;
+        let got = out
+            .first()
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or("?");
+        println!("  request {what}: response x-request-id {got}");
+    }
+    // Spans finish 0.5 s after their last packet, then the trace settles.
+    std::thread::sleep(Duration::from_millis(1800));
+    if keep {
+        let names: Vec<&String> = lab.pods.iter().map(|p| &p.name).collect();
+        println!("\n--keep: pods stay up (ip netns: {names:?}); Ctrl-C to tear down");
+        while check().is_ok() {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+fn int(s: &SpanRecord, k: &str) -> i64 {
+    match s.attr(k) {
+        Some(Value::Int(i)) => *i,
+        _ => 0,
     }
 }
 
-fn print_flows(dp: &Datapath, lab: &Lab, ns: &[u64], traces: &[[u8; 16]]) {
-    let pod_of = |cookie: u64| {
-        ns.iter()
-            .position(|n| *n == cookie)
-            .map(|i| PODS[i])
-            .unwrap_or("?")
-    };
-    let peer_of = |addr: &[u8]| {
+/// Traces as indented trees: service, kind, span name, duration, packets
+/// and bytes, children under the span they belong to.
+pub fn render(spans: &[SpanRecord], lab: &Lab) -> String {
+    let pod_of = |ip: &str| {
         lab.pods
             .iter()
-            .position(|p| p.ip.octets() == addr[..4])
-            .map(|i| PODS[i])
-            .unwrap_or("?")
+            .position(|p| p.ip.to_string() == ip)
+            .map(|i| PODS[i].to_string())
+            .unwrap_or_else(|| ip.to_string())
     };
-    let mut by_trace: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-    for (k, s) in dp
-        .flow_stats()
-        .into_iter()
-        .filter(|(_, s)| !s.is_negative())
-    {
-        let Some(t) = traces.iter().position(|t| *t == s.trace_id) else {
-            continue;
-        };
-        let role = if s.owner == OWNER_BOUND {
-            "server"
-        } else {
-            "client"
-        };
-        by_trace.entry(t).or_default().push(format!(
-            "{:<6} pid {:<7} {:<6} :{:<5} -> {:<6} :{:<5} {:>3} packets {:>6} bytes {:>8.3} ms",
-            pod_of(k.netns),
-            s.pid,
-            role,
-            k.local_port,
-            peer_of(&k.remote_addr),
-            k.remote_port,
-            s.packets,
-            s.bytes,
-            s.last_ns.saturating_sub(s.first_ns) as f64 / 1e6,
-        ));
+    let mut by_trace: HashMap<[u8; 16], Vec<&SpanRecord>> = HashMap::new();
+    for s in spans {
+        by_trace.entry(s.trace_id).or_default().push(s);
     }
-    println!(
-        "\ntagged flows, by trace (pod, owner, local port -> peer, counts, first..last packet):"
-    );
-    for (i, id) in traces.iter().enumerate() {
-        println!("trace {}", hex(id));
-        for line in by_trace.get(&i).map(|v| v.as_slice()).unwrap_or(&[]) {
-            println!("  {line}");
+    let mut traces: Vec<_> = by_trace.into_iter().collect();
+    traces.sort_by_key(|(_, v)| v.iter().map(|s| s.start_unix_ns).min().unwrap_or(0));
+    let mut out = String::from("\ntraces (service  kind  span  duration  packets/bytes):\n");
+    for (id, list) in traces {
+        let rid = list
+            .iter()
+            .find_map(|s| match s.attr("tagflow.request_id") {
+                Some(Value::Str(r)) => Some(r.clone()),
+                _ => None,
+            });
+        out += &format!(
+            "\ntrace {}{}\n",
+            ids::to_hex(&id),
+            rid.map(|r| format!("  (x-request-id {r})"))
+                .unwrap_or_default()
+        );
+        let ids_here: Vec<[u8; 8]> = list.iter().map(|s| s.span_id).collect();
+        let mut roots: Vec<&&SpanRecord> = list
+            .iter()
+            .filter(|s| !s.parent_span_id.is_some_and(|p| ids_here.contains(&p)))
+            .collect();
+        roots.sort_by_key(|s| s.start_unix_ns);
+        for r in roots {
+            walk(&mut out, r, &list, 0, &pod_of);
         }
+    }
+    out
+}
+
+fn walk(
+    out: &mut String,
+    s: &SpanRecord,
+    all: &[&SpanRecord],
+    depth: usize,
+    pod_of: &dyn Fn(&str) -> String,
+) {
+    let local = match s.attr("network.local.address") {
+        Some(Value::Str(a)) => pod_of(a),
+        _ => "?".into(),
+    };
+    let peer = match s.attr("network.peer.address") {
+        Some(Value::Str(a)) => pod_of(a),
+        _ => "?".into(),
+    };
+    *out += &format!(
+        "{:indent$}└─ {}/{} {:<6} {:<28} {:>8.3} ms {:>3} pkts {:>6} B\n",
+        "",
+        local,
+        s.resource.service_name(),
+        s.kind.as_str(),
+        format!("{} → {}", s.name, peer),
+        s.end_unix_ns.saturating_sub(s.start_unix_ns) as f64 / 1e6,
+        int(s, "tagflow.packets"),
+        int(s, "tagflow.bytes"),
+        indent = depth * 3
+    );
+    let mut kids: Vec<&&SpanRecord> = all
+        .iter()
+        .filter(|c| c.parent_span_id == Some(s.span_id))
+        .collect();
+    kids.sort_by_key(|c| c.start_unix_ns);
+    for k in kids {
+        walk(out, k, all, depth + 1, pod_of);
     }
 }

@@ -59,11 +59,15 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// End-to-end demo: pods, traffic, traces, tagged flows (needs root).
+    /// End-to-end demo: pods, sidecars, traffic, traces as trees (needs root).
     Demo {
         /// Leave the pods up until Ctrl-C.
         #[arg(long)]
         keep: bool,
+        /// Also send the spans to this OTLP endpoint (e.g. Jaeger's
+        /// http://HOST:4317).
+        #[arg(long)]
+        otlp_endpoint: Option<String>,
     },
     /// Measure the datapath against an empty TC program (BPF_PROG_TEST_RUN).
     Bench {
@@ -364,7 +368,10 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(agent::agent::run(cfg, shutdown_signal()))
                 .context("agent failed")?;
         }
-        Cmd::Demo { keep } => agent::demo::run(keep)?,
+        Cmd::Demo {
+            keep,
+            otlp_endpoint,
+        } => agent::demo::run(keep, otlp_endpoint)?,
         Cmd::Status { addr, json } => {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -383,6 +390,7 @@ fn main() -> anyhow::Result<()> {
             upstream,
             agent_socket,
         } => {
+            set_process_name("tf-sidecar");
             let cfg = agent::sidecar::SidecarConfig::new(listen, upstream, agent_socket);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -442,6 +450,14 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The name spans' resources use for this process (15 bytes at most).
+fn set_process_name(name: &str) {
+    if let Ok(c) = std::ffi::CString::new(name) {
+        // SAFETY: PR_SET_NAME with a NUL-terminated string.
+        unsafe { libc::prctl(libc::PR_SET_NAME, c.as_ptr(), 0, 0, 0) };
+    }
 }
 
 async fn shutdown_signal() {

@@ -261,23 +261,33 @@ impl Drop for Proc {
     }
 }
 
-/// An HTTP app: `python3 -c HTTP_APP PORT DOWNSTREAM MODE` where DOWNSTREAM is
-/// `host:port` of an echo server to call while serving each request (or
-/// `-`), MODE `thread`, `fork` (a child process per connection) or `prefork`
-/// (three worker processes sharing the listening socket). Replies
-/// `rid=<x-request-id> tp=<traceparent> pid=<serving pid>`. Prints
+/// An HTTP app: `python3 -c HTTP_APP PORT DOWNSTREAM MODE [NAME]` where
+/// DOWNSTREAM is `host:port` of an echo server to call while serving each
+/// request, an `http://` URL to GET (propagating `x-request-id` and
+/// `traceparent`, as an instrumented app does), or `-`; MODE `thread`,
+/// `fork` (a child process per connection) or `prefork` (three worker
+/// processes sharing the listening socket); NAME sets the process name.
+/// Replies `rid=<x-request-id> tp=<traceparent> pid=<serving pid>`. Prints
 /// `ready <pid>`.
 pub const HTTP_APP: &str = r#"
-import os, socket, sys, socketserver
+import os, socket, sys, socketserver, urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 port, down, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if len(sys.argv) > 4:
+    import ctypes
+    ctypes.CDLL(None).prctl(15, sys.argv[4].encode(), 0, 0, 0)
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
     def do_GET(self):
         rid = self.headers.get("x-request-id", "")
         tp = self.headers.get("traceparent", "")
-        if down != "-":
+        if down.startswith("http"):
+            req = urllib.request.Request(down)
+            for k in ("x-request-id", "traceparent"):
+                if self.headers.get(k): req.add_header(k, self.headers.get(k))
+            urllib.request.urlopen(req, timeout=10).read()
+        elif down != "-":
             h, p = down.rsplit(":", 1)
             with socket.create_connection((h, int(p))) as s:
                 for _ in range(3):
@@ -310,13 +320,16 @@ print("ready", os.getpid(), flush=True)
 srv.serve_forever()
 "#;
 
-/// An HTTP client: `python3 -c HTTP_CLIENT URL REQUEST_ID N`. Prints
+/// An HTTP client: `python3 -c HTTP_CLIENT URL REQUEST_ID N [NAME]`. Prints
 /// `ready <pid>`, waits for a line, sends N GETs (with `x-request-id:
 /// REQUEST_ID` unless it is `-`), printing `<x-request-id of the
 /// response> <body>` per request, then `done`.
 pub const HTTP_CLIENT: &str = r#"
 import os, sys, urllib.request
 url, rid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if len(sys.argv) > 4:
+    import ctypes
+    ctypes.CDLL(None).prctl(15, sys.argv[4].encode(), 0, 0, 0)
 print("ready", os.getpid(), flush=True)
 sys.stdin.readline()
 for _ in range(n):

@@ -145,6 +145,8 @@ pub enum Sink {
     Http(otlp::Http),
     /// Kept in memory (the demo, tests).
     Collect(Arc<Mutex<Vec<SpanRecord>>>),
+    /// Every sink in turn (the demo prints and exports).
+    Tee(Vec<Sink>),
 }
 
 impl Sink {
@@ -170,6 +172,15 @@ impl Sink {
             Sink::Collect(v) => {
                 v.lock().expect("collect lock").extend_from_slice(spans);
                 Ok(())
+            }
+            Sink::Tee(sinks) => {
+                let mut result = Ok(());
+                for s in sinks {
+                    if let Err(e) = Box::pin(s.send(spans)).await {
+                        result = Err(e);
+                    }
+                }
+                result
             }
         }
     }

@@ -210,13 +210,19 @@ impl Assembler {
             Why::Evicted => self.stats.evicted += 1,
         }
         let record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        // The captured head's own packet went out before the flow was
+        // tagged: the request starts there.
+        let start = match &o.head {
+            Some(h) if h.ts_ns != 0 => o.stats.first_ns.min(h.ts_ns),
+            _ => o.stats.first_ns,
+        };
         let g = self.groups.entry(k.1).or_default();
         g.open = g.open.saturating_sub(1);
         g.last_change = now;
         g.closed.push(Closed {
             key: k.0,
-            start: o.stats.first_ns,
-            end: o.stats.last_ns,
+            start,
+            end: o.stats.last_ns.max(start),
             record,
         });
     }
@@ -333,6 +339,8 @@ impl Assembler {
                     .into(),
                 ),
             ),
+            // The pod (namespace cookie): what pod metadata keys on.
+            kv("tagflow.netns", Value::Int(key.netns as i64)),
         ];
         if evicted {
             a.push(kv("tagflow.evicted", Value::Str("true".into())));
@@ -418,6 +426,12 @@ fn reverse_of(a: &FlowKey, b: &FlowKey) -> bool {
 const CONTAIN_SLACK_NS: u64 = 5_000_000;
 
 /// Links the spans of one trace (see the module docs). Never makes a cycle.
+///
+/// A server-side flow is often tagged only once its process was registered,
+/// after the request arrived: its first packet says little about when
+/// serving began. So a call is attributed to the first server span of its
+/// pod still open when the call started, and parents are then stretched to
+/// cover their children.
 fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
     let n = spans.len();
     let mut parent: Vec<Option<usize>> = vec![None; n];
@@ -433,11 +447,13 @@ fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
                     j != i
                         && sj.record.kind == SpanKind::Server
                         && sj.key.netns == si.key.netns
-                        && sj.start <= si.start + CONTAIN_SLACK_NS
                         && si.start <= sj.end + CONTAIN_SLACK_NS
                 })
-                .max_by_key(|&j| spans[j].start),
+                .min_by_key(|&j| spans[j].end),
         };
+    }
+    for i in 0..n {
+        tracing::debug!(i, kind = ?spans[i].record.kind, netns = spans[i].key.netns, start = spans[i].start, end = spans[i].end, parent = ?parent[i], "link");
     }
     // Break cycles: walk up from each span; a revisit drops that link.
     for i in 0..n {
@@ -451,6 +467,16 @@ fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
             }
             seen[p] = true;
             cur = p;
+        }
+    }
+    // Parents cover their children (a few passes settle any depth we make).
+    for _ in 0..4 {
+        for i in 0..n {
+            if let Some(p) = parent[i] {
+                let (cs, ce) = (spans[i].start, spans[i].end);
+                spans[p].start = spans[p].start.min(cs);
+                spans[p].end = spans[p].end.max(ce);
+            }
         }
     }
     for i in 0..n {
@@ -650,6 +676,112 @@ mod tests {
             "call made while serving"
         );
         assert!(!sb.parent_is_remote && !sc.parent_is_remote);
+    }
+
+    #[test]
+    fn a_late_tagged_server_span_still_parents_the_calls_made_while_serving() {
+        // The sidecar's response flow is tagged only after registration:
+        // its packets come after the app's call to the backend.
+        let mut a = asm(1_000_000);
+        let serve = key(2, [10, 0, 0, 2], 15080, [10, 0, 0, 1], 40000);
+        let call = key(2, [10, 0, 0, 2], 50000, [10, 0, 0, 3], 15080);
+        const MS: u64 = 1_000_000;
+        a.flow_new(
+            &ev(call, T1, OWNER_CONNECTED, 100 * MS, 100 * MS, 1),
+            None,
+            100 * MS,
+        );
+        a.flow_end(
+            &ev(call, T1, OWNER_CONNECTED, 100 * MS, 300 * MS, 5),
+            300 * MS,
+        );
+        a.flow_new(
+            &ev(serve, T1, OWNER_BOUND, 350 * MS, 350 * MS, 1),
+            None,
+            350 * MS,
+        );
+        a.flow_end(&ev(serve, T1, OWNER_BOUND, 350 * MS, 400 * MS, 2), 400 * MS);
+        let spans = a.ready(&CLOCK(), 10_000 * MS);
+        let s = spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+        let c = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        assert_eq!(c.parent_span_id, Some(s.span_id));
+        assert!(
+            s.start_unix_ns <= c.start_unix_ns && s.end_unix_ns >= c.end_unix_ns,
+            "parent covers child"
+        );
+    }
+
+    #[test]
+    fn sidecar_chain_forms_one_tree() {
+        // client (ns 1) → frontend sidecar (ns 2) → frontend app calls
+        // backend sidecar (ns 3), as in the demo, with the demo's timing:
+        // only the app's call is tagged early.
+        let mut a = asm(1_000_000);
+        let c_call = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 2], 15080);
+        let f_serve = key(2, [10, 0, 0, 2], 15080, [10, 0, 0, 1], 40000);
+        let f_call = key(2, [10, 0, 0, 2], 50000, [10, 0, 0, 3], 15080);
+        let b_serve = key(3, [10, 0, 0, 3], 15080, [10, 0, 0, 2], 50000);
+        const MS: u64 = 1_000_000;
+        a.flow_new(
+            &ev(f_call, T1, OWNER_CONNECTED, 200 * MS, 200 * MS, 1),
+            None,
+            200 * MS,
+        );
+        a.flow_new(
+            &ev(b_serve, T1, OWNER_BOUND, 700 * MS, 700 * MS, 1),
+            None,
+            700 * MS,
+        );
+        a.flow_new(
+            &ev(f_serve, T1, OWNER_BOUND, 900 * MS, 900 * MS, 1),
+            None,
+            900 * MS,
+        );
+        a.flow_new(
+            &ev(c_call, T1, OWNER_CONNECTED, 950 * MS, 950 * MS, 1),
+            None,
+            950 * MS,
+        );
+        a.flow_end(
+            &ev(f_call, T1, OWNER_CONNECTED, 200 * MS, 800 * MS, 5),
+            1000 * MS,
+        );
+        a.flow_end(
+            &ev(b_serve, T1, OWNER_BOUND, 700 * MS, 750 * MS, 2),
+            1000 * MS,
+        );
+        a.flow_end(
+            &ev(f_serve, T1, OWNER_BOUND, 900 * MS, 960 * MS, 2),
+            1000 * MS,
+        );
+        a.flow_end(
+            &ev(c_call, T1, OWNER_CONNECTED, 950 * MS, 990 * MS, 2),
+            1000 * MS,
+        );
+        let spans = a.ready(&CLOCK(), 10_000 * MS);
+        let by_port = |k: &FlowKey| {
+            spans
+                .iter()
+                .find(|s| {
+                    s.attr("network.local.port") == Some(&Value::Int(k.local_port as i64))
+                        && s.attr("network.peer.port") == Some(&Value::Int(k.remote_port as i64))
+                })
+                .unwrap()
+        };
+        let (c, fs, fc, bs) = (
+            by_port(&c_call),
+            by_port(&f_serve),
+            by_port(&f_call),
+            by_port(&b_serve),
+        );
+        assert_eq!(fs.parent_span_id, Some(c.span_id));
+        assert_eq!(
+            fc.parent_span_id,
+            Some(fs.span_id),
+            "the app's call belongs to the request the sidecar served"
+        );
+        assert_eq!(bs.parent_span_id, Some(fc.span_id));
+        assert_eq!(c.parent_span_id, None);
     }
 
     #[test]
