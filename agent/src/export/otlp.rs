@@ -269,3 +269,85 @@ impl Http {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::kv;
+
+    fn rec(service: &str, id: u8, parent: Option<[u8; 8]>, remote: bool) -> SpanRecord {
+        SpanRecord {
+            trace_id: [7; 16],
+            span_id: [id; 8],
+            parent_span_id: parent,
+            parent_is_remote: remote,
+            name: "tcp 10.0.0.2:80".into(),
+            kind: SpanKind::Client,
+            start_unix_ns: 10,
+            end_unix_ns: 20,
+            attributes: vec![
+                kv("tagflow.packets", Value::Int(3)),
+                kv(
+                    "http.request.header.x-request-id",
+                    Value::StrArray(vec!["r".into()]),
+                ),
+            ],
+            resource: Arc::new(Resource {
+                attributes: vec![kv("service.name", Value::Str(service.into()))],
+            }),
+        }
+    }
+
+    #[test]
+    fn spans_are_grouped_by_resource_and_encoded_faithfully() {
+        let a = rec("frontend", 1, Some([9; 8]), true);
+        let b = rec("backend", 2, Some([1; 8]), false);
+        let c = rec("frontend", 3, None, false);
+        let req = request(&[a, b, c]);
+        assert_eq!(req.resource_spans.len(), 2, "one ResourceSpans per service");
+        let names: Vec<String> = req
+            .resource_spans
+            .iter()
+            .map(|r| {
+                match &r.resource.as_ref().unwrap().attributes[0]
+                    .value
+                    .as_ref()
+                    .unwrap()
+                    .value
+                {
+                    Some(any_value::Value::StringValue(s)) => s.clone(),
+                    other => panic!("{other:?}"),
+                }
+            })
+            .collect();
+        assert_eq!(names, ["frontend", "backend"]);
+        let fe = &req.resource_spans[0].scope_spans[0];
+        assert_eq!(fe.scope.as_ref().unwrap().name, "tagflow");
+        assert_eq!(fe.spans.len(), 2);
+        let s = &fe.spans[0];
+        assert_eq!(
+            (s.trace_id.len(), s.span_id.as_slice()),
+            (16, &[1u8; 8][..])
+        );
+        assert_eq!(s.parent_span_id, vec![9; 8]);
+        assert_eq!(
+            s.flags,
+            FLAG_SAMPLED | FLAG_CONTEXT_HAS_IS_REMOTE | FLAG_CONTEXT_IS_REMOTE
+        );
+        assert_eq!(s.kind, PSpanKind::Client as i32);
+        assert_eq!((s.start_time_unix_nano, s.end_time_unix_nano), (10, 20));
+        assert!(
+            fe.spans[1].parent_span_id.is_empty(),
+            "a root has no parent"
+        );
+        assert_eq!(fe.spans[1].flags, FLAG_SAMPLED);
+        let local_parent = &req.resource_spans[1].scope_spans[0].spans[0];
+        assert_eq!(
+            local_parent.flags,
+            FLAG_SAMPLED | FLAG_CONTEXT_HAS_IS_REMOTE
+        );
+        // Round trip through protobuf bytes.
+        let back = ExportTraceServiceRequest::decode(&req.encode_to_vec()[..]).unwrap();
+        assert_eq!(back, req);
+    }
+}
