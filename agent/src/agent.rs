@@ -114,6 +114,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(cfg: &AgentConfig) -> Self {
+        Self::with_pods(cfg, None)
+    }
+
+    /// With pod metadata for span resources (in a cluster).
+    pub fn with_pods(cfg: &AgentConfig, pods: Option<Arc<crate::k8s::pods::PodCache>>) -> Self {
         Self {
             capture: Capture::new(cfg.capture_headers.clone(), 65536),
             assembler: Assembler::new(
@@ -122,7 +127,8 @@ impl Pipeline {
                     max_open: cfg.max_open_spans,
                     ..AssemblerConfig::default()
                 },
-                Resources::new(std::env::var("OTEL_SERVICE_NAME").ok()),
+                Resources::new(std::env::var("OTEL_SERVICE_NAME").ok())
+                    .with_pods(pods, std::env::var("NODE_NAME").ok()),
             ),
             clock: WallClock::measure(),
             stats: AgentStats::default(),
@@ -369,7 +375,9 @@ pub async fn run_with(
             }
         });
     }
-    let mut pipe = Pipeline::new(&cfg);
+    // In a cluster: this node's pods, for span resources.
+    let pods = crate::k8s::pods::start(std::env::var("NODE_NAME").ok()).await;
+    let mut pipe = Pipeline::with_pods(&cfg, pods);
 
     // Subscribe before the dump so no link can slip between the two.
     let monitor = netlink::Socket::open(true)?;

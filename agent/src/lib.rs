@@ -9,6 +9,7 @@ pub mod events;
 pub mod export;
 pub mod frames;
 pub mod ids;
+pub mod k8s;
 pub mod loader;
 pub mod metrics;
 pub mod netlink;

@@ -168,6 +168,24 @@ fn tools() -> Result<()> {
     }
 }
 
+/// The offline Kubernetes schema validator the deploy test uses (PyPI).
+pub fn kubernetes_validate() -> Result<()> {
+    if ok(Command::new("kubernetes-validate").arg("--version")) {
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "kubernetes-validate"]))
+        .context("installing kubernetes-validate (python3 -m pip install kubernetes-validate)")?;
+    // pip may put the script where PATH does not look (pyenv shims need a
+    // rehash): fall back to the module's location.
+    if !ok(Command::new("kubernetes-validate").arg("--version")) {
+        let _ = Command::new("pyenv").arg("rehash").status();
+    }
+    if !ok(Command::new("kubernetes-validate").arg("--version")) {
+        bail!("kubernetes-validate installed but not on PATH");
+    }
+    Ok(())
+}
+
 /// Everything `cargo xtask build|run|test|bench|demo` needs.
 pub fn ensure() -> Result<()> {
     nightly_rust_src().context("nightly rust-src")?;

@@ -144,6 +144,9 @@ fn main() -> Result<()> {
                 "--bins",
             ]))?;
             run(cargo().args(["test", "--package", "agent-common"]))?;
+            // deploy/: render, schema-validate, agree with the agent.
+            bootstrap::kubernetes_validate()?;
+            run(cargo().args(["test", "--package", "agent", "--test", "deploy"]))?;
             if unit_only {
                 return Ok(());
             }
@@ -162,6 +165,8 @@ fn main() -> Result<()> {
                 "sources",
                 "--test",
                 "spans",
+                "--test",
+                "k8s",
                 "--",
                 "--test-threads=1",
             ]))?;
