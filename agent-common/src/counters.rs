@@ -41,10 +41,13 @@ pub enum Counter {
     Resolved = 12,
     /// HTTP request heads copied to userspace (passive capture).
     HeadCaptured = 13,
+    /// Request heads not copied: their connection's last head carried no
+    /// id header (see `CAPTURE_SKIP`).
+    HeadSkipped = 14,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::Seen,
         Self::Tagged,
@@ -60,6 +63,7 @@ impl Counter {
         Self::OwnerUpdateFailed,
         Self::Resolved,
         Self::HeadCaptured,
+        Self::HeadSkipped,
     ];
 
     /// The outcomes: each packet increments exactly one of these.
@@ -89,6 +93,7 @@ impl Counter {
             Self::OwnerUpdateFailed => "owner_update_failed",
             Self::Resolved => "resolved",
             Self::HeadCaptured => "head_captured",
+            Self::HeadSkipped => "head_skipped",
         }
     }
 }

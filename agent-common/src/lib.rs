@@ -45,6 +45,7 @@ pub mod maps {
     pub const IFACE_NETNS: &str = "IFACE_NETNS";
     pub const NETNS_GEN: &str = "NETNS_GEN";
     pub const NETNS_SLOTS: &str = "NETNS_SLOTS";
+    pub const CAPTURE_SKIP: &str = "CAPTURE_SKIP";
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
 }

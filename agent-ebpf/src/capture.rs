@@ -2,7 +2,7 @@
 //! HTTP/1.x request head goes to userspace, which reads its request id.
 //! Bounded work: one fixed-size ring-buffer reservation and one copy.
 use crate::{
-    maps::{count, EVENTS},
+    maps::{count, CAPTURE_SKIP, EVENTS},
     resolve,
 };
 use agent_common::{
@@ -10,6 +10,20 @@ use agent_common::{
 };
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
 use core::ffi::c_void;
+
+/// Copies the head unless userspace asked to skip this connection for a
+/// while (its last head had no id header: keep-alive traffic without ids
+/// then costs one lookup per request instead of a copy and a parse).
+#[inline(always)]
+pub fn maybe_head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize) {
+    if let Some(until) = unsafe { CAPTURE_SKIP.get(key) } {
+        if crate::tag::now(ctx) < *until {
+            count(Counter::HeadSkipped);
+            return;
+        }
+    }
+    head(ctx, cfg, key, payload_off);
+}
 
 #[inline(always)]
 pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize) {

@@ -54,7 +54,7 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     // Passive capture runs before the gate: heads from trace-free pods are
     // how traces start.
     if cfg.capture_len != 0 && parse::looks_like_http_request(&ctx, parsed.payload_off) {
-        capture::head(&ctx, &cfg, &key, parsed.payload_off);
+        capture::maybe_head(&ctx, &cfg, &key, parsed.payload_off);
     }
 
     // Gate: a namespace without trace entries stops here, after one lookup.

@@ -56,6 +56,11 @@ pub fn count(c: agent_common::Counter) {
 #[map(name = "NETNS_GEN")]
 pub static NETNS_GEN: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
 
+/// Connections whose last request head carried no id header → monotonic ns
+/// until which their heads are not copied. Written by userspace; LRU.
+#[map(name = "CAPTURE_SKIP")]
+pub static CAPTURE_SKIP: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(8192, 0);
+
 /// The fast front of `NETNS_GEN` (see `agent_common::NetnsSlot`).
 #[map(name = "NETNS_SLOTS")]
 pub static NETNS_SLOTS: Array<NetnsSlot> = Array::with_max_entries(agent_common::NETNS_SLOTS, 0);

@@ -46,9 +46,13 @@ pub enum AgentError {
     Export(#[from] SendError),
 }
 
+/// How long heads of a connection whose head had no id are not copied.
+const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
+
 /// Agent-side counters (exported as metrics).
 #[derive(Default, Debug, Clone)]
 pub struct AgentStats {
+    pub capture_skips: u64,
     pub flow_new: u64,
     pub flow_end: u64,
     pub heads: u64,
@@ -135,8 +139,10 @@ impl Pipeline {
         }
     }
 
-    /// Handles one ring-buffer record.
-    pub fn event(&mut self, ev: Event, table: &Mutex<TraceTable>) {
+    /// Handles one ring-buffer record. Returns a connection whose request
+    /// heads the datapath should stop copying for a while (its head had no
+    /// id header).
+    pub fn event(&mut self, ev: Event, table: &Mutex<TraceTable>) -> Option<agent_common::FlowKey> {
         let now = WallClock::monotonic_now();
         match ev {
             Event::FlowNew(f) => {
@@ -153,13 +159,16 @@ impl Pipeline {
                 let out = self
                     .capture
                     .handle(&h, &mut table.lock().expect("table lock"));
-                if let HeadOutcome::Applied(info) = out {
-                    self.assembler.head(&h.key, *info);
+                match out {
+                    HeadOutcome::Applied(info) => self.assembler.head(&h.key, *info),
+                    HeadOutcome::NoId { truncated: false } => return Some(h.key),
+                    _ => {}
                 }
             }
             Event::Unknown(_) => self.stats.events_unknown += 1,
             Event::Truncated => self.stats.events_truncated += 1,
         }
+        None
     }
 
     /// Refreshes open spans from FLOW_STATS, closes finished ones and hands
@@ -430,7 +439,12 @@ pub async fn run_with(
                 while let Some(item) = rb.next() {
                     let ev = events::decode(&item);
                     drop(item);
-                    pipe.event(ev, &table);
+                    if let Some(k) = pipe.event(ev, &table) {
+                        let until = WallClock::monotonic_now() + CAPTURE_SKIP_NS;
+                        if dp.skip_capture(&k, until).is_ok() {
+                            pipe.stats.capture_skips += 1;
+                        }
+                    }
                 }
                 guard.clear_ready();
             }

@@ -90,6 +90,7 @@ pub struct Datapath {
     bound_ports: BpfHashMap<MapData, PortKey, u32>,
     sock_owner: BpfHashMap<MapData, u64, u32>,
     events: Option<RingBuf<MapData>>,
+    capture_skip: BpfHashMap<MapData, FlowKey, u64>,
     table: Option<TraceTable>,
     pub owner_hooks: Vec<&'static str>,
 }
@@ -156,6 +157,7 @@ impl Datapath {
             bound_ports: take(&mut ebpf, m::BOUND_PORTS)?,
             sock_owner: take(&mut ebpf, m::SOCK_OWNER)?,
             events: Some(take(&mut ebpf, m::EVENTS)?),
+            capture_skip: take(&mut ebpf, m::CAPTURE_SKIP)?,
             table: Some(table),
             ebpf,
             _logger: logger,
@@ -392,6 +394,16 @@ impl Datapath {
                 cap(self.iface_netns.map()),
             ),
         ]
+    }
+
+    /// Stops copying request heads of `key` until `until_ns` (monotonic).
+    pub fn skip_capture(&mut self, key: &FlowKey, until_ns: u64) -> Result<(), LoaderError> {
+        self.capture_skip
+            .insert(key, until_ns, 0)
+            .map_err(|source| LoaderError::Map {
+                name: "CAPTURE_SKIP",
+                source,
+            })
     }
 
     /// The trace tables (once; the sources own them from then on).

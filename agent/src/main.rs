@@ -155,6 +155,14 @@ enum BenchCmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Node-level scenarios only (throughput, HTTP load, agent CPU and
+    /// memory, sidecar vs nginx).
+    Node {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long)]
+        quick: bool,
+    },
     /// Registration throughput and begin → map-visible latency.
     Registration {
         #[arg(long)]
@@ -431,14 +439,20 @@ fn main() -> anyhow::Result<()> {
                     messages,
                     clients,
                 } => (agent::bench::registration(messages, clients)?, json),
+                BenchCmd::Node { json, quick } => (agent::bench::node::node(quick)?, json),
                 BenchCmd::All { json, quick } => {
-                    let (repeat, rounds, messages) = if quick {
-                        (300_000, 5, 40_000)
+                    use agent::bench::{self, node, pipeline, startup};
+                    let (repeat, rounds, messages, spans) = if quick {
+                        (300_000, 5, 40_000, 50_000)
                     } else {
-                        (2_000_000, 7, 200_000)
+                        (2_000_000, 7, 200_000, 200_000)
                     };
-                    let mut rows = agent::bench::datapath(repeat, rounds)?;
-                    rows.extend(agent::bench::registration(messages, 4)?);
+                    let mut rows = bench::datapath(repeat, rounds)?;
+                    rows.extend(startup::scaling(repeat / 2)?);
+                    rows.extend(bench::registration(messages, 4)?);
+                    rows.extend(pipeline::pipeline(spans)?);
+                    rows.extend(startup::startup(if quick { 3 } else { 5 })?);
+                    rows.extend(node::node(quick)?);
                     (rows, json)
                 }
             };

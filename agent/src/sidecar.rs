@@ -90,9 +90,14 @@ pub struct SidecarStats {
 
 type Out = BoxBody<Bytes, hyper::Error>;
 
+/// Agent connections a sidecar keeps: requests in flight register in
+/// parallel instead of queueing behind one connection.
+const AGENT_CONNECTIONS: usize = 8;
+
 struct Shared {
     cfg: SidecarConfig,
-    agent: Mutex<Client>,
+    agent: Vec<Mutex<Client>>,
+    next: AtomicU64,
     pool: Mutex<Vec<(SendRequest<Incoming>, SocketAddr)>>,
     stats: Arc<SidecarStats>,
 }
@@ -111,7 +116,10 @@ pub async fn run(
         let _ = r.send(addr);
     }
     let shared = Arc::new(Shared {
-        agent: Mutex::new(Client::new(cfg.agent_socket.clone(), cfg.register_timeout)),
+        agent: (0..AGENT_CONNECTIONS)
+            .map(|_| Mutex::new(Client::new(cfg.agent_socket.clone(), cfg.register_timeout)))
+            .collect(),
+        next: AtomicU64::new(0),
         pool: Mutex::new(Vec::new()),
         stats,
         cfg,
@@ -236,7 +244,9 @@ async fn handle(
         // If this sidecar dies mid-request, its registrations go with it.
         release_on_close: true,
     };
-    let registered = match s.agent.lock().await.begin(reg.clone()).await {
+    // END goes over the same connection as BEGIN (the agent pairs them).
+    let slot = s.next.fetch_add(1, Ordering::Relaxed) as usize % s.agent.len();
+    let registered = match s.agent[slot].lock().await.begin(reg.clone()).await {
         Ok(_) => true,
         Err(e) => {
             s.stats.registrations_failed.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +262,7 @@ async fn handle(
     tokio::spawn(async move {
         let _ = done_rx.await;
         if registered {
-            if let Err(e) = s2.agent.lock().await.end(reg).await {
+            if let Err(e) = s2.agent[slot].lock().await.end(reg).await {
                 s2.stats
                     .registrations_failed
                     .fetch_add(1, Ordering::Relaxed);

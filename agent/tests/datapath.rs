@@ -467,3 +467,32 @@ fn capture_can_be_turned_off() {
     assert!(events.next().is_none());
     assert_eq!(b.dp.counter(Counter::HeadCaptured), 0);
 }
+
+#[test]
+fn heads_of_connections_told_to_skip_are_not_copied() {
+    let _g = lock();
+    let Some(mut b) = bed(&AgentConfig::default()) else {
+        return;
+    };
+    let mut events = b.dp.take_events().unwrap();
+    let f = tcp4();
+    // The agent saw a head without an id on this connection.
+    b.dp.skip_capture(&f.flow_key(b.pod_ns), u64::MAX).unwrap();
+    b.expect(&f.build(), Counter::NoTrace, "skipped head");
+    assert!(events.next().is_none(), "nothing copied");
+    assert_eq!(b.dp.counter(Counter::HeadSkipped), 1);
+    // Other connections are still captured, and an expired skip lets heads through.
+    let other = Frame::tcp(ip("10.1.0.1"), 40001, ip("10.2.0.1"), 80);
+    b.expect(&other.build(), Counter::NoTrace, "other connection");
+    assert!(matches!(
+        events.next().map(|i| events::decode(&i)),
+        Some(Event::HttpHead(_))
+    ));
+    b.dp.skip_capture(&f.flow_key(b.pod_ns), 1).unwrap();
+    b.expect(&f.build(), Counter::NoTrace, "skip expired");
+    assert!(matches!(
+        events.next().map(|i| events::decode(&i)),
+        Some(Event::HttpHead(_))
+    ));
+    assert_eq!(b.dp.counter(Counter::HeadCaptured), 2);
+}

@@ -168,6 +168,20 @@ fn tools() -> Result<()> {
     }
 }
 
+/// Load generators the node benchmarks drive (Debian packages).
+pub fn bench_tools() -> Result<()> {
+    let missing: Vec<&str> = [("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx")]
+        .iter()
+        .filter(|(tool, _)| !which(tool))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        apt_install(&missing)
+    }
+}
+
 /// The offline Kubernetes schema validator the deploy test uses (PyPI).
 pub fn kubernetes_validate() -> Result<()> {
     if ok(Command::new("kubernetes-validate").arg("--version")) {

@@ -173,6 +173,7 @@ fn main() -> Result<()> {
         }
         Cmd::Bench { quick, json } => {
             need_root("the benchmarks")?;
+            bootstrap::bench_tools()?;
             let bin = build(true)?;
             let mut c = Command::new(bin);
             c.args(["bench", "all"]);

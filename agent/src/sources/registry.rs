@@ -50,8 +50,13 @@ pub enum RegistryError {
     NoGroup(String),
 }
 
+/// A connection in a namespace: (namespace, client end, server end).
+type ConnKey = (NsId, SocketAddr, SocketAddr);
+
 /// Polls for the holder of a freshly accepted connection (2 ms apart).
 const ACCEPT_RETRIES: usize = 8;
+/// How long a connection's serving process is trusted without a new look.
+const SERVED_BY_TTL: Duration = Duration::from_secs(30);
 
 /// Registration server settings (see `AgentConfig::registration`).
 #[derive(Debug, Clone)]
@@ -101,6 +106,10 @@ pub struct Registry {
     limits: Limits,
     pub stats: Arc<RegistryStats>,
     listeners: Mutex<ListenerCache>,
+    /// Who serves a connection does not change while it lives: the process
+    /// found behind a (namespace, client end, server end) is reused for
+    /// later requests on the same (pooled) connection.
+    served_by: Mutex<HashMap<ConnKey, (Vec<u32>, Instant)>>,
     cookies: Mutex<HashMap<NsId, (u64, Instant)>>,
     per_netns: Mutex<HashMap<NsId, (usize, Bucket)>>,
     total: AtomicU64,
@@ -129,6 +138,7 @@ impl Registry {
             limits,
             stats: Arc::default(),
             listeners: Mutex::new(ListenerCache::new(Duration::from_secs(2))),
+            served_by: Mutex::new(HashMap::new()),
             cookies: Mutex::new(HashMap::new()),
             per_netns: Mutex::new(HashMap::new()),
             total: AtomicU64::new(0),
@@ -398,10 +408,21 @@ impl Registry {
                     .filter(|(_, remote, fp)| *fp == p && p == PROTO_TCP && remote.port() == *port)
                     .collect();
                 let mut pids = Vec::new();
+                let now = Instant::now();
+                if let Some((l, r, _)) = to_port.first() {
+                    if let Some((p, t)) = self.served_by.lock().unwrap().get(&(peer.ns, *l, *r)) {
+                        if now.duration_since(*t) < SERVED_BY_TTL
+                            && p.iter()
+                                .all(|pid| targets::netns_id_of(*pid) == Some(peer.ns))
+                        {
+                            pids = p.clone();
+                        }
+                    }
+                }
                 // A connection just made may not be accepted yet (or its
                 // forked handler not born): give the server a moment.
                 for attempt in 0..ACCEPT_RETRIES {
-                    if to_port.is_empty() {
+                    if to_port.is_empty() || !pids.is_empty() {
                         break;
                     }
                     let accepted: Vec<u64> = to_port
@@ -410,6 +431,12 @@ impl Registry {
                         .collect();
                     pids = targets::holders(peer.ns, &accepted);
                     if !pids.is_empty() {
+                        let (l, r, _) = to_port[0];
+                        let mut cache = self.served_by.lock().unwrap();
+                        if cache.len() >= 16384 {
+                            cache.retain(|_, (_, t)| now.duration_since(*t) < SERVED_BY_TTL);
+                        }
+                        cache.insert((peer.ns, *l, *r), (pids.clone(), now));
                         break;
                     }
                     if attempt + 1 < ACCEPT_RETRIES {

@@ -1,6 +1,9 @@
 //! Benchmarks that run inside the agent binary (they need its eBPF object).
 //! Every figure is a ratio against a baseline measured in the same run, with
 //! the scenarios alternated round by round and medians reported.
+pub mod node;
+pub mod pipeline;
+pub mod startup;
 use std::net::{IpAddr, Ipv4Addr};
 
 use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, FAMILY_IPV4, PROTO_TCP, TCX_NEXT};
@@ -30,6 +33,8 @@ pub enum BenchError {
     Table(#[from] TableError),
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
+    #[error(transparent)]
+    Topo(#[from] crate::topo::TopoError),
     #[error("{0}")]
     Other(String),
 }
@@ -49,7 +54,7 @@ pub struct Row {
     pub spread: (f64, f64),
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -72,7 +77,7 @@ fn flow_key(netns: u64, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> F
     k
 }
 
-fn ns_per_run(
+pub(crate) fn ns_per_run(
     p: &SchedClassifier,
     frame: &[u8],
     ctx: &[u8],

@@ -1,0 +1,161 @@
+//! The span pipeline: flow events → assembly → export → an in-process
+//! OTLP/gRPC receiver. Spans per second end to end, and that nothing is lost
+//! while the queue is not full.
+use std::{
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use agent_common::{FlowEvent, FlowKey, FlowStats, FAMILY_IPV4, OWNER_CONNECTED, PROTO_TCP};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    trace_service_server::{TraceService, TraceServiceServer},
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+
+use super::{BenchError, Row};
+use crate::{
+    export::{ExportConfig, Exporter, Sink},
+    spans::{
+        assemble::{Assembler, AssemblerConfig},
+        clock::WallClock,
+        resource::Resources,
+    },
+};
+
+struct Count(Arc<AtomicU64>);
+
+#[tonic::async_trait]
+impl TraceService for Count {
+    async fn export(
+        &self,
+        req: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let n: usize = req
+            .into_inner()
+            .resource_spans
+            .iter()
+            .flat_map(|r| &r.scope_spans)
+            .map(|s| s.spans.len())
+            .sum();
+        self.0.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+pub fn pipeline(spans: usize) -> Result<Vec<Row>, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let got = Arc::new(AtomicU64::new(0));
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let svc = TraceServiceServer::new(Count(got.clone()))
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve(addr),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let cfg = ExportConfig {
+        endpoint: Some(format!("http://{addr}")),
+        queue: spans + 1,
+        batch: 512,
+        batch_delay_ms: 50,
+        ..ExportConfig::default()
+    };
+    let (elapsed, stats) = rt.block_on(async {
+        let sink = Sink::from_config(&cfg).map_err(|e| BenchError::Other(e.to_string()))?;
+        let exporter = Exporter::start(&cfg, sink);
+        let mut asm = Assembler::new(
+            AssemblerConfig {
+                settle_ns: 0,
+                max_open: spans + 1,
+                ..AssemblerConfig::default()
+            },
+            Resources::new(None),
+        );
+        let clock = WallClock::measure();
+        let t0 = Instant::now();
+        let now = WallClock::monotonic_now();
+        for i in 0..spans {
+            let mut key = FlowKey {
+                netns: 1,
+                local_port: (i % 60000) as u16,
+                remote_port: 80,
+                family: FAMILY_IPV4,
+                proto: PROTO_TCP,
+                ..Default::default()
+            };
+            key.local_addr[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            let mut trace = [0u8; 16];
+            trace[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+            let ev = FlowEvent {
+                key,
+                stats: FlowStats {
+                    trace_id: trace,
+                    pid: std::process::id(),
+                    packets: 10,
+                    bytes: 1000,
+                    first_ns: now,
+                    last_ns: now + 1000,
+                    owner: OWNER_CONNECTED,
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            asm.flow_new(&ev, None, now);
+            asm.flow_end(&ev, now);
+            if i % 1024 == 1023 {
+                for s in asm.ready(&clock, now + 1) {
+                    exporter.send(s);
+                }
+            }
+        }
+        for s in asm.ready(&clock, now + 1) {
+            exporter.send(s);
+        }
+        while (got.load(Ordering::Relaxed) as usize) < spans
+            && t0.elapsed() < Duration::from_secs(60)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let elapsed = t0.elapsed();
+        let stats = exporter.stats.clone();
+        exporter.shutdown().await;
+        Ok::<_, BenchError>((elapsed, stats))
+    })?;
+    let received = got.load(Ordering::Relaxed) as f64;
+    let rate = received / elapsed.as_secs_f64();
+    let lost = spans as f64 - received;
+    let dropped =
+        (stats.dropped.load(Ordering::Relaxed) + stats.failed.load(Ordering::Relaxed)) as f64;
+    Ok(vec![
+        Row {
+            scenario: format!("span pipeline: {spans} spans, events → OTLP/gRPC receiver"),
+            metric: "throughput".into(),
+            unit: "spans/s".into(),
+            value: rate,
+            baseline: None,
+            ratio: None,
+            target: ">= 50000".into(),
+            spread: (rate, rate),
+        },
+        Row {
+            scenario: "span pipeline: spans lost below the queue bound".into(),
+            metric: "lost (not received)".into(),
+            unit: "spans".into(),
+            value: lost.max(dropped),
+            baseline: None,
+            ratio: None,
+            target: "<= 0".into(),
+            spread: (lost, lost),
+        },
+    ])
+}
