@@ -400,29 +400,18 @@ fn dp_ingress_probe(dp: &mut Datapath) -> Result<&mut SchedClassifier, BenchErro
 
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<44} {:>12} {:>9} {:>7} {:>9}  {}\n",
-        "scenario", "value", "baseline", "ratio", "target", "min..max"
+        "{:<52} {:<28} {:>12} {:<6} {:>10} {:>7} {:>9}  {}\n",
+        "scenario", "metric", "value", "unit", "baseline", "ratio", "target", "min..max"
     );
     for r in rows {
         out += &format!(
-            "{:<44} {:>9.1} {:<5} {:>9} {:>7} {:>9}  {:.1}..{:.1}\n",
-            format!(
-                "{} {}",
-                r.scenario,
-                if r.metric.starts_with('p') {
-                    &r.metric
-                } else {
-                    ""
-                }
-            ),
+            "{:<52} {:<28} {:>12.1} {:<6} {:>10} {:>7} {:>9}  {:.1}..{:.1}\n",
+            r.scenario,
+            r.metric,
             r.value,
             r.unit,
-            r.baseline
-                .map(|b| format!("{b:.1}"))
-                .unwrap_or_else(|| "-".into()),
-            r.ratio
-                .map(|x| format!("{x:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            r.baseline.map(|b| format!("{b:.1}")).unwrap_or_else(|| "-".into()),
+            r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
             if r.target.is_empty() { "-" } else { &r.target },
             r.spread.0,
             r.spread.1,
