@@ -358,3 +358,32 @@ fn restarts_never_leave_two_programs_on_a_hook() {
         assert!(ids(&iface).is_empty(), "{mode}: clean detach on SIGTERM");
     }
 }
+
+#[test]
+fn a_veths_peer_namespace_is_found_from_its_nsid() {
+    let _g = common::lock();
+    let lab = Lab::new(2).unwrap();
+    let links = agent::netlink::Socket::open(false)
+        .unwrap()
+        .dump_links()
+        .unwrap();
+    let mut peers = agent::netns::PeerResolver::default();
+    for pod in &lab.pods {
+        let link = links
+            .iter()
+            .find(|l| l.name == pod.host_if)
+            .expect("host veth listed");
+        assert_eq!(link.kind.as_deref(), Some("veth"));
+        assert_eq!(link.index, pod.host_ifindex);
+        let nsid = link
+            .link_netnsid
+            .expect("a veth into a pod has a peer nsid");
+        let want = netns::cookie_of(&pod.netns_path()).unwrap();
+        assert_eq!(
+            peers.cookie_for_nsid(nsid),
+            Some(want),
+            "{}: IFACE_NETNS value",
+            pod.host_if
+        );
+    }
+}

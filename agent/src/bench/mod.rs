@@ -410,8 +410,12 @@ pub fn table(rows: &[Row]) -> String {
             r.metric,
             r.value,
             r.unit,
-            r.baseline.map(|b| format!("{b:.1}")).unwrap_or_else(|| "-".into()),
-            r.ratio.map(|x| format!("{x:.2}")).unwrap_or_else(|| "-".into()),
+            r.baseline
+                .map(|b| format!("{b:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            r.ratio
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "-".into()),
             if r.target.is_empty() { "-" } else { &r.target },
             r.spread.0,
             r.spread.1,
