@@ -6,9 +6,7 @@
 //! exit, on failure and on Ctrl-C.
 use std::{
     collections::HashMap,
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -22,7 +20,7 @@ use crate::{
     export::{ExportConfig, SendError, Sink},
     ids,
     spans::{SpanRecord, Value},
-    topo::{Lab, Pod, Proc, TopoError, HTTP_APP, HTTP_CLIENT},
+    topo::{Lab, Pod, Proc, SidecarProc, TopoError, HTTP_APP, HTTP_CLIENT},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -52,54 +50,6 @@ fn check() -> Result<(), DemoError> {
         Err(DemoError::Interrupted)
     } else {
         Ok(())
-    }
-}
-
-/// `tagflow sidecar` inside a pod.
-struct Sidecar(Child);
-
-impl Sidecar {
-    fn start(pod: &Pod, upstream: &str, socket: &Path) -> Result<Self, DemoError> {
-        let exe = std::env::current_exe()?;
-        let mut child = pod
-            .command(&exe.to_string_lossy())
-            .args([
-                "sidecar",
-                "--listen",
-                "0.0.0.0:15080",
-                "--upstream",
-                upstream,
-                "--agent-socket",
-            ])
-            .arg(socket)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let mut err = BufReader::new(child.stderr.take().expect("piped"));
-        let mut line = String::new();
-        let t0 = Instant::now();
-        while !line.contains("sidecar ready") {
-            line.clear();
-            if err.read_line(&mut line)? == 0 || t0.elapsed() > Duration::from_secs(20) {
-                let _ = child.kill();
-                return Err(DemoError::Other("sidecar did not start".into()));
-            }
-        }
-        std::thread::spawn(move || {
-            let mut sink = String::new();
-            while err.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
-                sink.clear();
-            }
-        });
-        Ok(Self(child))
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -180,13 +130,13 @@ fn scenario(
     std::thread::sleep(Duration::from_millis(300));
     let backend_url = format!("http://{}:15080/", backend.ip);
     let _backend_app = Proc::python(backend, HTTP_APP, &["8080", "-", "thread", "backend"])?;
-    let _backend_sidecar = Sidecar::start(backend, "127.0.0.1:8080", socket)?;
+    let _backend_sidecar = SidecarProc::start(backend, "127.0.0.1:8080", socket)?;
     let _frontend_app = Proc::python(
         frontend,
         HTTP_APP,
         &["8080", &backend_url, "thread", "frontend"],
     )?;
-    let _frontend_sidecar = Sidecar::start(frontend, "127.0.0.1:8080", socket)?;
+    let _frontend_sidecar = SidecarProc::start(frontend, "127.0.0.1:8080", socket)?;
     println!("  frontend and backend: app on :8080 behind tagflow sidecar on :15080");
     let url = format!("http://{}:15080/", frontend.ip);
     for (what, rid) in [

@@ -363,3 +363,71 @@ impl Proc {
         }
     }
 }
+
+/// `tagflow sidecar` (this executable) inside a pod, up once it says
+/// `sidecar ready`; killed on drop.
+pub struct SidecarProc(Child);
+
+impl SidecarProc {
+    pub fn start(pod: &Pod, upstream: &str, socket: &std::path::Path) -> Result<Self, TopoError> {
+        Self::start_with(&std::env::current_exe()?, pod, upstream, socket)
+    }
+
+    /// With an explicit `tagflow` binary (tests run from a test harness).
+    pub fn start_with(
+        exe: &std::path::Path,
+        pod: &Pod,
+        upstream: &str,
+        socket: &std::path::Path,
+    ) -> Result<Self, TopoError> {
+        let mut child = pod
+            .command(&exe.to_string_lossy())
+            .args([
+                "sidecar",
+                "--listen",
+                "0.0.0.0:15080",
+                "--upstream",
+                upstream,
+                "--agent-socket",
+            ])
+            .arg(socket)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let mut err = BufReader::new(child.stderr.take().expect("piped"));
+        let mut line = String::new();
+        let t0 = std::time::Instant::now();
+        while !line.contains("sidecar ready") {
+            line.clear();
+            if err.read_line(&mut line)? == 0 || t0.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(TopoError::NotReady("sidecar did not start".into()));
+            }
+        }
+        // Keep draining so the sidecar never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while err.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        Ok(Self(child))
+    }
+}
+
+impl Drop for SidecarProc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}

@@ -4,9 +4,9 @@ mod common;
 
 use std::{
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::net::UnixStream,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -19,7 +19,7 @@ use agent::{
         protocol::{self, Code, Response},
         registry::Limits,
     },
-    topo::{Lab, Proc, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
+    topo::{free_port, Lab, Proc, SidecarProc, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
 };
 use agent_common::{TraceKey, MATCH_FLOW};
 use common::LiveAgent;
@@ -269,14 +269,6 @@ fn field<'a>(body: &'a str, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[test]
 fn sidecar_keeps_or_makes_ids_and_never_fails_a_request_for_tagflow() {
     let _g = common::lock();
@@ -370,53 +362,6 @@ fn sidecar_keeps_or_makes_ids_and_never_fails_a_request_for_tagflow() {
     assert_eq!((st, header(&hs, "x-request-id")), (502, Some("q")));
 }
 
-/// `tagflow sidecar` as a process inside a pod.
-struct SidecarProc(Child);
-
-impl SidecarProc {
-    fn start(pod: &agent::topo::Pod, upstream: &str, socket: &std::path::Path) -> Self {
-        let mut child = pod
-            .command(env!("CARGO_BIN_EXE_tagflow"))
-            .args([
-                "sidecar",
-                "--listen",
-                "0.0.0.0:15080",
-                "--upstream",
-                upstream,
-                "--agent-socket",
-            ])
-            .arg(socket)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut err = child.stderr.take().unwrap();
-        let t0 = Instant::now();
-        let mut seen = Vec::new();
-        let mut buf = [0u8; 256];
-        while !String::from_utf8_lossy(&seen).contains("sidecar ready") {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "sidecar did not start"
-            );
-            let n = err.read(&mut buf).unwrap();
-            assert!(n > 0, "sidecar exited: {}", String::from_utf8_lossy(&seen));
-            seen.extend_from_slice(&buf[..n]);
-        }
-        // Keep draining so the sidecar never blocks on a full pipe.
-        std::thread::spawn(move || while err.read(&mut buf).map(|n| n > 0).unwrap_or(false) {});
-        Self(child)
-    }
-}
-
-impl Drop for SidecarProc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn sidecar_pod_scenario(mode: &str) {
     let _g = common::lock();
     let lab = Lab::new(3).unwrap();
@@ -427,7 +372,13 @@ fn sidecar_pod_scenario(mode: &str) {
     let ns_b = agent.ns[1];
     let _echo = Proc::python(c, ECHO_SERVER, &["9000"]).unwrap();
     let app = Proc::python(b, HTTP_APP, &["8000", &format!("{}:9000", c.ip), mode]).unwrap();
-    let _sidecar = SidecarProc::start(b, "127.0.0.1:8000", &agent.socket);
+    let _sidecar = SidecarProc::start_with(
+        env!("CARGO_BIN_EXE_tagflow").as_ref(),
+        b,
+        "127.0.0.1:8000",
+        &agent.socket,
+    )
+    .unwrap();
     let rid = ids::new_uuid();
     let url = format!("http://{}:15080/", b.ip);
     let mut client = Proc::python(a, HTTP_CLIENT, &[&url, &rid, "2"]).unwrap();

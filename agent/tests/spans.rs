@@ -6,7 +6,7 @@ mod common;
 use std::{
     collections::HashMap,
     io::Read,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -14,7 +14,7 @@ use std::{
 
 use agent::{
     ids,
-    topo::{Lab, Pod, Proc, CLIENT, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
+    topo::{free_port, Lab, Pod, Proc, CLIENT, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -68,14 +68,6 @@ impl TraceService for GrpcRx {
         record(&self.0, req.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Starts a receiver on `addr` in the background; returns what it gets.

@@ -155,12 +155,14 @@ fn bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", LLVM_PREFIX))
 }
 
-fn tools() -> Result<()> {
-    let missing: Vec<&str> = APT_TOOLS
+/// Installs the Debian packages of whichever `(tool, package)` is missing.
+fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
+    let mut missing: Vec<&str> = tools
         .iter()
         .filter(|(tool, _)| !which(tool))
         .map(|(_, pkg)| *pkg)
         .collect();
+    missing.dedup();
     if missing.is_empty() {
         Ok(())
     } else {
@@ -170,16 +172,7 @@ fn tools() -> Result<()> {
 
 /// Load generators the node benchmarks drive (Debian packages).
 pub fn bench_tools() -> Result<()> {
-    let missing: Vec<&str> = [("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx")]
-        .iter()
-        .filter(|(tool, _)| !which(tool))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        apt_install(&missing)
-    }
+    ensure_tools(&[("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx")])
 }
 
 /// The offline Kubernetes schema validator the deploy test uses (PyPI).
@@ -205,6 +198,6 @@ pub fn ensure() -> Result<()> {
     nightly_rust_src().context("nightly rust-src")?;
     llvm_dev().context("LLVM development files")?;
     bpf_linker().context("bpf-linker")?;
-    tools().context("test tools")?;
+    ensure_tools(APT_TOOLS).context("test tools")?;
     Ok(())
 }

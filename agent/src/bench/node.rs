@@ -10,20 +10,13 @@ use std::{
 };
 
 use super::{median, BenchError, Row};
-use crate::topo::{Lab, Pod};
+use crate::topo::{free_port, Lab, Pod};
 
 /// `tagflow run` for the lab, spans to /dev/null.
 struct AgentProc {
     child: Child,
     socket: PathBuf,
     metrics: SocketAddr,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(19464)
 }
 
 fn http_get(addr: SocketAddr, path: &str) -> Option<String> {

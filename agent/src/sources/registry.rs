@@ -501,16 +501,11 @@ impl Registry {
             }
             o.pids.push(k);
         }
-        for (l, r, p) in &flows {
-            // Both directions: the caller's end and the peer's, when the
-            // peer is in the same namespace (a sidecar and its app).
-            for (a, b) in [(l, r), (r, l)] {
-                let k = flow_key(peer.cookie, *a, *b, *p);
-                table
-                    .set_flow(k, &ctx)
-                    .map_err(|e| (Code::TableFull, e.to_string()))?;
-                o.flows.push(k);
-            }
+        for k in both_ways(peer.cookie, &flows) {
+            table
+                .set_flow(k, &ctx)
+                .map_err(|e| (Code::TableFull, e.to_string()))?;
+            o.flows.push(k);
         }
         drop(table);
         self.stats.begin_ok.fetch_add(1, Ordering::Relaxed);
@@ -551,15 +546,7 @@ impl Registry {
                         .iter()
                         .map(|p| TraceKey::new(*p, peer.cookie))
                         .collect(),
-                    flows: flows
-                        .iter()
-                        .flat_map(|(l, r, p)| {
-                            [
-                                flow_key(peer.cookie, *l, *r, *p),
-                                flow_key(peer.cookie, *r, *l, *p),
-                            ]
-                        })
-                        .collect(),
+                    flows: both_ways(peer.cookie, &flows),
                 }
             }
         };
@@ -622,6 +609,15 @@ fn parse_flows(reg: &Registration) -> Result<Vec<FlowSpec>, (Code, String)> {
             }
             Ok((l, r, proto_num(f.proto)))
         })
+        .collect()
+}
+
+/// Keys for both ends of each flow: the caller's, and the peer's for when
+/// it is in the same namespace (a sidecar and its app).
+fn both_ways(netns: u64, flows: &[FlowSpec]) -> Vec<FlowKey> {
+    flows
+        .iter()
+        .flat_map(|(l, r, p)| [flow_key(netns, *l, *r, *p), flow_key(netns, *r, *l, *p)])
         .collect()
 }
 
