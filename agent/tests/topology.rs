@@ -57,6 +57,24 @@ struct CbReader {
 
 impl CbReader {
     fn attach(iface: &str, expect: [u8; 16]) -> Self {
+        Self::attach_at(iface, expect, LinkOrder::last())
+    }
+
+    fn attach_at(iface: &str, expect: [u8; 16], order: LinkOrder) -> Self {
+        Self::attach_with(iface, expect, TcAttachOptions::TcxOrder(order))
+    }
+
+    /// As a legacy clsact filter (netlink), which runs after the TCX chain.
+    fn attach_clsact(iface: &str, expect: [u8; 16]) -> Self {
+        let _ = aya::programs::tc::qdisc_add_clsact(iface);
+        Self::attach_with(
+            iface,
+            expect,
+            TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
+        )
+    }
+
+    fn attach_with(iface: &str, expect: [u8; 16], opts: TcAttachOptions) -> Self {
         let mut ebpf = Ebpf::load(TESTPROGS_OBJECT).unwrap();
         let p: &mut SchedClassifier = ebpf
             .program_mut("tf_cb_reader")
@@ -64,12 +82,8 @@ impl CbReader {
             .try_into()
             .unwrap();
         p.load().unwrap();
-        p.attach_with_options(
-            iface,
-            TcAttachType::Ingress,
-            TcAttachOptions::TcxOrder(LinkOrder::last()),
-        )
-        .unwrap();
+        p.attach_with_options(iface, TcAttachType::Ingress, opts)
+            .unwrap();
         let mut want: Array<_, [u32; 4]> =
             Array::try_from(ebpf.map_mut("CB_EXPECT").unwrap()).unwrap();
         let words = encode_cb(&expect, 0);
@@ -386,4 +400,141 @@ fn a_veths_peer_namespace_is_found_from_its_nsid() {
             pod.host_if
         );
     }
+}
+
+/// Frames of a classic pcap file (link type Ethernet).
+fn pcap_frames(path: &std::path::Path) -> Vec<Vec<u8>> {
+    let b = std::fs::read(path).unwrap_or_default();
+    if b.len() < 24 {
+        return Vec::new();
+    }
+    let le = matches!(&b[..4], [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1]);
+    let u32_at = |o: usize| {
+        let w: [u8; 4] = b[o..o + 4].try_into().unwrap();
+        if le {
+            u32::from_le_bytes(w)
+        } else {
+            u32::from_be_bytes(w)
+        }
+    };
+    let mut out = Vec::new();
+    let mut o = 24;
+    while o + 16 <= b.len() {
+        let n = u32_at(o + 8) as usize;
+        if o + 16 + n > b.len() {
+            break;
+        }
+        out.push(b[o + 16..o + 16 + n].to_vec());
+        o += 16 + n;
+    }
+    out
+}
+
+struct Capture(Child, std::path::PathBuf);
+
+impl Capture {
+    fn start(mut cmd: Command, file: std::path::PathBuf, filter: &str) -> Self {
+        let child = cmd
+            .args(["-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg(filter)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (`cargo xtask test` installs it)");
+        Self(child, file)
+    }
+    fn frames(mut self) -> Vec<Vec<u8>> {
+        std::thread::sleep(Duration::from_millis(300));
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let _ = self.0.wait();
+        let f = pcap_frames(&self.1);
+        let _ = std::fs::remove_file(&self.1);
+        f
+    }
+}
+
+#[test]
+fn programs_and_filters_around_tagflow_see_every_packet_with_bytes_untouched() {
+    let _g = common::lock();
+    let Some(mut n) = node(2) else { return };
+    let (a, b) = (&n.lab.pods[0], &n.lab.pods[1]);
+    let ns_a = n.ns[0];
+    let mut table = n.dp.take_trace_table().unwrap();
+    let _server = Proc::python(b, ECHO_SERVER, &["9100"]).unwrap();
+    // A TCX program in front of tagflow, one behind it, and a legacy clsact
+    // filter, which runs after the whole TCX chain.
+    let front = CbReader::attach_at(&a.host_if, [0xc1; 16], LinkOrder::first());
+    let back = CbReader::attach(&a.host_if, [0xc1; 16]);
+    let chain: Vec<String> = loader::tcx_programs(&a.host_if)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.0)
+        .collect();
+    assert_eq!(chain, ["tf_cb_reader", "tagflow_ingress", "tf_cb_reader"]);
+    let legacy = CbReader::attach_clsact(&a.host_if, [0xc1; 16]);
+    let dir = std::env::temp_dir();
+    let pid = std::process::id();
+    let filter = format!("tcp port 9100 and src host {}", a.ip);
+    let before_hook = Capture::start(
+        {
+            let mut c = Command::new("tcpdump");
+            c.args(["-i", &a.host_if]);
+            c
+        },
+        dir.join(format!("tagflow-{pid}-host.pcap")),
+        &filter,
+    );
+    let in_pod_b = Capture::start(
+        {
+            let mut c = b.command("tcpdump");
+            c.args(["-i", "eth0"]);
+            c
+        },
+        dir.join(format!("tagflow-{pid}-podb.pcap")),
+        &filter,
+    );
+    std::thread::sleep(Duration::from_millis(800));
+
+    let mut client = Proc::python(a, CLIENT, &[&b.ip.to_string(), "9100", "0", "20"]).unwrap();
+    table
+        .set_process(TraceKey::new(client.pid, ns_a), &ctx(0xc1))
+        .unwrap();
+    assert_eq!(client.step().unwrap(), "done");
+    drop(client);
+    let pre = before_hook.frames();
+    let post = in_pod_b.frames();
+
+    let tagged: u64 = stats_for(&n.dp, |k| k.netns == ns_a && k.remote_port == 9100)
+        .iter()
+        .map(|(_, s)| s.packets)
+        .sum();
+    assert!(tagged >= 20, "tagflow tagged the flow ({tagged})");
+    let (f_seen, f_magic, _) = front.counts();
+    let (b_seen, _, b_match) = back.counts();
+    assert_eq!(
+        f_seen, b_seen,
+        "every packet the program in front saw went on through tagflow"
+    );
+    assert_eq!(
+        b_match, tagged,
+        "the program behind saw the tag on every tagged packet"
+    );
+    assert!(
+        f_magic <= b_seen - b_match,
+        "the program in front never saw tagflow's tag on a tagged packet"
+    );
+    let (_, l_magic, l_match) = legacy.counts();
+    assert_eq!(
+        l_match, tagged,
+        "the clsact filter after the TCX chain saw every tagged packet, tag intact"
+    );
+    assert!(l_magic >= l_match);
+    // Bytes: what left pod A before the hook is what pod B received.
+    assert!(
+        pre.len() >= 20,
+        "captured {} frames before the hook",
+        pre.len()
+    );
+    assert_eq!(pre, post, "frames changed between the hook and pod B");
 }

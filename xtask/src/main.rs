@@ -160,6 +160,8 @@ fn main() -> Result<()> {
                 "--test",
                 "datapath",
                 "--test",
+                "hostile",
+                "--test",
                 "topology",
                 "--test",
                 "sources",
