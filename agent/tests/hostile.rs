@@ -198,3 +198,90 @@ fn a_hundred_thousand_hostile_frames_pass_unchanged_and_are_all_counted() {
         );
     }
 }
+
+fn tcp_flow(i: u32, payload: &[u8]) -> Frame {
+    let mut f = Frame::tcp(
+        IpAddr::from([10, 1, (i >> 8) as u8, i as u8]),
+        1024 + (i % 60000) as u16,
+        ip("10.2.0.1"),
+        80,
+    );
+    f.payload = payload.to_vec();
+    f
+}
+
+#[test]
+fn a_full_ring_buffer_and_full_maps_never_fail_a_packet_and_are_counted() {
+    let _g = common::lock();
+    let mut cfg = AgentConfig::default();
+    cfg.maps.events_bytes = 4096; // a page: three head records fit
+    cfg.maps.flow_stats = 16; // far fewer than the flows below
+    let Some(mut dp) = common::load(&cfg, false) else {
+        return;
+    };
+    let pod = netns::anonymous().unwrap();
+    let pod_ns = netns::in_netns_file(&pod, netns::current_cookie)
+        .unwrap()
+        .unwrap();
+    let mut table = dp.take_trace_table().unwrap();
+    let ctx = TraceContext {
+        trace_id: [6; 16],
+        ..Default::default()
+    };
+    // Every connection of the pod's process 4242 is traced.
+    for i in 0..1000u32 {
+        dp.set_bound_port(agent_common::PortKey::new(pod_ns, 6, 1024 + i as u16), 4242)
+            .unwrap();
+    }
+    table
+        .set_process(TraceKey::new(4242, pod_ns), &ctx)
+        .unwrap();
+    let _events = dp.take_events().unwrap(); // never read: the ring stays full
+    let prog = dp.ingress().unwrap();
+    netns::in_netns_file(&pod, || {
+        for i in 0..1000u32 {
+            // New flows (FLOW_NEW records) with request heads (HTTP_HEAD).
+            let f = tcp_flow(i, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").build();
+            let out = common::run(prog, &f).unwrap();
+            assert_eq!(out.verdict, TCX_NEXT);
+            assert_eq!(out.data, f);
+            assert!(
+                agent_common::decode_cb(&out.cb).is_some(),
+                "flow {i} tagged despite full maps"
+            );
+        }
+    })
+    .unwrap();
+    let c = |k: Counter| dp.counter(k);
+    assert_eq!(c(Counter::Tagged), 1000, "every packet tagged");
+    assert!(
+        c(Counter::RingbufFull) > 900,
+        "lost records are counted ({})",
+        c(Counter::RingbufFull)
+    );
+    assert!(c(Counter::HeadCaptured) <= 4, "only what fit was captured");
+    // The 16-entry LRU keeps the newest flows; inserts evict, they do not fail.
+    assert_eq!(c(Counter::StatsUpdateFailed), 0);
+    assert!(dp.flow_stats().len() <= 16);
+}
+
+#[test]
+fn a_full_trace_table_is_refused_not_grown() {
+    let _g = common::lock();
+    let mut cfg = AgentConfig::default();
+    cfg.maps.traces = 8;
+    let Some(mut dp) = common::load(&cfg, false) else {
+        return;
+    };
+    let mut table = dp.take_trace_table().unwrap();
+    let ctx = TraceContext {
+        trace_id: [7; 16],
+        ..Default::default()
+    };
+    for pid in 0..8 {
+        table.set_process(TraceKey::new(pid, 1), &ctx).unwrap();
+    }
+    let err = table.set_process(TraceKey::new(99, 1), &ctx).unwrap_err();
+    assert!(matches!(err, agent::tables::TableError::Full(8)), "{err}");
+    assert_eq!(table.by_pid.len(), 8);
+}

@@ -3,18 +3,19 @@
 //! and in-process OTLP receivers (gRPC and HTTP, gzip) on the other side.
 mod common;
 
+use common::{wait_for, Agent};
+
 use std::{
     collections::HashMap,
     io::Read,
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use agent::{
     ids,
-    topo::{free_port, Lab, Pod, Proc, CLIENT, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
+    topo::{free_port, Lab, Proc, CLIENT, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -125,146 +126,6 @@ fn receiver(rt: &tokio::runtime::Runtime, addr: SocketAddr, grpc: bool) -> Got {
         });
     }
     got
-}
-
-/// `tagflow run` as a process.
-struct Agent {
-    child: Child,
-    metrics: SocketAddr,
-    socket: std::path::PathBuf,
-}
-
-impl Agent {
-    fn start(lab: &Lab, extra: &[&str]) -> Self {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let socket = std::env::temp_dir().join(format!(
-            "tagflow-spans-{}-{}/agent.sock",
-            std::process::id(),
-            metrics.port()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_tagflow"))
-            .args([
-                "run",
-                "--no-backfill",
-                "--span-idle-ms",
-                "300",
-                "--iface-prefix",
-                &lab.prefix,
-            ])
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--metrics-addr", &metrics.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let a = Self {
-            child,
-            metrics,
-            socket,
-        };
-        let t0 = Instant::now();
-        loop {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "agent did not become ready"
-            );
-            if let Some(m) = a.metrics() {
-                if m.get("tagflow_attached_interfaces").copied().unwrap_or(0.0)
-                    >= lab.pods.len() as f64
-                {
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        a
-    }
-
-    /// /metrics parsed as Prometheus text: every sample line must parse.
-    fn metrics(&self) -> Option<HashMap<String, f64>> {
-        let text = http_get(self.metrics, "/metrics")?;
-        let mut m = HashMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (name, value) = line
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
-            let v: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-            assert!(
-                name.chars().next().unwrap().is_ascii_alphabetic(),
-                "bad metric name {name:?}"
-            );
-            m.insert(name.to_string(), v);
-        }
-        Some(m)
-    }
-
-    fn metric(&self, name: &str) -> f64 {
-        self.metrics()
-            .and_then(|m| m.get(name).copied())
-            .unwrap_or(-1.0)
-    }
-
-    /// `tagflow register ...` run inside a pod (its own namespace).
-    fn register(&self, pod: &Pod, args: &[&str]) -> String {
-        let out = pod
-            .command(env!("CARGO_BIN_EXE_tagflow"))
-            .arg("register")
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "register {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        if let Some(d) = self.socket.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-/// GET over a plain TcpStream; Some(body) on 200.
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
-}
-
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn unix_ns() -> u64 {

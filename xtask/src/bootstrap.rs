@@ -64,7 +64,7 @@ fn which(tool: &str) -> bool {
 fn manual_steps() -> String {
     format!(
         "  rustup toolchain install nightly --component rust-src\n  \
-         sudo apt-get update && sudo apt-get install -y {} iproute2 python3 nginx tcpdump\n  \
+         sudo apt-get update && sudo apt-get install -y {} iproute2 python3 nginx tcpdump wrk\n  \
          LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --no-default-features --features llvm-{LLVM_MAJOR}\n",
         APT_LLVM.join(" ")
     )

@@ -169,6 +169,8 @@ fn main() -> Result<()> {
                 "spans",
                 "--test",
                 "k8s",
+                "--test",
+                "reliability",
                 "--",
                 "--test-threads=1",
             ]))?;

@@ -1,0 +1,105 @@
+//! Faults while traffic flows: the agent killed with SIGKILL and restarted
+//! under an HTTP load.
+mod common;
+
+use std::{
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use agent::{
+    loader,
+    topo::{Lab, Pod},
+};
+use common::{wait_for, Agent};
+
+fn tcx_ids(iface: &str) -> Vec<u32> {
+    loader::tcx_programs(iface)
+        .map(|v| {
+            v.into_iter()
+                .filter(|p| p.0 == "tagflow_ingress")
+                .map(|p| p.1)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn nginx(pod: &Pod, dir: &std::path::Path) -> std::process::Child {
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log; daemon off;
+events {{}}
+http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
+  server {{ listen 8080; location / {{ return 200 \"ok\\n\"; }} }} }}
+"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    pod.command("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn killing_and_restarting_the_agent_under_load_fails_no_request() {
+    let _g = common::lock();
+    let lab = Lab::new(2).unwrap();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    let dir = std::env::temp_dir().join(format!("tagflow-rel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = nginx(b, &dir);
+    std::thread::sleep(Duration::from_millis(500));
+
+    let mut first = Agent::start(&lab, &[]);
+    first.register(b, &["begin", "--request-id", "load-1", "--port", "8080"]);
+    let wrk = a
+        .command("wrk")
+        .args(["-t1", "-c8", "-d6s", &format!("http://{}:8080/", b.ip)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wrk (`cargo xtask test` installs it)");
+    std::thread::sleep(Duration::from_secs(2));
+    let tagged_before = first.metric("tagflow_datapath_packets_total{counter=\"tagged\"}");
+    assert!(tagged_before > 0.0, "traffic was tagged before the kill");
+    // SIGKILL: no cleanup at all. TCX links die with the process.
+    unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) };
+    let _ = first.child.wait();
+    let second = Agent::start(&lab, &[]);
+    for p in &lab.pods {
+        assert_eq!(
+            tcx_ids(&p.host_if).len(),
+            1,
+            "{}: exactly one tagflow program after restart",
+            p.host_if
+        );
+    }
+    second.register(b, &["begin", "--request-id", "load-2", "--port", "8080"]);
+    wait_for("tagging to resume", 10, || {
+        second.metric("tagflow_datapath_packets_total{counter=\"tagged\"}") > 0.0
+    });
+    let out = wrk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "wrk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("Socket errors") && !text.contains("Non-2xx"),
+        "requests failed across the restart:\n{text}"
+    );
+    let total: u64 = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(total > 1000, "load ran: {text}");
+    drop(second);
+    let _ = Command::new("true").status();
+}
