@@ -7,22 +7,8 @@ use std::{
     time::Duration,
 };
 
-use agent::{
-    loader,
-    topo::{Lab, Pod},
-};
-use common::{wait_for, Agent};
-
-fn tcx_ids(iface: &str) -> Vec<u32> {
-    loader::tcx_programs(iface)
-        .map(|v| {
-            v.into_iter()
-                .filter(|p| p.0 == "tagflow_ingress")
-                .map(|p| p.1)
-                .collect()
-        })
-        .unwrap_or_default()
-}
+use agent::topo::{Lab, Pod};
+use common::{tcx_ids, wait_for, Agent};
 
 fn nginx(pod: &Pod, dir: &std::path::Path) -> std::process::Child {
     let d = dir.display();

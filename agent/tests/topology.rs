@@ -3,6 +3,8 @@
 //! tags are read back by a second program after tagflow on the same hook.
 mod common;
 
+use common::tcx_ids;
+
 use std::{
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -291,18 +293,6 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Program ids of tagflow programs on an interface's ingress hook.
-fn tcx_ids(iface: &str) -> Vec<u32> {
-    loader::tcx_programs(iface)
-        .map(|v| {
-            v.into_iter()
-                .filter(|p| p.0 == "tagflow_ingress")
-                .map(|p| p.1)
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn netlink_ids(iface: &str) -> Vec<u32> {

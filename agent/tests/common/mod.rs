@@ -362,3 +362,15 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Program ids of tagflow programs on an interface's TCX ingress hook.
+pub fn tcx_ids(iface: &str) -> Vec<u32> {
+    agent::loader::tcx_programs(iface)
+        .map(|v| {
+            v.into_iter()
+                .filter(|p| p.0 == "tagflow_ingress")
+                .map(|p| p.1)
+                .collect()
+        })
+        .unwrap_or_default()
+}
