@@ -123,7 +123,13 @@ pub fn validate_request_id(v: &str) -> Result<&str, IdError> {
 pub fn map_request_id(v: &str) -> Result<([u8; 16], IdKind), IdError> {
     let t = validate_request_id(v)?;
     let b = t.as_bytes();
-    let direct = if b.len() == 36 && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-') {
+    // A UUID has exactly its four dashes (8-4-4-4-12); anything else with
+    // 36 bytes is not one (and would leave fewer than 32 hex digits).
+    let is_uuid = b.len() == 36
+        && b.iter()
+            .enumerate()
+            .all(|(i, &c)| (c == b'-') == matches!(i, 8 | 13 | 18 | 23));
+    let direct = if is_uuid {
         let mut hex: Vec<u8> = b.iter().copied().filter(|&c| c != b'-').collect();
         // Envoy's trace-reason nibble back to the UUIDv4 version.
         if matches!(hex[12].to_ascii_lowercase(), b'9' | b'a' | b'b') {
@@ -262,6 +268,17 @@ mod tests {
         let (z, k) = map_request_id("00000000-0000-0000-0000-000000000000").unwrap();
         assert_eq!(k, IdKind::Hashed);
         assert_ne!(z, [0; 16]);
+    }
+
+    #[test]
+    fn fuzz_regression_dashes_beyond_the_uuid_positions() {
+        // Found by `cargo xtask fuzz ids`: 36 bytes, dashes at the UUID
+        // positions and elsewhere; once panicked indexing the version nibble.
+        let v = "00------------------2d2---d- ;;;; --";
+        assert_eq!(v.len(), 36);
+        let (id, kind) = map_request_id(v).unwrap();
+        assert_eq!(kind, IdKind::Hashed);
+        assert_ne!(id, [0; 16]);
     }
 
     #[test]

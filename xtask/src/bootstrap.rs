@@ -170,6 +170,14 @@ fn ensure_tools(tools: &[(&str, &str)]) -> Result<()> {
     }
 }
 
+/// cargo-fuzz (crates.io), for `cargo xtask fuzz` and the smoke runs.
+pub fn cargo_fuzz() -> Result<()> {
+    if ok(Command::new("cargo").args(["fuzz", "--version"])) {
+        return Ok(());
+    }
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
+}
+
 /// Load generators the node benchmarks drive (Debian packages).
 pub fn bench_tools() -> Result<()> {
     ensure_tools(&[("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx")])

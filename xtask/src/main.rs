@@ -48,6 +48,14 @@ enum Cmd {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Fuzz one target (protocol, http_head, ids, config) with libFuzzer;
+    /// crashes land in agent/fuzz/artifacts/<target>/.
+    Fuzz {
+        target: String,
+        /// Seconds to run.
+        #[arg(long, default_value_t = 600)]
+        time: u64,
+    },
     /// The end-to-end demo: pods, traffic, tagged flows (needs root).
     Demo {
         #[arg(last = true)]
@@ -79,6 +87,20 @@ fn build(release: bool) -> Result<String> {
         "target/{}/tagflow",
         if release { "release" } else { "debug" }
     ))
+}
+
+/// The cargo-fuzz targets (agent/fuzz).
+const FUZZ_TARGETS: [&str; 4] = ["protocol", "http_head", "ids", "config"];
+
+/// `cargo +nightly fuzz run <target>` for `secs` seconds.
+fn fuzz(target: &str, secs: u64) -> Result<()> {
+    if !FUZZ_TARGETS.contains(&target) {
+        bail!("unknown fuzz target {target:?}; targets: {FUZZ_TARGETS:?}");
+    }
+    run(Command::new("rustup")
+        .args(["run", "nightly", "cargo", "fuzz", "run", target, "--"])
+        .arg(format!("-max_total_time={secs}"))
+        .current_dir("agent"))
 }
 
 fn need_root(what: &str) -> Result<()> {
@@ -144,6 +166,12 @@ fn main() -> Result<()> {
                 "--bins",
             ]))?;
             run(cargo().args(["test", "--package", "agent-common"]))?;
+            // Fuzz targets: a short smoke run each (the long runs:
+            // `cargo xtask fuzz <target> --time <s>`).
+            bootstrap::cargo_fuzz()?;
+            for t in FUZZ_TARGETS {
+                fuzz(t, 10)?;
+            }
             // deploy/: render, schema-validate, agree with the agent.
             bootstrap::kubernetes_validate()?;
             run(cargo().args(["test", "--package", "agent", "--test", "deploy"]))?;
@@ -188,6 +216,10 @@ fn main() -> Result<()> {
                 c.args(["--json", &j]);
             }
             run(&mut c)?;
+        }
+        Cmd::Fuzz { target, time } => {
+            bootstrap::cargo_fuzz()?;
+            fuzz(&target, time)?;
         }
         Cmd::Demo { args } => {
             need_root("the demo")?;
