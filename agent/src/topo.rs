@@ -65,7 +65,7 @@ pub fn run(args: &[&str]) -> Result<String, TopoError> {
 }
 
 impl Lab {
-    /// A lab with `pods` pods named a, b, c, ...
+    /// A lab with `pods` pods, named `<prefix>-0`, `<prefix>-1`, ...
     pub fn new(pods: usize) -> Result<Self, TopoError> {
         let n = LABS.fetch_add(1, Ordering::Relaxed);
         let uniq = (std::process::id().wrapping_mul(31).wrapping_add(n)) & 0xffffff;
@@ -90,7 +90,7 @@ impl Lab {
     pub fn add_pod(&mut self) -> Result<usize, TopoError> {
         let i = self.next;
         self.next += 1;
-        let name = format!("{}-{}", self.prefix, (b'a' + i % 26) as char);
+        let name = format!("{}-{i}", self.prefix);
         let host_if = format!("{}{}", self.prefix, i);
         let peer = format!("{}p{}", self.prefix, i);
         let ip = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 2 + i);

@@ -89,3 +89,51 @@ fn killing_and_restarting_the_agent_under_load_fails_no_request() {
     drop(second);
     let _ = Command::new("true").status();
 }
+
+#[test]
+fn two_hundred_pods_churning_under_traffic_are_followed_and_leave_nothing_behind() {
+    let _g = common::lock();
+    let mut lab = Lab::new(2).unwrap();
+    let dir = std::env::temp_dir().join(format!("tagflow-churn-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = nginx(&lab.pods[1], &dir);
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = Agent::start(&lab, &[]);
+    let base = |name: &str| agent.metric(name);
+    let entries = "tagflow_map_entries{map=\"IFACE_NETNS\"}";
+    wait_for("baseline map fill", 15, || base(entries) == 2.0);
+    let url = format!("http://{}:8080/", lab.pods[1].ip);
+    let wrk = lab.pods[0]
+        .command("wrk")
+        .args(["-t1", "-c4", "-d25s", &url])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("wrk");
+    for round in 0..4 {
+        let added: Vec<usize> = (0..50).map(|_| lab.add_pod().unwrap()).collect();
+        wait_for("attachments to follow new pods", 30, || {
+            base("tagflow_attached_interfaces") == 52.0
+        });
+        for i in added.into_iter().rev() {
+            lab.remove_pod(i);
+        }
+        wait_for("attachments to follow removed pods", 30, || {
+            base("tagflow_attached_interfaces") == 2.0
+        });
+        eprintln!("churn round {round}: 50 pods added and removed");
+    }
+    // Map fill is sampled every 10 s: wait for a fresh sample.
+    std::thread::sleep(Duration::from_secs(11));
+    assert_eq!(base(entries), 2.0, "IFACE_NETNS back to its baseline");
+    assert_eq!(base("tagflow_attach_failures_total"), 0.0);
+    let out = wrk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !text.contains("Socket errors") && !text.contains("Non-2xx"),
+        "requests failed during churn:\n{text}"
+    );
+}
