@@ -60,6 +60,10 @@ pub struct AgentStats {
     pub events_truncated: u64,
     pub attach_failures: u64,
     pub expired: u64,
+    /// Trace entries taken over from a previous agent's pinned maps.
+    pub adopted: u64,
+    /// ... and those already idle, deleted instead.
+    pub adopted_idle: u64,
 }
 
 /// Attaches to / forgets interfaces as links come and go.
@@ -217,6 +221,16 @@ impl Pipeline {
                 s.expired,
             ),
             (
+                "trace_entries_adopted_total",
+                "Trace entries taken over from the previous agent's pinned maps.",
+                s.adopted,
+            ),
+            (
+                "trace_entries_adopted_idle_total",
+                "Pinned trace entries found already idle at start (deleted).",
+                s.adopted_idle,
+            ),
+            (
                 "capture_applied_total",
                 "Request heads that set a trace.",
                 c.applied,
@@ -328,6 +342,8 @@ fn snapshot(
         agent: pipe.counters(),
         spans_open: pipe.assembler.open_spans() as u64,
         ready: true,
+        pin_dir: dp.pins.dir.as_ref().map(|d| d.display().to_string()),
+        pinned: dp.pins.maps.clone(),
     }
 }
 
@@ -387,6 +403,8 @@ pub async fn run_with(
     // In a cluster: this node's pods, for span resources.
     let pods = crate::k8s::pods::start(std::env::var("NODE_NAME").ok()).await;
     let mut pipe = Pipeline::with_pods(&cfg, pods);
+    pipe.stats.adopted = dp.pins.adopted as u64;
+    pipe.stats.adopted_idle = dp.pins.expired as u64;
 
     // Subscribe before the dump so no link can slip between the two.
     let monitor = netlink::Socket::open(true)?;

@@ -72,6 +72,7 @@ impl Default for MapSizes {
 pub const DEFAULT_IFACE_PREFIXES: &[&str] = &["veth", "cali", "lxc", "gke", "eni"];
 pub const DEFAULT_SOCKET: &str = "/run/tagflow/agent.sock";
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/tagflow";
 
 /// The registration socket (sidecars, `tagflow register`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +143,10 @@ pub struct AgentConfig {
     pub max_open_spans: usize,
     pub export: crate::export::ExportConfig,
     pub maps: MapSizes,
+    /// Pin the maps that must survive a restart (owners and traces) under
+    /// `pin_dir` (bpffs). Off: a restarted agent starts with empty tables.
+    pub pin_maps: bool,
+    pub pin_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -170,11 +175,22 @@ impl Default for AgentConfig {
             max_open_spans: 65536,
             export: crate::export::ExportConfig::default(),
             maps: MapSizes::default(),
+            pin_maps: true,
+            pin_dir: DEFAULT_PIN_DIR.into(),
         }
     }
 }
 
 impl AgentConfig {
+    /// The defaults without pinning: a throwaway datapath (benchmarks, the
+    /// demo) that must not touch a running agent's pinned tables.
+    pub fn scratch() -> Self {
+        Self {
+            pin_maps: false,
+            ..Self::default()
+        }
+    }
+
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text)?;
         cfg.validate()?;
@@ -244,6 +260,10 @@ impl AgentConfig {
             return bad(format!(
                 "maps.events_bytes = {rb}: must be a power of two ≥ 4096 (page size)"
             ));
+        }
+        let pin = self.pin_dir.to_string_lossy();
+        if !self.pin_dir.is_absolute() || pin.contains('\0') {
+            return bad(format!("pin_dir {pin:?} must be an absolute path"));
         }
         if self
             .ifaces
@@ -350,6 +370,7 @@ mod tests {
             ("iface_prefixes = [\"\"]", "1..=15"),
             ("capture_len = 5000", "capture_len"),
             ("capture_headers = [\"bad header\"]", "header names"),
+            ("pin_dir = \"relative/dir\"", "absolute path"),
         ] {
             let err = AgentConfig::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text:?} gave {err}");

@@ -71,7 +71,7 @@ pub fn run(keep: bool, otlp: Option<String>) -> Result<(), DemoError> {
         backfill: false,
         metrics_addr: None,
         span_idle_ms: 500,
-        ..AgentConfig::default()
+        ..AgentConfig::scratch()
     };
     cfg.registration.socket = socket.clone();
     let collected: Arc<Mutex<Vec<SpanRecord>>> = Arc::default();

@@ -14,6 +14,8 @@ pub mod loader;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;
+pub mod pin;
+pub mod ratelimit;
 pub mod sidecar;
 pub mod sources;
 pub mod spans;

@@ -26,8 +26,9 @@ use aya::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::{AgentConfig, AttachMode, TcxOrder},
-    tables::{Gate, Table, TraceTable},
+    config::{AgentConfig, AttachMode, MapSizes, TcxOrder},
+    pin::{Expect, PinDir},
+    tables::{Gate, Table, TableError, TraceTable},
 };
 
 /// The tagflow eBPF object, built by build.rs.
@@ -60,6 +61,59 @@ pub enum LoaderError {
     Cgroup { path: PathBuf, source: io::Error },
     #[error("attaching to {iface}: {reason}")]
     Attach { iface: String, reason: String },
+    #[error("adopting pinned trace entries: {0}")]
+    Adopt(#[from] TableError),
+}
+
+/// The maps pinned across restarts, with what they must be to be reused.
+pub fn pinned_maps(sizes: &MapSizes) -> Vec<Expect> {
+    use agent_common::{maps as m, TraceContext, TraceKey};
+    use aya::maps::MapType;
+    use std::mem::size_of;
+    let e = |name, map_type, key: usize, value: usize, max_entries| Expect {
+        name,
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+    };
+    vec![
+        e(
+            m::TRACES,
+            MapType::Hash,
+            size_of::<TraceKey>(),
+            size_of::<TraceContext>(),
+            sizes.traces,
+        ),
+        e(
+            m::FLOW_TRACES,
+            MapType::Hash,
+            size_of::<FlowKey>(),
+            size_of::<TraceContext>(),
+            sizes.flow_traces,
+        ),
+        e(m::SOCK_OWNER, MapType::LruHash, 8, 4, sizes.sock_owner),
+        e(
+            m::BOUND_PORTS,
+            MapType::LruHash,
+            size_of::<PortKey>(),
+            4,
+            sizes.bound_ports,
+        ),
+    ]
+}
+
+/// What pinning did at start (for logs and /status).
+#[derive(Clone, Debug, Default)]
+pub struct PinReport {
+    /// The pin directory in use; none when maps are not pinned.
+    pub dir: Option<PathBuf>,
+    /// (map, "created" | "reused" | "replaced: why").
+    pub maps: Vec<(String, String)>,
+    /// Trace entries taken over from the previous agent.
+    pub adopted: usize,
+    /// Trace entries the previous agent left that were already idle.
+    pub expired: usize,
 }
 
 /// How an interface ended up attached.
@@ -93,6 +147,9 @@ pub struct Datapath {
     capture_skip: BpfHashMap<MapData, FlowKey, u64>,
     table: Option<TraceTable>,
     pub owner_hooks: Vec<&'static str>,
+    pub pins: PinReport,
+    // Holds the pin directory's lock for the datapath's life.
+    _pin_dir: Option<PinDir>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -115,7 +172,22 @@ impl Datapath {
             reason: e.to_string(),
         })?;
         let sizes = &cfg.maps;
-        let mut ebpf = EbpfLoader::new()
+        // A datapath without pins still tags; it only forgets on restart.
+        let pin_dir = cfg
+            .pin_maps
+            .then(|| {
+                PinDir::prepare(&cfg.pin_dir, agent_common::ABI_VERSION, &pinned_maps(sizes))
+                    .map_err(|e| warn!("maps not pinned, a restart will start empty: {e}"))
+                    .ok()
+            })
+            .flatten();
+        let mut loader = EbpfLoader::new();
+        if let Some(p) = &pin_dir {
+            for e in pinned_maps(sizes) {
+                loader.map_pin_path(e.name, p.path(e.name));
+            }
+        }
+        let mut ebpf = loader
             .override_global(agent_common::CONFIG_SYMBOL, &dp_cfg, true)
             .map_max_entries(m::TRACES, sizes.traces)
             .map_max_entries(m::FLOW_TRACES, sizes.flow_traces)
@@ -142,7 +214,7 @@ impl Datapath {
         let idle = Duration::from_secs(cfg.trace_idle_secs);
         let traces = take(&mut ebpf, m::TRACES)?;
         let flow_traces = take(&mut ebpf, m::FLOW_TRACES)?;
-        let table = TraceTable {
+        let mut table = TraceTable {
             by_pid: Table::new(traces, sizes.traces as usize, idle),
             by_flow: Table::new(flow_traces, sizes.flow_traces as usize, idle),
             gate: Gate::new(
@@ -150,6 +222,23 @@ impl Datapath {
                 take(&mut ebpf, m::NETNS_SLOTS)?,
             ),
         };
+        let mut pins = PinReport::default();
+        if let Some(p) = &pin_dir {
+            // Before any attachment: the gate must be open for adopted
+            // entries by the time the first packet looks.
+            let (adopted, expired) = table.adopt()?;
+            pins = PinReport {
+                dir: Some(p.dir().into()),
+                maps: p
+                    .fates
+                    .iter()
+                    .map(|(n, f)| (n.to_string(), f.to_string()))
+                    .collect(),
+                adopted,
+                expired,
+            };
+            info!(adopted, expired, "trace entries from the previous agent");
+        }
         let mut dp = Self {
             counters: take(&mut ebpf, m::COUNTERS)?,
             flow_stats: take(&mut ebpf, m::FLOW_STATS)?,
@@ -165,6 +254,8 @@ impl Datapath {
             mode: cfg.attach_mode,
             order: cfg.tcx_order,
             owner_hooks: Vec::new(),
+            pins,
+            _pin_dir: pin_dir,
         };
         if owner_hooks {
             let root = match &cfg.cgroup_root {

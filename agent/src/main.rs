@@ -259,6 +259,15 @@ struct RunArgs {
     /// A span with no packet for this long is finished.
     #[arg(long, env = "TAGFLOW_SPAN_IDLE_MS")]
     span_idle_ms: Option<u64>,
+    /// Spans assembled at once, at most (the stalest is finished early).
+    #[arg(long, env = "TAGFLOW_MAX_OPEN_SPANS")]
+    max_open_spans: Option<usize>,
+    /// bpffs directory for the maps that survive a restart.
+    #[arg(long, env = "TAGFLOW_PIN_DIR")]
+    pin_dir: Option<PathBuf>,
+    /// Pin nothing: a restarted agent starts with empty tables.
+    #[arg(long, env = "TAGFLOW_NO_PIN")]
+    no_pin: bool,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -343,6 +352,15 @@ impl RunArgs {
         }
         if let Some(ms) = self.span_idle_ms {
             cfg.span_idle_ms = ms;
+        }
+        if let Some(n) = self.max_open_spans {
+            cfg.max_open_spans = n;
+        }
+        if let Some(p) = self.pin_dir {
+            cfg.pin_dir = p;
+        }
+        if self.no_pin {
+            cfg.pin_maps = false;
         }
         cfg.validate()?;
         Ok(cfg)

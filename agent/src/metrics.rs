@@ -39,6 +39,12 @@ pub struct Snapshot {
     pub agent: Vec<(String, String, u64)>,
     pub spans_open: u64,
     pub ready: bool,
+    /// Pin directory in use (none: maps not pinned).
+    #[serde(default)]
+    pub pin_dir: Option<String>,
+    /// (map, what happened to its pin at start).
+    #[serde(default)]
+    pub pinned: Vec<(String, String)>,
 }
 
 pub struct Ops {
@@ -327,5 +333,14 @@ pub fn format_status(s: &Snapshot) -> String {
         let _ = writeln!(out, "  {k:<36} {v}");
     }
     let _ = writeln!(out, "\nspans being assembled: {}", s.spans_open);
+    match &s.pin_dir {
+        Some(d) => {
+            let _ = writeln!(out, "\npinned maps ({d}):");
+            for (m, fate) in &s.pinned {
+                let _ = writeln!(out, "  {m:<14} {fate}");
+            }
+        }
+        None => out += "\npinned maps: none (a restart starts with empty tables)\n",
+    }
     out
 }

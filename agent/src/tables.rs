@@ -42,6 +42,23 @@ impl<K: aya::Pod, V: aya::Pod> Store<K, V> for BpfHashMap<MapData, K, V> {
     }
 }
 
+/// Stores whose entries can be listed (to adopt a previous agent's).
+pub trait Scan<K, V> {
+    fn entries(&self) -> Vec<(K, V)>;
+}
+
+impl<K: aya::Pod, V: aya::Pod> Scan<K, V> for BpfHashMap<MapData, K, V> {
+    fn entries(&self) -> Vec<(K, V)> {
+        self.iter().filter_map(Result::ok).collect()
+    }
+}
+
+impl<K: Clone, V: Clone> Scan<K, V> for HashMap<K, V> {
+    fn entries(&self) -> Vec<(K, V)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
 impl<V: aya::Pod> Store<u32, V> for BpfArray<MapData, V> {
     fn put(&mut self, key: &u32, value: &V) -> Result<(), TableError> {
         Ok(self.set(*key, value, 0)?)
@@ -152,6 +169,39 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
             self.shadow.remove(k);
         }
         Ok(stale)
+    }
+
+    /// Takes over the entries already in the store (pinned by a previous
+    /// agent): each keeps the idle time it had, measured from its
+    /// `updated_ns` stamp; entries already idle, or beyond capacity, are
+    /// deleted. Returns the adopted keys and how many were deleted.
+    pub fn adopt(&mut self, now: Instant, now_ns: u64) -> Result<(Vec<K>, usize), TableError>
+    where
+        S: Scan<K, TraceContext>,
+    {
+        let mut adopted = Vec::new();
+        let mut deleted = 0;
+        for (key, ctx) in self.store.entries() {
+            let age = Duration::from_nanos(now_ns.saturating_sub(ctx.updated_ns));
+            let touched = now.checked_sub(age);
+            match touched {
+                Some(t) if age < self.idle && self.shadow.len() < self.capacity => {
+                    self.shadow.insert(
+                        key,
+                        Shadow {
+                            trace_id: ctx.trace_id,
+                            touched: t,
+                        },
+                    );
+                    adopted.push(key);
+                }
+                _ => {
+                    self.store.delete(&key)?;
+                    deleted += 1;
+                }
+            }
+        }
+        Ok((adopted, deleted))
     }
 
     pub fn get(&self, key: &K) -> Option<[u8; 16]> {
@@ -332,6 +382,26 @@ where
         }
         Ok(removed)
     }
+    /// Adopts what a previous agent left in the (pinned) tables and opens
+    /// the gate for their namespaces. Returns (adopted, deleted as idle).
+    pub fn adopt(&mut self) -> Result<(usize, usize), TableError>
+    where
+        P: Scan<TraceKey, TraceContext>,
+        F: Scan<FlowKey, TraceContext>,
+    {
+        let (now, now_ns) = (Instant::now(), monotonic_ns());
+        let (pids, dp) = self.by_pid.adopt(now, now_ns)?;
+        let (flows, df) = self.by_flow.adopt(now, now_ns)?;
+        for ns in pids
+            .iter()
+            .map(InNetns::netns)
+            .chain(flows.iter().map(InNetns::netns))
+        {
+            self.gate.changed(ns, 1)?;
+        }
+        Ok((pids.len() + flows.len(), dp + df))
+    }
+
     /// Expires idle entries in both tables; returns how many were removed.
     pub fn expire(&mut self) -> Result<usize, TableError> {
         self.expire_at(Instant::now())
@@ -528,6 +598,39 @@ mod tests {
         let before = t.gate.gen;
         t.set_process(TraceKey::new(1, 7), &ctx(1)).unwrap();
         assert!(t.gate.gens[&7] > before);
+    }
+
+    #[test]
+    fn adoption_keeps_fresh_entries_with_their_age_and_drops_idle_ones() {
+        let mut t = tables();
+        let now_ns = monotonic_ns();
+        let at = |secs_ago: u64, b: u8| TraceContext {
+            trace_id: [b; 16],
+            updated_ns: now_ns - secs_ago * 1_000_000_000,
+            ..Default::default()
+        };
+        let flow = FlowKey {
+            netns: 8,
+            local_port: 9,
+            ..Default::default()
+        };
+        // What a killed agent left behind.
+        t.by_pid.store.insert(TraceKey::new(1, 7), at(1, 1));
+        t.by_pid.store.insert(TraceKey::new(2, 7), at(40, 2));
+        t.by_flow.store.insert(flow, at(20, 3));
+        assert_eq!(t.adopt().unwrap(), (2, 1));
+        assert!(!t.by_pid.store.contains_key(&TraceKey::new(2, 7)));
+        assert_eq!(t.by_pid.get(&TraceKey::new(1, 7)), Some([1; 16]));
+        assert_eq!(t.by_flow.get(&flow), Some([3; 16]));
+        // The gate is open for both namespaces.
+        assert!(t.gate.gens.contains_key(&7) && t.gate.gens.contains_key(&8));
+        // The flow entry was 20 s idle: it expires 10 s from now, the other
+        // one later; then the gate closes.
+        let now = Instant::now();
+        assert_eq!(t.expire_at(now + Duration::from_secs(11)).unwrap(), 1);
+        assert_eq!(t.by_pid.len(), 1);
+        assert_eq!(t.expire_at(now + Duration::from_secs(30)).unwrap(), 1);
+        assert!(t.gate.gens.is_empty());
     }
 
     #[test]

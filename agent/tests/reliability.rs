@@ -52,7 +52,7 @@ fn finish_load(wrk: Child, server: &mut Child, dir: &std::path::Path, when: &str
 }
 
 #[test]
-fn killing_and_restarting_the_agent_under_load_fails_no_request() {
+fn killing_and_restarting_the_agent_under_load_fails_no_request_and_keeps_its_tables() {
     let _g = common::lock();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
@@ -61,7 +61,11 @@ fn killing_and_restarting_the_agent_under_load_fails_no_request() {
     let mut server = nginx(b, &dir);
     std::thread::sleep(Duration::from_millis(500));
 
-    let mut first = Agent::start(&lab, &[]);
+    let pins = common::test_pin_dir("restart");
+    let tagged = "tagflow_datapath_packets_total{counter=\"tagged\"}";
+    let mut first = Agent::start_pinned(&lab, &[], &pins);
+    // A registration that outlives its connection (the CLI's): after the
+    // restart only the pinned TRACES map still knows it.
     first.register(b, &["begin", "--request-id", "load-1", "--port", "8080"]);
     let wrk = a
         .command("wrk")
@@ -71,12 +75,17 @@ fn killing_and_restarting_the_agent_under_load_fails_no_request() {
         .spawn()
         .expect("wrk (`cargo xtask test` installs it)");
     std::thread::sleep(Duration::from_secs(2));
-    let tagged_before = first.metric("tagflow_datapath_packets_total{counter=\"tagged\"}");
-    assert!(tagged_before > 0.0, "traffic was tagged before the kill");
+    assert!(
+        first.metric(tagged) > 0.0,
+        "traffic was tagged before the kill"
+    );
+    let traces = "tagflow_map_entries{map=\"TRACES\"}";
+    let entries_before = first.metric(traces);
+    assert!(entries_before >= 1.0);
     // SIGKILL: no cleanup at all. TCX links die with the process.
     unsafe { libc::kill(first.child.id() as i32, libc::SIGKILL) };
     let _ = first.child.wait();
-    let second = Agent::start(&lab, &[]);
+    let second = Agent::start_pinned(&lab, &[], &pins);
     for p in &lab.pods {
         assert_eq!(
             tcx_ids(&p.host_if).len(),
@@ -85,13 +94,108 @@ fn killing_and_restarting_the_agent_under_load_fails_no_request() {
             p.host_if
         );
     }
-    second.register(b, &["begin", "--request-id", "load-2", "--port", "8080"]);
-    wait_for("tagging to resume", 10, || {
-        second.metric("tagflow_datapath_packets_total{counter=\"tagged\"}") > 0.0
-    });
+    // The process entry, plus per-connection entries of live connections.
+    assert!(
+        second.metric("tagflow_trace_entries_adopted_total") >= 1.0,
+        "the registration was taken over from the pinned maps"
+    );
+    // No new registration: tagging resumes from the adopted entry.
+    wait_for("tagging to resume", 10, || second.metric(tagged) > 0.0);
+    assert_eq!(
+        second.metric(traces),
+        entries_before,
+        "the process entries are the adopted ones, nothing was registered since"
+    );
     let total = finish_load(wrk, &mut server, &dir, "across the restart");
     assert!(total > 1000, "load ran: {total} requests");
     drop(second);
+    drop(first);
+}
+
+/// Pinned maps are reused when they match what the agent expects and
+/// replaced when they do not (other ABI version, other layout or size).
+#[test]
+fn pinned_maps_are_reused_when_compatible_and_recreated_otherwise() {
+    use agent::config::AgentConfig;
+    use agent_common::{maps as m, TraceContext, TraceKey};
+    let _g = common::lock();
+    let root = common::test_pin_dir("compat");
+    let cfg = AgentConfig {
+        pin_dir: root.clone(),
+        ..AgentConfig::default()
+    };
+    let fates = |dp: &agent::loader::Datapath| dp.pins.maps.clone();
+    let Some(mut dp) = common::load(&cfg, false) else {
+        return;
+    };
+    assert!(
+        fates(&dp).iter().all(|(_, f)| f == "created"),
+        "{:?}",
+        fates(&dp)
+    );
+    let abi_dir = root.join(format!("abi-{}", agent_common::ABI_VERSION));
+    for name in [m::TRACES, m::FLOW_TRACES, m::SOCK_OWNER, m::BOUND_PORTS] {
+        assert!(abi_dir.join(name).exists(), "{name} pinned");
+    }
+    let key = TraceKey::new(4242, 77);
+    let mut t = dp.take_trace_table().unwrap();
+    t.set_process(
+        key,
+        &TraceContext {
+            trace_id: [9; 16],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // A second agent while the first holds the directory: refused, and
+    // it runs unpinned rather than sharing tables.
+    let other = common::load(&cfg, false).unwrap();
+    assert!(other.pins.dir.is_none(), "the pin directory is locked");
+    drop(other);
+    drop((t, dp));
+
+    // Same ABI and sizes: the entry carries over and is adopted.
+    let mut dp = common::load(&cfg, false).unwrap();
+    assert!(
+        fates(&dp).iter().all(|(_, f)| f == "reused"),
+        "{:?}",
+        fates(&dp)
+    );
+    assert_eq!(dp.pins.adopted, 1);
+    let t = dp.take_trace_table().unwrap();
+    assert_eq!(t.by_pid.get(&key), Some([9; 16]));
+    assert_eq!(t.gate.active_namespaces(), 1, "the gate is open for it");
+    drop((t, dp));
+
+    // Another capacity: TRACES is replaced (empty), the others reused.
+    let mut bigger = cfg.clone();
+    bigger.maps.traces *= 2;
+    let dp = common::load(&bigger, false).unwrap();
+    let f = fates(&dp);
+    assert!(
+        f.iter()
+            .any(|(n, s)| n == m::TRACES && s.starts_with("replaced") && s.contains("max_entries")),
+        "{f:?}"
+    );
+    assert!(
+        f.iter().any(|(n, s)| n == m::SOCK_OWNER && s == "reused"),
+        "{f:?}"
+    );
+    assert_eq!(dp.pins.adopted, 0);
+    drop(dp);
+
+    // Maps left by another ABI version are removed, never reused.
+    let old = root.join("abi-0");
+    std::fs::rename(&abi_dir, &old).unwrap();
+    let dp = common::load(&cfg, false).unwrap();
+    assert!(!old.exists(), "the other ABI version's directory is gone");
+    assert!(
+        fates(&dp).iter().all(|(_, f)| f == "created"),
+        "{:?}",
+        fates(&dp)
+    );
+    drop(dp);
+    std::fs::remove_dir_all(&root).unwrap();
 }
 
 #[test]

@@ -105,7 +105,7 @@ pub(crate) fn ns_per_run(
 /// The skbs are run inside two throw-away namespaces standing in for pods,
 /// since the datapath treats host-namespace sockets differently.
 pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
-    let mut dp = Datapath::load(&AgentConfig::default(), false)?;
+    let mut dp = Datapath::load(&AgentConfig::scratch(), false)?;
     let mut test = Ebpf::load(TESTPROGS_OBJECT)?;
     let empty: &mut SchedClassifier = test
         .program_mut("tagflow_empty")
@@ -262,7 +262,7 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
         time::{Duration, Instant},
     };
 
-    let mut dp = Datapath::load(&AgentConfig::default(), false)?;
+    let mut dp = Datapath::load(&AgentConfig::scratch(), false)?;
     let table = dp.take_trace_table().expect("fresh datapath");
     let id = table
         .by_pid

@@ -49,7 +49,7 @@ fn ifindex(name: &str) -> u32 {
 /// Load + attach wall time in ms for `n` interfaces.
 fn load_and_attach(ifaces: &[String]) -> Result<f64, BenchError> {
     let t0 = Instant::now();
-    let mut dp = Datapath::load(&AgentConfig::default(), true)?;
+    let mut dp = Datapath::load(&AgentConfig::scratch(), true)?;
     for name in ifaces {
         dp.attach(name, ifindex(name))?;
     }
@@ -118,7 +118,7 @@ pub fn scaling(repeat: u32) -> Result<Vec<Row>, BenchError> {
     let ns = netns::in_netns_file(&pod, netns::current_cookie)??;
     let mut base = Vec::new();
     for n in [10u32, 1_000, 100_000] {
-        let mut cfg = AgentConfig::default();
+        let mut cfg = AgentConfig::scratch();
         let cap = (n + 1024).next_power_of_two();
         cfg.maps.traces = cap;
         cfg.maps.flow_traces = cap;

@@ -48,6 +48,8 @@ pub enum RegistryError {
     InUse(PathBuf),
     #[error("group {0} not found")]
     NoGroup(String),
+    #[error("registration socket refused: {0}")]
+    Insecure(String),
 }
 
 /// A connection in a namespace: (namespace, client end, server end).
@@ -57,6 +59,16 @@ type ConnKey = (NsId, SocketAddr, SocketAddr);
 const ACCEPT_RETRIES: usize = 8;
 /// How long a connection's serving process is trusted without a new look.
 const SERVED_BY_TTL: Duration = Duration::from_secs(30);
+
+/// Refusals are counted in `RegistryStats`; a few per window are logged.
+static REFUSAL_LOG: crate::ratelimit::LogLimit =
+    crate::ratelimit::LogLimit::new(Duration::from_secs(10), 5);
+
+fn log_refusal(pid: Option<u32>, what: &str, msg: &str) {
+    if let Some(held) = REFUSAL_LOG.allow() {
+        warn!(?pid, held_back = held, "{what} refused: {msg}");
+    }
+}
 
 /// Registration server settings (see `AgentConfig::registration`).
 #[derive(Debug, Clone)]
@@ -153,6 +165,7 @@ impl Registry {
         };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err)?;
+            super::permissions::check_dir(dir).map_err(RegistryError::Insecure)?;
         }
         if path.exists() {
             if UnixStream::connect(path).await.is_ok() {
@@ -166,6 +179,7 @@ impl Registry {
             let gid = group_id(g).ok_or_else(|| RegistryError::NoGroup(g.into()))?;
             std::os::unix::fs::chown(path, None, Some(gid)).map_err(err)?;
         }
+        super::permissions::check_socket(path).map_err(RegistryError::Insecure)?;
         Ok(listener)
     }
 
@@ -217,18 +231,16 @@ impl Registry {
             self.stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
-            let _ = reply_err(
-                &mut stream,
-                Code::Internal,
-                "cannot identify the peer (SO_PEERCRED)",
-            )
-            .await;
+            let msg = "cannot identify the peer (SO_PEERCRED)";
+            log_refusal(None, "registration connection", msg);
+            let _ = reply_err(&mut stream, Code::Internal, msg).await;
             return;
         };
         if let Err(msg) = self.admit(peer.ns) {
             self.stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
+            log_refusal(Some(peer.pid), "registration connection", &msg);
             let _ = reply_err(&mut stream, Code::TooManyConnections, &msg).await;
             return;
         }
@@ -320,17 +332,20 @@ impl Registry {
                 Ok(None) => unreachable!("four bytes read"),
                 Err(e) => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    log_refusal(Some(peer.pid), "registration frame", &e.message);
                     return reply_err(stream, e.code, &e.message).await;
                 }
             };
             let mut body = vec![0u8; n];
             if stream.read_exact(&mut body).await.is_err() {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                log_refusal(Some(peer.pid), "registration frame", "truncated frame");
                 return reply_err(stream, Code::BadFrame, "truncated frame").await;
             }
             let response = match protocol::decode_request(&body) {
                 Err(e) => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    log_refusal(Some(peer.pid), "registration message", &e.message);
                     if e.code.closes_connection() {
                         return reply_err(stream, e.code, &e.message).await;
                     }
@@ -338,6 +353,7 @@ impl Registry {
                 }
                 Ok(_) if !self.take_token(peer.ns) => {
                     self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    log_refusal(Some(peer.pid), "registration", "namespace over its rate");
                     error_response(
                         Code::RateLimited,
                         "namespace over its registration rate".into(),
@@ -372,7 +388,7 @@ impl Registry {
             Ok(ok) => Response::Ok(ok),
             Err((code, msg)) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                debug!(pid = peer.pid, ?code, "registration refused: {msg}");
+                log_refusal(Some(peer.pid), &format!("registration ({code:?})"), &msg);
                 error_response(code, msg)
             }
         }

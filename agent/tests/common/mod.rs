@@ -30,8 +30,13 @@ pub fn kernel_refuses(e: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Loads the datapath or returns None after printing why the kernel refused.
+/// Nothing is pinned unless the test chose its own pin directory.
 pub fn load(cfg: &AgentConfig, owner_hooks: bool) -> Option<Datapath> {
-    match Datapath::load(cfg, owner_hooks) {
+    let mut cfg = cfg.clone();
+    if cfg.pin_dir == AgentConfig::default().pin_dir {
+        cfg.pin_maps = false;
+    }
+    match Datapath::load(&cfg, owner_hooks) {
         Ok(dp) => Some(dp),
         Err(e) if kernel_refuses(&e) => {
             eprintln!("SKIP: the kernel refused to load tagflow's programs: {e}");
@@ -227,11 +232,29 @@ pub struct Agent {
     pub child: Child,
     pub metrics: SocketAddr,
     pub socket: std::path::PathBuf,
+    pub pin_dir: std::path::PathBuf,
+}
+
+/// A pin directory of this test process's own (bpffs).
+pub fn test_pin_dir(tag: &str) -> std::path::PathBuf {
+    format!("/sys/fs/bpf/tagflow-test/{}-{tag}", std::process::id()).into()
 }
 
 impl Agent {
+    /// Starts an agent with pin directory of its own.
     pub fn start(lab: &Lab, extra: &[&str]) -> Self {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let port = free_port();
+        Self::start_with(lab, extra, port, &test_pin_dir(&port.to_string()))
+    }
+
+    /// Starts an agent whose maps are pinned in `pin_dir` (a restarted
+    /// agent given its predecessor's directory takes over its tables).
+    pub fn start_pinned(lab: &Lab, extra: &[&str], pin_dir: &std::path::Path) -> Self {
+        Self::start_with(lab, extra, free_port(), pin_dir)
+    }
+
+    fn start_with(lab: &Lab, extra: &[&str], port: u16, pin_dir: &std::path::Path) -> Self {
+        let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let socket = std::env::temp_dir().join(format!(
             "tagflow-spans-{}-{}/agent.sock",
             std::process::id(),
@@ -250,6 +273,8 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .args(["--metrics-addr", &metrics.to_string()])
+            .arg("--pin-dir")
+            .arg(pin_dir)
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
@@ -259,6 +284,7 @@ impl Agent {
             child,
             metrics,
             socket,
+            pin_dir: pin_dir.into(),
         };
         let t0 = Instant::now();
         loop {
@@ -333,6 +359,7 @@ impl Drop for Agent {
         if let Some(d) = self.socket.parent() {
             let _ = std::fs::remove_dir_all(d);
         }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
     }
 }
 
