@@ -133,6 +133,7 @@ impl Pipeline {
                 AssemblerConfig {
                     idle_ns: cfg.span_idle_ms * 1_000_000,
                     max_open: cfg.max_open_spans,
+                    max_held: cfg.max_open_spans,
                     ..AssemblerConfig::default()
                 },
                 Resources::new(std::env::var("OTEL_SERVICE_NAME").ok())
@@ -286,6 +287,11 @@ impl Pipeline {
                 "Spans finished early: open-span limit reached.",
                 a.evicted,
             ),
+            (
+                "spans_released_early_total",
+                "Spans sent before their trace went quiet: held-span limit reached (links may be partial).",
+                a.released_early,
+            ),
             ("spans_created_total", "Spans handed to export.", a.emitted),
         ]
         .into_iter()
@@ -341,6 +347,7 @@ fn snapshot(
         maps: m,
         agent: pipe.counters(),
         spans_open: pipe.assembler.open_spans() as u64,
+        spans_held: pipe.assembler.held_spans() as u64,
         ready: true,
         pin_dir: dp.pins.dir.as_ref().map(|d| d.display().to_string()),
         pinned: dp.pins.maps.clone(),

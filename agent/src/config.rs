@@ -139,7 +139,9 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// A span with no packet for this long is finished.
     pub span_idle_ms: u64,
-    /// Spans assembled at once, at most (the stalest is finished early).
+    /// Spans assembled at once, at most (the stalest is finished early);
+    /// also the most finished spans held while their trace is still busy
+    /// (beyond it the busiest trace is sent early).
     pub max_open_spans: usize,
     pub export: crate::export::ExportConfig,
     pub maps: MapSizes,

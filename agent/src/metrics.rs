@@ -38,6 +38,9 @@ pub struct Snapshot {
     /// Agent-side counters: (name, help, value).
     pub agent: Vec<(String, String, u64)>,
     pub spans_open: u64,
+    /// Finished spans waiting for their trace to go quiet.
+    #[serde(default)]
+    pub spans_held: u64,
     pub ready: bool,
     /// Pin directory in use (none: maps not pinned).
     #[serde(default)]
@@ -106,6 +109,12 @@ impl Ops {
             "spans_open",
             "Spans being assembled.",
             s.spans_open,
+        );
+        gauge(
+            &mut out,
+            "spans_held",
+            "Finished spans waiting for their trace to go quiet (for linking).",
+            s.spans_held,
         );
         let e = &self.export;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
@@ -332,7 +341,11 @@ pub fn format_status(s: &Snapshot) -> String {
     for (k, _, v) in &s.agent {
         let _ = writeln!(out, "  {k:<36} {v}");
     }
-    let _ = writeln!(out, "\nspans being assembled: {}", s.spans_open);
+    let _ = writeln!(
+        out,
+        "\nspans being assembled: {}, held for linking: {}",
+        s.spans_open, s.spans_held
+    );
     match &s.pin_dir {
         Some(d) => {
             let _ = writeln!(out, "\npinned maps ({d}):");

@@ -365,3 +365,126 @@ fn collector_down_then_up_bounded_queue_and_counted_drops() {
     let want = ids::map_request_id("burst-1").unwrap().0.to_vec();
     assert!(got.lock().unwrap().iter().all(|(_, s)| s.trace_id == want));
 }
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// The collector is unreachable for a full minute while new connections
+/// keep making spans: memory stays flat, every span beyond the queue is
+/// counted as dropped, and export resumes when the collector comes back.
+#[test]
+fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
+    let _g = common::lock();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lab = Lab::new(2).unwrap();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    let dir = std::env::temp_dir().join(format!("tagflow-outage-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = common::nginx(b, &dir);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let queue = 256.0;
+    let agent = Agent::start(
+        &lab,
+        &[
+            "--otlp-endpoint",
+            &format!("http://{addr}"),
+            "--export-queue",
+            "256",
+            "--max-open-spans",
+            "2048",
+            // The registration must last the whole minute.
+            "--trace-idle-secs",
+            "300",
+        ],
+    );
+    // One new connection per request: one span each.
+    let url = format!("http://{}:8080/", b.ip);
+    let wrk = a
+        .command("wrk")
+        .args(["-t1", "-c2", "-d62s", "-H", "Connection: close", &url])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk");
+    agent.register(
+        a,
+        &[
+            "begin",
+            "--request-id",
+            "outage",
+            "--pid",
+            &wrk.id().to_string(),
+        ],
+    );
+    let pid = agent.child.id();
+    let m = |n: &str| agent.metric(n);
+    // Warm-up: the queue fills, the open-span table reaches its working size.
+    std::thread::sleep(Duration::from_secs(12));
+    let warm = rss_kib(pid);
+    let mut peak = warm;
+    let mut samples = vec![];
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_secs(5));
+        let r = rss_kib(pid);
+        peak = peak.max(r);
+        samples.push((
+            r,
+            m("tagflow_spans_created_total"),
+            m("tagflow_spans_dropped_total") + m("tagflow_spans_failed_total"),
+            m("tagflow_spans_held"),
+        ));
+    }
+    eprintln!(
+        "rss after warm-up {warm} KiB; (rss KiB, created, dropped+failed, held) every 5 s: {samples:?}"
+    );
+    let created = m("tagflow_spans_created_total");
+    let lost = m("tagflow_spans_dropped_total") + m("tagflow_spans_failed_total");
+    assert!(created > 10.0 * queue, "load made spans: {created}");
+    assert_eq!(m("tagflow_spans_exported_total"), 0.0, "nothing listens");
+    assert!(
+        lost >= created - queue - 512.0,
+        "all but the queue's worth and one batch in flight were counted as dropped or failed: {created} created, {lost} lost"
+    );
+    assert!(m("tagflow_spans_held") <= 2048.0, "held spans are bounded");
+    assert!(
+        peak <= warm + 8 * 1024,
+        "RSS stays within 8 MiB of its warm-up level through the outage: {warm} → peak {peak} KiB"
+    );
+    let total = common::finish_load(wrk, &mut server, &dir, "during the outage");
+    assert!(total > 0);
+
+    // The collector comes back: what is queued arrives, the books balance.
+    let got = receiver(&rt, addr, true);
+    wait_for("export to resume", 30, || {
+        m("tagflow_spans_exported_total") > 0.0
+    });
+    wait_for("every span delivered or counted", 30, || {
+        let x = agent.metrics().unwrap();
+        x["tagflow_spans_exported_total"]
+            + x["tagflow_spans_dropped_total"]
+            + x["tagflow_spans_failed_total"]
+            >= x["tagflow_spans_created_total"]
+    });
+    let x = agent.metrics().unwrap();
+    assert_eq!(
+        got.lock().unwrap().len() as f64,
+        x["tagflow_spans_exported_total"]
+    );
+    assert_eq!(
+        x["tagflow_spans_exported_total"]
+            + x["tagflow_spans_dropped_total"]
+            + x["tagflow_spans_failed_total"],
+        x["tagflow_spans_created_total"]
+    );
+}

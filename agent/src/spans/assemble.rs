@@ -11,7 +11,9 @@
 //! - anything else hangs off the remote parent from `traceparent`.
 //!
 //! Memory is bounded: at most `max_open` open spans (the stalest is closed
-//! early and counted) and a trace is held at most `max_hold`.
+//! early and counted), at most `max_held` closed spans waiting (beyond it the
+//! busiest traces are released early, counted), and a trace is held at most
+//! `max_hold`.
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
@@ -31,6 +33,7 @@ pub struct AssemblerConfig {
     pub settle_ns: u64,
     pub max_hold_ns: u64,
     pub max_open: usize,
+    pub max_held: usize,
 }
 
 impl Default for AssemblerConfig {
@@ -40,6 +43,7 @@ impl Default for AssemblerConfig {
             settle_ns: 200_000_000,
             max_hold_ns: 30_000_000_000,
             max_open: 65536,
+            max_held: 65536,
         }
     }
 }
@@ -52,6 +56,9 @@ pub struct AssemblerStats {
     pub closed_idle: u64,
     /// Closed early because `max_open` was reached.
     pub evicted: u64,
+    /// Closed spans released before their trace went quiet because
+    /// `max_held` was reached (their links may be partial).
+    pub released_early: u64,
     pub emitted: u64,
 }
 
@@ -83,6 +90,8 @@ pub struct Assembler {
     cfg: AssemblerConfig,
     open: HashMap<(FlowKey, [u8; 16]), Open>,
     groups: HashMap<[u8; 16], Group>,
+    /// Closed spans across all groups.
+    held: usize,
     resources: Resources,
     ifnames: HashMap<u32, String>,
     pub stats: AssemblerStats,
@@ -101,6 +110,7 @@ impl Assembler {
             cfg,
             open: HashMap::new(),
             groups: HashMap::new(),
+            held: 0,
             resources,
             ifnames: HashMap::new(),
             stats: AssemblerStats::default(),
@@ -225,13 +235,19 @@ impl Assembler {
             end: o.stats.last_ns.max(start),
             record,
         });
+        self.held += 1;
+    }
+
+    /// Closed spans waiting for their trace to go quiet.
+    pub fn held_spans(&self) -> usize {
+        self.held
     }
 
     /// Spans of traces that are complete (quiet for `settle`) or held too
     /// long, linked and with wall-clock times.
     pub fn ready(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
         let (settle, hold) = (self.cfg.settle_ns, self.cfg.max_hold_ns);
-        let due: Vec<[u8; 16]> = self
+        let mut due: Vec<[u8; 16]> = self
             .groups
             .iter()
             .filter(|(_, g)| {
@@ -241,10 +257,33 @@ impl Assembler {
             })
             .map(|(t, _)| *t)
             .collect();
+        let releasing: usize = due.iter().map(|t| self.groups[t].closed.len()).sum();
+        let mut over = (self.held - releasing).saturating_sub(self.cfg.max_held);
+        if over > 0 {
+            // Over the bound: release the busiest traces first, so the
+            // fewest traces lose links.
+            let chosen: std::collections::HashSet<_> = due.iter().copied().collect();
+            let mut rest: Vec<([u8; 16], usize)> = self
+                .groups
+                .iter()
+                .filter(|(t, g)| !g.closed.is_empty() && !chosen.contains(*t))
+                .map(|(t, g)| (*t, g.closed.len()))
+                .collect();
+            rest.sort_by(|a, b| b.1.cmp(&a.1));
+            for (t, n) in rest {
+                if over == 0 {
+                    break;
+                }
+                due.push(t);
+                self.stats.released_early += n as u64;
+                over = over.saturating_sub(n);
+            }
+        }
         let mut out = Vec::new();
         for t in due {
             let g = self.groups.get_mut(&t).expect("listed above");
             let mut spans = std::mem::take(&mut g.closed);
+            self.held -= spans.len();
             g.first = now;
             let remote = g.remote_parent;
             if g.open == 0 {
@@ -545,6 +584,7 @@ mod tests {
                 settle_ns: 10,
                 max_hold_ns: 1_000_000,
                 max_open: 100,
+                max_held: 100,
             },
             Resources::new(None),
         )
@@ -818,6 +858,43 @@ mod tests {
                 .count(),
             2
         );
+    }
+
+    #[test]
+    fn held_spans_are_bounded_and_the_busiest_trace_is_released_first() {
+        let mut a = Assembler::new(
+            AssemblerConfig {
+                max_held: 4,
+                ..AssemblerConfig::default()
+            },
+            Resources::new(None),
+        );
+        // A busy trace (5 spans) that never goes quiet (one span stays
+        // open) and a small one (1 span).
+        let mut n = 0u16;
+        let mut span = |a: &mut Assembler, trace: u8, close: bool| {
+            n += 1;
+            let k = key(1, [10, 0, 0, 1], 40000 + n, [10, 0, 0, 2], 80);
+            let e = ev(k, [trace; 16], OWNER_CONNECTED, 100, 100, 1);
+            a.flow_new(&e, None, 100);
+            if close {
+                a.flow_end(&e, 100);
+            }
+        };
+        for _ in 0..5 {
+            span(&mut a, 1, true);
+        }
+        span(&mut a, 1, false);
+        span(&mut a, 2, true);
+        span(&mut a, 2, false);
+        assert_eq!(a.held_spans(), 6);
+        // Before settle and max_hold: only the bound releases anything.
+        let out = a.ready(&CLOCK(), 101);
+        assert_eq!(out.len(), 5, "the busy trace went out early");
+        assert!(out.iter().all(|s| s.trace_id == [1; 16]));
+        assert_eq!(a.stats.released_early, 5);
+        assert_eq!(a.held_spans(), 1);
+        assert!(a.ready(&CLOCK(), 102).is_empty(), "under the bound again");
     }
 
     #[test]

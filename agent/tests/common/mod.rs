@@ -401,3 +401,45 @@ pub fn tcx_ids(iface: &str) -> Vec<u32> {
         })
         .unwrap_or_default()
 }
+
+/// nginx in `pod` answering 200 on :8080, its files in `dir`.
+pub fn nginx(pod: &Pod, dir: &std::path::Path) -> std::process::Child {
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log; daemon off;
+events {{}}
+http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
+  server {{ listen 8080; location / {{ return 200 \"ok\\n\"; }} }} }}
+"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    pod.command("nginx")
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for a wrk run, stops the server, removes its directory, and
+/// asserts no request failed. Returns the number of requests made.
+pub fn finish_load(wrk: Child, server: &mut Child, dir: &std::path::Path, when: &str) -> u64 {
+    let out = wrk.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(
+        out.status.success(),
+        "wrk: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("Socket errors") && !text.contains("Non-2xx"),
+        "requests failed {when}:\n{text}"
+    );
+    text.lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
