@@ -102,8 +102,13 @@ pub fn resolved(
                 // The flow's trace ended: hand its final numbers over.
                 emit(cfg, EVENT_FLOW_END, key, o, &[0; 8], 0);
             }
+            // Stamped so that userspace can age it out (flow GC): a dead
+            // flow's "no trace" entry would otherwise sit until LRU eviction.
+            let t = now(ctx);
             let neg = FlowStats {
                 gen,
+                first_ns: t,
+                last_ns: t,
                 ..FlowStats::default()
             };
             if FLOW_STATS.insert(key, neg, 0).is_err() {

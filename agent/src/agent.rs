@@ -48,6 +48,8 @@ pub enum AgentError {
 
 /// How long heads of a connection whose head had no id are not copied.
 const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
+/// FLOW_STATS entries without a packet for this long are deleted.
+const FLOW_GC_NS: u64 = 60_000_000_000;
 
 /// Agent-side counters (exported as metrics).
 #[derive(Default, Debug, Clone)]
@@ -64,6 +66,10 @@ pub struct AgentStats {
     pub adopted: u64,
     /// ... and those already idle, deleted instead.
     pub adopted_idle: u64,
+    /// FLOW_STATS entries of dead flows deleted (see `Datapath::gc`).
+    pub flows_collected: u64,
+    /// Expired CAPTURE_SKIP entries deleted.
+    pub skips_collected: u64,
 }
 
 /// Attaches to / forgets interfaces as links come and go.
@@ -220,6 +226,16 @@ impl Pipeline {
                 "trace_entries_expired_total",
                 "Trace entries removed after the idle timeout.",
                 s.expired,
+            ),
+            (
+                "flow_stats_collected_total",
+                "FLOW_STATS entries of flows idle for 60 s, deleted.",
+                s.flows_collected,
+            ),
+            (
+                "capture_skips_collected_total",
+                "Expired CAPTURE_SKIP entries deleted.",
+                s.skips_collected,
             ),
             (
                 "trace_entries_adopted_total",
@@ -480,6 +496,9 @@ pub async fn run_with(
                     Err(e) => warn!("expiring trace entries: {e}"),
                 }
                 if maps_at.elapsed() >= Duration::from_secs(10) {
+                    let (f, c) = dp.gc(WallClock::monotonic_now(), FLOW_GC_NS);
+                    pipe.stats.flows_collected += f;
+                    pipe.stats.skips_collected += c;
                     maps = dp.map_fill();
                     maps_at = Instant::now();
                 }

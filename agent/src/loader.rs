@@ -484,7 +484,43 @@ impl Datapath {
                 self.iface_netns.keys().count() as u64,
                 cap(self.iface_netns.map()),
             ),
+            (
+                "CAPTURE_SKIP".into(),
+                self.capture_skip.keys().count() as u64,
+                cap(self.capture_skip.map()),
+            ),
         ]
+    }
+
+    /// Deletes FLOW_STATS entries (traced or "no trace") whose last packet
+    /// is older than `max_age_ns`, and CAPTURE_SKIP entries past their time,
+    /// so both maps hold live connections rather than filling to their LRU
+    /// capacity with dead ones. A live flow that was idle that long simply
+    /// resolves again on its next packet. Returns (flows, skips) removed.
+    pub fn gc(&mut self, now_ns: u64, max_age_ns: u64) -> (u64, u64) {
+        let stale: Vec<FlowKey> = self
+            .flow_stats
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, s)| now_ns.saturating_sub(s.last_ns.max(s.first_ns)) > max_age_ns)
+            .map(|(k, _)| k)
+            .collect();
+        let flows = stale
+            .iter()
+            .filter(|k| self.flow_stats.remove(k).is_ok())
+            .count() as u64;
+        let done: Vec<FlowKey> = self
+            .capture_skip
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, until)| *until < now_ns)
+            .map(|(k, _)| k)
+            .collect();
+        let skips = done
+            .iter()
+            .filter(|k| self.capture_skip.remove(k).is_ok())
+            .count() as u64;
+        (flows, skips)
     }
 
     /// Stops copying request heads of `key` until `until_ns` (monotonic).

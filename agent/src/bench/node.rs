@@ -13,13 +13,13 @@ use super::{median, BenchError, Row};
 use crate::topo::{free_port, Lab, Pod};
 
 /// `tagflow run` for the lab, spans to /dev/null.
-struct AgentProc {
-    child: Child,
-    socket: PathBuf,
-    metrics: SocketAddr,
+pub(crate) struct AgentProc {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub metrics: SocketAddr,
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     use std::io::Write;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
@@ -36,6 +36,11 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
 
 impl AgentProc {
     fn start(lab: &Lab) -> Result<Self, BenchError> {
+        Self::start_with(lab, &["--no-pin"])
+    }
+
+    /// With more `tagflow run` flags.
+    pub(crate) fn start_with(lab: &Lab, extra: &[&str]) -> Result<Self, BenchError> {
         let exe = std::env::current_exe().map_err(|e| BenchError::Other(e.to_string()))?;
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let socket = std::env::temp_dir().join(format!(
@@ -54,6 +59,7 @@ impl AgentProc {
             ])
             .arg("--socket")
             .arg(&socket)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
@@ -94,7 +100,7 @@ impl AgentProc {
     }
 
     /// (user + system CPU seconds, VmRSS KiB, VmHWM KiB, BPF map memlock KiB)
-    fn usage(&self) -> (f64, u64, u64, u64) {
+    pub(crate) fn usage(&self) -> (f64, u64, u64, u64) {
         let pid = self.child.id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let f: Vec<&str> = stat
@@ -221,7 +227,7 @@ fn wrk(client: &Pod, url: &str, secs: u32) -> Result<(f64, f64, f64, f64), Bench
     Ok((rps, p50, p99, total))
 }
 
-fn nginx_conf(dir: &std::path::Path, body: &str) -> PathBuf {
+pub(crate) fn nginx_conf(dir: &std::path::Path, body: &str) -> PathBuf {
     let d = dir.display();
     let conf = format!(
         "worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log; daemon off;
@@ -239,7 +245,7 @@ http {{
     p
 }
 
-struct Server(Child);
+pub(crate) struct Server(pub Child);
 
 impl Drop for Server {
     fn drop(&mut self) {
@@ -248,7 +254,7 @@ impl Drop for Server {
     }
 }
 
-fn spawn(mut c: Command) -> Result<Server, BenchError> {
+pub(crate) fn spawn(mut c: Command) -> Result<Server, BenchError> {
     c.stdout(Stdio::null()).stderr(Stdio::null());
     Ok(Server(
         c.spawn()
