@@ -33,7 +33,7 @@ pub static IFACE_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
 
 /// New (flow, trace) pairs for userspace.
 #[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(256 * 1024, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
 
 /// Loss and activity counters, indexed by `agent_common::Counter`.
 #[map(name = "COUNTERS")]

@@ -48,8 +48,10 @@ pub enum AgentError {
 
 /// How long heads of a connection whose head had no id are not copied.
 const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
-/// FLOW_STATS entries without a packet for this long are deleted.
+/// FLOW_STATS entries without a packet for this long are deleted ("no
+/// trace" entries sooner: remaking one costs one slow-path lookup).
 const FLOW_GC_NS: u64 = 60_000_000_000;
+const NEGATIVE_GC_NS: u64 = 10_000_000_000;
 
 /// Agent-side counters (exported as metrics).
 #[derive(Default, Debug, Clone)]
@@ -66,6 +68,8 @@ pub struct AgentStats {
     pub adopted: u64,
     /// ... and those already idle, deleted instead.
     pub adopted_idle: u64,
+    /// FLOW_TRACES entries removed because their connection closed.
+    pub flows_closed: u64,
     /// FLOW_STATS entries of dead flows deleted (see `Datapath::gc`).
     pub flows_collected: u64,
     /// Expired CAPTURE_SKIP entries deleted.
@@ -124,7 +128,21 @@ pub struct Pipeline {
     pub assembler: Assembler,
     pub clock: WallClock,
     pub stats: AgentStats,
+    /// Connections that ended (FIN/RST) and when their per-connection trace
+    /// entry goes: a short grace lets the last ACKs through under the same
+    /// trace instead of re-resolving them.
+    closing: std::collections::VecDeque<(u64, agent_common::FlowKey, [u8; 16])>,
+    closing_cap: usize,
+    /// Finished spans waiting for room in the export queue: a big trace
+    /// released at once waits here instead of overflowing the queue.
+    /// At most one export queue's worth; beyond it the oldest are dropped
+    /// (counted with the exporter's drops).
+    pending: std::collections::VecDeque<crate::spans::SpanRecord>,
+    pending_cap: usize,
 }
+
+/// How long a closed connection keeps its FLOW_TRACES entry.
+const CLOSED_FLOW_GRACE_NS: u64 = 2_000_000_000;
 
 impl Pipeline {
     pub fn new(cfg: &AgentConfig) -> Self {
@@ -134,12 +152,12 @@ impl Pipeline {
     /// With pod metadata for span resources (in a cluster).
     pub fn with_pods(cfg: &AgentConfig, pods: Option<Arc<crate::k8s::pods::PodCache>>) -> Self {
         Self {
-            capture: Capture::new(cfg.capture_headers.clone(), 65536),
+            capture: Capture::new(cfg.capture_headers.clone(), 16384),
             assembler: Assembler::new(
                 AssemblerConfig {
                     idle_ns: cfg.span_idle_ms * 1_000_000,
                     max_open: cfg.max_open_spans,
-                    max_held: cfg.max_open_spans,
+                    max_held: cfg.max_held_spans,
                     ..AssemblerConfig::default()
                 },
                 Resources::new(std::env::var("OTEL_SERVICE_NAME").ok())
@@ -147,6 +165,10 @@ impl Pipeline {
             ),
             clock: WallClock::measure(),
             stats: AgentStats::default(),
+            closing: Default::default(),
+            closing_cap: cfg.maps.flow_traces as usize,
+            pending: Default::default(),
+            pending_cap: cfg.export.queue,
         }
     }
 
@@ -158,7 +180,7 @@ impl Pipeline {
         match ev {
             Event::FlowNew(f) => {
                 self.stats.flow_new += 1;
-                let head = self.capture.head(&f.key, &f.stats.trace_id).cloned();
+                let head = self.capture.take_head(&f.key, &f.stats.trace_id);
                 self.assembler.flow_new(&f, head, now);
             }
             Event::FlowEnd(f) => {
@@ -184,15 +206,62 @@ impl Pipeline {
 
     /// Refreshes open spans from FLOW_STATS, closes finished ones and hands
     /// complete traces to the exporter.
-    pub fn sweep(&mut self, dp: &Datapath, exporter: &Exporter) {
+    /// Per-connection trace entries of connections that closed are removed
+    /// (after a grace), not left to the idle timeout: under connection churn
+    /// FLOW_TRACES then holds live connections only.
+    pub fn sweep(&mut self, dp: &mut Datapath, exporter: &Exporter, table: &Mutex<TraceTable>) {
         let now = WallClock::monotonic_now();
         self.clock.refresh(Duration::from_secs(10));
         let keys = self.assembler.open_keys();
         let snapshot = dp.flow_stats_for(keys.iter());
-        self.assembler.sweep(&snapshot, now);
-        for s in self.assembler.ready(&self.clock, now) {
-            exporter.send(s);
+        for (key, trace) in self.assembler.sweep(&snapshot, now) {
+            self.closing
+                .push_back((now + CLOSED_FLOW_GRACE_NS, key, trace));
         }
+        let mut t = table.lock().expect("table lock");
+        while let Some((due, key, trace)) = self.closing.front().copied() {
+            if due > now && self.closing.len() <= self.closing_cap {
+                break;
+            }
+            self.closing.pop_front();
+            if dp.forget_flow(&key, &trace) {
+                self.stats.flows_collected += 1;
+            }
+            match t.clear_flow(&key, &trace) {
+                Ok(true) => self.stats.flows_closed += 1,
+                Ok(false) => {}
+                Err(e) => warn!("clearing a closed connection's trace: {e}"),
+            }
+        }
+        drop(t);
+        self.pending.extend(self.assembler.ready(&self.clock, now));
+        while let Some(s) = self.pending.pop_front() {
+            if let Err(s) = exporter.offer(s) {
+                self.pending.push_front(s);
+                break;
+            }
+        }
+        let over = self.pending.len().saturating_sub(self.pending_cap);
+        if over > 0 {
+            self.pending.drain(..over);
+            exporter.count_dropped(over as u64);
+        }
+    }
+
+    /// Finished spans not yet queued for export: held for linking or
+    /// waiting for room.
+    pub fn held(&self) -> usize {
+        self.assembler.held_spans() + self.pending.len()
+    }
+
+    /// Everything still in the pipeline, for the exporter at shutdown.
+    pub fn drain_all(&mut self) -> Vec<crate::spans::SpanRecord> {
+        let mut out: Vec<_> = self.pending.drain(..).collect();
+        out.extend(
+            self.assembler
+                .flush_all(&self.clock, WallClock::monotonic_now()),
+        );
+        out
     }
 
     pub fn counters(&self) -> Vec<(String, String, u64)> {
@@ -228,8 +297,13 @@ impl Pipeline {
                 s.expired,
             ),
             (
+                "flow_traces_closed_total",
+                "Per-connection trace entries removed when their connection closed.",
+                s.flows_closed,
+            ),
+            (
                 "flow_stats_collected_total",
-                "FLOW_STATS entries of flows idle for 60 s, deleted.",
+                "FLOW_STATS entries of closed or idle flows, deleted.",
                 s.flows_collected,
             ),
             (
@@ -276,6 +350,11 @@ impl Pipeline {
                 "capture_table_errors_total",
                 "Trace-table writes from capture that failed.",
                 c.table_errors,
+            ),
+            (
+                "capture_unclaimed_total",
+                "Request details no span asked for within 10 s (dropped).",
+                c.unclaimed,
             ),
             (
                 "capture_evicted_total",
@@ -363,7 +442,8 @@ fn snapshot(
         maps: m,
         agent: pipe.counters(),
         spans_open: pipe.assembler.open_spans() as u64,
-        spans_held: pipe.assembler.held_spans() as u64,
+        spans_held: pipe.held() as u64,
+        capture_cached: pipe.capture.cached() as u64,
         ready: true,
         pin_dir: dp.pins.dir.as_ref().map(|d| d.display().to_string()),
         pinned: dp.pins.maps.clone(),
@@ -489,14 +569,14 @@ pub async fn run_with(
                 }
                 guard.clear_ready();
             }
-            _ = sweep.tick() => pipe.sweep(&dp, &exporter),
+            _ = sweep.tick() => pipe.sweep(&mut dp, &exporter, &table),
             _ = second.tick() => {
                 match table.lock().expect("table lock").expire() {
                     Ok(n) => pipe.stats.expired += n as u64,
                     Err(e) => warn!("expiring trace entries: {e}"),
                 }
                 if maps_at.elapsed() >= Duration::from_secs(10) {
-                    let (f, c) = dp.gc(WallClock::monotonic_now(), FLOW_GC_NS);
+                    let (f, c) = dp.gc(WallClock::monotonic_now(), FLOW_GC_NS, NEGATIVE_GC_NS);
                     pipe.stats.flows_collected += f;
                     pipe.stats.skips_collected += c;
                     maps = dp.map_fill();
@@ -508,10 +588,7 @@ pub async fn run_with(
     }
     info!("shutting down: flushing spans, detaching");
     ops.snapshot.lock().expect("snapshot lock").ready = false;
-    for s in pipe
-        .assembler
-        .flush_all(&pipe.clock, WallClock::monotonic_now())
-    {
+    for s in pipe.drain_all() {
         exporter.send(s);
     }
     let stats = exporter.stats.clone();

@@ -64,7 +64,9 @@ impl Default for MapSizes {
             sock_owner: 65536,
             bound_ports: 16384,
             iface_netns: 4096,
-            events_bytes: 256 * 1024,
+            // ≈ 1900 request heads (1.1 KB each): enough to ride out the
+            // agent being off-CPU for a while on a saturated node.
+            events_bytes: 2 << 20,
         }
     }
 }
@@ -139,10 +141,12 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// A span with no packet for this long is finished.
     pub span_idle_ms: u64,
-    /// Spans assembled at once, at most (the stalest is finished early);
-    /// also the most finished spans held while their trace is still busy
-    /// (beyond it the busiest trace is sent early).
+    /// Spans assembled at once, at most (the stalest is finished early).
     pub max_open_spans: usize,
+    /// Finished spans held while their trace is still busy (for linking),
+    /// at most; beyond it the busiest trace is sent early. With the export
+    /// queue this bounds the agent's memory for spans (≈ 2 KB each).
+    pub max_held_spans: usize,
     pub export: crate::export::ExportConfig,
     pub maps: MapSizes,
     /// Pin the maps that must survive a restart (owners and traces) under
@@ -174,7 +178,8 @@ impl Default for AgentConfig {
             registration: RegistrationConfig::default(),
             metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("valid")),
             span_idle_ms: 2000,
-            max_open_spans: 65536,
+            max_open_spans: 16384,
+            max_held_spans: 16384,
             export: crate::export::ExportConfig::default(),
             maps: MapSizes::default(),
             pin_maps: true,
@@ -234,11 +239,12 @@ impl AgentConfig {
         }
         if self.span_idle_ms == 0
             || self.max_open_spans == 0
+            || self.max_held_spans == 0
             || self.export.queue == 0
             || self.export.batch == 0
         {
             return bad(
-                "span_idle_ms, max_open_spans, export.queue and export.batch must be > 0".into(),
+                "span_idle_ms, max_open_spans, max_held_spans, export.queue and export.batch must be > 0".into(),
             );
         }
         if self.trace_idle_secs == 0 {

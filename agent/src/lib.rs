@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pin;
 pub mod ratelimit;
 pub mod sidecar;
+pub mod soak;
 pub mod sources;
 pub mod spans;
 pub mod tables;

@@ -492,17 +492,25 @@ impl Datapath {
         ]
     }
 
-    /// Deletes FLOW_STATS entries (traced or "no trace") whose last packet
-    /// is older than `max_age_ns`, and CAPTURE_SKIP entries past their time,
-    /// so both maps hold live connections rather than filling to their LRU
-    /// capacity with dead ones. A live flow that was idle that long simply
-    /// resolves again on its next packet. Returns (flows, skips) removed.
-    pub fn gc(&mut self, now_ns: u64, max_age_ns: u64) -> (u64, u64) {
+    /// Deletes FLOW_STATS entries whose last packet is older than
+    /// `traced_age_ns` ("no trace" entries: `negative_age_ns`, they are cheap
+    /// to make again), and CAPTURE_SKIP entries past their time, so both maps
+    /// hold live connections rather than filling to their LRU capacity with
+    /// dead ones. A live flow that was idle that long simply resolves again
+    /// on its next packet. Returns (flows, skips) removed.
+    pub fn gc(&mut self, now_ns: u64, traced_age_ns: u64, negative_age_ns: u64) -> (u64, u64) {
         let stale: Vec<FlowKey> = self
             .flow_stats
             .iter()
             .filter_map(Result::ok)
-            .filter(|(_, s)| now_ns.saturating_sub(s.last_ns.max(s.first_ns)) > max_age_ns)
+            .filter(|(_, s)| {
+                let age = if s.is_negative() {
+                    negative_age_ns
+                } else {
+                    traced_age_ns
+                };
+                now_ns.saturating_sub(s.last_ns.max(s.first_ns)) > age
+            })
             .map(|(k, _)| k)
             .collect();
         let flows = stale
@@ -521,6 +529,15 @@ impl Datapath {
             .filter(|k| self.capture_skip.remove(k).is_ok())
             .count() as u64;
         (flows, skips)
+    }
+
+    /// Deletes `key`'s FLOW_STATS entry if it still belongs to `trace` (its
+    /// connection closed: no need to wait for the GC).
+    pub fn forget_flow(&mut self, key: &FlowKey, trace: &[u8; 16]) -> bool {
+        match self.flow_stats.get(key, 0) {
+            Ok(s) if &s.trace_id == trace => self.flow_stats.remove(key).is_ok(),
+            _ => false,
+        }
     }
 
     /// Stops copying request heads of `key` until `until_ns` (monotonic).

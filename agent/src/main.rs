@@ -74,6 +74,19 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Run the agent for N minutes under mixed traffic, registrations, pod
+    /// churn and a flapping collector; fails unless RSS and map fill are
+    /// flat after warm-up (needs root).
+    Soak {
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 10)]
+        sample_secs: u64,
+        /// Also write the samples here as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -262,6 +275,9 @@ struct RunArgs {
     /// Spans assembled at once, at most (the stalest is finished early).
     #[arg(long, env = "TAGFLOW_MAX_OPEN_SPANS")]
     max_open_spans: Option<usize>,
+    /// Finished spans held for linking, at most (the busiest trace goes early).
+    #[arg(long, env = "TAGFLOW_MAX_HELD_SPANS")]
+    max_held_spans: Option<usize>,
     /// bpffs directory for the maps that survive a restart.
     #[arg(long, env = "TAGFLOW_PIN_DIR")]
     pin_dir: Option<PathBuf>,
@@ -356,6 +372,9 @@ impl RunArgs {
         if let Some(n) = self.max_open_spans {
             cfg.max_open_spans = n;
         }
+        if let Some(n) = self.max_held_spans {
+            cfg.max_held_spans = n;
+        }
         if let Some(p) = self.pin_dir {
             cfg.pin_dir = p;
         }
@@ -381,14 +400,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// glibc gives each thread that allocates its own arena (up to 8 per core)
+/// and keeps freed memory in it: under registration bursts the agent's RSS
+/// was mostly idle arenas (the soak measured it). Two are plenty here.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only tunes the allocator; called before any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
         Cmd::Run(args) => {
             let cfg = args.into_config()?;
+            limit_malloc_arenas();
+            // Registrations that walk /proc run as blocking sections: a
+            // bounded pool keeps a flood of them from growing threads.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
+                .max_blocking_threads(8)
                 .enable_all()
                 .build()?;
             rt.block_on(agent::agent::run(cfg, shutdown_signal()))
@@ -444,6 +478,17 @@ fn main() -> anyhow::Result<()> {
                 .map_err(anyhow::Error::from)
             })?;
             println!("{}", serde_json::to_string(&reply)?);
+        }
+        Cmd::Soak {
+            minutes,
+            sample_secs,
+            json,
+        } => {
+            let samples = agent::soak::soak(minutes, sample_secs.max(1));
+            if let (Some(path), Ok(s)) = (&json, &samples) {
+                std::fs::write(path, serde_json::to_string_pretty(s)?)?;
+            }
+            samples?;
         }
         Cmd::Bench { what } => {
             let (rows, json) = match what {

@@ -41,6 +41,9 @@ pub struct Snapshot {
     /// Finished spans waiting for their trace to go quiet.
     #[serde(default)]
     pub spans_held: u64,
+    /// Captured request details waiting for their span.
+    #[serde(default)]
+    pub capture_cached: u64,
     pub ready: bool,
     /// Pin directory in use (none: maps not pinned).
     #[serde(default)]
@@ -115,6 +118,12 @@ impl Ops {
             "spans_held",
             "Finished spans waiting for their trace to go quiet (for linking).",
             s.spans_held,
+        );
+        gauge(
+            &mut out,
+            "capture_heads_cached",
+            "Captured request details waiting for their span.",
+            s.capture_cached,
         );
         let e = &self.export;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -506,7 +506,9 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
     let mut table = b.dp.take_trace_table().unwrap();
     open_gate(&mut b, &mut table);
     let traced = Frame::udp(ip("10.1.0.1"), 7, ip("10.2.0.1"), 9);
-    table.set_flow(traced.flow_key(b.pod_ns), &ctx(0x33)).unwrap();
+    table
+        .set_flow(traced.flow_key(b.pod_ns), &ctx(0x33))
+        .unwrap();
     b.expect(&traced.build(), Counter::Tagged, "traced");
     b.expect(&tcp4().build(), Counter::NoTrace, "untraced");
     let stats = b.dp.flow_stats();
@@ -517,10 +519,20 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
     );
     let newest = stats.iter().map(|(_, s)| s.last_ns).max().unwrap();
     // Younger than the age: kept.
-    assert_eq!(b.dp.gc(newest + 1_000, 60_000_000_000), (0, 0));
+    let (traced_age, negative_age) = (60_000_000_000, 10_000_000_000);
+    assert_eq!(b.dp.gc(newest + 1_000, traced_age, negative_age), (0, 0));
     assert_eq!(b.dp.flow_stats().len(), 2);
-    // Older: both go; the next packet resolves again.
-    assert_eq!(b.dp.gc(newest + 61_000_000_000, 60_000_000_000).0, 2);
+    // "No trace" entries go first; the traced one after its own age.
+    assert_eq!(
+        b.dp.gc(newest + 11_000_000_000, traced_age, negative_age).0,
+        1
+    );
+    assert_eq!(b.dp.flow_stats().len(), 1);
+    assert!(!b.dp.flow_stats()[0].1.is_negative());
+    assert_eq!(
+        b.dp.gc(newest + 61_000_000_000, traced_age, negative_age).0,
+        1
+    );
     assert!(b.dp.flow_stats().is_empty());
     let before = b.dp.counter(Counter::Resolved);
     b.expect(&traced.build(), Counter::Tagged, "traced again");

@@ -403,6 +403,8 @@ fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
             "256",
             "--max-open-spans",
             "2048",
+            "--max-held-spans",
+            "2048",
             // The registration must last the whole minute.
             "--trace-idle-secs",
             "300",
@@ -456,7 +458,10 @@ fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
         lost >= created - queue - 512.0,
         "all but the queue's worth and one batch in flight were counted as dropped or failed: {created} created, {lost} lost"
     );
-    assert!(m("tagflow_spans_held") <= 2048.0, "held spans are bounded");
+    assert!(
+        m("tagflow_spans_held") <= 2048.0 + queue,
+        "held spans (and those waiting for the queue) are bounded"
+    );
     assert!(
         peak <= warm + 8 * 1024,
         "RSS stays within 8 MiB of its warm-up level through the outage: {warm} → peak {peak} KiB"
@@ -486,5 +491,47 @@ fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
             + x["tagflow_spans_dropped_total"]
             + x["tagflow_spans_failed_total"],
         x["tagflow_spans_created_total"]
+    );
+}
+
+/// Connections that close take their per-connection trace entries with
+/// them (after a short grace), long before the idle timeout: under
+/// connection churn FLOW_TRACES holds live connections only.
+#[test]
+fn closed_connections_release_their_trace_entries() {
+    let _g = common::lock();
+    let lab = Lab::new(2).unwrap();
+    let (a, b) = (&lab.pods[0], &lab.pods[1]);
+    let dir = std::env::temp_dir().join(format!("tagflow-closing-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = common::nginx(b, &dir);
+    let agent = Agent::start(&lab, &["--trace-idle-secs", "300"]);
+    let entries = "tagflow_map_entries{map=\"FLOW_TRACES\"}";
+    let wrk = a
+        .command("wrk")
+        .args(["-t1", "-c1", "-d3s", "-H", "x-request-id: closing-1"])
+        .args(["-H", "Connection: close", &format!("http://{}:8080/", b.ip)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("wrk");
+    std::thread::sleep(Duration::from_secs(2));
+    let during = agent.metric(entries);
+    let total = common::finish_load(wrk, &mut server, &dir, "with closing connections");
+    assert!(total > 100, "load ran: {total}");
+    assert!(during >= 1.0, "captured heads set per-connection entries");
+    // Far sooner than the 300 s idle timeout. A few stay: wrk reuses
+    // client ports within seconds, and a connection on a 4-tuple whose
+    // previous life is still in its grace period is seen as the same flow.
+    wait_for("FLOW_TRACES to drain", 15, || {
+        agent.metric(entries) <= total as f64 * 0.05
+    });
+    // Every span that ended with FIN/RST released its connection's entry
+    // (bar those whose 4-tuple was already reused by the next connection).
+    let closed = agent.metric("tagflow_flow_traces_closed_total");
+    let fin = agent.metric("tagflow_spans_closed_fin_total");
+    assert!(
+        fin > 100.0 && closed >= fin * 0.9,
+        "entries released on close: {closed} for {fin} connections that ended"
     );
 }

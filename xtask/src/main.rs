@@ -48,6 +48,16 @@ enum Cmd {
         #[arg(long)]
         json: Option<String>,
     },
+    /// Soak: the agent under mixed traffic, registrations, pod churn and a
+    /// flapping collector; reports RSS, map fill and loss counters over
+    /// time and fails unless RSS and map fill are flat after warm-up.
+    Soak {
+        #[arg(long, default_value_t = 5.0)]
+        minutes: f64,
+        /// Also write the samples here as JSON.
+        #[arg(long)]
+        json: Option<String>,
+    },
     /// Fuzz one target (protocol, http_head, ids, config) with libFuzzer;
     /// crashes land in agent/fuzz/artifacts/<target>/.
     Fuzz {
@@ -212,6 +222,16 @@ fn main() -> Result<()> {
             if quick {
                 c.arg("--quick");
             }
+            if let Some(j) = json {
+                c.args(["--json", &j]);
+            }
+            run(&mut c)?;
+        }
+        Cmd::Soak { minutes, json } => {
+            need_root("the soak")?;
+            let bin = build(true)?;
+            let mut c = Command::new(bin);
+            c.args(["soak", "--minutes", &minutes.to_string()]);
             if let Some(j) = json {
                 c.args(["--json", &j]);
             }

@@ -277,6 +277,28 @@ impl Exporter {
         }
     }
 
+    /// Queues the span if there is room, else hands it back (not counted:
+    /// the caller still holds it and may offer it again).
+    pub fn offer(&self, span: SpanRecord) -> Result<(), SpanRecord> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        match tx.try_send(span) {
+            Ok(()) => {
+                self.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(s)) => Err(s),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+        }
+    }
+
+    /// Spans the caller had to give up on before queueing them.
+    pub fn count_dropped(&self, n: u64) {
+        self.stats.dropped.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn queued(&self) -> usize {
         self.tx
             .as_ref()

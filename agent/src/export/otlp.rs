@@ -39,7 +39,7 @@ fn value(v: &Value) -> AnyValue {
 fn attrs(a: &[KeyValue]) -> Vec<PKeyValue> {
     a.iter()
         .map(|kv| PKeyValue {
-            key: kv.key.clone(),
+            key: kv.key.to_string(),
             value: Some(value(&kv.value)),
             ..Default::default()
         })

@@ -17,7 +17,7 @@ fn attrs(a: &[KeyValue]) -> J {
             Value::Int(i) => J::from(*i),
             Value::StrArray(v) => J::from(v.clone()),
         };
-        m.insert(kv.key.clone(), v);
+        m.insert(kv.key.to_string(), v);
     }
     J::Object(m)
 }

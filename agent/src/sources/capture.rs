@@ -7,7 +7,10 @@ use agent_common::{
     TRACE_FLAG_SAMPLED,
 };
 
-use crate::{ids, tables::TraceTable};
+use crate::{
+    ids,
+    tables::{Store, TraceTables},
+};
 
 /// What the spans want to know about a captured request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,7 +95,8 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
 pub struct Capture {
     id_headers: Vec<String>,
     heads: HashMap<(FlowKey, [u8; 16]), HeadInfo>,
-    order: VecDeque<(FlowKey, [u8; 16])>,
+    /// Insertion order with the head's (monotonic) time.
+    order: VecDeque<(u64, (FlowKey, [u8; 16]))>,
     cap: usize,
     pub applied: u64,
     pub no_id: u64,
@@ -101,7 +105,13 @@ pub struct Capture {
     pub not_http: u64,
     pub table_errors: u64,
     pub evicted: u64,
+    /// Details no span asked for within `UNCLAIMED_NS` (the pair never
+    /// carried another packet: e.g. the next request followed at once).
+    pub unclaimed: u64,
 }
+
+/// Request details wait this long for their span to open.
+const UNCLAIMED_NS: u64 = 10_000_000_000;
 
 impl Capture {
     pub fn new(id_headers: Vec<String>, cap: usize) -> Self {
@@ -117,10 +127,21 @@ impl Capture {
             not_http: 0,
             table_errors: 0,
             evicted: 0,
+            unclaimed: 0,
         }
     }
 
-    pub fn handle(&mut self, ev: &HttpHeadEvent, table: &mut TraceTable) -> HeadOutcome {
+    pub fn handle<P, F, G, A>(
+        &mut self,
+        ev: &HttpHeadEvent,
+        table: &mut TraceTables<P, F, G, A>,
+    ) -> HeadOutcome
+    where
+        P: Store<TraceKey, TraceContext>,
+        F: Store<FlowKey, TraceContext>,
+        G: Store<u64, u64>,
+        A: Store<u32, agent_common::NetnsSlot>,
+    {
         let data = &ev.data[..(ev.len as usize).min(ev.data.len())];
         let (mut info, sampled) = match parse_head(data, &self.id_headers) {
             Ok(x) => x,
@@ -163,12 +184,24 @@ impl Capture {
             self.table_errors += 1;
         }
         let k = (ev.key, info.trace_id);
+        while let Some((ts, old)) = self.order.front().copied() {
+            if ev.ts_ns.saturating_sub(ts) < UNCLAIMED_NS {
+                break;
+            }
+            self.order.pop_front();
+            if self.heads.remove(&old).is_some() {
+                self.unclaimed += 1;
+            }
+        }
         if self.heads.insert(k, info.clone()).is_none() {
-            self.order.push_back(k);
+            self.order.push_back((ev.ts_ns, k));
+            // `order` may name pairs already taken: those cost nothing to
+            // drop; only details never used count as evicted.
             while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.heads.remove(&old);
-                    self.evicted += 1;
+                if let Some((_, old)) = self.order.pop_front() {
+                    if self.heads.remove(&old).is_some() {
+                        self.evicted += 1;
+                    }
                 }
             }
         }
@@ -176,8 +209,15 @@ impl Capture {
         HeadOutcome::Applied(Box::new(info))
     }
 
-    pub fn head(&self, key: &FlowKey, trace: &[u8; 16]) -> Option<&HeadInfo> {
-        self.heads.get(&(*key, *trace))
+    /// The request details for a (connection, trace) pair, handed over
+    /// once: the span that opens with the pair keeps them from then on.
+    pub fn take_head(&mut self, key: &FlowKey, trace: &[u8; 16]) -> Option<HeadInfo> {
+        self.heads.remove(&(*key, *trace))
+    }
+
+    /// Request details waiting for their span.
+    pub fn cached(&self) -> usize {
+        self.heads.len()
     }
 }
 
@@ -252,5 +292,48 @@ mod tests {
             parse_head(long.as_bytes(), &hdrs()).unwrap_err(),
             HeadOutcome::BadId
         );
+    }
+
+    #[test]
+    fn details_are_handed_over_once_and_unclaimed_ones_age_out() {
+        use crate::tables::{Gate, Table};
+        use std::time::Duration;
+        let idle = Duration::from_secs(30);
+        let mut t = TraceTables {
+            by_pid: Table::new(HashMap::new(), 100, idle),
+            by_flow: Table::new(HashMap::new(), 100, idle),
+            gate: Gate::new(HashMap::new(), HashMap::new()),
+        };
+        let mut c = Capture::new(hdrs(), 100);
+        let head = |port: u16, id: &str, ts_ns: u64| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let mut ev = HttpHeadEvent {
+                header: Default::default(),
+                key: FlowKey {
+                    netns: 1,
+                    local_port: port,
+                    ..Default::default()
+                },
+                ts_ns,
+                pid: 0,
+                len: text.len() as u32,
+                data: [0; agent_common::MAX_CAPTURE],
+            };
+            ev.data[..text.len()].copy_from_slice(text.as_bytes());
+            ev
+        };
+        let s = 1_000_000_000;
+        let a = head(1, "req-a", 100 * s);
+        assert!(matches!(c.handle(&a, &mut t), HeadOutcome::Applied(_)));
+        let trace = ids::map_request_id("req-a").unwrap().0;
+        assert_eq!(t.by_flow.get(&a.key), Some(trace));
+        assert!(c.take_head(&a.key, &trace).is_some());
+        assert!(c.take_head(&a.key, &trace).is_none(), "handed over once");
+        // Never claimed: dropped once 10 s older than the newest head.
+        c.handle(&head(2, "req-b", 101 * s), &mut t);
+        c.handle(&head(3, "req-c", 105 * s), &mut t);
+        assert_eq!(c.cached(), 2);
+        c.handle(&head(4, "req-d", 112 * s), &mut t);
+        assert_eq!((c.cached(), c.unclaimed, c.evicted), (2, 1, 0));
     }
 }

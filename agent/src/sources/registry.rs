@@ -212,6 +212,9 @@ impl Registry {
         let mut cache = self.cookies.lock().unwrap();
         if cache.len() > 8192 {
             cache.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(30));
+            if cache.len() > 8192 {
+                cache.clear();
+            }
         }
         cache.insert(ns, (c, now));
         Some(c)
@@ -451,6 +454,12 @@ impl Registry {
                         let mut cache = self.served_by.lock().unwrap();
                         if cache.len() >= 16384 {
                             cache.retain(|_, (_, t)| now.duration_since(*t) < SERVED_BY_TTL);
+                            // Still full of fresh entries: start over (a
+                            // cache miss costs one /proc walk, growth is
+                            // unbounded memory).
+                            if cache.len() >= 16384 {
+                                cache.clear();
+                            }
                         }
                         cache.insert((peer.ns, *l, *r), (pids.clone(), now));
                         break;

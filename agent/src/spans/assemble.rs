@@ -70,6 +70,7 @@ struct Open {
     resource: Arc<Resource>,
 }
 
+#[derive(Clone)]
 struct Closed {
     key: FlowKey,
     start: u64,
@@ -190,7 +191,12 @@ impl Assembler {
 
     /// Refreshes open spans from a FLOW_STATS snapshot and closes those that
     /// saw FIN/RST or went idle.
-    pub fn sweep(&mut self, snapshot: &HashMap<FlowKey, FlowStats>, now: u64) {
+    /// Returns the pairs closed by FIN/RST: their connections are over.
+    pub fn sweep(
+        &mut self,
+        snapshot: &HashMap<FlowKey, FlowStats>,
+        now: u64,
+    ) -> Vec<(FlowKey, [u8; 16])> {
         let mut done = Vec::new();
         for (k, o) in self.open.iter_mut() {
             if let Some(s) = snapshot.get(&k.0) {
@@ -204,9 +210,14 @@ impl Assembler {
                 done.push((*k, Why::Idle));
             }
         }
+        let mut finished = Vec::new();
         for (k, why) in done {
+            if matches!(why, Why::Fin) {
+                finished.push(k);
+            }
             self.close(k, why, now);
         }
+        finished
     }
 
     fn close(&mut self, k: (FlowKey, [u8; 16]), why: Why, now: u64) {
@@ -471,41 +482,83 @@ const CONTAIN_SLACK_NS: u64 = 5_000_000;
 /// serving began. So a call is attributed to the first server span of its
 /// pod still open when the call started, and parents are then stretched to
 /// cover their children.
+///
+/// O(n log n): a busy trace can hold tens of thousands of spans, and this
+/// runs on the loop that drains the ring buffer.
 fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
     let n = spans.len();
+    // Client spans by their connection as the other end sees it.
+    type Conn = (u8, [u8; 16], [u8; 16], u16, u16);
+    let mut clients: HashMap<Conn, usize> = HashMap::new();
+    // Server spans per namespace, by end.
+    let mut servers: HashMap<u64, Vec<(u64, usize)>> = HashMap::new();
+    for (j, s) in spans.iter().enumerate() {
+        let k = &s.key;
+        match s.record.kind {
+            SpanKind::Client => {
+                clients
+                    .entry((
+                        k.proto,
+                        k.local_addr,
+                        k.remote_addr,
+                        k.local_port,
+                        k.remote_port,
+                    ))
+                    .or_insert(j);
+            }
+            SpanKind::Server => servers.entry(k.netns).or_default().push((s.end, j)),
+            _ => {}
+        }
+    }
+    for v in servers.values_mut() {
+        v.sort_unstable();
+    }
     let mut parent: Vec<Option<usize>> = vec![None; n];
-    for i in 0..n {
-        let si = &spans[i];
+    for (i, si) in spans.iter().enumerate() {
+        let k = &si.key;
         parent[i] = match si.record.kind {
-            SpanKind::Server => (0..n).find(|&j| {
-                spans[j].record.kind == SpanKind::Client && reverse_of(&spans[j].key, &si.key)
+            SpanKind::Server => clients
+                .get(&(
+                    k.proto,
+                    k.remote_addr,
+                    k.local_addr,
+                    k.remote_port,
+                    k.local_port,
+                ))
+                .copied(),
+            // The server span of the pod ending first among those that had
+            // not ended (give or take the slack) when this call started.
+            _ => servers.get(&k.netns).and_then(|v| {
+                let from = si.start.saturating_sub(CONTAIN_SLACK_NS);
+                v.get(v.partition_point(|(end, _)| *end < from))
+                    .map(|(_, j)| *j)
             }),
-            _ => (0..n)
-                .filter(|&j| {
-                    let sj = &spans[j];
-                    j != i
-                        && sj.record.kind == SpanKind::Server
-                        && sj.key.netns == si.key.netns
-                        && si.start <= sj.end + CONTAIN_SLACK_NS
-                })
-                .min_by_key(|&j| spans[j].end),
         };
     }
+    // Break cycles: walk up from each span not yet known to reach a root;
+    // meeting the current walk again means a cycle, whose last link goes.
+    let mut walk = vec![usize::MAX; n];
+    let mut rooted = vec![false; n];
     for i in 0..n {
-        tracing::debug!(i, kind = ?spans[i].record.kind, netns = spans[i].key.netns, start = spans[i].start, end = spans[i].end, parent = ?parent[i], "link");
-    }
-    // Break cycles: walk up from each span; a revisit drops that link.
-    for i in 0..n {
-        let mut seen = vec![false; n];
         let mut cur = i;
-        seen[cur] = true;
-        while let Some(p) = parent[cur] {
-            if seen[p] {
-                parent[cur] = None;
-                break;
+        while !rooted[cur] {
+            walk[cur] = i;
+            match parent[cur] {
+                Some(p) if walk[p] == i => {
+                    parent[cur] = None;
+                    break;
+                }
+                Some(p) => cur = p,
+                None => break,
             }
-            seen[p] = true;
-            cur = p;
+        }
+        let mut cur = i;
+        while !rooted[cur] {
+            rooted[cur] = true;
+            match parent[cur] {
+                Some(p) => cur = p,
+                None => break,
+            }
         }
     }
     // Parents cover their children (a few passes settle any depth we make).
@@ -926,5 +979,92 @@ mod tests {
             s.attr("tagflow.request_id"),
             Some(&Value::Str("req-9".into()))
         );
+    }
+
+    /// The quadratic linking this replaced, kept as the reference.
+    fn link_reference(spans: &mut [Closed], remote: Option<[u8; 8]>) {
+        let n = spans.len();
+        let mut parent: Vec<Option<usize>> = vec![None; n];
+        for i in 0..n {
+            let si = &spans[i];
+            parent[i] = match si.record.kind {
+                SpanKind::Server => (0..n).find(|&j| {
+                    spans[j].record.kind == SpanKind::Client && reverse_of(&spans[j].key, &si.key)
+                }),
+                _ => (0..n)
+                    .filter(|&j| {
+                        let sj = &spans[j];
+                        j != i
+                            && sj.record.kind == SpanKind::Server
+                            && sj.key.netns == si.key.netns
+                            && si.start <= sj.end + CONTAIN_SLACK_NS
+                    })
+                    .min_by_key(|&j| (spans[j].end, j)),
+            };
+        }
+        for i in 0..n {
+            let mut seen = vec![false; n];
+            let mut cur = i;
+            seen[cur] = true;
+            while let Some(p) = parent[cur] {
+                if seen[p] {
+                    parent[cur] = None;
+                    break;
+                }
+                seen[p] = true;
+                cur = p;
+            }
+        }
+        for i in 0..n {
+            spans[i].record.parent_span_id = match parent[i] {
+                Some(p) => Some(spans[p].record.span_id),
+                None => remote,
+            };
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_linking_matches_the_reference(
+            shape in proptest::collection::vec(
+                (proptest::bool::ANY, 1u64..3, 0u8..3, 0u8..3, 0u64..50_000_000, 0u64..50_000_000),
+                1..24,
+            )
+        ) {
+            let mut spans: Vec<Closed> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, (server, ns, a, b, start, len))| {
+                    // Servers listen on 80; clients call it from port 40000 + a.
+                    let k = if *server {
+                        key(*ns, [10, 0, 0, *a], 80, [10, 0, 0, *b], 40000 + *b as u16)
+                    } else {
+                        key(*ns, [10, 0, 0, *a], 40000 + *a as u16, [10, 0, 0, *b], 80)
+                    };
+                    Closed {
+                        key: k,
+                        start: *start,
+                        end: start + len,
+                        record: SpanRecord {
+                            trace_id: [1; 16],
+                            span_id: [i as u8 + 1; 8],
+                            parent_span_id: None,
+                            parent_is_remote: false,
+                            name: String::new(),
+                            kind: if *server { SpanKind::Server } else { SpanKind::Client },
+                            start_unix_ns: 0,
+                            end_unix_ns: 0,
+                            attributes: vec![],
+                            resource: Arc::new(Resource { attributes: vec![] }),
+                        },
+                    }
+                })
+                .collect();
+            let mut reference = spans.clone();
+            link(&mut spans, Some([9; 8]));
+            link_reference(&mut reference, Some([9; 8]));
+            let parents = |v: &[Closed]| v.iter().map(|c| c.record.parent_span_id).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(parents(&spans), parents(&reference));
+        }
     }
 }

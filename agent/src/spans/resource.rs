@@ -95,6 +95,9 @@ impl Resources {
         if self.cache.len() > 16384 {
             self.cache
                 .retain(|_, (_, t, ttl)| now.duration_since(*t) < *ttl);
+            if self.cache.len() > 16384 {
+                self.cache.clear();
+            }
         }
         self.cache.insert(pid, (r.clone(), now, ttl));
         r

@@ -1,0 +1,496 @@
+//! `tagflow soak`: everything at once on a throw-away node for N minutes.
+//! The agent runs as its own process (`tagflow run`) while
+//! - a sidecar in front of nginx registers every request (keep-alive load),
+//! - a client sends `x-request-id` heads on a new connection per request
+//!   (passive capture, a span per connection),
+//! - another pod sends untraced load and is registered from the CLI every
+//!   10 s (and tries a registration it is not allowed, which is refused),
+//! - pods (namespaces + veths) are added and removed every 10 s,
+//! - the OTLP collector is up 20 s, down 20 s.
+//!
+//! Every `sample` it records the agent's RSS, every map's fill and every
+//! loss counter. After warm-up, RSS and map fill must be flat: the second
+//! half of the run may not exceed the first half's peak (plus noise).
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    process::{Child, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+
+use crate::{
+    bench::node::{http_get, nginx_conf, AgentProc},
+    bench::BenchError,
+    topo::{free_port, Lab, Pod, SidecarProc, TopoError},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SoakError {
+    #[error(transparent)]
+    Topo(#[from] TopoError),
+    #[error(transparent)]
+    Bench(#[from] BenchError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("soak failed: {0}")]
+    Failed(String),
+}
+
+/// One sample of the agent under soak.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    pub t_s: u64,
+    pub rss_kib: u64,
+    pub pods: usize,
+    pub collector_up: bool,
+    /// Entries per map.
+    pub maps: BTreeMap<String, u64>,
+    /// Every loss counter (cumulative).
+    pub losses: BTreeMap<String, u64>,
+    /// The agent's bounded working sets: open and held spans, cached
+    /// request details.
+    pub working: BTreeMap<String, u64>,
+    pub spans_exported: u64,
+    /// Spans the collector decoded.
+    pub spans_received: u64,
+    pub registrations: u64,
+}
+
+/// Names of metrics that count lost or refused data.
+fn is_loss(name: &str) -> bool {
+    [
+        "dropped",
+        "failed",
+        "full",
+        "evicted",
+        "refused",
+        "truncated",
+        "malformed",
+        "rate_limited",
+        "released_early",
+        "table_errors",
+        "unknown",
+        "parse_failed",
+    ]
+    .iter()
+    .any(|w| name.contains(w))
+}
+
+/// A minimal OTLP/HTTP collector that can be switched off: then its port
+/// refuses connections and open ones are cut.
+struct Collector {
+    up: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
+}
+
+fn collector(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Collector {
+    let up = Arc::new(AtomicBool::new(true));
+    let received = Arc::new(AtomicU64::new(0));
+    let (u, r) = (up.clone(), received.clone());
+    rt.spawn(async move {
+        loop {
+            if !u.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let Ok(listener) = tokio::net::TcpListener::bind(addr).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let mut conns = tokio::task::JoinSet::new();
+            while u.load(Ordering::Relaxed) {
+                let accepted =
+                    tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
+                if let Ok(Ok((s, _))) = accepted {
+                    let r = r.clone();
+                    conns.spawn(serve_otlp(s, r));
+                }
+            }
+            // Down: the port closes and live connections are cut.
+            conns.abort_all();
+        }
+    });
+    Collector { up, received }
+}
+
+async fn serve_otlp(s: tokio::net::TcpStream, received: Arc<AtomicU64>) {
+    use http_body_util::BodyExt;
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message;
+    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        let received = received.clone();
+        async move {
+            let body = req.into_body().collect().await?.to_bytes();
+            let status = match ExportTraceServiceRequest::decode(&body[..]) {
+                Ok(r) => {
+                    let n: usize = r
+                        .resource_spans
+                        .iter()
+                        .flat_map(|rs| &rs.scope_spans)
+                        .map(|ss| ss.spans.len())
+                        .sum();
+                    received.fetch_add(n as u64, Ordering::Relaxed);
+                    hyper::StatusCode::OK
+                }
+                Err(_) => hyper::StatusCode::BAD_REQUEST,
+            };
+            let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+            *resp.status_mut() = status;
+            Ok::<_, hyper::Error>(resp)
+        }
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+        .await;
+}
+
+fn wrk(pod: &Pod, secs: u64, conns: u32, extra: &[&str], url: &str) -> Result<Child, SoakError> {
+    Ok(pod
+        .command("wrk")
+        .args(["-t1", &format!("-c{conns}"), &format!("-d{secs}s")])
+        .args(["--timeout", "5s"])
+        .args(extra)
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?)
+}
+
+/// (requests, failure lines) of a finished wrk.
+fn wrk_result(c: Child) -> Result<(u64, Vec<String>), SoakError> {
+    let out = c.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let requests = text
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let mut bad: Vec<String> = text
+        .lines()
+        .filter(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+        .map(|l| l.trim().to_string())
+        .collect();
+    if !out.status.success() {
+        bad.push(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok((requests, bad))
+}
+
+fn metrics(addr: SocketAddr) -> BTreeMap<String, f64> {
+    http_get(addr, "/metrics")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+fn sample(t0: Instant, agent: &AgentProc, lab: &Lab, c: &Collector) -> Sample {
+    let m = metrics(agent.metrics);
+    let label = |k: &str, prefix: &str| -> Option<String> {
+        k.strip_prefix(prefix)?
+            .strip_suffix("\"}")
+            .map(String::from)
+    };
+    let mut maps = BTreeMap::new();
+    let mut losses = BTreeMap::new();
+    for (k, v) in &m {
+        if let Some(map) = label(k, "tagflow_map_entries{map=\"") {
+            maps.insert(map, *v as u64);
+        } else if let Some(c) = label(k, "tagflow_datapath_packets_total{counter=\"") {
+            if is_loss(&c) {
+                losses.insert(format!("datapath_{c}"), *v as u64);
+            }
+        } else if let Some(name) = k.strip_prefix("tagflow_") {
+            if !name.contains('{') && is_loss(name) {
+                losses.insert(name.to_string(), *v as u64);
+            }
+        }
+    }
+    let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
+    let working = ["spans_open", "spans_held", "capture_heads_cached"]
+        .iter()
+        .map(|k| (k.to_string(), get(&format!("tagflow_{k}"))))
+        .collect();
+    Sample {
+        t_s: t0.elapsed().as_secs(),
+        rss_kib: agent.usage().1,
+        pods: lab.pods.len(),
+        collector_up: c.up.load(Ordering::Relaxed),
+        maps,
+        losses,
+        working,
+        spans_exported: get("tagflow_spans_exported_total"),
+        spans_received: c.received.load(Ordering::Relaxed),
+        registrations: get("tagflow_registrations_begin_total"),
+    }
+}
+
+fn print(s: &Sample) {
+    let maps: Vec<String> = s.maps.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let losses: Vec<String> = s
+        .losses
+        .iter()
+        .filter(|(_, v)| **v > 0)
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    println!(
+        "t={:>4}s rss={:>6.1}MiB pods={:<2} collector={:<4} spans exported={} received={} registrations={}\n        working: {}\n        maps: {}\n        losses: {}",
+        s.t_s,
+        s.rss_kib as f64 / 1024.0,
+        s.pods,
+        if s.collector_up { "up" } else { "down" },
+        s.spans_exported,
+        s.spans_received,
+        s.registrations,
+        s.working
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        maps.join(" "),
+        if losses.is_empty() { "none".into() } else { losses.join(" ") },
+    );
+}
+
+/// Flatness after warm-up, half against half: the second half's median may
+/// not exceed the first's by more than noise (a leak moves the median), and
+/// its peak may not run away from the first's (spikes are allowed, growth
+/// is not).
+pub fn verdict(samples: &[Sample], warm_s: u64) -> Vec<String> {
+    let after: Vec<&Sample> = samples.iter().filter(|s| s.t_s >= warm_s).collect();
+    if after.len() < 4 {
+        return vec!["too few samples after warm-up to judge".into()];
+    }
+    let (h1, h2) = after.split_at(after.len() / 2);
+    let stats = |h: &[&Sample], f: &dyn Fn(&Sample) -> u64| {
+        let mut v: Vec<u64> = h.iter().map(|s| f(s)).collect();
+        v.sort_unstable();
+        (v[v.len() / 2], v[v.len() - 1])
+    };
+    let mut problems = Vec::new();
+    let mut check = |what: &str, f: &dyn Fn(&Sample) -> u64, noise: u64| {
+        let ((m1, p1), (m2, p2)) = (stats(h1, f), stats(h2, f));
+        if m2 > m1 + noise || p2 > p1 + p1 / 4 + noise {
+            problems.push(format!(
+                "{what} grew after warm-up: median {m1} then {m2}, peak {p1} then {p2}"
+            ));
+        }
+    };
+    check("RSS (KiB)", &|s| s.rss_kib, 4096);
+    for map in after[0].maps.keys() {
+        check(
+            &format!("{map} fill"),
+            &|s| s.maps.get(map).copied().unwrap_or(0),
+            32,
+        );
+    }
+    problems
+}
+
+/// Runs the soak; Err(Failed) when memory or map fill was not flat or any
+/// request failed.
+pub fn soak(minutes: f64, sample_s: u64) -> Result<Vec<Sample>, SoakError> {
+    let secs = (minutes * 60.0).round().max(30.0) as u64;
+    let warm_s = (secs / 5).max(30);
+    let exe = std::env::current_exe()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let mut lab = Lab::new(3)?;
+    let dir = std::env::temp_dir().join(format!("tagflow-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let conf = nginx_conf(
+        &dir,
+        "server { listen 8080; location / { return 200 \"ok\\n\"; } }",
+    );
+    let mut nginx = lab.pods[1].command("nginx");
+    nginx.arg("-c").arg(&conf);
+    let _nginx = crate::bench::node::spawn(nginx)?;
+    std::thread::sleep(Duration::from_millis(300));
+
+    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    let col = collector(&rt, otlp);
+    let pins = format!("/sys/fs/bpf/tagflow-soak-{}", std::process::id());
+    let endpoint = format!("http://{otlp}");
+    let agent = AgentProc::start_with(
+        &lab,
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "http/protobuf",
+            "--otlp-no-gzip",
+            "--pin-dir",
+            &pins,
+        ],
+    )?;
+    let _sidecar = SidecarProc::start(&lab.pods[1], "127.0.0.1:8080", &agent.socket)?;
+    let b = lab.pods[1].ip;
+    let loads = vec![
+        wrk(&lab.pods[0], secs, 4, &[], &format!("http://{b}:15080/"))?,
+        wrk(
+            &lab.pods[0],
+            secs,
+            1,
+            &[
+                "-H",
+                "x-request-id: soak-capture",
+                "-H",
+                "Connection: close",
+            ],
+            &format!("http://{b}:8080/"),
+        )?,
+        wrk(&lab.pods[2], secs, 2, &[], &format!("http://{b}:8080/"))?,
+    ];
+    let untraced_pid = loads[2].id().to_string();
+    println!(
+        "soak: {secs} s, sample every {sample_s} s, warm-up {warm_s} s; agent pid {}",
+        agent.child.id()
+    );
+
+    let t0 = Instant::now();
+    let mut samples = Vec::new();
+    let (mut churned, mut cli_ok, mut cli_refused) = (Vec::<usize>::new(), 0u64, 0u64);
+    let mut tick = 0u64;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_secs(1));
+        tick += 1;
+        if tick % 20 == 0 {
+            let up = col.up.load(Ordering::Relaxed);
+            col.up.store(!up, Ordering::Relaxed);
+        }
+        if tick % 10 == 0 {
+            for i in churned.drain(..).rev() {
+                lab.remove_pod(i);
+            }
+            for _ in 0..4 {
+                churned.push(lab.add_pod()?);
+            }
+            let register = |pid: &str, id: &str| {
+                lab.pods[2]
+                    .command(&exe.to_string_lossy())
+                    .args(["register", "--socket"])
+                    .arg(&agent.socket)
+                    .args(["begin", "--request-id", id, "--pid", pid])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            };
+            cli_ok += register(&untraced_pid, &format!("soak-cli-{tick}")) as u64;
+            // pid 1 is the host's init, outside the pod: must be refused.
+            cli_refused += !register("1", "soak-forbidden") as u64;
+        }
+        if tick % sample_s == 0 {
+            let s = sample(t0, &agent, &lab, &col);
+            print(&s);
+            samples.push(s);
+        }
+    }
+    let mut failures = Vec::new();
+    let mut requests = 0;
+    for (name, w) in ["sidecar", "capture", "untraced"].into_iter().zip(loads) {
+        let (n, bad) = wrk_result(w)?;
+        requests += n;
+        failures.extend(bad.into_iter().map(|b| format!("{name}: {b}")));
+    }
+    for i in churned.drain(..).rev() {
+        lab.remove_pod(i);
+    }
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&pins);
+    let _ = std::fs::remove_dir_all(&dir);
+    println!(
+        "requests: {requests}; CLI registrations accepted {cli_ok}, refused as expected {cli_refused}"
+    );
+    let mut problems = verdict(&samples, warm_s);
+    problems.extend(failures);
+    if cli_refused != tick / 10 {
+        problems.push(format!(
+            "{} forbidden registrations were accepted",
+            tick / 10 - cli_refused
+        ));
+    }
+    if problems.is_empty() {
+        println!("soak: RSS and map fill flat after warm-up; no request failed");
+        Ok(samples)
+    } else {
+        Err(SoakError::Failed(problems.join("; ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(t_s: u64, rss_kib: u64, flows: u64) -> Sample {
+        Sample {
+            t_s,
+            rss_kib,
+            pods: 3,
+            collector_up: true,
+            maps: [("FLOW_STATS".to_string(), flows)].into(),
+            losses: BTreeMap::new(),
+            working: BTreeMap::new(),
+            spans_exported: 0,
+            spans_received: 0,
+            registrations: 0,
+        }
+    }
+
+    #[test]
+    fn flat_runs_pass_and_growth_after_warm_up_is_named() {
+        // Warm-up growth does not count; noise within the margins passes.
+        let flat: Vec<Sample> = (0..10)
+            .map(|i| {
+                s(
+                    i * 10,
+                    if i < 3 { 10_000 * (i + 1) } else { 40_000 + i },
+                    100 + i,
+                )
+            })
+            .collect();
+        assert!(verdict(&flat, 30).is_empty(), "{:?}", verdict(&flat, 30));
+        let leaky: Vec<Sample> = (0..10)
+            .map(|i| s(i * 10, 40_000 + i * 2_000, 100))
+            .collect();
+        let p = verdict(&leaky, 30);
+        assert!(p.len() == 1 && p[0].contains("RSS"), "{p:?}");
+        let filling: Vec<Sample> = (0..10).map(|i| s(i * 10, 40_000, 100 * (i + 1))).collect();
+        let p = verdict(&filling, 30);
+        assert!(p.len() == 1 && p[0].contains("FLOW_STATS"), "{p:?}");
+        assert!(
+            !verdict(&flat[..4], 30).is_empty(),
+            "too few samples is not a pass"
+        );
+    }
+
+    #[test]
+    fn loss_counters_are_recognised_by_name() {
+        for n in [
+            "spans_dropped_total",
+            "datapath_ringbuf_full",
+            "registrations_refused_total",
+            "spans_released_early_total",
+        ] {
+            assert!(is_loss(n), "{n}");
+        }
+        for n in [
+            "spans_exported_total",
+            "datapath_tagged",
+            "flow_stats_collected_total",
+        ] {
+            assert!(!is_loss(n), "{n}");
+        }
+    }
+}
