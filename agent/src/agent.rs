@@ -353,7 +353,7 @@ impl Pipeline {
             ),
             (
                 "capture_unclaimed_total",
-                "Request details no span asked for within 10 s (dropped).",
+                "Request details no span asked for within 3 s (dropped).",
                 c.unclaimed,
             ),
             (

@@ -301,7 +301,8 @@ pub fn verdict(samples: &[Sample], warm_s: u64) -> Vec<String> {
 /// request failed.
 pub fn soak(minutes: f64, sample_s: u64) -> Result<Vec<Sample>, SoakError> {
     let secs = (minutes * 60.0).round().max(30.0) as u64;
-    let warm_s = (secs / 5).max(30);
+    // Allocator high-water marks settle within about a minute (measured).
+    let warm_s = (secs / 5).max(60);
     let exe = std::env::current_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -366,11 +367,11 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Vec<Sample>, SoakError> {
     while t0.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_secs(1));
         tick += 1;
-        if tick % 20 == 0 {
+        if tick.is_multiple_of(20) {
             let up = col.up.load(Ordering::Relaxed);
             col.up.store(!up, Ordering::Relaxed);
         }
-        if tick % 10 == 0 {
+        if tick.is_multiple_of(10) {
             for i in churned.drain(..).rev() {
                 lab.remove_pod(i);
             }
@@ -391,7 +392,7 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Vec<Sample>, SoakError> {
             // pid 1 is the host's init, outside the pod: must be refused.
             cli_refused += !register("1", "soak-forbidden") as u64;
         }
-        if tick % sample_s == 0 {
+        if tick.is_multiple_of(sample_s) {
             let s = sample(t0, &agent, &lab, &col);
             print(&s);
             samples.push(s);

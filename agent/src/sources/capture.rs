@@ -110,8 +110,9 @@ pub struct Capture {
     pub unclaimed: u64,
 }
 
-/// Request details wait this long for their span to open.
-const UNCLAIMED_NS: u64 = 10_000_000_000;
+/// Request details wait this long for their span to open (which happens
+/// with the pair's next packet, normally within a round trip).
+const UNCLAIMED_NS: u64 = 3_000_000_000;
 
 impl Capture {
     pub fn new(id_headers: Vec<String>, cap: usize) -> Self {
@@ -329,11 +330,11 @@ mod tests {
         assert_eq!(t.by_flow.get(&a.key), Some(trace));
         assert!(c.take_head(&a.key, &trace).is_some());
         assert!(c.take_head(&a.key, &trace).is_none(), "handed over once");
-        // Never claimed: dropped once 10 s older than the newest head.
+        // Never claimed: dropped once 3 s older than the newest head.
         c.handle(&head(2, "req-b", 101 * s), &mut t);
-        c.handle(&head(3, "req-c", 105 * s), &mut t);
+        c.handle(&head(3, "req-c", 102 * s), &mut t);
         assert_eq!(c.cached(), 2);
-        c.handle(&head(4, "req-d", 112 * s), &mut t);
+        c.handle(&head(4, "req-d", 104 * s + s / 2), &mut t);
         assert_eq!((c.cached(), c.unclaimed, c.evicted), (2, 1, 0));
     }
 }

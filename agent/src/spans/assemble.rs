@@ -258,7 +258,7 @@ impl Assembler {
     /// long, linked and with wall-clock times.
     pub fn ready(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
         let (settle, hold) = (self.cfg.settle_ns, self.cfg.max_hold_ns);
-        let mut due: Vec<[u8; 16]> = self
+        let due: Vec<[u8; 16]> = self
             .groups
             .iter()
             .filter(|(_, g)| {
@@ -270,34 +270,43 @@ impl Assembler {
             .collect();
         let releasing: usize = due.iter().map(|t| self.groups[t].closed.len()).sum();
         let mut over = (self.held - releasing).saturating_sub(self.cfg.max_held);
+        // (trace, how many of its oldest spans; None = all)
+        let mut take: Vec<([u8; 16], Option<usize>)> = due.into_iter().map(|t| (t, None)).collect();
         if over > 0 {
-            // Over the bound: release the busiest traces first, so the
-            // fewest traces lose links.
-            let chosen: std::collections::HashSet<_> = due.iter().copied().collect();
+            // Over the bound: the oldest spans of the busiest traces go
+            // first, just enough of them, so the fewest links are lost and
+            // no burst floods the export queue.
+            let chosen: std::collections::HashSet<_> = take.iter().map(|(t, _)| *t).collect();
             let mut rest: Vec<([u8; 16], usize)> = self
                 .groups
                 .iter()
                 .filter(|(t, g)| !g.closed.is_empty() && !chosen.contains(*t))
                 .map(|(t, g)| (*t, g.closed.len()))
                 .collect();
-            rest.sort_by(|a, b| b.1.cmp(&a.1));
+            rest.sort_by_key(|e| std::cmp::Reverse(e.1));
             for (t, n) in rest {
                 if over == 0 {
                     break;
                 }
-                due.push(t);
-                self.stats.released_early += n as u64;
-                over = over.saturating_sub(n);
+                let k = n.min(over);
+                take.push((t, Some(k)));
+                self.stats.released_early += k as u64;
+                over -= k;
             }
         }
         let mut out = Vec::new();
-        for t in due {
+        for (t, k) in take {
             let g = self.groups.get_mut(&t).expect("listed above");
-            let mut spans = std::mem::take(&mut g.closed);
+            let mut spans: Vec<Closed> = match k {
+                None => {
+                    g.first = now;
+                    std::mem::take(&mut g.closed)
+                }
+                Some(k) => g.closed.drain(..k).collect(),
+            };
             self.held -= spans.len();
-            g.first = now;
             let remote = g.remote_parent;
-            if g.open == 0 {
+            if g.open == 0 && g.closed.is_empty() {
                 self.groups.remove(&t);
             }
             link(&mut spans, remote);
@@ -464,6 +473,7 @@ fn fmt_hostport(ip: IpAddr, port: u16) -> String {
     }
 }
 
+#[cfg(test)]
 fn reverse_of(a: &FlowKey, b: &FlowKey) -> bool {
     a.proto == b.proto
         && a.local_addr == b.remote_addr
@@ -943,11 +953,14 @@ mod tests {
         assert_eq!(a.held_spans(), 6);
         // Before settle and max_hold: only the bound releases anything.
         let out = a.ready(&CLOCK(), 101);
-        assert_eq!(out.len(), 5, "the busy trace went out early");
+        assert_eq!(out.len(), 2, "just enough of the busy trace went out early");
         assert!(out.iter().all(|s| s.trace_id == [1; 16]));
-        assert_eq!(a.stats.released_early, 5);
-        assert_eq!(a.held_spans(), 1);
-        assert!(a.ready(&CLOCK(), 102).is_empty(), "under the bound again");
+        assert_eq!(a.stats.released_early, 2);
+        assert_eq!(a.held_spans(), 4);
+        assert!(a.ready(&CLOCK(), 102).is_empty(), "at the bound again");
+        // The rest of both traces still goes out whole once they are quiet.
+        let rest = a.flush_all(&CLOCK(), 1_000_000_000);
+        assert_eq!(rest.len(), 6);
     }
 
     #[test]
