@@ -484,11 +484,13 @@ fn main() -> anyhow::Result<()> {
             sample_secs,
             json,
         } => {
-            let samples = agent::soak::soak(minutes, sample_secs.max(1));
-            if let (Some(path), Ok(s)) = (&json, &samples) {
-                std::fs::write(path, serde_json::to_string_pretty(s)?)?;
+            let report = agent::soak::soak(minutes, sample_secs.max(1))?;
+            if let Some(path) = &json {
+                std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
             }
-            samples?;
+            if !report.problems.is_empty() {
+                anyhow::bail!("soak failed: {}", report.problems.join("; "));
+            }
         }
         Cmd::Bench { what } => {
             let (rows, json) = match what {

@@ -128,6 +128,15 @@ fn receiver(rt: &tokio::runtime::Runtime, addr: SocketAddr, grpc: bool) -> Got {
     got
 }
 
+/// A runtime for the in-process receivers.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 fn unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -137,11 +146,7 @@ fn unix_ns() -> u64 {
 
 fn registered_traffic_becomes_linked_spans(grpc: bool) {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let port = free_port();
@@ -287,11 +292,7 @@ fn registered_traffic_becomes_linked_spans_over_http() {
 #[test]
 fn collector_down_then_up_bounded_queue_and_counted_drops() {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -382,11 +383,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let dir = std::env::temp_dir().join(format!("tagflow-outage-{}", std::process::id()));
