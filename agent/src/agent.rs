@@ -63,6 +63,8 @@ pub struct AgentStats {
     pub events_unknown: u64,
     pub events_truncated: u64,
     pub attach_failures: u64,
+    /// Full link re-dumps after lost notifications (ENOBUFS).
+    pub link_resyncs: u64,
     pub expired: u64,
     /// Trace entries taken over from a previous agent's pinned maps.
     pub adopted: u64,
@@ -74,6 +76,22 @@ pub struct AgentStats {
     pub flows_collected: u64,
     /// Expired CAPTURE_SKIP entries deleted.
     pub skips_collected: u64,
+}
+
+/// After lost link notifications: (links to attach — attaching is
+/// idempotent, so every wanted one —, attached ifindexes that are gone).
+pub fn resync_plan(
+    attached: &[u32],
+    links: &[Link],
+    wants: impl Fn(&str) -> bool,
+) -> (Vec<Link>, Vec<u32>) {
+    let wanted: Vec<Link> = links.iter().filter(|l| wants(&l.name)).cloned().collect();
+    let gone = attached
+        .iter()
+        .filter(|i| !wanted.iter().any(|l| l.index == **i))
+        .copied()
+        .collect();
+    (wanted, gone)
 }
 
 /// Attaches to / forgets interfaces as links come and go.
@@ -97,6 +115,17 @@ impl<'a> Follower<'a> {
             }
             LinkEvent::New(_) => {}
             LinkEvent::Del(link) => dp.detach(link.index),
+            LinkEvent::Resync(links) => {
+                stats.link_resyncs += 1;
+                let attached: Vec<u32> = dp.attached().iter().map(|a| a.0).collect();
+                let (attach, detach) = resync_plan(&attached, &links, |n| self.cfg.wants_iface(n));
+                for i in detach {
+                    dp.detach(i);
+                }
+                for link in attach {
+                    self.attach(dp, &link, stats);
+                }
+            }
         }
     }
 
@@ -285,6 +314,11 @@ impl Pipeline {
                 "events_truncated_total",
                 "Ring-buffer records shorter than their kind (dropped).",
                 s.events_truncated,
+            ),
+            (
+                "link_resyncs_total",
+                "Link notifications lost (ENOBUFS) and re-read with a full dump.",
+                s.link_resyncs,
             ),
             (
                 "attach_failures_total",
@@ -530,8 +564,23 @@ pub async fn run_with(
                             }
                         }
                     }
-                    // ENOBUFS: notifications were lost; keep going (a missed
-                    // link is picked up by the next restart).
+                    // ENOBUFS: notifications were lost. A full dump puts the
+                    // attachments right (new links attached, gone ones
+                    // forgotten).
+                    Err(netlink::NetlinkError::Io(e))
+                        if e.raw_os_error() == Some(libc::ENOBUFS) =>
+                    {
+                        warn!("link notifications lost; re-reading every link");
+                        let dump = netlink::Socket::open(false).and_then(|mut s| s.dump_links());
+                        match dump {
+                            Ok(links) => {
+                                if tx.blocking_send(LinkEvent::Resync(links)).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) => warn!("link re-read: {e}"),
+                        }
+                    }
                     Err(e) => warn!("link monitor: {e}"),
                 }
             }
@@ -608,4 +657,27 @@ pub async fn run_with(
 
 pub fn hex(b: &[u8]) -> String {
     crate::ids::to_hex(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str) -> Link {
+        Link {
+            index,
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_resync_attaches_what_is_wanted_and_forgets_what_is_gone() {
+        // Attached: 3 (still there), 4 (deleted while notifications were lost).
+        let links = [link(1, "lo"), link(3, "veth3"), link(5, "veth5")];
+        let (attach, detach) = resync_plan(&[3, 4], &links, |n| n.starts_with("veth"));
+        let names: Vec<_> = attach.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["veth3", "veth5"], "attach is idempotent for veth3");
+        assert_eq!(detach, [4]);
+    }
 }

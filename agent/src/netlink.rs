@@ -52,6 +52,8 @@ pub struct Link {
 pub enum LinkEvent {
     New(Link),
     Del(Link),
+    /// Notifications were lost (ENOBUFS): every link there is now.
+    Resync(Vec<Link>),
 }
 
 pub struct Socket {
@@ -76,6 +78,23 @@ impl Socket {
             let mut sa: libc::sockaddr_nl = std::mem::zeroed();
             sa.nl_family = libc::AF_NETLINK as u16;
             sa.nl_groups = if monitor { RTMGRP_LINK } else { 0 };
+            if monitor {
+                // Pod churn comes in bursts: a larger queue makes lost
+                // notifications (ENOBUFS, then a full resync) rarer.
+                let size: libc::c_int = 4 << 20;
+                let set = |opt| {
+                    libc::setsockopt(
+                        fd.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        opt,
+                        (&size as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as u32,
+                    )
+                };
+                if set(libc::SO_RCVBUFFORCE) != 0 {
+                    set(libc::SO_RCVBUF);
+                }
+            }
             if libc::bind(
                 fd.as_raw_fd(),
                 (&sa as *const libc::sockaddr_nl).cast(),
