@@ -271,8 +271,8 @@ pub struct Judgement {
 }
 
 /// Flatness after warm-up, half against half. RSS: the second half's median
-/// may exceed the first's by at most 5 % + 2 MiB (a leak moves it; measured
-/// noise is under 2 %), its peak by 10 % + 4 MiB (spikes come and go with
+/// may exceed the first's by at most 5 % + 2 MiB (a leak moves it; healthy
+/// runs moved it by a few percent either way), its peak by 10 % + 4 MiB (spikes come and go with
 /// collector outages). A 1 MiB per 10 s leak fails a 5-minute run. Map fill
 /// is bursty (its peaks differ by up to a third between halves of a healthy
 /// run, measured), so growth means its peak rising by more than half (+64):
