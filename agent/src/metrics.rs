@@ -109,6 +109,12 @@ impl Ops {
         );
         gauge(
             &mut out,
+            "maps_pinned",
+            "1 when owner and trace maps are pinned (a restart keeps them), else 0.",
+            s.pin_dir.is_some() as u64,
+        );
+        gauge(
+            &mut out,
             "spans_open",
             "Spans being assembled.",
             s.spans_open,

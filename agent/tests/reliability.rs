@@ -50,6 +50,7 @@ fn killing_and_restarting_the_agent_under_load_fails_no_request_and_keeps_its_ta
             p.host_if
         );
     }
+    assert_eq!(second.metric("tagflow_maps_pinned"), 1.0);
     // The process entry, plus per-connection entries of live connections.
     assert!(
         second.metric("tagflow_trace_entries_adopted_total") >= 1.0,
