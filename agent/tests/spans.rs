@@ -464,9 +464,13 @@ fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
         m("tagflow_spans_held") <= 2048.0 + queue,
         "held spans (and those waiting for the queue) are bounded"
     );
+    // The spans the bounds allow (2048 held + the queue and its pending
+    // list, ≈ 2 KB each) come and go and the agent trims freed pages, so
+    // RSS swings by a few MiB; unbounded, this minute of spans (≈ 400/s)
+    // would add ≈ 40 MiB.
     assert!(
-        peak <= warm + 8 * 1024,
-        "RSS stays within 8 MiB of its warm-up level through the outage: {warm} → peak {peak} KiB"
+        peak <= warm + 16 * 1024,
+        "RSS stays within 16 MiB of its warm-up level through the outage: {warm} → peak {peak} KiB"
     );
     let total = common::finish_load(wrk, &mut server, &dir, "during the outage");
     assert!(total > 0);
