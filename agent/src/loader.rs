@@ -499,35 +499,15 @@ impl Datapath {
     /// dead ones. A live flow that was idle that long simply resolves again
     /// on its next packet. Returns (flows, skips) removed.
     pub fn gc(&mut self, now_ns: u64, traced_age_ns: u64, negative_age_ns: u64) -> (u64, u64) {
-        let stale: Vec<FlowKey> = self
-            .flow_stats
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, s)| {
-                let age = if s.is_negative() {
-                    negative_age_ns
-                } else {
-                    traced_age_ns
-                };
-                now_ns.saturating_sub(s.last_ns.max(s.first_ns)) > age
-            })
-            .map(|(k, _)| k)
-            .collect();
-        let flows = stale
-            .iter()
-            .filter(|k| self.flow_stats.remove(k).is_ok())
-            .count() as u64;
-        let done: Vec<FlowKey> = self
-            .capture_skip
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, until)| *until < now_ns)
-            .map(|(k, _)| k)
-            .collect();
-        let skips = done
-            .iter()
-            .filter(|k| self.capture_skip.remove(k).is_ok())
-            .count() as u64;
+        let flows = remove_where(&mut self.flow_stats, |s| {
+            let age = if s.is_negative() {
+                negative_age_ns
+            } else {
+                traced_age_ns
+            };
+            now_ns.saturating_sub(s.last_ns.max(s.first_ns)) > age
+        });
+        let skips = remove_where(&mut self.capture_skip, |until| *until < now_ns);
         (flows, skips)
     }
 
@@ -564,6 +544,21 @@ impl Datapath {
     pub fn ingress(&mut self) -> Result<&mut SchedClassifier, LoaderError> {
         program(&mut self.ebpf, prog::INGRESS)
     }
+}
+
+/// Deletes the entries whose value matches; returns how many went. Keys
+/// are collected first: deleting while walking a BPF hash restarts the walk.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    stale: impl Fn(&V) -> bool,
+) -> u64 {
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(_, v)| stale(v))
+        .map(|(k, _)| k)
+        .collect();
+    keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>

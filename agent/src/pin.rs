@@ -142,13 +142,6 @@ impl PinDir {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
-
-    /// Whether `name`'s contents came from a previous agent.
-    pub fn reused(&self, name: &str) -> bool {
-        self.fates
-            .iter()
-            .any(|(n, f)| *n == name && *f == Fate::Reused)
-    }
 }
 
 /// Why `info` is not what `e` expects, if it is not.
