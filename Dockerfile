@@ -9,7 +9,7 @@ WORKDIR /src
 COPY . .
 RUN rustup toolchain install nightly --profile minimal \
  && cargo xtask bootstrap \
- && cargo build --release --package agent --bin tagflow
+ && cargo build --release --package tagflow --bin tagflow
 
 FROM debian:bookworm-slim
 RUN apt-get update \

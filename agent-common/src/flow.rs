@@ -26,6 +26,43 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
+impl FlowKey {
+    /// The key of a connection seen from `local`'s side (the pod's end).
+    /// Mixed families map the IPv4 end into IPv6, as the kernel does.
+    pub fn new(
+        netns: u64,
+        proto: u8,
+        local: core::net::SocketAddr,
+        remote: core::net::SocketAddr,
+    ) -> Self {
+        use core::net::IpAddr;
+        let mut k = Self {
+            netns,
+            local_port: local.port(),
+            remote_port: remote.port(),
+            proto,
+            ..Self::default()
+        };
+        match (local.ip(), remote.ip()) {
+            (IpAddr::V4(a), IpAddr::V4(b)) => {
+                k.family = FAMILY_IPV4;
+                k.local_addr[..4].copy_from_slice(&a.octets());
+                k.remote_addr[..4].copy_from_slice(&b.octets());
+            }
+            (a, b) => {
+                let v6 = |ip: IpAddr| match ip {
+                    IpAddr::V6(v) => v.octets(),
+                    IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
+                };
+                k.family = FAMILY_IPV6;
+                k.local_addr = v6(a);
+                k.remote_addr = v6(b);
+            }
+        }
+        k
+    }
+}
+
 /// `FlowStats.direction`: packets seen on the hook's ingress, i.e. leaving
 /// the pod when the hook is the host-side end of its veth.
 pub const DIRECTION_POD_EGRESS: u8 = 1;

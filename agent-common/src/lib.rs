@@ -48,6 +48,24 @@ pub mod maps {
     pub const CAPTURE_SKIP: &str = "CAPTURE_SKIP";
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
+
+    /// Default `max_entries` (bytes for `EVENTS`): the eBPF object declares
+    /// these and the agent's `MapSizes` starts from them; most can be
+    /// changed at load time (`[maps]` in the config file).
+    pub mod size {
+        pub const TRACES: u32 = 16384;
+        pub const FLOW_TRACES: u32 = 16384;
+        pub const FLOW_STATS: u32 = 32768;
+        pub const SOCK_OWNER: u32 = 65536;
+        pub const BOUND_PORTS: u32 = 16384;
+        pub const IFACE_NETNS: u32 = 4096;
+        /// One entry per namespace that has trace entries.
+        pub const NETNS_GEN: u32 = 4096;
+        pub const CAPTURE_SKIP: u32 = 8192;
+        /// ≈ 1900 request heads (1.1 KB each): enough to ride out the agent
+        /// being off-CPU for a while on a saturated node.
+        pub const EVENTS_BYTES: u32 = 2 << 20;
+    }
 }
 
 /// Names of the programs in the eBPF object.

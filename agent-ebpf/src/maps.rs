@@ -1,6 +1,7 @@
-//! Every map of the tagflow object. Sizes are defaults; the loader may
-//! override `max_entries` at load time (`--*-entries` flags).
-use agent_common::{FlowKey, FlowStats, NetnsSlot, PortKey, TraceContext, TraceKey};
+//! Every map of the tagflow object. Sizes are the defaults of
+//! `agent_common::maps::size`; the loader may override `max_entries` at
+//! load time (the config file's `[maps]`).
+use agent_common::{maps::size, FlowKey, FlowStats, NetnsSlot, PortKey, TraceContext, TraceKey};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -8,32 +9,35 @@ use aya_ebpf::{
 
 /// Trace context per (pid, netns cookie). Written by userspace only.
 #[map(name = "TRACES")]
-pub static TRACES: HashMap<TraceKey, TraceContext> = HashMap::with_max_entries(16384, 0);
+pub static TRACES: HashMap<TraceKey, TraceContext> = HashMap::with_max_entries(size::TRACES, 0);
 
 /// Trace context per exact connection; beats `TRACES`. Written by userspace.
 #[map(name = "FLOW_TRACES")]
-pub static FLOW_TRACES: HashMap<FlowKey, TraceContext> = HashMap::with_max_entries(16384, 0);
+pub static FLOW_TRACES: HashMap<FlowKey, TraceContext> =
+    HashMap::with_max_entries(size::FLOW_TRACES, 0);
 
 /// Per (flow, trace) accounting of tagged packets. LRU: never fails a packet.
 #[map(name = "FLOW_STATS")]
-pub static FLOW_STATS: LruHashMap<FlowKey, FlowStats> = LruHashMap::with_max_entries(32768, 0);
+pub static FLOW_STATS: LruHashMap<FlowKey, FlowStats> =
+    LruHashMap::with_max_entries(size::FLOW_STATS, 0);
 
 /// Socket cookie → tgid of the process that connect()ed / sent with it.
 #[map(name = "SOCK_OWNER")]
-pub static SOCK_OWNER: LruHashMap<u64, u32> = LruHashMap::with_max_entries(65536, 0);
+pub static SOCK_OWNER: LruHashMap<u64, u32> = LruHashMap::with_max_entries(size::SOCK_OWNER, 0);
 
 /// (netns, proto, local port) → tgid of the process that bound it.
 #[map(name = "BOUND_PORTS")]
-pub static BOUND_PORTS: LruHashMap<PortKey, u32> = LruHashMap::with_max_entries(16384, 0);
+pub static BOUND_PORTS: LruHashMap<PortKey, u32> =
+    LruHashMap::with_max_entries(size::BOUND_PORTS, 0);
 
 /// ifindex → netns cookie at the other end of the interface (veth peer).
 /// Used for packets without a socket. Written by the loader.
 #[map(name = "IFACE_NETNS")]
-pub static IFACE_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(4096, 0);
+pub static IFACE_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(size::IFACE_NETNS, 0);
 
 /// New (flow, trace) pairs for userspace.
 #[map(name = "EVENTS")]
-pub static EVENTS: RingBuf = RingBuf::with_byte_size(2 << 20, 0);
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(size::EVENTS_BYTES, 0);
 
 /// Loss and activity counters, indexed by `agent_common::Counter`.
 #[map(name = "COUNTERS")]
@@ -54,12 +58,13 @@ pub fn count(c: agent_common::Counter) {
 /// absence lets every packet of a trace-free pod stop after one lookup.
 /// Userspace bumps the generation whenever the namespace's entries change.
 #[map(name = "NETNS_GEN")]
-pub static NETNS_GEN: HashMap<u64, u64> = HashMap::with_max_entries(4096, 0);
+pub static NETNS_GEN: HashMap<u64, u64> = HashMap::with_max_entries(size::NETNS_GEN, 0);
 
 /// Connections whose last request head carried no id header → monotonic ns
 /// until which their heads are not copied. Written by userspace; LRU.
 #[map(name = "CAPTURE_SKIP")]
-pub static CAPTURE_SKIP: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(8192, 0);
+pub static CAPTURE_SKIP: LruHashMap<FlowKey, u64> =
+    LruHashMap::with_max_entries(size::CAPTURE_SKIP, 0);
 
 /// The fast front of `NETNS_GEN` (see `agent_common::NetnsSlot`).
 #[map(name = "NETNS_SLOTS")]

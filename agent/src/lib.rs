@@ -1,13 +1,12 @@
 //! The tagflow agent library: loader, trace tables, interface following,
-//! and the helpers its tests, benchmarks and demo share.
-pub mod agent;
+//! trace-context sources, span assembly and export. The lab (test
+//! topologies, benchmarks, soak, demo) lives in `tagflow-lab`.
 pub mod backfill;
-pub mod bench;
+pub mod clock;
 pub mod config;
-pub mod demo;
+pub mod daemon;
 pub mod events;
 pub mod export;
-pub mod frames;
 pub mod ids;
 pub mod k8s;
 pub mod loader;
@@ -17,8 +16,6 @@ pub mod netns;
 pub mod pin;
 pub mod ratelimit;
 pub mod sidecar;
-pub mod soak;
 pub mod sources;
 pub mod spans;
 pub mod tables;
-pub mod topo;

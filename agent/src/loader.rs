@@ -33,9 +33,6 @@ use crate::{
 
 /// The tagflow eBPF object, built by build.rs.
 pub static TAGFLOW_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagflow"));
-/// Test-only programs (empty baseline, cb reader); never attached by the agent.
-pub static TESTPROGS_OBJECT: &[u8] =
-    include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagflow-testprogs"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -195,7 +192,7 @@ impl Datapath {
             .map_max_entries(m::SOCK_OWNER, sizes.sock_owner)
             .map_max_entries(m::BOUND_PORTS, sizes.bound_ports)
             .map_max_entries(m::IFACE_NETNS, sizes.iface_netns)
-            .map_max_entries(m::NETNS_GEN, sizes.iface_netns)
+            .map_max_entries(m::NETNS_GEN, sizes.netns_gen)
             .map_max_entries(m::EVENTS, sizes.events_bytes)
             .load(TAGFLOW_OBJECT)?;
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {

@@ -12,6 +12,8 @@ use std::{
 
 use agent_common::{FlowKey, NetnsSlot, TraceContext, TraceKey, SLOT_SHARED};
 use aya::maps::Array as BpfArray;
+
+use crate::clock::monotonic_ns;
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 
 #[derive(Debug, thiserror::Error)]
@@ -418,17 +420,6 @@ where
         }
         Ok(pids.len() + flows.len())
     }
-}
-
-/// CLOCK_MONOTONIC in ns: the clock `bpf_ktime_get_ns` uses.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid timespec pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 #[cfg(test)]

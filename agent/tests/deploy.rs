@@ -3,8 +3,8 @@
 //! agent (config parser, defaults, probe endpoints, socket path, image).
 use std::{path::Path, process::Command};
 
-use agent::config::{AgentConfig, DEFAULT_SOCKET};
 use serde_yaml::Value;
+use tagflow::config::{AgentConfig, DEFAULT_SOCKET};
 
 const K8S_VERSION: &str = "1.33.0";
 

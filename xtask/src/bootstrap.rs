@@ -64,7 +64,7 @@ fn which(tool: &str) -> bool {
 fn manual_steps() -> String {
     format!(
         "  rustup toolchain install nightly --component rust-src\n  \
-         sudo apt-get update && sudo apt-get install -y {} iproute2 python3 nginx tcpdump wrk\n  \
+         sudo apt-get update && sudo apt-get install -y {} iproute2 python3 nginx wrk iperf3 tcpdump kubernetes-client\n  \
          LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --no-default-features --features llvm-{LLVM_MAJOR}\n",
         APT_LLVM.join(" ")
     )
@@ -178,9 +178,22 @@ pub fn cargo_fuzz() -> Result<()> {
     run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))
 }
 
-/// Load generators the node benchmarks drive (Debian packages).
-pub fn bench_tools() -> Result<()> {
-    ensure_tools(&[("iperf3", "iperf3"), ("wrk", "wrk"), ("nginx", "nginx")])
+/// What the lab runs in its pods: servers and load generators (Debian
+/// packages). The kernel-level tests, the benchmarks, the soak and the
+/// demo all need them, so every command that runs the lab installs them.
+pub fn lab_tools() -> Result<()> {
+    ensure_tools(&[
+        ("iperf3", "iperf3"),
+        ("wrk", "wrk"),
+        ("nginx", "nginx"),
+        ("tcpdump", "tcpdump"),
+    ])
+}
+
+/// kubectl, for rendering deploy/ with its built-in kustomize (the deploy
+/// test). Debian's `kubernetes-client` when none is installed.
+pub fn kubectl() -> Result<()> {
+    ensure_tools(&[("kubectl", "kubernetes-client")])
 }
 
 /// The offline Kubernetes schema validator the deploy test uses (PyPI).

@@ -86,18 +86,33 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> Result<String> {
+/// Builds `bins` of `package`; returns the target directory they are in.
+fn build(package: &str, bins: &[&str], release: bool) -> Result<String> {
     let mut c = cargo();
-    c.args(["build", "--package", "agent", "--bin", "tagflow"]);
+    c.args(["build", "--package", package]);
+    for b in bins {
+        c.args(["--bin", b]);
+    }
     if release {
         c.arg("--release");
     }
     run(&mut c)?;
     Ok(format!(
-        "target/{}/tagflow",
+        "target/{}",
         if release { "release" } else { "debug" }
     ))
 }
+
+/// Builds the agent and the lab that drives it (same profile, so the lab
+/// finds `tagflow` beside itself); returns the lab binary.
+fn build_lab(release: bool) -> Result<String> {
+    build("tagflow", &["tagflow"], release)?;
+    Ok(build("tagflow-lab", &["tagflow-lab"], release)? + "/tagflow-lab")
+}
+
+/// The eBPF crates: built by build.rs scripts for the bpf target, never
+/// for the host.
+const EBPF_CRATES: [&str; 2] = ["agent-ebpf", "tagflow-lab-ebpf"];
 
 /// The cargo-fuzz targets (agent/fuzz).
 const FUZZ_TARGETS: [&str; 4] = ["protocol", "http_head", "ids", "config"];
@@ -128,53 +143,32 @@ fn main() -> Result<()> {
     match cli.cmd {
         Cmd::Bootstrap => {}
         Cmd::Build { release } => {
-            build(release)?;
+            build("tagflow", &["tagflow"], release)?;
         }
         Cmd::Run { release, args } => {
             need_root("tagflow run")?;
-            let bin = build(release)?;
-            run(Command::new(bin).args(args))?;
+            let dir = build("tagflow", &["tagflow"], release)?;
+            run(Command::new(dir + "/tagflow").args(args))?;
         }
         Cmd::Test { unit_only, no_lint } => {
             if !no_lint {
                 run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-                run(cargo().args([
-                    "clippy",
-                    "--workspace",
-                    "--exclude",
-                    "agent-ebpf",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]))?;
-                // The eBPF crate only builds for the bpf target, on nightly.
-                run(Command::new("rustup").args([
-                    "run",
-                    "nightly",
-                    "cargo",
-                    "clippy",
-                    "--package",
-                    "agent-ebpf",
-                    "--release",
-                    "--target",
-                    "bpfel-unknown-none",
-                    "-Z",
-                    "build-std=core",
-                    "--",
-                    "-D",
-                    "warnings",
-                ]))?;
+                run(cargo()
+                    .args(["clippy", "--workspace", "--all-targets"])
+                    .args(EBPF_CRATES.iter().flat_map(|c| ["--exclude", c]))
+                    .args(["--", "-D", "warnings"]))?;
+                // The eBPF crates only build for the bpf target, on nightly.
+                for c in EBPF_CRATES {
+                    run(Command::new("rustup")
+                        .args(["run", "nightly", "cargo", "clippy", "--package", c])
+                        .args(["--release", "--target", "bpfel-unknown-none"])
+                        .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
+                }
             }
             // Pure Rust: parsers, ABI layout, tables, config, netlink codec.
-            run(cargo().args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "agent-ebpf",
-                "--lib",
-                "--bins",
-            ]))?;
+            run(cargo()
+                .args(["test", "--workspace", "--lib", "--bins"])
+                .args(EBPF_CRATES.iter().flat_map(|c| ["--exclude", c])))?;
             run(cargo().args(["test", "--package", "agent-common"]))?;
             // Fuzz targets: a short smoke run each (the long runs:
             // `cargo xtask fuzz <target> --time <s>`).
@@ -184,40 +178,26 @@ fn main() -> Result<()> {
             }
             // deploy/: render, schema-validate, agree with the agent.
             bootstrap::kubernetes_validate()?;
-            run(cargo().args(["test", "--package", "agent", "--test", "deploy"]))?;
+            bootstrap::kubectl()?;
+            run(cargo().args(["test", "--package", "tagflow", "--test", "deploy"]))?;
             if unit_only {
                 return Ok(());
             }
             need_root("the kernel-level tests")?;
-            // BPF_PROG_TEST_RUN, then netns/veth topologies. One test at a
+            bootstrap::lab_tools()?;
+            // The lab's tests run `tagflow` as a process: build it first.
+            build("tagflow", &["tagflow"], false)?;
+            // BPF_PROG_TEST_RUN, then netns/veth topologies (marked ignored
+            // for a plain `cargo test`, which has no root). One test at a
             // time: they share the host's cgroup root and TCX hooks.
-            run(cargo().args([
-                "test",
-                "--package",
-                "agent",
-                "--test",
-                "datapath",
-                "--test",
-                "hostile",
-                "--test",
-                "topology",
-                "--test",
-                "sources",
-                "--test",
-                "spans",
-                "--test",
-                "k8s",
-                "--test",
-                "reliability",
-                "--",
-                "--test-threads=1",
-            ]))?;
+            run(cargo()
+                .args(["test", "--package", "tagflow-lab", "--tests"])
+                .args(["--", "--include-ignored", "--test-threads=1"]))?;
         }
         Cmd::Bench { quick, json } => {
             need_root("the benchmarks")?;
-            bootstrap::bench_tools()?;
-            let bin = build(true)?;
-            let mut c = Command::new(bin);
+            bootstrap::lab_tools()?;
+            let mut c = Command::new(build_lab(true)?);
             c.args(["bench", "all"]);
             if quick {
                 c.arg("--quick");
@@ -229,8 +209,8 @@ fn main() -> Result<()> {
         }
         Cmd::Soak { minutes, json } => {
             need_root("the soak")?;
-            let bin = build(true)?;
-            let mut c = Command::new(bin);
+            bootstrap::lab_tools()?;
+            let mut c = Command::new(build_lab(true)?);
             c.args(["soak", "--minutes", &minutes.to_string()]);
             if let Some(j) = json {
                 c.args(["--json", &j]);
@@ -243,8 +223,8 @@ fn main() -> Result<()> {
         }
         Cmd::Demo { args } => {
             need_root("the demo")?;
-            let bin = build(false)?;
-            run(Command::new(bin).arg("demo").args(args))?;
+            bootstrap::lab_tools()?;
+            run(Command::new(build_lab(false)?).arg("demo").args(args))?;
         }
     }
     Ok(())

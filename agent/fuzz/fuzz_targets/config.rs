@@ -1,6 +1,6 @@
 //! The agent's config parser: any text parses (and validates) or is an error.
 #![no_main]
-use agent::config::AgentConfig;
+use tagflow::config::AgentConfig;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

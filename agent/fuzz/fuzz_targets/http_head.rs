@@ -1,7 +1,7 @@
 //! The HTTP head path of passive capture: any captured bytes are parsed or
 //! refused, never a panic; an accepted head yields a non-zero trace id.
 #![no_main]
-use agent::sources::capture::parse_head;
+use tagflow::sources::capture::parse_head;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

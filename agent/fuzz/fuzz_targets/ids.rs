@@ -1,7 +1,7 @@
 //! Request id → trace id: any string maps or is refused; never all zero,
 //! and stable under surrounding whitespace.
 #![no_main]
-use agent::ids::{identify, map_request_id, parse_traceparent};
+use tagflow::ids::{identify, map_request_id, parse_traceparent};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

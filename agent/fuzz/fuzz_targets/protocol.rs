@@ -1,7 +1,7 @@
 //! The registration protocol decoder: any bytes either decode or yield an
 //! error code; what decodes re-encodes to a frame that decodes the same.
 #![no_main]
-use agent::sources::protocol::{decode_request, encode_request, frame_len};
+use tagflow::sources::protocol::{decode_request, encode_request, frame_len};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

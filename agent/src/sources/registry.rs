@@ -19,8 +19,8 @@ use std::{
 };
 
 use agent_common::{
-    FlowKey, TraceContext, TraceKey, TraceSource, FAMILY_IPV4, FAMILY_IPV6, PROTO_TCP, PROTO_UDP,
-    TRACE_FLAG_HAS_PARENT, TRACE_FLAG_SAMPLED,
+    FlowKey, TraceContext, TraceKey, TraceSource, PROTO_TCP, PROTO_UDP, TRACE_FLAG_HAS_PARENT,
+    TRACE_FLAG_SAMPLED,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -642,36 +642,13 @@ fn parse_flows(reg: &Registration) -> Result<Vec<FlowSpec>, (Code, String)> {
 fn both_ways(netns: u64, flows: &[FlowSpec]) -> Vec<FlowKey> {
     flows
         .iter()
-        .flat_map(|(l, r, p)| [flow_key(netns, *l, *r, *p), flow_key(netns, *r, *l, *p)])
+        .flat_map(|(l, r, p)| {
+            [
+                FlowKey::new(netns, *p, *l, *r),
+                FlowKey::new(netns, *p, *r, *l),
+            ]
+        })
         .collect()
-}
-
-/// The datapath's key for a connection seen from `local`'s side.
-pub fn flow_key(netns: u64, local: SocketAddr, remote: SocketAddr, proto: u8) -> FlowKey {
-    let mut k = FlowKey {
-        netns,
-        local_port: local.port(),
-        remote_port: remote.port(),
-        proto,
-        ..Default::default()
-    };
-    match (local.ip(), remote.ip()) {
-        (std::net::IpAddr::V4(a), std::net::IpAddr::V4(b)) => {
-            k.family = FAMILY_IPV4;
-            k.local_addr[..4].copy_from_slice(&a.octets());
-            k.remote_addr[..4].copy_from_slice(&b.octets());
-        }
-        (a, b) => {
-            k.family = FAMILY_IPV6;
-            let v6 = |ip: std::net::IpAddr| match ip {
-                std::net::IpAddr::V6(v) => v.octets(),
-                std::net::IpAddr::V4(v) => v.to_ipv6_mapped().octets(),
-            };
-            k.local_addr = v6(a);
-            k.remote_addr = v6(b);
-        }
-    }
-    k
 }
 
 fn error_response(code: Code, message: String) -> Response {

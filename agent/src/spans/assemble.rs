@@ -22,9 +22,9 @@ use std::{
 
 use agent_common::*;
 
-use super::{
-    clock::WallClock, kv, resource::Resources, KeyValue, Resource, SpanKind, SpanRecord, Value,
-};
+use crate::clock::WallClock;
+
+use super::{kv, resource::Resources, KeyValue, Resource, SpanKind, SpanRecord, Value};
 use crate::{ids, sources::capture::HeadInfo};
 
 #[derive(Debug, Clone)]
@@ -603,17 +603,12 @@ mod tests {
     const T2: [u8; 16] = [2; 16];
 
     fn key(netns: u64, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> FlowKey {
-        let mut k = FlowKey {
+        FlowKey::new(
             netns,
-            local_port: lport,
-            remote_port: rport,
-            family: FAMILY_IPV4,
-            proto: PROTO_TCP,
-            ..Default::default()
-        };
-        k.local_addr[..4].copy_from_slice(&local);
-        k.remote_addr[..4].copy_from_slice(&remote);
-        k
+            PROTO_TCP,
+            (local, lport).into(),
+            (remote, rport).into(),
+        )
     }
 
     fn ev(

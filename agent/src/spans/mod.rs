@@ -1,7 +1,6 @@
 //! Spans: what tagged flows become. Exporter-agnostic model, assembly from
 //! datapath events, wall-clock conversion and resources.
 pub mod assemble;
-pub mod clock;
 pub mod resource;
 
 use std::sync::Arc;

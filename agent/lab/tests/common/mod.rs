@@ -1,11 +1,14 @@
-//! Shared helpers for the kernel-level tests. They run for real as root;
-//! they skip (and say why) only when the kernel refuses: EPERM or ENOSYS.
+//! Shared helpers for the kernel-level tests. They run for real, as root,
+//! under `cargo xtask test`; a plain `cargo test` lists them as ignored.
+//! Under the xtask a kernel that refuses (EPERM, ENOSYS, …) fails the test:
+//! it never passes silently.
 #![allow(dead_code)]
 
 use std::sync::Mutex;
 
-use agent::{config::AgentConfig, loader::Datapath};
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
+use tagflow::{config::AgentConfig, loader::Datapath};
+use tagflow_lab::frames;
 
 /// Kernel tests share the host's cgroup root and TCX hooks: one at a time.
 pub static SERIAL: Mutex<()> = Mutex::new(());
@@ -14,36 +17,16 @@ pub fn lock() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Whether an error means "the kernel refuses" (EPERM/ENOSYS) rather than a bug.
-pub fn kernel_refuses(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&dyn std::error::Error> = Some(e);
-    let text = format!("{e:?}");
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if matches!(io.raw_os_error(), Some(libc::EPERM) | Some(libc::ENOSYS)) {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    text.contains("code: 1,") || text.contains("code: 38,")
-}
-
-/// Loads the datapath or returns None after printing why the kernel refused.
-/// Nothing is pinned unless the test chose its own pin directory.
-pub fn load(cfg: &AgentConfig, owner_hooks: bool) -> Option<Datapath> {
+/// Loads the datapath; any failure, the kernel's refusal included, fails
+/// the test. Nothing is pinned unless the test chose its own pin directory.
+pub fn load(cfg: &AgentConfig, owner_hooks: bool) -> Datapath {
     let mut cfg = cfg.clone();
     if cfg.pin_dir == AgentConfig::default().pin_dir {
         cfg.pin_maps = false;
     }
-    match Datapath::load(&cfg, owner_hooks) {
-        Ok(dp) => Some(dp),
-        Err(e) if kernel_refuses(&e) => {
-            eprintln!("SKIP: the kernel refused to load tagflow's programs: {e}");
-            None
-        }
-        Err(e) => panic!("loading the datapath failed: {e:?}"),
-    }
+    Datapath::load(&cfg, owner_hooks).unwrap_or_else(|e| {
+        panic!("loading the datapath failed (kernel-level tests need root and BPF): {e:?}")
+    })
 }
 
 pub struct Run {
@@ -55,7 +38,7 @@ pub struct Run {
 
 /// One BPF_PROG_TEST_RUN of `prog` on `frame` (ifindex 1 = lo).
 pub fn run(prog: &SchedClassifier, frame: &[u8]) -> Result<Run, aya::programs::ProgramError> {
-    run_ctx(prog, frame, &agent::frames::skb_ctx(1, 0, [0; 5]))
+    run_ctx(prog, frame, &frames::skb_ctx(1, 0, [0; 5]))
 }
 
 pub fn run_ctx(
@@ -64,7 +47,7 @@ pub fn run_ctx(
     ctx: &[u8],
 ) -> Result<Run, aya::programs::ProgramError> {
     let mut data = vec![0u8; frame.len() + 256];
-    let mut ctx_out = [0u8; agent::frames::SKB_CTX_LEN];
+    let mut ctx_out = [0u8; frames::SKB_CTX_LEN];
     let r = prog.test_run(TestRunOptions {
         data_in: Some(frame),
         data_out: Some(&mut data),
@@ -73,7 +56,7 @@ pub fn run_ctx(
         ..Default::default()
     })?;
     data.truncate(r.data_size_out as usize);
-    let (mark, cb) = agent::frames::skb_ctx_out(&ctx_out);
+    let (mark, cb) = frames::skb_ctx_out(&ctx_out);
     Ok(Run {
         verdict: r.return_value as i32,
         data,
@@ -91,7 +74,8 @@ use std::{
     time::Duration,
 };
 
-use agent::{
+use agent_common::{FlowKey, FlowStats};
+use tagflow::{
     events::{self, Event},
     netns,
     sources::{
@@ -99,9 +83,8 @@ use agent::{
         registry::{Limits, Registry, RegistryStats},
     },
     tables::TraceTable,
-    topo::Lab,
 };
-use agent_common::{FlowKey, FlowStats};
+use tagflow_lab::topo::Lab;
 
 /// The agent's moving parts, in-process, around a lab: datapath attached to
 /// every pod, registration socket served, ring buffer pumped (new-flow
@@ -121,8 +104,8 @@ pub struct LiveAgent {
 static SOCKETS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl LiveAgent {
-    pub fn start(lab: &Lab, cfg: &AgentConfig, limits: Limits) -> Option<Self> {
-        let mut dp = load(cfg, true)?;
+    pub fn start(lab: &Lab, cfg: &AgentConfig, limits: Limits) -> Self {
+        let mut dp = load(cfg, true);
         let mut ns = Vec::new();
         for p in &lab.pods {
             dp.attach(&p.host_if, p.host_ifindex).expect("attach");
@@ -175,7 +158,7 @@ impl LiveAgent {
                 }
             }
         });
-        Some(Self {
+        Self {
             dp: Arc::new(Mutex::new(dp)),
             table,
             ns,
@@ -185,7 +168,7 @@ impl LiveAgent {
             rt,
             stop,
             pump: Some(pump),
-        })
+        }
     }
 
     /// (flow, trace) pairs the datapath reported plus what FLOW_STATS holds.
@@ -218,21 +201,28 @@ impl Drop for LiveAgent {
 
 // ---- `tagflow run` as a process ----
 
-use agent::topo::{free_port, Pod};
-use std::{
-    collections::HashMap,
-    io::Read,
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    time::Instant,
+use std::collections::HashMap;
+use tagflow_lab::{
+    procs::{AgentProc, Server},
+    topo::{free_port, Pod},
 };
 
-/// `tagflow run` as a process.
-pub struct Agent {
-    pub child: Child,
-    pub metrics: SocketAddr,
-    pub socket: std::path::PathBuf,
-    pub pin_dir: std::path::PathBuf,
+/// `tagflow run` as a process, as the tests run it: spans finish after
+/// 300 ms idle, backfill on (servers started before the agent are the
+/// realistic case), maps pinned in a directory of its own.
+pub struct Agent(pub AgentProc);
+
+impl std::ops::Deref for Agent {
+    type Target = AgentProc;
+    fn deref(&self) -> &AgentProc {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Agent {
+    fn deref_mut(&mut self) -> &mut AgentProc {
+        &mut self.0
+    }
 }
 
 /// A pin directory of this test process's own (bpffs).
@@ -241,146 +231,35 @@ pub fn test_pin_dir(tag: &str) -> std::path::PathBuf {
 }
 
 impl Agent {
-    /// Starts an agent with pin directory of its own.
     pub fn start(lab: &Lab, extra: &[&str]) -> Self {
-        let port = free_port();
-        Self::start_with(lab, extra, port, &test_pin_dir(&port.to_string()))
+        Self::start_pinned(lab, extra, &test_pin_dir(&free_port().to_string()))
     }
 
-    /// Starts an agent whose maps are pinned in `pin_dir` (a restarted
-    /// agent given its predecessor's directory takes over its tables).
+    /// With its maps pinned in `pin_dir` (a restarted agent given its
+    /// predecessor's directory takes over its tables).
     pub fn start_pinned(lab: &Lab, extra: &[&str], pin_dir: &std::path::Path) -> Self {
-        Self::start_with(lab, extra, free_port(), pin_dir)
+        let mut args = vec!["--span-idle-ms", "300"];
+        args.extend_from_slice(extra);
+        Self(AgentProc::start_pinned(lab, &args, pin_dir).expect("tagflow run"))
     }
 
-    fn start_with(lab: &Lab, extra: &[&str], port: u16, pin_dir: &std::path::Path) -> Self {
-        let metrics: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let socket = std::env::temp_dir().join(format!(
-            "tagflow-spans-{}-{}/agent.sock",
-            std::process::id(),
-            metrics.port()
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_tagflow"))
-            .args([
-                "run",
-                // Backfill on: servers started before the agent are the
-                // realistic case.
-                "--span-idle-ms",
-                "300",
-                "--iface-prefix",
-                &lab.prefix,
-            ])
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--metrics-addr", &metrics.to_string()])
-            .arg("--pin-dir")
-            .arg(pin_dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let a = Self {
-            child,
-            metrics,
-            socket,
-            pin_dir: pin_dir.into(),
-        };
-        let t0 = Instant::now();
-        loop {
-            assert!(
-                t0.elapsed() < Duration::from_secs(30),
-                "agent did not become ready"
-            );
-            if let Some(m) = a.metrics() {
-                if m.get("tagflow_attached_interfaces").copied().unwrap_or(0.0)
-                    >= lab.pods.len() as f64
-                {
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        a
-    }
-
-    /// /metrics parsed as Prometheus text: every sample line must parse.
+    /// /metrics; every sample line must parse.
     pub fn metrics(&self) -> Option<HashMap<String, f64>> {
-        let text = http_get(self.metrics, "/metrics")?;
-        let mut m = HashMap::new();
-        for line in text
-            .lines()
-            .filter(|l| !l.starts_with('#') && !l.is_empty())
-        {
-            let (name, value) = line
-                .rsplit_once(' ')
-                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
-            let v: f64 = value
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-            assert!(
-                name.chars().next().unwrap().is_ascii_alphabetic(),
-                "bad metric name {name:?}"
-            );
-            m.insert(name.to_string(), v);
-        }
-        Some(m)
+        self.0
+            .metrics()
+            .map(|m| m.unwrap_or_else(|e| panic!("{e}")))
     }
 
-    pub fn metric(&self, name: &str) -> f64 {
-        self.metrics()
-            .and_then(|m| m.get(name).copied())
-            .unwrap_or(-1.0)
-    }
-
-    /// `tagflow register ...` run inside a pod (its own namespace).
+    /// `tagflow register ...` run inside a pod; must succeed.
     pub fn register(&self, pod: &Pod, args: &[&str]) -> String {
-        let out = pod
-            .command(env!("CARGO_BIN_EXE_tagflow"))
-            .arg("register")
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "register {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.0
+            .register(pod, args)
+            .unwrap_or_else(|e| panic!("register {args:?}: {e}"))
     }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        if let Some(d) = self.socket.parent() {
-            let _ = std::fs::remove_dir_all(d);
-        }
-        let _ = std::fs::remove_dir_all(&self.pin_dir);
-    }
-}
-
-/// GET over a plain TcpStream; Some(body) on 200.
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
-    use std::io::Write;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
+    let t0 = std::time::Instant::now();
     while !f() {
         assert!(
             t0.elapsed() < Duration::from_secs(secs),
@@ -392,7 +271,7 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 
 /// Program ids of tagflow programs on an interface's TCX ingress hook.
 pub fn tcx_ids(iface: &str) -> Vec<u32> {
-    agent::loader::tcx_programs(iface)
+    tagflow::loader::tcx_programs(iface)
         .map(|v| {
             v.into_iter()
                 .filter(|p| p.0 == "tagflow_ingress")
@@ -403,31 +282,21 @@ pub fn tcx_ids(iface: &str) -> Vec<u32> {
 }
 
 /// nginx in `pod` answering 200 on :8080, its files in `dir`.
-pub fn nginx(pod: &Pod, dir: &std::path::Path) -> std::process::Child {
-    let d = dir.display();
-    let conf = format!(
-        "worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log; daemon off;
-events {{}}
-http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d}; uwsgi_temp_path {d}; scgi_temp_path {d};
-  server {{ listen 8080; location / {{ return 200 \"ok\\n\"; }} }} }}
-"
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    pod.command("nginx")
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap()
+pub fn nginx(pod: &Pod, dir: &std::path::Path) -> Server {
+    tagflow_lab::procs::nginx_ok(pod, dir).expect("nginx")
 }
 
 /// Waits for a wrk run, stops the server, removes its directory, and
 /// asserts no request failed. Returns the number of requests made.
-pub fn finish_load(wrk: Child, server: &mut Child, dir: &std::path::Path, when: &str) -> u64 {
+pub fn finish_load(
+    wrk: std::process::Child,
+    server: Server,
+    dir: &std::path::Path,
+    when: &str,
+) -> u64 {
     let out = wrk.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     let _ = std::fs::remove_dir_all(dir);
     assert!(
         out.status.success(),

@@ -2,48 +2,21 @@
 //! OTLP/gRPC receiver. Spans per second end to end, and that nothing is lost
 //! while the queue is not full.
 use std::{
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc,
-    },
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
-use agent_common::{FlowEvent, FlowKey, FlowStats, FAMILY_IPV4, OWNER_CONNECTED, PROTO_TCP};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    trace_service_server::{TraceService, TraceServiceServer},
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-
 use super::{BenchError, Row};
-use crate::{
+use crate::collector::{Collector, Wire};
+use agent_common::{FlowEvent, FlowKey, FlowStats, OWNER_CONNECTED, PROTO_TCP};
+use tagflow::{
+    clock::{monotonic_ns, WallClock},
     export::{ExportConfig, Exporter, Sink},
     spans::{
         assemble::{Assembler, AssemblerConfig},
-        clock::WallClock,
         resource::Resources,
     },
 };
-
-struct Count(Arc<AtomicU64>);
-
-#[tonic::async_trait]
-impl TraceService for Count {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let n: usize = req
-            .into_inner()
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        self.0.fetch_add(n as u64, Ordering::Relaxed);
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
 
 pub fn pipeline(spans: usize) -> Result<Vec<Row>, BenchError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -51,17 +24,10 @@ pub fn pipeline(spans: usize) -> Result<Vec<Row>, BenchError> {
         .enable_all()
         .build()
         .map_err(|e| BenchError::Other(e.to_string()))?;
-    let got = Arc::new(AtomicU64::new(0));
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map_err(|e| BenchError::Other(e.to_string()))?;
-    let svc = TraceServiceServer::new(Count(got.clone()))
-        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
-    rt.spawn(
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve(addr),
-    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", crate::topo::free_port())
+        .parse()
+        .expect("addr");
+    let got = Collector::start(&rt, addr, Wire::Grpc, false);
     std::thread::sleep(Duration::from_millis(200));
     let cfg = ExportConfig {
         endpoint: Some(format!("http://{addr}")),
@@ -83,17 +49,10 @@ pub fn pipeline(spans: usize) -> Result<Vec<Row>, BenchError> {
         );
         let clock = WallClock::measure();
         let t0 = Instant::now();
-        let now = WallClock::monotonic_now();
+        let now = monotonic_ns();
         for i in 0..spans {
-            let mut key = FlowKey {
-                netns: 1,
-                local_port: (i % 60000) as u16,
-                remote_port: 80,
-                family: FAMILY_IPV4,
-                proto: PROTO_TCP,
-                ..Default::default()
-            };
-            key.local_addr[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            let local = ((i as u32).to_be_bytes(), (i % 60000) as u16);
+            let key = FlowKey::new(1, PROTO_TCP, local.into(), ([0; 4], 80).into());
             let mut trace = [0u8; 16];
             trace[..8].copy_from_slice(&(i as u64 + 1).to_be_bytes());
             let ev = FlowEvent {
@@ -121,9 +80,7 @@ pub fn pipeline(spans: usize) -> Result<Vec<Row>, BenchError> {
         for s in asm.ready(&clock, now + 1) {
             exporter.send(s);
         }
-        while (got.load(Ordering::Relaxed) as usize) < spans
-            && t0.elapsed() < Duration::from_secs(60)
-        {
+        while (got.received() as usize) < spans && t0.elapsed() < Duration::from_secs(60) {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let elapsed = t0.elapsed();
@@ -131,7 +88,7 @@ pub fn pipeline(spans: usize) -> Result<Vec<Row>, BenchError> {
         exporter.shutdown().await;
         Ok::<_, BenchError>((elapsed, stats))
     })?;
-    let received = got.load(Ordering::Relaxed) as f64;
+    let received = got.received() as f64;
     let rate = received / elapsed.as_secs_f64();
     let lost = spans as f64 - received;
     let dropped =

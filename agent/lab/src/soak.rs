@@ -15,18 +15,14 @@ use std::{
     collections::BTreeMap,
     net::SocketAddr,
     process::{Child, Stdio},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use serde::Serialize;
 
 use crate::{
-    bench::node::{http_get, nginx_conf, AgentProc},
-    bench::BenchError,
+    collector::{Collector, Wire},
+    procs::{nginx_ok, AgentProc},
     topo::{free_port, Lab, Pod, SidecarProc, TopoError},
 };
 
@@ -35,8 +31,6 @@ pub enum SoakError {
     #[error(transparent)]
     Topo(#[from] TopoError),
     #[error(transparent)]
-    Bench(#[from] BenchError),
-    #[error("{0}")]
     Io(#[from] std::io::Error),
 }
 
@@ -80,74 +74,6 @@ fn is_loss(name: &str) -> bool {
     .any(|w| name.contains(w))
 }
 
-/// A minimal OTLP/HTTP collector that can be switched off: then its port
-/// refuses connections and open ones are cut.
-struct Collector {
-    up: Arc<AtomicBool>,
-    received: Arc<AtomicU64>,
-}
-
-fn collector(rt: &tokio::runtime::Runtime, addr: SocketAddr) -> Collector {
-    let up = Arc::new(AtomicBool::new(true));
-    let received = Arc::new(AtomicU64::new(0));
-    let (u, r) = (up.clone(), received.clone());
-    rt.spawn(async move {
-        loop {
-            if !u.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-            let Ok(listener) = tokio::net::TcpListener::bind(addr).await else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            };
-            let mut conns = tokio::task::JoinSet::new();
-            while u.load(Ordering::Relaxed) {
-                let accepted =
-                    tokio::time::timeout(Duration::from_millis(50), listener.accept()).await;
-                if let Ok(Ok((s, _))) = accepted {
-                    let r = r.clone();
-                    conns.spawn(serve_otlp(s, r));
-                }
-            }
-            // Down: the port closes and live connections are cut.
-            conns.abort_all();
-        }
-    });
-    Collector { up, received }
-}
-
-async fn serve_otlp(s: tokio::net::TcpStream, received: Arc<AtomicU64>) {
-    use http_body_util::BodyExt;
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message;
-    let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-        let received = received.clone();
-        async move {
-            let body = req.into_body().collect().await?.to_bytes();
-            let status = match ExportTraceServiceRequest::decode(&body[..]) {
-                Ok(r) => {
-                    let n: usize = r
-                        .resource_spans
-                        .iter()
-                        .flat_map(|rs| &rs.scope_spans)
-                        .map(|ss| ss.spans.len())
-                        .sum();
-                    received.fetch_add(n as u64, Ordering::Relaxed);
-                    hyper::StatusCode::OK
-                }
-                Err(_) => hyper::StatusCode::BAD_REQUEST,
-            };
-            let mut resp = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
-            *resp.status_mut() = status;
-            Ok::<_, hyper::Error>(resp)
-        }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-        .await;
-}
-
 fn wrk(pod: &Pod, secs: u64, conns: u32, extra: &[&str], url: &str) -> Result<Child, SoakError> {
     Ok(pod
         .command("wrk")
@@ -180,20 +106,8 @@ fn wrk_result(c: Child) -> Result<(u64, Vec<String>), SoakError> {
     Ok((requests, bad))
 }
 
-fn metrics(addr: SocketAddr) -> BTreeMap<String, f64> {
-    http_get(addr, "/metrics")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 fn sample(t0: Instant, agent: &AgentProc, lab: &Lab, c: &Collector) -> Sample {
-    let m = metrics(agent.metrics);
+    let m = agent.metrics().and_then(Result::ok).unwrap_or_default();
     let label = |k: &str, prefix: &str| -> Option<String> {
         k.strip_prefix(prefix)?
             .strip_suffix("\"}")
@@ -223,12 +137,12 @@ fn sample(t0: Instant, agent: &AgentProc, lab: &Lab, c: &Collector) -> Sample {
         t_s: t0.elapsed().as_secs(),
         rss_kib: agent.usage().1,
         pods: lab.pods.len(),
-        collector_up: c.up.load(Ordering::Relaxed),
+        collector_up: c.is_up(),
         maps,
         losses,
         working,
         spans_exported: get("tagflow_spans_exported_total"),
-        spans_received: c.received.load(Ordering::Relaxed),
+        spans_received: c.received(),
         registrations: get("tagflow_registrations_begin_total"),
     }
 }
@@ -328,7 +242,6 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
     let secs = (minutes * 60.0).round().max(30.0) as u64;
     // Allocator high-water marks settle within about a minute (measured).
     let warm_s = (secs / 5).max(60);
-    let exe = std::env::current_exe()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -336,30 +249,24 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
     let mut lab = Lab::new(3)?;
     let dir = std::env::temp_dir().join(format!("tagflow-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let conf = nginx_conf(
-        &dir,
-        "server { listen 8080; location / { return 200 \"ok\\n\"; } }",
-    );
-    let mut nginx = lab.pods[1].command("nginx");
-    nginx.arg("-c").arg(&conf);
-    let _nginx = crate::bench::node::spawn(nginx)?;
+    let _nginx = nginx_ok(&lab.pods[1], &dir)?;
     std::thread::sleep(Duration::from_millis(300));
 
     let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let col = collector(&rt, otlp);
-    let pins = format!("/sys/fs/bpf/tagflow-soak-{}", std::process::id());
+    let col = Collector::start(&rt, otlp, Wire::Http, false);
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/tagflow-soak-{}", std::process::id()));
     let endpoint = format!("http://{otlp}");
-    let agent = AgentProc::start_with(
+    let agent = AgentProc::start_pinned(
         &lab,
         &[
+            "--no-backfill",
             "--otlp-endpoint",
             &endpoint,
             "--otlp-protocol",
             "http/protobuf",
             "--otlp-no-gzip",
-            "--pin-dir",
-            &pins,
         ],
+        &pins,
     )?;
     let _sidecar = SidecarProc::start(&lab.pods[1], "127.0.0.1:8080", &agent.socket)?;
     let b = lab.pods[1].ip;
@@ -393,8 +300,7 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
         std::thread::sleep(Duration::from_secs(1));
         tick += 1;
         if tick.is_multiple_of(20) {
-            let up = col.up.load(Ordering::Relaxed);
-            col.up.store(!up, Ordering::Relaxed);
+            col.set_up(!col.is_up());
         }
         if tick.is_multiple_of(10) {
             for i in churned.drain(..).rev() {
@@ -404,14 +310,9 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
                 churned.push(lab.add_pod()?);
             }
             let register = |pid: &str, id: &str| {
-                lab.pods[2]
-                    .command(&exe.to_string_lossy())
-                    .args(["register", "--socket"])
-                    .arg(&agent.socket)
-                    .args(["begin", "--request-id", id, "--pid", pid])
-                    .output()
-                    .map(|o| o.status.success())
-                    .unwrap_or(false)
+                agent
+                    .register(&lab.pods[2], &["begin", "--request-id", id, "--pid", pid])
+                    .is_ok()
             };
             cli_ok += register(&untraced_pid, &format!("soak-cli-{tick}")) as u64;
             // pid 1 is the host's init, outside the pod: must be refused.
@@ -434,7 +335,6 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
         lab.remove_pod(i);
     }
     drop(agent);
-    let _ = std::fs::remove_dir_all(&pins);
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "requests: {requests}; CLI registrations accepted {cli_ok}, refused as expected {cli_refused}"

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     backfill,
+    clock::{monotonic_ns, WallClock},
     config::AgentConfig,
     events::{self, Event},
     export::{Exporter, SendError, Sink},
@@ -26,7 +27,6 @@ use crate::{
     },
     spans::{
         assemble::{Assembler, AssemblerConfig},
-        clock::WallClock,
         resource::Resources,
     },
     tables::TraceTable,
@@ -205,7 +205,7 @@ impl Pipeline {
     /// heads the datapath should stop copying for a while (its head had no
     /// id header).
     pub fn event(&mut self, ev: Event, table: &Mutex<TraceTable>) -> Option<agent_common::FlowKey> {
-        let now = WallClock::monotonic_now();
+        let now = monotonic_ns();
         match ev {
             Event::FlowNew(f) => {
                 self.stats.flow_new += 1;
@@ -239,7 +239,7 @@ impl Pipeline {
     /// (after a grace), not left to the idle timeout: under connection churn
     /// FLOW_TRACES then holds live connections only.
     pub fn sweep(&mut self, dp: &mut Datapath, exporter: &Exporter, table: &Mutex<TraceTable>) {
-        let now = WallClock::monotonic_now();
+        let now = monotonic_ns();
         self.clock.refresh(Duration::from_secs(10));
         let keys = self.assembler.open_keys();
         let snapshot = dp.flow_stats_for(keys.iter());
@@ -286,10 +286,7 @@ impl Pipeline {
     /// Everything still in the pipeline, for the exporter at shutdown.
     pub fn drain_all(&mut self) -> Vec<crate::spans::SpanRecord> {
         let mut out: Vec<_> = self.pending.drain(..).collect();
-        out.extend(
-            self.assembler
-                .flush_all(&self.clock, WallClock::monotonic_now()),
-        );
+        out.extend(self.assembler.flush_all(&self.clock, monotonic_ns()));
         out
     }
 
@@ -622,7 +619,7 @@ pub async fn run_with(
                     let ev = events::decode(&item);
                     drop(item);
                     if let Some(k) = pipe.event(ev, &table) {
-                        let until = WallClock::monotonic_now() + CAPTURE_SKIP_NS;
+                        let until = monotonic_ns() + CAPTURE_SKIP_NS;
                         if dp.skip_capture(&k, until).is_ok() {
                             pipe.stats.capture_skips += 1;
                         }
@@ -637,7 +634,7 @@ pub async fn run_with(
                     Err(e) => warn!("expiring trace entries: {e}"),
                 }
                 if maps_at.elapsed() >= Duration::from_secs(10) {
-                    let (f, c) = dp.gc(WallClock::monotonic_now(), FLOW_GC_NS, NEGATIVE_GC_NS);
+                    let (f, c) = dp.gc(monotonic_ns(), FLOW_GC_NS, NEGATIVE_GC_NS);
                     pipe.stats.flows_collected += f;
                     pipe.stats.skips_collected += c;
                     maps = dp.map_fill();

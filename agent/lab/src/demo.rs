@@ -1,4 +1,4 @@
-//! `tagflow demo`: a small node, end to end. Three pods: `client`,
+//! `cargo xtask demo` (`tagflow-lab demo`): a small node, end to end. Three pods: `client`,
 //! `frontend` (tagflow sidecar + an app that calls the backend while it
 //! serves) and `backend` (tagflow sidecar + an app). The agent runs
 //! in-process; requests go out with and without an incoming `x-request-id`;
@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{
-    agent::{run_with, AgentError},
+use crate::topo::{Lab, Pod, Proc, SidecarProc, TopoError, HTTP_APP, HTTP_CLIENT};
+use tagflow::{
     config::AgentConfig,
+    daemon::{run_with, AgentError},
     export::{ExportConfig, SendError, Sink},
     ids,
     spans::{SpanRecord, Value},
-    topo::{Lab, Pod, Proc, SidecarProc, TopoError, HTTP_APP, HTTP_CLIENT},
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -2,10 +2,11 @@
 //! and to 100 interfaces; the scaling of the datapath with table size.
 use std::time::Instant;
 
-use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, FAMILY_IPV4, PROTO_TCP};
+use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, PROTO_TCP};
 
 use super::{median, BenchError, Row};
-use crate::{config::AgentConfig, frames, loader::Datapath, netns, topo::run};
+use crate::{frames, topo::run};
+use tagflow::{config::AgentConfig, loader::Datapath, netns};
 
 struct Veths(Vec<String>);
 
@@ -98,17 +99,13 @@ pub fn startup(rounds: usize) -> Result<Vec<Row>, BenchError> {
 }
 
 fn key(netns: u64, i: u32, port: u16) -> FlowKey {
-    let mut k = FlowKey {
+    let local = [10, (i >> 16) as u8, (i >> 8) as u8, i as u8];
+    FlowKey::new(
         netns,
-        local_port: port,
-        remote_port: 80,
-        family: FAMILY_IPV4,
-        proto: PROTO_TCP,
-        ..Default::default()
-    };
-    k.local_addr[..4].copy_from_slice(&[10, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
-    k.remote_addr[..4].copy_from_slice(&[10, 200, 0, 1]);
-    k
+        PROTO_TCP,
+        (local, port).into(),
+        ([10, 200, 0, 1], 80).into(),
+    )
 }
 
 /// Datapath cost and map memory with 10, 1k and 100k entries in each table.
@@ -171,7 +168,7 @@ pub fn scaling(repeat: u32) -> Result<Vec<Row>, BenchError> {
         if base.is_empty() {
             base = vec![tvm, uvm];
         }
-        let mem = super::node::map_memlock_kib(std::process::id()) as f64 / 1024.0;
+        let mem = crate::procs::map_memlock_kib(std::process::id()) as f64 / 1024.0;
         for (what, v, b) in [
             ("tagged", tvm, base[0]),
             ("untagged, traced pod", uvm, base[1]),

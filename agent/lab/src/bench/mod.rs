@@ -1,12 +1,11 @@
-//! Benchmarks that run inside the agent binary (they need its eBPF object).
-//! Every figure is a ratio against a baseline measured in the same run, with
+//! Benchmarks (`tagflow-lab bench`, run by `cargo xtask bench`). Every figure is a ratio against a baseline measured in the same run, with
 //! the scenarios alternated round by round and medians reported.
 pub mod node;
 pub mod pipeline;
 pub mod startup;
 use std::net::{IpAddr, Ipv4Addr};
 
-use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, FAMILY_IPV4, PROTO_TCP, TCX_NEXT};
+use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, PROTO_TCP, TCX_NEXT};
 use aya::{
     programs::{ProgramError, SchedClassifier, TestRun, TestRunOptions},
     Ebpf, EbpfError,
@@ -14,9 +13,12 @@ use aya::{
 use serde::Serialize;
 
 use crate::{
-    config::AgentConfig,
     frames::{self, Frame},
-    loader::{Datapath, LoaderError, TESTPROGS_OBJECT},
+    TESTPROGS_OBJECT,
+};
+use tagflow::{
+    config::AgentConfig,
+    loader::{Datapath, LoaderError},
     netns,
     tables::TableError,
 };
@@ -37,6 +39,22 @@ pub enum BenchError {
     Topo(#[from] crate::topo::TopoError),
     #[error("{0}")]
     Other(String),
+}
+
+/// Every benchmark, one table (`quick`: fewer repetitions).
+pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
+    let (repeat, rounds, messages, spans) = if quick {
+        (300_000, 5, 40_000, 50_000)
+    } else {
+        (2_000_000, 7, 200_000, 200_000)
+    };
+    let mut rows = datapath(repeat, rounds)?;
+    rows.extend(startup::scaling(repeat / 2)?);
+    rows.extend(registration(messages, 4)?);
+    rows.extend(pipeline::pipeline(spans)?);
+    rows.extend(startup::startup(if quick { 3 } else { 5 })?);
+    rows.extend(node::node(quick)?);
+    Ok(rows)
 }
 
 /// One measurement, in the JSON shape every tagflow benchmark writes.
@@ -63,18 +81,9 @@ fn v4(a: [u8; 4]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(a))
 }
 
+/// An IPv4 TCP connection's key.
 fn flow_key(netns: u64, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> FlowKey {
-    let mut k = FlowKey {
-        netns,
-        local_port: sport,
-        remote_port: dport,
-        family: FAMILY_IPV4,
-        proto: PROTO_TCP,
-        ..Default::default()
-    };
-    k.local_addr[..4].copy_from_slice(&src);
-    k.remote_addr[..4].copy_from_slice(&dst);
-    k
+    FlowKey::new(netns, PROTO_TCP, (src, sport).into(), (dst, dport).into())
 }
 
 pub(crate) fn ns_per_run(
@@ -159,7 +168,7 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
     let skb = frames::skb_ctx(1, 0, [0; 5]);
     // TCP segments carry a monotonic departure time; use one when the
     // kernel lets test_run set it, else measure the bpf_ktime_get_ns path.
-    let stamped = frames::skb_ctx_tstamp(1, crate::tables::monotonic_ns());
+    let stamped = frames::skb_ctx_tstamp(1, tagflow::clock::monotonic_ns());
     let tcp_skb = match netns::in_netns_file(&traced_pod, || {
         ns_per_run(dp_ingress_probe(&mut dp)?, &by_flow, &stamped, 1)
     })? {
@@ -251,15 +260,15 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
 /// clients at once (messages/s), and begin → entry visible in the kernel's
 /// TRACES map, read through a second handle (p50/p99).
 pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchError> {
-    use crate::sources::{
-        client::Client,
-        protocol::{Registration, Target},
-        registry::{Limits, Registry},
-    };
     use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData};
     use std::{
         sync::{Arc, Mutex},
         time::{Duration, Instant},
+    };
+    use tagflow::sources::{
+        client::Client,
+        protocol::{Registration, Target},
+        registry::{Limits, Registry},
     };
 
     let mut dp = Datapath::load(&AgentConfig::scratch(), false)?;
@@ -338,7 +347,7 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
         let mut v = Vec::new();
         for i in 0..2000usize {
             let r = registration(1_000_000 + i);
-            let want = crate::ids::map_request_id(&format!("{:032x}", 1_000_000 + i))
+            let want = tagflow::ids::map_request_id(&format!("{:032x}", 1_000_000 + i))
                 .unwrap()
                 .0;
             let t = Instant::now();

@@ -1,6 +1,10 @@
 //! Agent configuration: a TOML file (all keys optional, explicit defaults
-//! below) overridden by command-line flags.
+//! below) overridden by command-line flags (`flags.rs`).
+mod flags;
+
 use std::path::{Path, PathBuf};
+
+pub use flags::RunFlags;
 
 use serde::{Deserialize, Serialize};
 
@@ -15,6 +19,8 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error("invalid config: {0}")]
     Invalid(String),
+    #[error("{flag}: {why}")]
+    Flag { flag: &'static str, why: String },
 }
 
 /// How `tagflow_ingress` is attached.
@@ -52,21 +58,23 @@ pub struct MapSizes {
     pub sock_owner: u32,
     pub bound_ports: u32,
     pub iface_netns: u32,
+    /// Namespaces with trace entries (NETNS_GEN).
+    pub netns_gen: u32,
     pub events_bytes: u32,
 }
 
 impl Default for MapSizes {
     fn default() -> Self {
+        use agent_common::maps::size;
         Self {
-            traces: 16384,
-            flow_traces: 16384,
-            flow_stats: 32768,
-            sock_owner: 65536,
-            bound_ports: 16384,
-            iface_netns: 4096,
-            // ≈ 1900 request heads (1.1 KB each): enough to ride out the
-            // agent being off-CPU for a while on a saturated node.
-            events_bytes: 2 << 20,
+            traces: size::TRACES,
+            flow_traces: size::FLOW_TRACES,
+            flow_stats: size::FLOW_STATS,
+            sock_owner: size::SOCK_OWNER,
+            bound_ports: size::BOUND_PORTS,
+            iface_netns: size::IFACE_NETNS,
+            netns_gen: size::NETNS_GEN,
+            events_bytes: size::EVENTS_BYTES,
         }
     }
 }
@@ -258,6 +266,7 @@ impl AgentConfig {
             ("sock_owner", m.sock_owner),
             ("bound_ports", m.bound_ports),
             ("iface_netns", m.iface_netns),
+            ("netns_gen", m.netns_gen),
         ] {
             if v == 0 || v > 4 << 20 {
                 return bad(format!("maps.{name} = {v}: must be 1..=4194304"));

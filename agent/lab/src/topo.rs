@@ -364,24 +364,14 @@ impl Proc {
     }
 }
 
-/// `tagflow sidecar` (this executable) inside a pod, up once it says
-/// `sidecar ready`; killed on drop.
+/// `tagflow sidecar` inside a pod, up once it says `sidecar ready`;
+/// killed on drop.
 pub struct SidecarProc(Child);
 
 impl SidecarProc {
     pub fn start(pod: &Pod, upstream: &str, socket: &std::path::Path) -> Result<Self, TopoError> {
-        Self::start_with(&std::env::current_exe()?, pod, upstream, socket)
-    }
-
-    /// With an explicit `tagflow` binary (tests run from a test harness).
-    pub fn start_with(
-        exe: &std::path::Path,
-        pod: &Pod,
-        upstream: &str,
-        socket: &std::path::Path,
-    ) -> Result<Self, TopoError> {
         let mut child = pod
-            .command(&exe.to_string_lossy())
+            .command(&crate::procs::tagflow_bin().to_string_lossy())
             .args([
                 "sidecar",
                 "--listen",

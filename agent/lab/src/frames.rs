@@ -71,31 +71,17 @@ impl Frame {
 
     /// The `FlowKey` the datapath computes for this frame in `netns`.
     pub fn flow_key(&self, netns: u64) -> agent_common::FlowKey {
-        let mut k = agent_common::FlowKey {
-            netns,
-            local_port: self.sport,
-            remote_port: self.dport,
-            proto: match self.l4 {
-                L4::Tcp { .. } => 6,
-                L4::Udp => 17,
-                L4::Other(p) => p,
-            },
-            ..Default::default()
+        let proto = match self.l4 {
+            L4::Tcp { .. } => agent_common::PROTO_TCP,
+            L4::Udp => agent_common::PROTO_UDP,
+            L4::Other(p) => p,
         };
-        match (self.src, self.dst) {
-            (IpAddr::V4(s), IpAddr::V4(d)) => {
-                k.family = agent_common::FAMILY_IPV4;
-                k.local_addr[..4].copy_from_slice(&s.octets());
-                k.remote_addr[..4].copy_from_slice(&d.octets());
-            }
-            (IpAddr::V6(s), IpAddr::V6(d)) => {
-                k.family = agent_common::FAMILY_IPV6;
-                k.local_addr = s.octets();
-                k.remote_addr = d.octets();
-            }
-            _ => panic!("mixed address families"),
-        }
-        k
+        agent_common::FlowKey::new(
+            netns,
+            proto,
+            (self.src, self.sport).into(),
+            (self.dst, self.dport).into(),
+        )
     }
 
     /// Length of everything up to the end of the L4 header: any shorter

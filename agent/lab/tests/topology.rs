@@ -10,18 +10,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent::{
-    backfill,
-    config::AgentConfig,
-    loader::{self, Datapath, TESTPROGS_OBJECT},
-    netns,
-    topo::{Lab, Proc, CLIENT, ECHO_SERVER},
-};
 use agent_common::*;
 use aya::{
     maps::Array,
     programs::{tc::TcAttachOptions, LinkOrder, SchedClassifier, TcAttachType},
     Ebpf,
+};
+use tagflow::{
+    backfill,
+    config::AgentConfig,
+    loader::{self, Datapath},
+    netns,
+};
+use tagflow_lab::{
+    procs::AgentProc,
+    topo::{Lab, Proc, CLIENT, ECHO_SERVER},
+    TESTPROGS_OBJECT,
 };
 
 fn ctx(b: u8) -> TraceContext {
@@ -39,9 +43,9 @@ struct Node {
     ns: Vec<u64>,
 }
 
-fn node(pods: usize) -> Option<Node> {
+fn node(pods: usize) -> Node {
     let lab = Lab::new(pods).expect("creating the lab (needs root and iproute2)");
-    let mut dp = common::load(&AgentConfig::default(), true)?;
+    let mut dp = common::load(&AgentConfig::default(), true);
     let mut ns = Vec::new();
     for p in &lab.pods {
         dp.attach(&p.host_if, p.host_ifindex).expect("attach");
@@ -49,7 +53,7 @@ fn node(pods: usize) -> Option<Node> {
         dp.set_iface_netns(p.host_ifindex, cookie).unwrap();
         ns.push(cookie);
     }
-    Some(Node { lab, dp, ns })
+    Node { lab, dp, ns }
 }
 
 /// The test-only cb reader, attached after tagflow on an interface.
@@ -113,9 +117,10 @@ fn stats_for(dp: &Datapath, f: impl Fn(&FlowKey) -> bool) -> Vec<(FlowKey, FlowS
 }
 
 #[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn clients_and_servers_are_tagged_by_owner_and_others_are_not() {
     let _g = common::lock();
-    let Some(mut n) = node(3) else { return };
+    let mut n = node(3);
     let (a, b, c) = (&n.lab.pods[0], &n.lab.pods[1], &n.lab.pods[2]);
     let (ns_a, ns_b, ns_c) = (n.ns[0], n.ns[1], n.ns[2]);
     let mut table = n.dp.take_trace_table().unwrap();
@@ -190,14 +195,15 @@ fn clients_and_servers_are_tagged_by_owner_and_others_are_not() {
     assert_eq!(magic, matching, "no other tag on A's veth");
     assert!(seen >= matching);
     // Timestamps are on the monotonic clock, within this test's lifetime.
-    let now = agent::tables::monotonic_ns();
+    let now = tagflow::clock::monotonic_ns();
     assert!(sa.first_ns <= sa.last_ns && sa.last_ns <= now && now - sa.first_ns < 60_000_000_000);
 }
 
 #[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn per_connection_entries_beat_the_process_entry() {
     let _g = common::lock();
-    let Some(mut n) = node(2) else { return };
+    let mut n = node(2);
     let (a, b) = (&n.lab.pods[0], &n.lab.pods[1]);
     let ns_a = n.ns[0];
     let mut table = n.dp.take_trace_table().unwrap();
@@ -205,19 +211,7 @@ fn per_connection_entries_beat_the_process_entry() {
     let b_ip = b.ip.to_string();
     let mut c1 = Proc::python(a, CLIENT, &[&b_ip, "9090", "41001", "3"]).unwrap();
     let mut c2 = Proc::python(a, CLIENT, &[&b_ip, "9090", "41002", "3"]).unwrap();
-    let key = |sport: u16| {
-        let mut k = FlowKey {
-            netns: ns_a,
-            local_port: sport,
-            remote_port: 9090,
-            family: FAMILY_IPV4,
-            proto: PROTO_TCP,
-            ..Default::default()
-        };
-        k.local_addr[..4].copy_from_slice(&a.ip.octets());
-        k.remote_addr[..4].copy_from_slice(&b.ip.octets());
-        k
-    };
+    let key = |sport: u16| FlowKey::new(ns_a, PROTO_TCP, (a.ip, sport).into(), (b.ip, 9090).into());
     table.set_flow(key(41001), &ctx(0x01)).unwrap();
     table.set_flow(key(41002), &ctx(0x02)).unwrap();
     // c1's process also has its own context: the connection entry wins.
@@ -238,6 +232,7 @@ fn per_connection_entries_beat_the_process_entry() {
 }
 
 #[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn backfill_finds_servers_that_predate_the_agent() {
     let _g = common::lock();
     let lab = Lab::new(1).unwrap();
@@ -250,38 +245,6 @@ fn backfill_finds_servers_that_predate_the_agent() {
         "listening socket of pid {} not found",
         server.pid
     );
-}
-
-// ---- the daemon as a process ----
-
-struct Agent(Child);
-
-impl Agent {
-    fn start(args: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_tagflow"))
-            .arg("run")
-            .arg("--no-backfill")
-            .args(args)
-            .stdout(Stdio::null())
-            .env("RUST_LOG", "warn")
-            .spawn()
-            .expect("spawn tagflow");
-        Self(child)
-    }
-    fn signal(&mut self, sig: i32) {
-        unsafe { libc::kill(self.0.id() as i32, sig) };
-        let _ = self.0.wait();
-    }
-    fn alive(&mut self) -> bool {
-        matches!(self.0.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
@@ -314,7 +277,12 @@ fn netlink_ids(iface: &str) -> Vec<u32> {
         .collect()
 }
 
+fn alive(a: &mut AgentProc) -> bool {
+    matches!(a.child.try_wait(), Ok(None))
+}
+
 #[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn restarts_never_leave_two_programs_on_a_hook() {
     let _g = common::lock();
     let mut lab = Lab::new(1).unwrap();
@@ -323,17 +291,18 @@ fn restarts_never_leave_two_programs_on_a_hook() {
         ("tcx", tcx_ids as fn(&str) -> Vec<u32>),
         ("netlink", netlink_ids),
     ] {
-        let args = ["--iface-prefix", lab.prefix.as_str(), "--attach-mode", mode];
-        let mut first = Agent::start(&args);
+        let args = ["--no-backfill", "--attach-mode", mode];
+        let mut first = AgentProc::start(&lab, &args).unwrap();
         wait_for("first attach", || ids(&iface).len() == 1);
-        first.signal(libc::SIGKILL);
+        first.child.kill().unwrap();
+        first.child.wait().unwrap();
         // TCX links die with the process; netlink filters stay behind.
         let stale = ids(&iface);
         assert!(stale.len() <= 1, "{mode}: {stale:?} after SIGKILL");
         if mode == "netlink" {
             assert_eq!(stale.len(), 1, "netlink filters outlive the process");
         }
-        let mut second = Agent::start(&args);
+        let mut second = AgentProc::start(&lab, &args).unwrap();
         // Wait for the new agent's own program, not the stale one.
         wait_for("second attach", || {
             let now = ids(&iface);
@@ -345,7 +314,7 @@ fn restarts_never_leave_two_programs_on_a_hook() {
             1,
             "{mode}: exactly one tagflow program after restart"
         );
-        assert!(second.alive());
+        assert!(alive(&mut second));
 
         // It follows interfaces that appear and disappear.
         let i = lab.add_pod().unwrap();
@@ -354,24 +323,25 @@ fn restarts_never_leave_two_programs_on_a_hook() {
         lab.remove_pod(i);
         std::thread::sleep(Duration::from_millis(200));
         assert!(
-            second.alive(),
+            alive(&mut second),
             "{mode}: agent died when an interface went away"
         );
 
-        second.signal(libc::SIGTERM);
+        drop(second); // SIGTERM
         assert!(ids(&iface).is_empty(), "{mode}: clean detach on SIGTERM");
     }
 }
 
 #[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn a_veths_peer_namespace_is_found_from_its_nsid() {
     let _g = common::lock();
     let lab = Lab::new(2).unwrap();
-    let links = agent::netlink::Socket::open(false)
+    let links = tagflow::netlink::Socket::open(false)
         .unwrap()
         .dump_links()
         .unwrap();
-    let mut peers = agent::netns::PeerResolver::default();
+    let mut peers = tagflow::netns::PeerResolver::default();
     for pod in &lab.pods {
         let link = links
             .iter()
@@ -445,9 +415,10 @@ impl Capture {
 }
 
 #[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn programs_and_filters_around_tagflow_see_every_packet_with_bytes_untouched() {
     let _g = common::lock();
-    let Some(mut n) = node(2) else { return };
+    let mut n = node(2);
     let (a, b) = (&n.lab.pods[0], &n.lab.pods[1]);
     let ns_a = n.ns[0];
     let mut table = n.dp.take_trace_table().unwrap();

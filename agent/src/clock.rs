@@ -1,4 +1,4 @@
-//! `bpf_ktime_get_ns` (and TCP's skb timestamps) are CLOCK_MONOTONIC; spans
+//! The agent's clocks. `bpf_ktime_get_ns` (and TCP's skb timestamps) are CLOCK_MONOTONIC; spans
 //! need wall time. The offset between the clocks is measured at start-up
 //! and re-measured periodically (NTP slews the realtime clock).
 use std::time::{Duration, Instant};
@@ -46,10 +46,12 @@ impl WallClock {
     pub fn to_unix_ns(&self, monotonic_ns: u64) -> u64 {
         (monotonic_ns as i128 + self.offset_ns).max(0) as u64
     }
+}
 
-    pub fn monotonic_now() -> u64 {
-        now_ns(libc::CLOCK_MONOTONIC) as u64
-    }
+/// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`, the datapath's
+/// time stamps and the trace entries' `updated_ns`.
+pub fn monotonic_ns() -> u64 {
+    now_ns(libc::CLOCK_MONOTONIC) as u64
 }
 
 #[cfg(test)]
@@ -70,7 +72,7 @@ mod tests {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as i128;
-        let conv = m.to_unix_ns(WallClock::monotonic_now()) as i128;
+        let conv = m.to_unix_ns(monotonic_ns()) as i128;
         assert!(
             (conv - wall).abs() < 50_000_000,
             "within 50 ms of the system clock"
