@@ -19,3 +19,16 @@ pub mod sidecar;
 pub mod sources;
 pub mod spans;
 pub mod tables;
+
+/// An error with its chain of causes, "outer: inner: …", for logs (each
+/// error's own message never repeats its source).
+pub fn report(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cur = c.source();
+    }
+    out
+}

@@ -27,10 +27,10 @@ const NLA_TYPE_MASK: u16 = 0x3fff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetlinkError {
-    #[error("netlink socket: {0}")]
+    #[error("netlink socket")]
     Io(#[from] io::Error),
-    #[error("netlink error reply: {0}")]
-    Errno(io::Error),
+    #[error("netlink error reply")]
+    Errno(#[source] io::Error),
     #[error("malformed netlink message")]
     Malformed,
 }

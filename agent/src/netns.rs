@@ -16,12 +16,12 @@ const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
-    #[error("opening namespace {path}: {source}")]
+    #[error("opening namespace {path}")]
     Open { path: PathBuf, source: io::Error },
-    #[error("setns into {path}: {source}")]
+    #[error("setns into {path}")]
     Setns { path: PathBuf, source: io::Error },
-    #[error("reading SO_NETNS_COOKIE (needs Linux 5.14): {0}")]
-    Cookie(io::Error),
+    #[error("reading SO_NETNS_COOKIE (needs Linux 5.14)")]
+    Cookie(#[source] io::Error),
     #[error("netns worker thread panicked")]
     Thread,
 }

@@ -25,7 +25,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PinError {
-    #[error("{path}: {source}")]
+    #[error("pin path {path}")]
     Io { path: PathBuf, source: io::Error },
     #[error("{0} is not on a bpffs mount (mount -t bpf bpf /sys/fs/bpf)")]
     NotBpffs(PathBuf),
@@ -190,4 +190,54 @@ fn ensure_bpffs(root: &Path) -> Result<(), PinError> {
     }
     info!("mounted bpffs on /sys/fs/bpf");
     Ok(())
+}
+
+/// The maps pinned across restarts, with what they must be to be reused.
+pub fn pinned_maps(sizes: &crate::config::MapSizes) -> Vec<Expect> {
+    use agent_common::{maps as m, FlowKey, PortKey, TraceContext, TraceKey};
+    use std::mem::size_of;
+    let e = |name, map_type, key: usize, value: usize, max_entries| Expect {
+        name,
+        map_type,
+        key_size: key as u32,
+        value_size: value as u32,
+        max_entries,
+    };
+    vec![
+        e(
+            m::TRACES,
+            MapType::Hash,
+            size_of::<TraceKey>(),
+            size_of::<TraceContext>(),
+            sizes.traces,
+        ),
+        e(
+            m::FLOW_TRACES,
+            MapType::Hash,
+            size_of::<FlowKey>(),
+            size_of::<TraceContext>(),
+            sizes.flow_traces,
+        ),
+        e(m::SOCK_OWNER, MapType::LruHash, 8, 4, sizes.sock_owner),
+        e(
+            m::BOUND_PORTS,
+            MapType::LruHash,
+            size_of::<PortKey>(),
+            4,
+            sizes.bound_ports,
+        ),
+    ]
+}
+
+/// What pinning did at start (for logs and /status).
+#[derive(Clone, Debug, Default)]
+pub struct PinReport {
+    /// The pin directory in use; none when maps are not pinned.
+    pub dir: Option<PathBuf>,
+    /// (map, "created" | "reused" | "replaced: why").
+    pub maps: Vec<(String, String)>,
+    /// Trace entries taken over from the previous agent.
+    pub adopted: usize,
+    /// Trace entries the previous agent left that were already idle.
+    pub expired: usize,
 }

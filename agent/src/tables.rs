@@ -18,7 +18,7 @@ use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
-    #[error("map update failed: {0}")]
+    #[error("map update failed")]
     Map(#[from] MapError),
     #[error("table full ({0} entries)")]
     Full(usize),
@@ -117,12 +117,7 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
         }
     }
 
-    pub fn set(
-        &mut self,
-        key: K,
-        ctx: &TraceContext,
-        now: Instant,
-    ) -> Result<SetOutcome, TableError> {
+    fn set(&mut self, key: K, ctx: &TraceContext, now: Instant) -> Result<SetOutcome, TableError> {
         let previous = self.shadow.get(&key).map(|s| s.trace_id);
         if previous.is_none() && self.shadow.len() >= self.capacity {
             return Err(TableError::Full(self.capacity));
@@ -146,7 +141,7 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
 
     /// Removes the entry only if it still holds `trace_id`. Returns whether
     /// something was removed.
-    pub fn clear(&mut self, key: &K, trace_id: &[u8; 16]) -> Result<bool, TableError> {
+    fn clear(&mut self, key: &K, trace_id: &[u8; 16]) -> Result<bool, TableError> {
         match self.shadow.get(key) {
             Some(s) if &s.trace_id == trace_id => {
                 self.store.delete(key)?;
@@ -159,7 +154,7 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
 
     /// Removes entries not set or refreshed within the idle timeout.
     /// Returns the removed keys.
-    pub fn expire(&mut self, now: Instant) -> Result<Vec<K>, TableError> {
+    fn expire(&mut self, now: Instant) -> Result<Vec<K>, TableError> {
         let stale: Vec<K> = self
             .shadow
             .iter()
@@ -177,7 +172,7 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
     /// agent): each keeps the idle time it had, measured from its
     /// `updated_ns` stamp; entries already idle, or beyond capacity, are
     /// deleted. Returns the adopted keys and how many were deleted.
-    pub fn adopt(&mut self, now: Instant, now_ns: u64) -> Result<(Vec<K>, usize), TableError>
+    fn adopt(&mut self, now: Instant, now_ns: u64) -> Result<(Vec<K>, usize), TableError>
     where
         S: Scan<K, TraceContext>,
     {
@@ -273,7 +268,7 @@ impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
 
     /// Records that `netns`'s entries changed (`delta` entries added or
     /// removed). Call after the table itself was written.
-    pub fn changed(&mut self, netns: u64, delta: isize) -> Result<(), TableError> {
+    fn changed(&mut self, netns: u64, delta: isize) -> Result<(), TableError> {
         self.gen += 1;
         let idx = NetnsSlot::index(netns);
         let (n, g) = self.entries.entry(netns).or_insert((0, 0));
@@ -318,11 +313,14 @@ impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
 }
 
 /// The per-process and per-connection trace tables, as used by the sources,
-/// with their namespace gate.
+/// with their namespace gate. The only way to write either table: every
+/// change goes through here, so the gate and the namespace generation the
+/// datapath caches by always follow (a write that skipped them would never
+/// be seen by flows already cached).
 pub struct TraceTables<P, F, G, A> {
-    pub by_pid: Table<TraceKey, P>,
-    pub by_flow: Table<FlowKey, F>,
-    pub gate: Gate<G, A>,
+    by_pid: Table<TraceKey, P>,
+    by_flow: Table<FlowKey, F>,
+    gate: Gate<G, A>,
 }
 
 pub type TraceTable = TraceTables<
@@ -331,6 +329,24 @@ pub type TraceTable = TraceTables<
     BpfHashMap<MapData, u64, u64>,
     BpfArray<MapData, NetnsSlot>,
 >;
+
+/// Tables held in memory: unit tests of the sources and the pipeline.
+pub type MemoryTables = TraceTables<
+    HashMap<TraceKey, TraceContext>,
+    HashMap<FlowKey, TraceContext>,
+    HashMap<u64, u64>,
+    HashMap<u32, NetnsSlot>,
+>;
+
+impl MemoryTables {
+    pub fn in_memory(capacity: usize, idle: Duration) -> Self {
+        Self::new(
+            Table::new(HashMap::new(), capacity, idle),
+            Table::new(HashMap::new(), capacity, idle),
+            Gate::new(HashMap::new(), HashMap::new()),
+        )
+    }
+}
 
 fn delta(o: &SetOutcome) -> Option<isize> {
     match o {
@@ -348,6 +364,29 @@ where
     G: Store<u64, u64>,
     A: Store<u32, NetnsSlot>,
 {
+    pub fn new(by_pid: Table<TraceKey, P>, by_flow: Table<FlowKey, F>, gate: Gate<G, A>) -> Self {
+        Self {
+            by_pid,
+            by_flow,
+            gate,
+        }
+    }
+
+    /// The per-process table (read only).
+    pub fn by_pid(&self) -> &Table<TraceKey, P> {
+        &self.by_pid
+    }
+
+    /// The per-connection table (read only).
+    pub fn by_flow(&self) -> &Table<FlowKey, F> {
+        &self.by_flow
+    }
+
+    /// The namespace gate (read only).
+    pub fn gate(&self) -> &Gate<G, A> {
+        &self.gate
+    }
+
     pub fn set_process(
         &mut self,
         key: TraceKey,
@@ -483,20 +522,8 @@ mod tests {
         assert!(t.store.is_empty());
     }
 
-    type MemTables = TraceTables<
-        HashMap<TraceKey, TraceContext>,
-        HashMap<FlowKey, TraceContext>,
-        HashMap<u64, u64>,
-        HashMap<u32, NetnsSlot>,
-    >;
-
-    fn tables() -> MemTables {
-        let idle = Duration::from_secs(30);
-        TraceTables {
-            by_pid: Table::new(HashMap::new(), 100, idle),
-            by_flow: Table::new(HashMap::new(), 100, idle),
-            gate: Gate::new(HashMap::new(), HashMap::new()),
-        }
+    fn tables() -> MemoryTables {
+        MemoryTables::in_memory(100, Duration::from_secs(30))
     }
 
     #[test]
@@ -539,7 +566,7 @@ mod tests {
         let mut t = tables();
         let n = agent_common::NETNS_SLOTS as u64;
         let (a, b) = (5, 5 + n); // same slot
-        let slot = |t: &MemTables| {
+        let slot = |t: &MemoryTables| {
             t.gate
                 .slots
                 .get(&NetnsSlot::index(a))

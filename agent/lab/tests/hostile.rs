@@ -277,5 +277,5 @@ fn a_full_trace_table_is_refused_not_grown() {
     }
     let err = table.set_process(TraceKey::new(99, 1), &ctx).unwrap_err();
     assert!(matches!(err, tagflow::tables::TableError::Full(8)), "{err}");
-    assert_eq!(table.by_pid.len(), 8);
+    assert_eq!(table.by_pid().len(), 8);
 }

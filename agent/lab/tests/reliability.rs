@@ -120,8 +120,8 @@ fn pinned_maps_are_reused_when_compatible_and_recreated_otherwise() {
     );
     assert_eq!(dp.pins.adopted, 1);
     let t = dp.take_trace_table().unwrap();
-    assert_eq!(t.by_pid.get(&key), Some([9; 16]));
-    assert_eq!(t.gate.active_namespaces(), 1, "the gate is open for it");
+    assert_eq!(t.by_pid().get(&key), Some([9; 16]));
+    assert_eq!(t.gate().active_namespaces(), 1, "the gate is open for it");
     drop((t, dp));
 
     // Another capacity: TRACES is replaced (empty), the others reused.

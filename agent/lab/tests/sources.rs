@@ -159,7 +159,7 @@ fn malformed_frames_and_spoofed_targets_are_refused_and_others_still_served() {
     );
     assert_eq!(code(send(&mut s, &spoof)), Code::NotYourNetns);
     assert!(
-        agent.table.lock().unwrap().by_pid.is_empty(),
+        agent.table.lock().unwrap().by_pid().is_empty(),
         "nothing written for a spoofed pid"
     );
 
@@ -184,7 +184,7 @@ fn malformed_frames_and_spoofed_targets_are_refused_and_others_still_served() {
             .table
             .lock()
             .unwrap()
-            .by_pid
+            .by_pid()
             .get(&TraceKey::new(me, host)),
         Some(ids::hash_id("req-7"))
     );
@@ -194,7 +194,7 @@ fn malformed_frames_and_spoofed_targets_are_refused_and_others_still_served() {
     );
     assert!(matches!(send(&mut good, &end), Some(Response::Ok(_))));
     assert!(
-        agent.table.lock().unwrap().by_pid.is_empty(),
+        agent.table.lock().unwrap().by_pid().is_empty(),
         "END removed it"
     );
     let st = &agent.stats;

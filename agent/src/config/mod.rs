@@ -10,12 +10,12 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("parsing config: {0}")]
+    #[error("parsing config")]
     Parse(#[from] toml::de::Error),
     #[error("invalid config: {0}")]
     Invalid(String),

@@ -297,14 +297,7 @@ mod tests {
 
     #[test]
     fn details_are_handed_over_once_and_unclaimed_ones_age_out() {
-        use crate::tables::{Gate, Table};
-        use std::time::Duration;
-        let idle = Duration::from_secs(30);
-        let mut t = TraceTables {
-            by_pid: Table::new(HashMap::new(), 100, idle),
-            by_flow: Table::new(HashMap::new(), 100, idle),
-            gate: Gate::new(HashMap::new(), HashMap::new()),
-        };
+        let mut t = crate::tables::MemoryTables::in_memory(100, std::time::Duration::from_secs(30));
         let mut c = Capture::new(hdrs(), 100);
         let head = |port: u16, id: &str, ts_ns: u64| {
             let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
@@ -327,7 +320,7 @@ mod tests {
         let a = head(1, "req-a", 100 * s);
         assert!(matches!(c.handle(&a, &mut t), HeadOutcome::Applied(_)));
         let trace = ids::map_request_id("req-a").unwrap().0;
-        assert_eq!(t.by_flow.get(&a.key), Some(trace));
+        assert_eq!(t.by_flow().get(&a.key), Some(trace));
         assert!(c.take_head(&a.key, &trace).is_some());
         assert!(c.take_head(&a.key, &trace).is_none(), "handed over once");
         // Never claimed: dropped once 3 s older than the newest head.

@@ -10,14 +10,14 @@ use super::protocol::{self, ErrorReply, Registration, Request, Response};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("agent socket {path}: {source}")]
+    #[error("agent socket {path}")]
     Connect {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("talking to the agent: {0}")]
+    #[error("talking to the agent")]
     Io(#[from] std::io::Error),
-    #[error("agent replied with a bad frame: {0}")]
+    #[error("agent replied with a bad frame")]
     Protocol(#[from] protocol::ProtoError),
     #[error("agent refused: {0:?}: {1}")]
     Refused(protocol::Code, String),

@@ -39,7 +39,7 @@ use crate::{
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("socket {path}: {source}")]
+    #[error("socket {path}")]
     Socket {
         path: PathBuf,
         source: std::io::Error,

@@ -274,7 +274,7 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
     let mut dp = Datapath::load(&AgentConfig::scratch(), false)?;
     let table = dp.take_trace_table().expect("fresh datapath");
     let id = table
-        .by_pid
+        .by_pid()
         .store()
         .map()
         .info()

@@ -1,0 +1,257 @@
+//! The `tagflow run` daemon: load, attach to matching interfaces and follow
+//! them, backfill owners, serve registrations, turn datapath events into
+//! spans and export them, publish metrics, expire idle trace entries.
+use std::{
+    future::Future,
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+mod follow;
+mod pipeline;
+
+use aya::maps::{MapData, RingBuf};
+use tokio::io::unix::AsyncFd;
+use tracing::{info, warn};
+
+pub use follow::{resync_plan, Follower};
+pub use pipeline::{AgentStats, Pipeline};
+
+use crate::{
+    backfill,
+    clock::monotonic_ns,
+    config::AgentConfig,
+    events,
+    export::{Exporter, SendError, Sink},
+    loader::{AttachKind, Datapath, LoaderError},
+    metrics::{self, Attachment, Ops, Snapshot},
+    netlink::{self, LinkEvent},
+    sources::registry::{self, Limits, Registry, RegistryStats},
+    tables::TraceTable,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+    #[error("agent I/O")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
+    #[error(transparent)]
+    Export(#[from] SendError),
+}
+
+/// How long heads of a connection whose head had no id are not copied.
+const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
+/// FLOW_STATS entries without a packet for this long are deleted ("no
+/// trace" entries sooner: remaking one costs one slow-path lookup).
+const FLOW_GC_NS: u64 = 60_000_000_000;
+const NEGATIVE_GC_NS: u64 = 10_000_000_000;
+
+fn snapshot(
+    dp: &Datapath,
+    table: &Mutex<TraceTable>,
+    pipe: &Pipeline,
+    maps: &[(String, u64, u64)],
+) -> Snapshot {
+    let attachments = dp
+        .attached()
+        .into_iter()
+        .map(|(ifindex, name, kind)| Attachment {
+            ifindex,
+            name,
+            mode: match kind {
+                AttachKind::Tcx => "tcx".into(),
+                AttachKind::Netlink => "clsact".into(),
+            },
+        })
+        .collect();
+    let datapath = dp
+        .counters()
+        .map(|v| {
+            v.into_iter()
+                .map(|(c, n)| (c.name().to_string(), n))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut m = maps.to_vec();
+    {
+        let t = table.lock().expect("table lock");
+        m.push((
+            "TRACES".into(),
+            t.by_pid().len() as u64,
+            t.by_pid().capacity() as u64,
+        ));
+        m.push((
+            "FLOW_TRACES".into(),
+            t.by_flow().len() as u64,
+            t.by_flow().capacity() as u64,
+        ));
+        m.push(("NETNS_GEN".into(), t.gate().active_namespaces() as u64, 0));
+    }
+    Snapshot {
+        attachments,
+        datapath,
+        maps: m,
+        agent: pipe.counters(),
+        spans_open: pipe.assembler.open_spans() as u64,
+        spans_held: pipe.held() as u64,
+        capture_cached: pipe.capture.cached() as u64,
+        ready: true,
+        pin_dir: dp.pins.dir.as_ref().map(|d| d.display().to_string()),
+        pinned: dp.pins.maps.clone(),
+    }
+}
+
+/// Hands free heap pages back to the kernel. Span buffers fill and drain
+/// with collector outages and trace bursts; glibc keeps the freed pages,
+/// so RSS would show the high-water mark of fragmentation rather than what
+/// the agent holds (the soak measured the difference).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Runs until `shutdown` resolves; flushes spans and detaches on the way out.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let sink = Sink::from_config(&cfg.export)?;
+    run_with(cfg, sink, shutdown).await
+}
+
+/// [`run`] with a given span sink (the demo collects spans in memory).
+pub async fn run_with(
+    cfg: AgentConfig,
+    sink: Sink,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let mut dp = Datapath::load(&cfg, true)?;
+    if cfg.backfill {
+        let owners = tokio::task::block_in_place(backfill::scan);
+        let n = owners
+            .into_iter()
+            .filter(|(k, pid)| dp.set_bound_port(*k, *pid).is_ok())
+            .count();
+        info!(sockets = n, "backfilled bound ports");
+    }
+    let table: Arc<Mutex<TraceTable>> = Arc::new(Mutex::new(
+        dp.take_trace_table().expect("fresh datapath has its table"),
+    ));
+    let mut registry_stats: Option<Arc<RegistryStats>> = None;
+    if cfg.registration.enabled {
+        let r = &cfg.registration;
+        let listener = Registry::bind(&r.socket, r.group.as_deref()).await?;
+        registry::announce(&r.socket);
+        let limits = Limits {
+            max_connections: r.max_connections,
+            max_connections_per_netns: r.max_connections_per_netns,
+            rate_per_netns: r.rate_per_netns,
+            ..Limits::default()
+        };
+        let reg = Registry::new(table.clone(), limits);
+        registry_stats = Some(reg.stats.clone());
+        tokio::spawn(reg.serve(listener));
+    }
+    let exporter = Exporter::start(&cfg.export, sink);
+    let ops = Arc::new(Ops {
+        snapshot: Mutex::new(Snapshot::default()),
+        export: exporter.stats.clone(),
+        registry: registry_stats,
+    });
+    if let Some(addr) = cfg.metrics_addr {
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, ops).await {
+                warn!("metrics endpoint {addr}: {e}");
+            }
+        });
+    }
+    // In a cluster: this node's pods, for span resources.
+    let pods = crate::k8s::pods::start(std::env::var("NODE_NAME").ok()).await;
+    let mut pipe = Pipeline::with_pods(&cfg, pods);
+    pipe.stats.adopted = dp.pins.adopted as u64;
+    pipe.stats.adopted_idle = dp.pins.expired as u64;
+
+    // Subscribe before the dump so no link can slip between the two.
+    let monitor = netlink::Socket::open(true)?;
+    let links = netlink::Socket::open(false)?.dump_links()?;
+    let mut follower = Follower::new(&cfg);
+    for link in links {
+        follower.handle(&mut dp, LinkEvent::New(link), &mut pipe.stats);
+    }
+    let mut link_rx = follow::monitor_links(monitor)?;
+
+    let rb = dp
+        .take_events()
+        .expect("fresh datapath has its ring buffer");
+    // SAFETY: the ring buffer owns its map fd and keeps it open (and the
+    // same) for as long as the AsyncFd owns the ring buffer.
+    let mut events: AsyncFd<RingBuf<MapData>> =
+        unsafe { AsyncFd::register(rb) }.map_err(|e| AgentError::Io(e.into()))?;
+    let mut sweep = tokio::time::interval(Duration::from_millis(250));
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut maps = dp.map_fill();
+    let mut maps_at = Instant::now();
+    info!(attached = dp.attached().len(), "tagflow running");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(ev) = link_rx.recv() => follower.handle(&mut dp, ev, &mut pipe.stats),
+            guard = events.readable_mut() => {
+                let mut guard = guard?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    let ev = events::decode(&item);
+                    drop(item);
+                    if let Some(k) = pipe.event(ev, &table) {
+                        let until = monotonic_ns() + CAPTURE_SKIP_NS;
+                        if dp.skip_capture(&k, until).is_ok() {
+                            pipe.stats.capture_skips += 1;
+                        }
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = sweep.tick() => pipe.sweep(&mut dp, &exporter, &table),
+            _ = second.tick() => {
+                match table.lock().expect("table lock").expire() {
+                    Ok(n) => pipe.stats.expired += n as u64,
+                    Err(e) => warn!("expiring trace entries: {}", crate::report(&e)),
+                }
+                if maps_at.elapsed() >= Duration::from_secs(10) {
+                    let (f, c) = dp.gc(monotonic_ns(), FLOW_GC_NS, NEGATIVE_GC_NS);
+                    pipe.stats.flows_collected += f;
+                    pipe.stats.skips_collected += c;
+                    maps = dp.map_fill();
+                    maps_at = Instant::now();
+                    release_free_memory();
+                }
+                *ops.snapshot.lock().expect("snapshot lock") = snapshot(&dp, &table, &pipe, &maps);
+            }
+        }
+    }
+    info!("shutting down: flushing spans, detaching");
+    ops.snapshot.lock().expect("snapshot lock").ready = false;
+    for s in pipe.drain_all() {
+        exporter.send(s);
+    }
+    let stats = exporter.stats.clone();
+    exporter.shutdown().await;
+    info!(
+        exported = stats.exported.load(Ordering::Relaxed),
+        dropped = stats.dropped.load(Ordering::Relaxed),
+        failed = stats.failed.load(Ordering::Relaxed),
+        "spans"
+    );
+    if cfg.registration.enabled {
+        let _ = std::fs::remove_file(&cfg.registration.socket);
+    }
+    drop(dp);
+    Ok(())
+}

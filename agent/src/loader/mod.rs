@@ -1,0 +1,230 @@
+//! Loads tagflow's eBPF object, attaches the owner hooks to the cgroup v2
+//! root and `tagflow_ingress` to interfaces, and hands out the maps.
+//!
+//! Minimum kernel: 6.6 for TCX links (older kernels get a clsact/netlink
+//! filter), 5.7 for cgroup links, and `bpf_get_netns_cookie` must be allowed
+//! in TC programs (≈ 6.13).
+mod attach;
+mod hooks;
+mod maps;
+
+use std::{collections::HashMap, io, path::PathBuf, time::Duration};
+
+use agent_common::{programs as prog, FlowKey, FlowStats, PortKey};
+use aya::{
+    include_bytes_aligned,
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, SchedClassifier},
+    Ebpf, EbpfError, EbpfLoader,
+};
+use tracing::{info, warn};
+
+pub use crate::pin::{pinned_maps, PinReport};
+use crate::{
+    config::{AgentConfig, AttachMode, TcxOrder},
+    pin::PinDir,
+    tables::{Gate, Table, TableError, TraceTable},
+};
+use attach::Attachment;
+pub use attach::{remove_stale_filters, tcx_programs, AttachKind};
+pub use hooks::{cgroup2_root, parse_cgroup2_mount};
+
+/// The tagflow eBPF object, built by build.rs.
+pub static TAGFLOW_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagflow"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoaderError {
+    #[error("loading the eBPF object")]
+    Ebpf(#[from] EbpfError),
+    #[error("program {name}")]
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
+    #[error("map {name}")]
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
+    #[error("map {0} missing from the object (or already taken)")]
+    MissingMap(&'static str),
+    #[error("program {0} missing from the object")]
+    MissingProgram(&'static str),
+    #[error("no cgroup v2 mount found in /proc/self/mountinfo")]
+    NoCgroup2,
+    #[error("opening cgroup {path}")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("attaching to {iface}")]
+    Attach { iface: String, source: ProgramError },
+    #[error("reading the agent's own network namespace")]
+    HostNetns(#[from] crate::netns::NetnsError),
+    #[error("adopting pinned trace entries")]
+    Adopt(#[from] TableError),
+}
+
+/// The loaded datapath. Dropping it detaches everything it attached (TCX
+/// and cgroup links close; netlink filters are removed by aya).
+pub struct Datapath {
+    ebpf: Ebpf,
+    // Keeps the aya-log ring buffer open; dropping it breaks log delivery.
+    _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    attachments: HashMap<u32, Attachment>,
+    mode: AttachMode,
+    order: TcxOrder,
+    counters: PerCpuArray<MapData, u64>,
+    flow_stats: BpfHashMap<MapData, FlowKey, FlowStats>,
+    iface_netns: BpfHashMap<MapData, u32, u64>,
+    bound_ports: BpfHashMap<MapData, PortKey, u32>,
+    sock_owner: BpfHashMap<MapData, u64, u32>,
+    events: Option<RingBuf<MapData>>,
+    capture_skip: BpfHashMap<MapData, FlowKey, u64>,
+    table: Option<TraceTable>,
+    pub owner_hooks: Vec<&'static str>,
+    pub pins: PinReport,
+    // Holds the pin directory's lock for the datapath's life.
+    _pin_dir: Option<PinDir>,
+}
+
+fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, LoaderError> {
+    let map = ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))?;
+    T::try_from(map).map_err(|source| LoaderError::Map { name, source })
+}
+
+impl Datapath {
+    /// Loads the object with `cfg`'s globals and map sizes, loads the ingress
+    /// classifier, and (with `owner_hooks`) attaches the cgroup owner hooks.
+    pub fn load(cfg: &AgentConfig, owner_hooks: bool) -> Result<Self, LoaderError> {
+        use agent_common::maps as m;
+        let mut dp_cfg = cfg.datapath_config();
+        // Sockets in our own namespace are not pods' (see resolve::netns).
+        dp_cfg.host_netns = crate::netns::current_cookie()?;
+        let sizes = &cfg.maps;
+        // A datapath without pins still tags; it only forgets on restart.
+        let pin_dir = cfg
+            .pin_maps
+            .then(|| {
+                PinDir::prepare(&cfg.pin_dir, agent_common::ABI_VERSION, &pinned_maps(sizes))
+                    .map_err(|e| {
+                        warn!(
+                            "maps not pinned, a restart will start empty: {}",
+                            crate::report(&e)
+                        )
+                    })
+                    .ok()
+            })
+            .flatten();
+        let mut loader = EbpfLoader::new();
+        if let Some(p) = &pin_dir {
+            for e in pinned_maps(sizes) {
+                loader.map_pin_path(e.name, p.path(e.name));
+            }
+        }
+        let mut ebpf = loader
+            .override_global(agent_common::CONFIG_SYMBOL, &dp_cfg, true)
+            .map_max_entries(m::TRACES, sizes.traces)
+            .map_max_entries(m::FLOW_TRACES, sizes.flow_traces)
+            .map_max_entries(m::FLOW_STATS, sizes.flow_stats)
+            .map_max_entries(m::SOCK_OWNER, sizes.sock_owner)
+            .map_max_entries(m::BOUND_PORTS, sizes.bound_ports)
+            .map_max_entries(m::IFACE_NETNS, sizes.iface_netns)
+            .map_max_entries(m::NETNS_GEN, sizes.netns_gen)
+            .map_max_entries(m::EVENTS, sizes.events_bytes)
+            .load(TAGFLOW_OBJECT)?;
+        let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!("eBPF log bridge unavailable: {e}");
+                None
+            }
+        };
+        let ingress: &mut SchedClassifier = program(&mut ebpf, prog::INGRESS)?;
+        ingress.load().map_err(|source| LoaderError::Program {
+            name: prog::INGRESS,
+            source,
+        })?;
+
+        let idle = Duration::from_secs(cfg.trace_idle_secs);
+        let traces = take(&mut ebpf, m::TRACES)?;
+        let flow_traces = take(&mut ebpf, m::FLOW_TRACES)?;
+        let mut table = TraceTable::new(
+            Table::new(traces, sizes.traces as usize, idle),
+            Table::new(flow_traces, sizes.flow_traces as usize, idle),
+            Gate::new(
+                take(&mut ebpf, m::NETNS_GEN)?,
+                take(&mut ebpf, m::NETNS_SLOTS)?,
+            ),
+        );
+        let mut pins = PinReport::default();
+        if let Some(p) = &pin_dir {
+            // Before any attachment: the gate must be open for adopted
+            // entries by the time the first packet looks.
+            let (adopted, expired) = table.adopt()?;
+            pins = PinReport {
+                dir: Some(p.dir().into()),
+                maps: p
+                    .fates
+                    .iter()
+                    .map(|(n, f)| (n.to_string(), f.to_string()))
+                    .collect(),
+                adopted,
+                expired,
+            };
+            info!(adopted, expired, "trace entries from the previous agent");
+        }
+        let mut dp = Self {
+            counters: take(&mut ebpf, m::COUNTERS)?,
+            flow_stats: take(&mut ebpf, m::FLOW_STATS)?,
+            iface_netns: take(&mut ebpf, m::IFACE_NETNS)?,
+            bound_ports: take(&mut ebpf, m::BOUND_PORTS)?,
+            sock_owner: take(&mut ebpf, m::SOCK_OWNER)?,
+            events: Some(take(&mut ebpf, m::EVENTS)?),
+            capture_skip: take(&mut ebpf, m::CAPTURE_SKIP)?,
+            table: Some(table),
+            ebpf,
+            _logger: logger,
+            attachments: HashMap::new(),
+            mode: cfg.attach_mode,
+            order: cfg.tcx_order,
+            owner_hooks: Vec::new(),
+            pins,
+            _pin_dir: pin_dir,
+        };
+        if owner_hooks {
+            let root = match &cfg.cgroup_root {
+                Some(p) => p.clone(),
+                None => cgroup2_root()?,
+            };
+            dp.attach_owner_hooks(&root)?;
+        }
+        Ok(dp)
+    }
+
+    /// The trace tables (once; the sources own them from then on).
+    pub fn take_trace_table(&mut self) -> Option<TraceTable> {
+        self.table.take()
+    }
+
+    /// The new-flow ring buffer (once).
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.events.take()
+    }
+
+    /// The loaded ingress classifier (test_run, benchmarks).
+    pub fn ingress(&mut self) -> Result<&mut SchedClassifier, LoaderError> {
+        program(&mut self.ebpf, prog::INGRESS)
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let p = ebpf
+        .program_mut(name)
+        .ok_or(LoaderError::MissingProgram(name))?;
+    p.try_into()
+        .map_err(|source| LoaderError::Program { name, source })
+}
