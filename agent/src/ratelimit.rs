@@ -1,11 +1,44 @@
-//! Logs that cannot flood. A hostile or broken pod can make the agent
-//! refuse thousands of requests a second: every refusal is counted (see
-//! /metrics), and at most `burst` of them per `window` are logged; the next
-//! line that gets through says how many were held back.
+//! Rate limits: the token bucket that meters each pod's registrations, and
+//! logs that cannot flood. A hostile or broken pod can make the agent refuse
+//! thousands of requests a second: every refusal is counted (see /metrics),
+//! and at most `burst` of them per `window` are logged; the next line that
+//! gets through says how many were held back.
 use std::{
     sync::Mutex,
     time::{Duration, Instant},
 };
+
+/// `rate` tokens per second, at most `rate` banked (a burst of one
+/// second's worth); starts full.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    pub fn new(rate: u32, now: Instant) -> Self {
+        Self {
+            rate: rate as f64,
+            tokens: rate as f64,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 pub struct LogLimit {
     window: Duration,
@@ -60,6 +93,18 @@ impl LogLimit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, t0);
+        assert_eq!((0..100).filter(|_| b.take(t0)).count(), 10, "burst");
+        // Half a second refills five; never more than one second's worth.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!((0..100).filter(|_| b.take(t1)).count(), 5);
+        let t2 = t1 + Duration::from_secs(60);
+        assert_eq!((0..100).filter(|_| b.take(t2)).count(), 10);
+    }
 
     #[test]
     fn at_most_burst_lines_per_window_and_the_next_reports_the_rest() {
