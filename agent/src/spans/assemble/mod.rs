@@ -14,18 +14,17 @@
 //! early and counted), at most `max_held` closed spans waiting (beyond it the
 //! busiest traces are released early, counted), and a trace is held at most
 //! `max_hold`.
-use std::{
-    collections::HashMap,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use agent_common::*;
 
-use crate::clock::WallClock;
+mod attributes;
+mod hold;
+mod link;
 
-use super::{kv, resource::Resources, KeyValue, Resource, SpanKind, SpanRecord, Value};
+use super::{resource::Resources, Resource};
 use crate::{ids, sources::capture::HeadInfo};
+use link::Closed;
 
 #[derive(Debug, Clone)]
 pub struct AssemblerConfig {
@@ -68,14 +67,6 @@ struct Open {
     stats: FlowStats,
     head: Option<HeadInfo>,
     resource: Arc<Resource>,
-}
-
-#[derive(Clone)]
-struct Closed {
-    key: FlowKey,
-    start: u64,
-    end: u64,
-    record: SpanRecord,
 }
 
 #[derive(Default)]
@@ -248,356 +239,18 @@ impl Assembler {
         });
         self.held += 1;
     }
-
-    /// Closed spans waiting for their trace to go quiet.
-    pub fn held_spans(&self) -> usize {
-        self.held
-    }
-
-    /// Spans of traces that are complete (quiet for `settle`) or held too
-    /// long, linked and with wall-clock times.
-    pub fn ready(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
-        let (settle, hold) = (self.cfg.settle_ns, self.cfg.max_hold_ns);
-        let due: Vec<[u8; 16]> = self
-            .groups
-            .iter()
-            .filter(|(_, g)| {
-                !g.closed.is_empty()
-                    && ((g.open == 0 && now.saturating_sub(g.last_change) >= settle)
-                        || now.saturating_sub(g.first) >= hold)
-            })
-            .map(|(t, _)| *t)
-            .collect();
-        let releasing: usize = due.iter().map(|t| self.groups[t].closed.len()).sum();
-        let mut over = (self.held - releasing).saturating_sub(self.cfg.max_held);
-        // (trace, how many of its oldest spans; None = all)
-        let mut take: Vec<([u8; 16], Option<usize>)> = due.into_iter().map(|t| (t, None)).collect();
-        if over > 0 {
-            // Over the bound: the oldest spans of the busiest traces go
-            // first, just enough of them, so the fewest links are lost and
-            // no burst floods the export queue.
-            let chosen: std::collections::HashSet<_> = take.iter().map(|(t, _)| *t).collect();
-            let mut rest: Vec<([u8; 16], usize)> = self
-                .groups
-                .iter()
-                .filter(|(t, g)| !g.closed.is_empty() && !chosen.contains(*t))
-                .map(|(t, g)| (*t, g.closed.len()))
-                .collect();
-            rest.sort_by_key(|e| std::cmp::Reverse(e.1));
-            for (t, n) in rest {
-                if over == 0 {
-                    break;
-                }
-                let k = n.min(over);
-                take.push((t, Some(k)));
-                self.stats.released_early += k as u64;
-                over -= k;
-            }
-        }
-        let mut out = Vec::new();
-        for (t, k) in take {
-            let g = self.groups.get_mut(&t).expect("listed above");
-            let mut spans: Vec<Closed> = match k {
-                None => {
-                    g.first = now;
-                    std::mem::take(&mut g.closed)
-                }
-                Some(k) => g.closed.drain(..k).collect(),
-            };
-            self.held -= spans.len();
-            let remote = g.remote_parent;
-            if g.open == 0 && g.closed.is_empty() {
-                self.groups.remove(&t);
-            }
-            link(&mut spans, remote);
-            for mut c in spans {
-                c.record.start_unix_ns = clock.to_unix_ns(c.start);
-                c.record.end_unix_ns = clock.to_unix_ns(c.end.max(c.start));
-                out.push(c.record);
-            }
-        }
-        self.stats.emitted += out.len() as u64;
-        out
-    }
-
-    /// Closes everything (shutdown) and returns all spans.
-    pub fn flush_all(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
-        let keys: Vec<_> = self.open.keys().copied().collect();
-        for k in keys {
-            self.close(k, Why::Idle, now);
-        }
-        self.ready(clock, u64::MAX / 2)
-    }
-
-    fn ifname(&mut self, ifindex: u32) -> String {
-        self.ifnames
-            .entry(ifindex)
-            .or_insert_with(|| {
-                let mut buf = [0u8; libc::IF_NAMESIZE];
-                // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
-                let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
-                if p.is_null() {
-                    format!("if{ifindex}")
-                } else {
-                    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-                    String::from_utf8_lossy(&buf[..end]).into_owned()
-                }
-            })
-            .clone()
-    }
-
-    fn build(&mut self, key: &FlowKey, trace_id: [u8; 16], o: &Open, evicted: bool) -> SpanRecord {
-        let s = &o.stats;
-        let (local, peer) = (
-            addr(key.family, &key.local_addr),
-            addr(key.family, &key.remote_addr),
-        );
-        let transport = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
-        let kind = match s.owner {
-            OWNER_CONNECTED => SpanKind::Client,
-            OWNER_BOUND => SpanKind::Server,
-            _ if key.local_port < key.remote_port => SpanKind::Server,
-            _ => SpanKind::Client,
-        };
-        let name = match &o.head {
-            Some(h) => format!("HTTP {}", h.method),
-            None => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
-        };
-        let mut a: Vec<KeyValue> = vec![
-            kv("network.transport", Value::Str(transport.into())),
-            kv(
-                "network.type",
-                Value::Str(
-                    if key.family == FAMILY_IPV6 {
-                        "ipv6"
-                    } else {
-                        "ipv4"
-                    }
-                    .into(),
-                ),
-            ),
-            kv("network.peer.address", Value::Str(peer.to_string())),
-            kv("network.peer.port", Value::Int(key.remote_port as i64)),
-            kv("network.local.address", Value::Str(local.to_string())),
-            kv("network.local.port", Value::Int(key.local_port as i64)),
-            kv("network.interface.name", Value::Str(self.ifname(s.ifindex))),
-            kv("network.interface.direction", Value::Str("ingress".into())),
-            kv("process.pid", Value::Int(s.pid as i64)),
-            kv("tagflow.packets", Value::Int(s.packets as i64)),
-            kv("tagflow.bytes", Value::Int(s.bytes as i64)),
-            kv("tagflow.tcp_flags", Value::Str(tcp_flags(s.tcp_flags))),
-            kv("tagflow.source", Value::Str(source(o.trace_flags).into())),
-            kv(
-                "tagflow.match",
-                Value::Str(
-                    if s.matched == MATCH_FLOW {
-                        "flow"
-                    } else {
-                        "pid"
-                    }
-                    .into(),
-                ),
-            ),
-            // The pod (namespace cookie): what pod metadata keys on.
-            kv("tagflow.netns", Value::Int(key.netns as i64)),
-        ];
-        if evicted {
-            a.push(kv("tagflow.evicted", Value::Str("true".into())));
-        }
-        if let Some(h) = &o.head {
-            a.push(kv("http.request.method", Value::Str(h.method.clone())));
-            let path = h.target.split('?').next().unwrap_or("");
-            a.push(kv("url.path", Value::Str(path.into())));
-            if let Some(host) = &h.host {
-                let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-                a.push(kv("server.address", Value::Str(host.into())));
-            }
-            if let Some(rid) = &h.request_id {
-                a.push(kv(
-                    "http.request.header.x-request-id",
-                    Value::StrArray(vec![rid.clone()]),
-                ));
-                a.push(kv("tagflow.request_id", Value::Str(rid.clone())));
-            }
-        }
-        SpanRecord {
-            trace_id,
-            span_id: o.span_id,
-            parent_span_id: None,
-            parent_is_remote: false,
-            name,
-            kind,
-            start_unix_ns: 0,
-            end_unix_ns: 0,
-            attributes: a,
-            resource: o.resource.clone(),
-        }
-    }
 }
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
-fn tcp_flags(f: u8) -> String {
-    let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| f & (1 << i) != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn source(flags: u32) -> &'static str {
-    match TraceSource::from_flags(flags) {
-        TraceSource::Registration => "sidecar",
-        TraceSource::Passive => "passive",
-        TraceSource::Api => "api",
-        TraceSource::Unknown => "unknown",
-    }
-}
-
-fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == FAMILY_IPV6 {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
-    }
-}
-
-fn fmt_hostport(ip: IpAddr, port: u16) -> String {
-    match ip {
-        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
-        v4 => format!("{v4}:{port}"),
-    }
-}
-
-#[cfg(test)]
-fn reverse_of(a: &FlowKey, b: &FlowKey) -> bool {
-    a.proto == b.proto
-        && a.local_addr == b.remote_addr
-        && a.remote_addr == b.local_addr
-        && a.local_port == b.remote_port
-        && a.remote_port == b.local_port
-}
-
-/// Slack when deciding that a call happened while a server span was open.
-const CONTAIN_SLACK_NS: u64 = 5_000_000;
-
-/// Links the spans of one trace (see the module docs). Never makes a cycle.
-///
-/// A server-side flow is often tagged only once its process was registered,
-/// after the request arrived: its first packet says little about when
-/// serving began. So a call is attributed to the first server span of its
-/// pod still open when the call started, and parents are then stretched to
-/// cover their children.
-///
-/// O(n log n): a busy trace can hold tens of thousands of spans, and this
-/// runs on the loop that drains the ring buffer.
-fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
-    let n = spans.len();
-    // Client spans by their connection as the other end sees it.
-    type Conn = (u8, [u8; 16], [u8; 16], u16, u16);
-    let mut clients: HashMap<Conn, usize> = HashMap::new();
-    // Server spans per namespace, by end.
-    let mut servers: HashMap<u64, Vec<(u64, usize)>> = HashMap::new();
-    for (j, s) in spans.iter().enumerate() {
-        let k = &s.key;
-        match s.record.kind {
-            SpanKind::Client => {
-                clients
-                    .entry((
-                        k.proto,
-                        k.local_addr,
-                        k.remote_addr,
-                        k.local_port,
-                        k.remote_port,
-                    ))
-                    .or_insert(j);
-            }
-            SpanKind::Server => servers.entry(k.netns).or_default().push((s.end, j)),
-            _ => {}
-        }
-    }
-    for v in servers.values_mut() {
-        v.sort_unstable();
-    }
-    let mut parent: Vec<Option<usize>> = vec![None; n];
-    for (i, si) in spans.iter().enumerate() {
-        let k = &si.key;
-        parent[i] = match si.record.kind {
-            SpanKind::Server => clients
-                .get(&(
-                    k.proto,
-                    k.remote_addr,
-                    k.local_addr,
-                    k.remote_port,
-                    k.local_port,
-                ))
-                .copied(),
-            // The server span of the pod ending first among those that had
-            // not ended (give or take the slack) when this call started.
-            _ => servers.get(&k.netns).and_then(|v| {
-                let from = si.start.saturating_sub(CONTAIN_SLACK_NS);
-                v.get(v.partition_point(|(end, _)| *end < from))
-                    .map(|(_, j)| *j)
-            }),
-        };
-    }
-    // Break cycles: walk up from each span not yet known to reach a root;
-    // meeting the current walk again means a cycle, whose last link goes.
-    let mut walk = vec![usize::MAX; n];
-    let mut rooted = vec![false; n];
-    for i in 0..n {
-        let mut cur = i;
-        while !rooted[cur] {
-            walk[cur] = i;
-            match parent[cur] {
-                Some(p) if walk[p] == i => {
-                    parent[cur] = None;
-                    break;
-                }
-                Some(p) => cur = p,
-                None => break,
-            }
-        }
-        let mut cur = i;
-        while !rooted[cur] {
-            rooted[cur] = true;
-            match parent[cur] {
-                Some(p) => cur = p,
-                None => break,
-            }
-        }
-    }
-    // Parents cover their children (a few passes settle any depth we make).
-    for _ in 0..4 {
-        for i in 0..n {
-            if let Some(p) = parent[i] {
-                let (cs, ce) = (spans[i].start, spans[i].end);
-                spans[p].start = spans[p].start.min(cs);
-                spans[p].end = spans[p].end.max(ce);
-            }
-        }
-    }
-    for i in 0..n {
-        match parent[i] {
-            Some(p) => {
-                spans[i].record.parent_span_id = Some(spans[p].record.span_id);
-                spans[i].record.parent_is_remote = false;
-            }
-            None => {
-                spans[i].record.parent_span_id = remote;
-                spans[i].record.parent_is_remote = remote.is_some();
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{attributes::addr, *};
+    use crate::{
+        clock::WallClock,
+        spans::{SpanKind, Value},
+    };
 
     const T1: [u8; 16] = [1; 16];
     const T2: [u8; 16] = [2; 16];
@@ -987,92 +640,5 @@ mod tests {
             s.attr("tagflow.request_id"),
             Some(&Value::Str("req-9".into()))
         );
-    }
-
-    /// The quadratic linking this replaced, kept as the reference.
-    fn link_reference(spans: &mut [Closed], remote: Option<[u8; 8]>) {
-        let n = spans.len();
-        let mut parent: Vec<Option<usize>> = vec![None; n];
-        for i in 0..n {
-            let si = &spans[i];
-            parent[i] = match si.record.kind {
-                SpanKind::Server => (0..n).find(|&j| {
-                    spans[j].record.kind == SpanKind::Client && reverse_of(&spans[j].key, &si.key)
-                }),
-                _ => (0..n)
-                    .filter(|&j| {
-                        let sj = &spans[j];
-                        j != i
-                            && sj.record.kind == SpanKind::Server
-                            && sj.key.netns == si.key.netns
-                            && si.start <= sj.end + CONTAIN_SLACK_NS
-                    })
-                    .min_by_key(|&j| (spans[j].end, j)),
-            };
-        }
-        for i in 0..n {
-            let mut seen = vec![false; n];
-            let mut cur = i;
-            seen[cur] = true;
-            while let Some(p) = parent[cur] {
-                if seen[p] {
-                    parent[cur] = None;
-                    break;
-                }
-                seen[p] = true;
-                cur = p;
-            }
-        }
-        for i in 0..n {
-            spans[i].record.parent_span_id = match parent[i] {
-                Some(p) => Some(spans[p].record.span_id),
-                None => remote,
-            };
-        }
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn fast_linking_matches_the_reference(
-            shape in proptest::collection::vec(
-                (proptest::bool::ANY, 1u64..3, 0u8..3, 0u8..3, 0u64..50_000_000, 0u64..50_000_000),
-                1..24,
-            )
-        ) {
-            let mut spans: Vec<Closed> = shape
-                .iter()
-                .enumerate()
-                .map(|(i, (server, ns, a, b, start, len))| {
-                    // Servers listen on 80; clients call it from port 40000 + a.
-                    let k = if *server {
-                        key(*ns, [10, 0, 0, *a], 80, [10, 0, 0, *b], 40000 + *b as u16)
-                    } else {
-                        key(*ns, [10, 0, 0, *a], 40000 + *a as u16, [10, 0, 0, *b], 80)
-                    };
-                    Closed {
-                        key: k,
-                        start: *start,
-                        end: start + len,
-                        record: SpanRecord {
-                            trace_id: [1; 16],
-                            span_id: [i as u8 + 1; 8],
-                            parent_span_id: None,
-                            parent_is_remote: false,
-                            name: String::new(),
-                            kind: if *server { SpanKind::Server } else { SpanKind::Client },
-                            start_unix_ns: 0,
-                            end_unix_ns: 0,
-                            attributes: vec![],
-                            resource: Arc::new(Resource { attributes: vec![] }),
-                        },
-                    }
-                })
-                .collect();
-            let mut reference = spans.clone();
-            link(&mut spans, Some([9; 8]));
-            link_reference(&mut reference, Some([9; 8]));
-            let parents = |v: &[Closed]| v.iter().map(|c| c.record.parent_span_id).collect::<Vec<_>>();
-            proptest::prop_assert_eq!(parents(&spans), parents(&reference));
-        }
     }
 }

@@ -1,0 +1,155 @@
+//! A closed flow as a span: kind, name and the OTel attributes.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use agent_common::*;
+
+use super::{Assembler, Open};
+use crate::spans::{kv, KeyValue, SpanKind, SpanRecord, Value};
+
+impl Assembler {
+    fn ifname(&mut self, ifindex: u32) -> String {
+        self.ifnames
+            .entry(ifindex)
+            .or_insert_with(|| {
+                let mut buf = [0u8; libc::IF_NAMESIZE];
+                // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
+                let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+                if p.is_null() {
+                    format!("if{ifindex}")
+                } else {
+                    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+                    String::from_utf8_lossy(&buf[..end]).into_owned()
+                }
+            })
+            .clone()
+    }
+
+    pub(super) fn build(
+        &mut self,
+        key: &FlowKey,
+        trace_id: [u8; 16],
+        o: &Open,
+        evicted: bool,
+    ) -> SpanRecord {
+        let s = &o.stats;
+        let (local, peer) = (
+            addr(key.family, &key.local_addr),
+            addr(key.family, &key.remote_addr),
+        );
+        let transport = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
+        let kind = match s.owner {
+            OWNER_CONNECTED => SpanKind::Client,
+            OWNER_BOUND => SpanKind::Server,
+            _ if key.local_port < key.remote_port => SpanKind::Server,
+            _ => SpanKind::Client,
+        };
+        let name = match &o.head {
+            Some(h) => format!("HTTP {}", h.method),
+            None => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
+        };
+        let mut a: Vec<KeyValue> = vec![
+            kv("network.transport", Value::Str(transport.into())),
+            kv(
+                "network.type",
+                Value::Str(
+                    if key.family == FAMILY_IPV6 {
+                        "ipv6"
+                    } else {
+                        "ipv4"
+                    }
+                    .into(),
+                ),
+            ),
+            kv("network.peer.address", Value::Str(peer.to_string())),
+            kv("network.peer.port", Value::Int(key.remote_port as i64)),
+            kv("network.local.address", Value::Str(local.to_string())),
+            kv("network.local.port", Value::Int(key.local_port as i64)),
+            kv("network.interface.name", Value::Str(self.ifname(s.ifindex))),
+            kv("network.interface.direction", Value::Str("ingress".into())),
+            kv("process.pid", Value::Int(s.pid as i64)),
+            kv("tagflow.packets", Value::Int(s.packets as i64)),
+            kv("tagflow.bytes", Value::Int(s.bytes as i64)),
+            kv("tagflow.tcp_flags", Value::Str(tcp_flags(s.tcp_flags))),
+            kv("tagflow.source", Value::Str(source(o.trace_flags).into())),
+            kv(
+                "tagflow.match",
+                Value::Str(
+                    if s.matched == MATCH_FLOW {
+                        "flow"
+                    } else {
+                        "pid"
+                    }
+                    .into(),
+                ),
+            ),
+            // The pod (namespace cookie): what pod metadata keys on.
+            kv("tagflow.netns", Value::Int(key.netns as i64)),
+        ];
+        if evicted {
+            a.push(kv("tagflow.evicted", Value::Str("true".into())));
+        }
+        if let Some(h) = &o.head {
+            a.push(kv("http.request.method", Value::Str(h.method.clone())));
+            let path = h.target.split('?').next().unwrap_or("");
+            a.push(kv("url.path", Value::Str(path.into())));
+            if let Some(host) = &h.host {
+                let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+                a.push(kv("server.address", Value::Str(host.into())));
+            }
+            if let Some(rid) = &h.request_id {
+                a.push(kv(
+                    "http.request.header.x-request-id",
+                    Value::StrArray(vec![rid.clone()]),
+                ));
+                a.push(kv("tagflow.request_id", Value::Str(rid.clone())));
+            }
+        }
+        SpanRecord {
+            trace_id,
+            span_id: o.span_id,
+            parent_span_id: None,
+            parent_is_remote: false,
+            name,
+            kind,
+            start_unix_ns: 0,
+            end_unix_ns: 0,
+            attributes: a,
+            resource: o.resource.clone(),
+        }
+    }
+}
+
+fn tcp_flags(f: u8) -> String {
+    let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+    names
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| f & (1 << i) != 0)
+        .map(|(_, n)| *n)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn source(flags: u32) -> &'static str {
+    match TraceSource::from_flags(flags) {
+        TraceSource::Registration => "sidecar",
+        TraceSource::Passive => "passive",
+        TraceSource::Api => "api",
+        TraceSource::Unknown => "unknown",
+    }
+}
+
+pub(super) fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
+    if family == FAMILY_IPV6 {
+        IpAddr::V6(Ipv6Addr::from(*b))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
+}
+
+fn fmt_hostport(ip: IpAddr, port: u16) -> String {
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]:{port}"),
+        v4 => format!("{v4}:{port}"),
+    }
+}

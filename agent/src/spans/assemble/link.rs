@@ -1,0 +1,243 @@
+//! Linking the spans of one trace: a SERVER span under the CLIENT span on
+//! the reverse flow, a CLIENT span under its pod's SERVER span that was
+//! serving when the call started, the rest under the remote parent.
+use std::collections::HashMap;
+
+#[cfg(test)]
+use agent_common::FlowKey;
+
+use crate::spans::{SpanKind, SpanRecord};
+
+#[derive(Clone)]
+pub(super) struct Closed {
+    pub key: agent_common::FlowKey,
+    pub start: u64,
+    pub end: u64,
+    pub record: SpanRecord,
+}
+
+#[cfg(test)]
+fn reverse_of(a: &FlowKey, b: &FlowKey) -> bool {
+    a.proto == b.proto
+        && a.local_addr == b.remote_addr
+        && a.remote_addr == b.local_addr
+        && a.local_port == b.remote_port
+        && a.remote_port == b.local_port
+}
+
+/// Slack when deciding that a call happened while a server span was open.
+const CONTAIN_SLACK_NS: u64 = 5_000_000;
+
+/// Links the spans of one trace (see the module docs). Never makes a cycle.
+///
+/// A server-side flow is often tagged only once its process was registered,
+/// after the request arrived: its first packet says little about when
+/// serving began. So a call is attributed to the first server span of its
+/// pod still open when the call started, and parents are then stretched to
+/// cover their children.
+///
+/// O(n log n): a busy trace can hold tens of thousands of spans, and this
+/// runs on the loop that drains the ring buffer.
+pub(super) fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
+    let n = spans.len();
+    // Client spans by their connection as the other end sees it.
+    type Conn = (u8, [u8; 16], [u8; 16], u16, u16);
+    let mut clients: HashMap<Conn, usize> = HashMap::new();
+    // Server spans per namespace, by end.
+    let mut servers: HashMap<u64, Vec<(u64, usize)>> = HashMap::new();
+    for (j, s) in spans.iter().enumerate() {
+        let k = &s.key;
+        match s.record.kind {
+            SpanKind::Client => {
+                clients
+                    .entry((
+                        k.proto,
+                        k.local_addr,
+                        k.remote_addr,
+                        k.local_port,
+                        k.remote_port,
+                    ))
+                    .or_insert(j);
+            }
+            SpanKind::Server => servers.entry(k.netns).or_default().push((s.end, j)),
+            _ => {}
+        }
+    }
+    for v in servers.values_mut() {
+        v.sort_unstable();
+    }
+    let mut parent: Vec<Option<usize>> = vec![None; n];
+    for (i, si) in spans.iter().enumerate() {
+        let k = &si.key;
+        parent[i] = match si.record.kind {
+            SpanKind::Server => clients
+                .get(&(
+                    k.proto,
+                    k.remote_addr,
+                    k.local_addr,
+                    k.remote_port,
+                    k.local_port,
+                ))
+                .copied(),
+            // The server span of the pod ending first among those that had
+            // not ended (give or take the slack) when this call started.
+            _ => servers.get(&k.netns).and_then(|v| {
+                let from = si.start.saturating_sub(CONTAIN_SLACK_NS);
+                v.get(v.partition_point(|(end, _)| *end < from))
+                    .map(|(_, j)| *j)
+            }),
+        };
+    }
+    // Break cycles: walk up from each span not yet known to reach a root;
+    // meeting the current walk again means a cycle, whose last link goes.
+    let mut walk = vec![usize::MAX; n];
+    let mut rooted = vec![false; n];
+    for i in 0..n {
+        let mut cur = i;
+        while !rooted[cur] {
+            walk[cur] = i;
+            match parent[cur] {
+                Some(p) if walk[p] == i => {
+                    parent[cur] = None;
+                    break;
+                }
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+        let mut cur = i;
+        while !rooted[cur] {
+            rooted[cur] = true;
+            match parent[cur] {
+                Some(p) => cur = p,
+                None => break,
+            }
+        }
+    }
+    // Parents cover their children (a few passes settle any depth we make).
+    for _ in 0..4 {
+        for i in 0..n {
+            if let Some(p) = parent[i] {
+                let (cs, ce) = (spans[i].start, spans[i].end);
+                spans[p].start = spans[p].start.min(cs);
+                spans[p].end = spans[p].end.max(ce);
+            }
+        }
+    }
+    for i in 0..n {
+        match parent[i] {
+            Some(p) => {
+                spans[i].record.parent_span_id = Some(spans[p].record.span_id);
+                spans[i].record.parent_is_remote = false;
+            }
+            None => {
+                spans[i].record.parent_span_id = remote;
+                spans[i].record.parent_is_remote = remote.is_some();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spans::Resource;
+    use agent_common::PROTO_TCP;
+    use std::sync::Arc;
+
+    fn key(netns: u64, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> FlowKey {
+        FlowKey::new(
+            netns,
+            PROTO_TCP,
+            (local, lport).into(),
+            (remote, rport).into(),
+        )
+    }
+
+    /// The quadratic linking this replaced, kept as the reference.
+    fn link_reference(spans: &mut [Closed], remote: Option<[u8; 8]>) {
+        let n = spans.len();
+        let mut parent: Vec<Option<usize>> = vec![None; n];
+        for i in 0..n {
+            let si = &spans[i];
+            parent[i] = match si.record.kind {
+                SpanKind::Server => (0..n).find(|&j| {
+                    spans[j].record.kind == SpanKind::Client && reverse_of(&spans[j].key, &si.key)
+                }),
+                _ => (0..n)
+                    .filter(|&j| {
+                        let sj = &spans[j];
+                        j != i
+                            && sj.record.kind == SpanKind::Server
+                            && sj.key.netns == si.key.netns
+                            && si.start <= sj.end + CONTAIN_SLACK_NS
+                    })
+                    .min_by_key(|&j| (spans[j].end, j)),
+            };
+        }
+        for i in 0..n {
+            let mut seen = vec![false; n];
+            let mut cur = i;
+            seen[cur] = true;
+            while let Some(p) = parent[cur] {
+                if seen[p] {
+                    parent[cur] = None;
+                    break;
+                }
+                seen[p] = true;
+                cur = p;
+            }
+        }
+        for i in 0..n {
+            spans[i].record.parent_span_id = match parent[i] {
+                Some(p) => Some(spans[p].record.span_id),
+                None => remote,
+            };
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_linking_matches_the_reference(
+            shape in proptest::collection::vec(
+                (proptest::bool::ANY, 1u64..3, 0u8..3, 0u8..3, 0u64..50_000_000, 0u64..50_000_000),
+                1..24,
+            )
+        ) {
+            let mut spans: Vec<Closed> = shape
+                .iter()
+                .enumerate()
+                .map(|(i, (server, ns, a, b, start, len))| {
+                    // Servers listen on 80; clients call it from port 40000 + a.
+                    let k = if *server {
+                        key(*ns, [10, 0, 0, *a], 80, [10, 0, 0, *b], 40000 + *b as u16)
+                    } else {
+                        key(*ns, [10, 0, 0, *a], 40000 + *a as u16, [10, 0, 0, *b], 80)
+                    };
+                    Closed {
+                        key: k,
+                        start: *start,
+                        end: start + len,
+                        record: SpanRecord {
+                            trace_id: [1; 16],
+                            span_id: [i as u8 + 1; 8],
+                            parent_span_id: None,
+                            parent_is_remote: false,
+                            name: String::new(),
+                            kind: if *server { SpanKind::Server } else { SpanKind::Client },
+                            start_unix_ns: 0,
+                            end_unix_ns: 0,
+                            attributes: vec![],
+                            resource: Arc::new(Resource { attributes: vec![] }),
+                        },
+                    }
+                })
+                .collect();
+            let mut reference = spans.clone();
+            link(&mut spans, Some([9; 8]));
+            link_reference(&mut reference, Some([9; 8]));
+            let parents = |v: &[Closed]| v.iter().map(|c| c.record.parent_span_id).collect::<Vec<_>>();
+            proptest::prop_assert_eq!(parents(&spans), parents(&reference));
+        }
+    }
+}
