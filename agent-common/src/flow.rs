@@ -61,6 +61,37 @@ impl FlowKey {
         }
         k
     }
+
+    /// The same connection as its other end sees it, in `netns`.
+    pub fn reversed_in(&self, netns: u64) -> Self {
+        Self {
+            netns,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            ..*self
+        }
+    }
+
+    /// The remote end's address.
+    pub fn remote_ip(&self) -> core::net::IpAddr {
+        ip(self.family, &self.remote_addr)
+    }
+
+    /// The local end's address.
+    pub fn local_ip(&self) -> core::net::IpAddr {
+        ip(self.family, &self.local_addr)
+    }
+}
+
+fn ip(family: u8, b: &[u8; 16]) -> core::net::IpAddr {
+    use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    if family == FAMILY_IPV6 {
+        IpAddr::V6(Ipv6Addr::from(*b))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    }
 }
 
 /// `FlowStats.direction`: packets seen on the hook's ingress, i.e. leaving

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod netlink;
 pub mod netns;
 pub mod pin;
+pub mod podnet;
 pub mod ratelimit;
 pub mod sidecar;
 pub mod sources;

@@ -31,6 +31,9 @@ pub struct Attachment {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Snapshot {
     pub attachments: Vec<Attachment>,
+    /// Pod namespaces whose loopback carries tagflow_ingress.
+    #[serde(default)]
+    pub loopbacks: u64,
     /// Datapath counters summed over CPUs: (name, value).
     pub datapath: Vec<(String, u64)>,
     /// (map, entries, capacity).
@@ -106,6 +109,12 @@ impl Ops {
             "attached_interfaces",
             "Interfaces tagflow_ingress is attached to.",
             s.attachments.len() as u64,
+        );
+        gauge(
+            &mut out,
+            "attached_loopbacks",
+            "Pod namespaces whose loopback tagflow_ingress is attached to (in-pod proxies).",
+            s.loopbacks,
         );
         gauge(
             &mut out,

@@ -143,6 +143,18 @@ pub struct PeerResolver {
 }
 
 impl PeerResolver {
+    /// The namespace behind `nsid`, open (so it can be entered later, and
+    /// cannot be confused with a namespace that reuses the path), and its
+    /// cookie.
+    pub fn open_nsid(&mut self, nsid: i32) -> Option<(File, u64)> {
+        let cookie = self.cookie_for_nsid(nsid)?;
+        let (path, _) = self.cache.get(&nsid)?;
+        let file = File::open(path).ok()?;
+        // The path may name another namespace by now (a process exited and
+        // its pid was reused): the handle must be the one we looked up.
+        (in_netns_file(&file, current_cookie).ok()?.ok()? == cookie).then_some((file, cookie))
+    }
+
     pub fn cookie_for_nsid(&mut self, nsid: i32) -> Option<u64> {
         if let Some((path, cookie)) = self.cache.get(&nsid) {
             if nsid_of(path) == Some(nsid) {

@@ -83,7 +83,7 @@ impl<K: Clone + Eq + Hash, V: Clone> Store<K, V> for HashMap<K, V> {
 }
 
 struct Shadow {
-    trace_id: [u8; 16],
+    ctx: TraceContext,
     touched: Instant,
 }
 
@@ -118,20 +118,14 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
     }
 
     fn set(&mut self, key: K, ctx: &TraceContext, now: Instant) -> Result<SetOutcome, TableError> {
-        let previous = self.shadow.get(&key).map(|s| s.trace_id);
+        let previous = self.shadow.get(&key).map(|s| s.ctx.trace_id);
         if previous.is_none() && self.shadow.len() >= self.capacity {
             return Err(TableError::Full(self.capacity));
         }
         let mut ctx = *ctx;
         ctx.updated_ns = monotonic_ns();
         self.store.put(&key, &ctx)?;
-        self.shadow.insert(
-            key,
-            Shadow {
-                trace_id: ctx.trace_id,
-                touched: now,
-            },
-        );
+        self.shadow.insert(key, Shadow { ctx, touched: now });
         Ok(match previous {
             None => SetOutcome::New,
             Some(p) if p == ctx.trace_id => SetOutcome::Refreshed,
@@ -143,7 +137,7 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
     /// something was removed.
     fn clear(&mut self, key: &K, trace_id: &[u8; 16]) -> Result<bool, TableError> {
         match self.shadow.get(key) {
-            Some(s) if &s.trace_id == trace_id => {
+            Some(s) if &s.ctx.trace_id == trace_id => {
                 self.store.delete(key)?;
                 self.shadow.remove(key);
                 Ok(true)
@@ -183,13 +177,7 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
             let touched = now.checked_sub(age);
             match touched {
                 Some(t) if age < self.idle && self.shadow.len() < self.capacity => {
-                    self.shadow.insert(
-                        key,
-                        Shadow {
-                            trace_id: ctx.trace_id,
-                            touched: t,
-                        },
-                    );
+                    self.shadow.insert(key, Shadow { ctx, touched: t });
                     adopted.push(key);
                 }
                 _ => {
@@ -202,7 +190,12 @@ impl<K: Copy + Eq + Hash, S: Store<K, TraceContext>> Table<K, S> {
     }
 
     pub fn get(&self, key: &K) -> Option<[u8; 16]> {
-        self.shadow.get(key).map(|s| s.trace_id)
+        self.shadow.get(key).map(|s| s.ctx.trace_id)
+    }
+
+    /// The whole context of `key`'s entry.
+    pub fn context(&self, key: &K) -> Option<TraceContext> {
+        self.shadow.get(key).map(|s| s.ctx)
     }
 
     pub fn len(&self) -> usize {

@@ -185,14 +185,19 @@ fn main() -> Result<()> {
             }
             need_root("the kernel-level tests")?;
             bootstrap::lab_tools()?;
-            // The lab's tests run `tagflow` as a process: build it first.
-            build("tagflow", &["tagflow"], false)?;
+            // The lab's tests run `tagflow` as a process, as it ships: an
+            // optimised build (the load tests measure what a node would see).
+            let dir = build("tagflow", &["tagflow"], true)?;
             // BPF_PROG_TEST_RUN, then netns/veth topologies (marked ignored
             // for a plain `cargo test`, which has no root). One test at a
             // time: they share the host's cgroup root and TCX hooks.
             run(cargo()
                 .args(["test", "--package", "tagflow-lab", "--tests"])
-                .args(["--", "--include-ignored", "--test-threads=1"]))?;
+                .args(["--", "--include-ignored", "--test-threads=1"])
+                .env(
+                    "TAGFLOW_BIN",
+                    std::path::Path::new(&dir).join("tagflow").canonicalize()?,
+                ))?;
         }
         Cmd::Bench { quick, json } => {
             need_root("the benchmarks")?;

@@ -410,19 +410,38 @@ fn closed_connections_release_their_trace_entries() {
     let during = agent.metric(entries);
     let total = common::finish_load(wrk, server, &dir, "with closing connections");
     assert!(total > 100, "load ran: {total}");
-    assert!(during >= 1.0, "captured heads set per-connection entries");
+    assert!(
+        during >= 1.0,
+        "captured heads set per-connection entries ({during})"
+    );
     // Far sooner than the 300 s idle timeout. A few stay: wrk reuses
     // client ports within seconds, and a connection on a 4-tuple whose
     // previous life is still in its grace period is seen as the same flow.
-    wait_for("FLOW_TRACES to drain", 15, || {
-        agent.metric(entries) <= total as f64 * 0.05
-    });
+    let t0 = std::time::Instant::now();
+    while agent.metric(entries) > total as f64 * 0.05 {
+        if t0.elapsed() > Duration::from_secs(15) {
+            panic!(
+                "FLOW_TRACES did not drain: {:?}",
+                agent.metrics().map(|m| {
+                    let mut v: Vec<_> = m.into_iter().filter(|(_, v)| *v != 0.0).collect();
+                    v.sort_by(|a, b| a.0.cmp(&b.0));
+                    v
+                })
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Every span that ended with FIN/RST released its connection's entry
     // (bar those whose 4-tuple was already reused by the next connection).
     let closed = agent.metric("tagflow_flow_traces_closed_total");
     let fin = agent.metric("tagflow_spans_closed_fin_total");
     assert!(
         fin > 100.0 && closed >= fin * 0.9,
-        "entries released on close: {closed} for {fin} connections that ended"
+        "entries released on close: {closed} for {fin} connections that ended; {:?}",
+        agent.metrics().map(|m| m
+            .into_iter()
+            .filter(|(k, v)| *v != 0.0
+                && (k.contains("ringbuf") || k.contains("linking") || k.contains("capture")))
+            .collect::<Vec<_>>())
     );
 }

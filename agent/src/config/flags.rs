@@ -39,6 +39,9 @@ pub struct RunFlags {
     /// Skip the /proc backfill of listening sockets.
     #[arg(long, env = "TAGFLOW_NO_BACKFILL")]
     pub no_backfill: bool,
+    /// Do not attach to the loopback inside pod namespaces.
+    #[arg(long, env = "TAGFLOW_NO_LOOPBACK")]
+    pub no_loopback: bool,
     /// Registration socket path.
     #[arg(long, env = "TAGFLOW_AGENT_SOCKET")]
     pub socket: Option<PathBuf>,
@@ -142,6 +145,7 @@ impl RunFlags {
             cfg.cgroup_root = self.cgroup_root;
         }
         cfg.backfill &= !self.no_backfill;
+        cfg.loopback &= !self.no_loopback;
         set(&mut cfg.registration.socket, self.socket);
         if self.socket_group.is_some() {
             cfg.registration.group = self.socket_group;

@@ -138,6 +138,9 @@ pub struct AgentConfig {
     pub cgroup_root: Option<PathBuf>,
     /// Fill BOUND_PORTS from /proc for sockets that existed before start.
     pub backfill: bool,
+    /// Also attach to `lo` inside each pod's namespace, where in-pod proxies
+    /// (Envoy, Istio, nginx, the tagflow sidecar) hand requests to the app.
+    pub loopback: bool,
     /// Bytes of each HTTP request head copied from the datapath (0 = no
     /// passive capture; at most 1024).
     pub capture_len: u32,
@@ -181,6 +184,7 @@ impl Default for AgentConfig {
             trace_idle_secs: 30,
             cgroup_root: None,
             backfill: true,
+            loopback: true,
             capture_len: agent_common::DEFAULT_CAPTURE,
             capture_headers: vec!["x-request-id".into()],
             registration: RegistrationConfig::default(),

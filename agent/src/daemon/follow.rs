@@ -11,6 +11,7 @@ use crate::{
     loader::Datapath,
     netlink::{self, Link, LinkEvent},
     netns::PeerResolver,
+    podnet::PodNets,
 };
 
 /// After lost link notifications: (links to attach — attaching is
@@ -29,10 +30,12 @@ pub fn resync_plan(
     (wanted, gone)
 }
 
-/// Attaches to / forgets interfaces as links come and go.
+/// Attaches to / forgets interfaces as links come and go, and keeps the
+/// pod namespaces behind them.
 pub struct Follower<'a> {
     cfg: &'a AgentConfig,
     peers: PeerResolver,
+    pods: PodNets,
 }
 
 impl<'a> Follower<'a> {
@@ -40,6 +43,19 @@ impl<'a> Follower<'a> {
         Self {
             cfg,
             peers: PeerResolver::default(),
+            pods: PodNets::default(),
+        }
+    }
+
+    /// The pod namespaces behind the attached interfaces.
+    pub fn pods(&mut self) -> &mut PodNets {
+        &mut self.pods
+    }
+
+    fn detach(&mut self, dp: &mut Datapath, ifindex: u32) {
+        dp.detach(ifindex);
+        if let Some((cookie, _ns)) = self.pods.remove(ifindex) {
+            dp.detach_loopback(cookie);
         }
     }
 
@@ -49,13 +65,13 @@ impl<'a> Follower<'a> {
                 self.attach(dp, &link, stats)
             }
             LinkEvent::New(_) => {}
-            LinkEvent::Del(link) => dp.detach(link.index),
+            LinkEvent::Del(link) => self.detach(dp, link.index),
             LinkEvent::Resync(links) => {
                 stats.link_resyncs += 1;
                 let attached: Vec<u32> = dp.attached().iter().map(|a| a.0).collect();
                 let (attach, detach) = resync_plan(&attached, &links, |n| self.cfg.wants_iface(n));
                 for i in detach {
-                    dp.detach(i);
+                    self.detach(dp, i);
                 }
                 for link in attach {
                     self.attach(dp, &link, stats);
@@ -72,13 +88,20 @@ impl<'a> Follower<'a> {
             return;
         }
         if let Some(nsid) = link.link_netnsid {
-            match self.peers.cookie_for_nsid(nsid) {
-                Some(cookie) => {
+            match self.peers.open_nsid(nsid) {
+                Some((ns, cookie)) => {
                     if let Err(e) = dp.set_iface_netns(link.index, cookie) {
                         warn!(iface = link.name, "{}", crate::report(&e));
                     } else {
                         debug!(iface = link.name, nsid, cookie, "peer netns recorded");
                     }
+                    if self.cfg.loopback && !self.pods.has(cookie) {
+                        if let Err(e) = dp.attach_loopback(&ns, cookie) {
+                            stats.attach_failures += 1;
+                            warn!(iface = link.name, "pod loopback: {}", crate::report(&e));
+                        }
+                    }
+                    self.pods.add(link.index, cookie, ns);
                 }
                 None => debug!(iface = link.name, nsid, "peer netns not found"),
             }

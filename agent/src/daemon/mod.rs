@@ -46,6 +46,9 @@ pub enum AgentError {
 
 /// How long heads of a connection whose head had no id are not copied.
 const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
+/// Ring-buffer records handled per turn of the loop: under a flood the
+/// other duties (sweeps, expiry, metrics, links) still run.
+const EVENTS_PER_TURN: usize = 4096;
 /// FLOW_STATS entries without a packet for this long are deleted ("no
 /// trace" entries sooner: remaking one costs one slow-path lookup).
 const FLOW_GC_NS: u64 = 60_000_000_000;
@@ -94,6 +97,7 @@ fn snapshot(
     }
     Snapshot {
         attachments,
+        loopbacks: dp.loopbacks() as u64,
         datapath,
         maps: m,
         agent: pipe.counters(),
@@ -206,17 +210,31 @@ pub async fn run_with(
             guard = events.readable_mut() => {
                 let mut guard = guard?;
                 let rb = guard.get_inner_mut();
-                while let Some(item) = rb.next() {
+                let mut empty = false;
+                for _ in 0..EVENTS_PER_TURN {
+                    let Some(item) = rb.next() else {
+                        empty = true;
+                        break;
+                    };
                     let ev = events::decode(&item);
                     drop(item);
-                    if let Some(k) = pipe.event(ev, &table) {
+                    let pods = follower.pods();
+                    let receiver = |k: &agent_common::FlowKey| {
+                        pods.receiver(k, |p| dp.bound_port(p))
+                    };
+                    if let Some(k) = pipe.event(ev, &table, receiver) {
                         let until = monotonic_ns() + CAPTURE_SKIP_NS;
                         if dp.skip_capture(&k, until).is_ok() {
                             pipe.stats.capture_skips += 1;
                         }
                     }
                 }
-                guard.clear_ready();
+                // A full turn: more may be waiting, and the ring stays
+                // readable; the sweep, the link follower and the metrics
+                // get their turn before the next batch.
+                if empty {
+                    guard.clear_ready();
+                }
             }
             _ = sweep.tick() => pipe.sweep(&mut dp, &exporter, &table),
             _ = second.tick() => {

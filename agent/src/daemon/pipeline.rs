@@ -1,7 +1,7 @@
 //! Datapath events → trace tables (captured heads) and spans → exporter,
 //! with the agent-side counters that say what happened to each.
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -15,6 +15,7 @@ use crate::{
     events::Event,
     export::Exporter,
     loader::Datapath,
+    podnet::Unresolved,
     sources::capture::{Capture, HeadOutcome},
     spans::{
         assemble::{Assembler, AssemblerConfig},
@@ -28,6 +29,9 @@ use crate::{
 #[derive(Default, Debug, Clone)]
 pub struct AgentStats {
     pub capture_skips: u64,
+    /// Responses on connections whose entry was written after their first
+    /// packet (re-attributed to it).
+    pub reattributed_flows: u64,
     pub flow_new: u64,
     pub flow_end: u64,
     pub heads: u64,
@@ -66,6 +70,10 @@ pub struct Pipeline {
     /// (counted with the exporter's drops).
     pending: VecDeque<SpanRecord>,
     pending_cap: usize,
+    /// Connections re-attributed to their reader's trace, until the
+    /// datapath switches them: (trace they were tagged with, right context).
+    reattributed: HashMap<FlowKey, ([u8; 16], TraceContext)>,
+    reattributed_cap: usize,
 }
 
 /// How long a closed connection keeps its FLOW_TRACES entry.
@@ -96,16 +104,21 @@ impl Pipeline {
             closing_cap: cfg.maps.flow_traces as usize,
             pending: Default::default(),
             pending_cap: cfg.export.queue,
+            reattributed: HashMap::new(),
+            reattributed_cap: cfg.max_open_spans,
         }
     }
 
     /// Handles one ring-buffer record. Returns a connection whose request
     /// heads the datapath should stop copying for a while (its head had no
     /// id header).
+    /// `receiver` finds the process that will read a captured head (see
+    /// `PodNets::receiver`).
     pub fn event<P, F, G, A>(
         &mut self,
         ev: Event,
         table: &Mutex<TraceTables<P, F, G, A>>,
+        receiver: impl FnOnce(&FlowKey) -> Result<TraceKey, Unresolved>,
     ) -> Option<FlowKey>
     where
         P: Store<TraceKey, TraceContext>,
@@ -115,20 +128,34 @@ impl Pipeline {
     {
         let now = monotonic_ns();
         match ev {
-            Event::FlowNew(f) => {
+            Event::FlowNew(mut f) => {
                 self.stats.flow_new += 1;
+                self.reattribute(&mut f, table);
                 let head = self.capture.take_head(&f.key, &f.stats.trace_id);
                 self.assembler.flow_new(&f, head, now);
             }
-            Event::FlowEnd(f) => {
+            Event::FlowEnd(mut f) => {
                 self.stats.flow_end += 1;
-                self.assembler.flow_end(&f, now);
+                let switched = match self.reattributed.get(&f.key) {
+                    Some((old, ctx)) if *old == f.stats.trace_id => Some(*ctx),
+                    _ => None,
+                };
+                match switched {
+                    // The datapath caught up: the rest of the connection
+                    // goes on under the right trace, in the same span.
+                    Some(ctx) => {
+                        self.reattributed.remove(&f.key);
+                        relabel(&mut f, &ctx);
+                        self.assembler.continue_as(&f);
+                    }
+                    None => self.assembler.flow_end(&f, now),
+                }
             }
             Event::HttpHead(h) => {
                 self.stats.heads += 1;
                 let out = self
                     .capture
-                    .handle(&h, &mut table.lock().expect("table lock"));
+                    .handle(&h, &mut table.lock().expect("table lock"), receiver);
                 match out {
                     HeadOutcome::Applied(info) => self.assembler.head(&h.key, *info),
                     HeadOutcome::NoId { truncated: false } => return Some(h.key),
@@ -141,6 +168,57 @@ impl Pipeline {
         None
     }
 
+    /// A flow the datapath tagged before the agent had written what it
+    /// learnt from a captured head (the round trip through the ring buffer
+    /// lost the race): a response on a connection whose reader end was
+    /// keyed, or a call its reader made while serving. The connection gets
+    /// the right trace in the datapath from now on, and its span carries
+    /// the right trace from its first packet.
+    fn reattribute<P, F, G, A>(
+        &mut self,
+        f: &mut agent_common::FlowEvent,
+        table: &Mutex<TraceTables<P, F, G, A>>,
+    ) where
+        P: Store<TraceKey, TraceContext>,
+        F: Store<FlowKey, TraceContext>,
+        G: Store<u64, u64>,
+        A: Store<u32, NetnsSlot>,
+    {
+        let mut t = table.lock().expect("table lock");
+        // The connection has its own entry, written after this packet left
+        // (events come in order: the head that set it came first). The
+        // datapath switches at the next packet; the span starts right.
+        let ctx = match t.by_flow().context(&f.key) {
+            Some(c) if c.trace_id != f.stats.trace_id => {
+                self.stats.reattributed_flows += 1;
+                c
+            }
+            Some(_) => return,
+            None if f.stats.owner == agent_common::OWNER_CONNECTED => {
+                let caller = TraceKey::new(f.stats.pid, f.key.netns);
+                let Some(c) = self
+                    .capture
+                    .lost_race(caller, f.stats.first_ns, &f.stats.trace_id)
+                else {
+                    return;
+                };
+                if t.set_flow(f.key, &c).is_err() {
+                    self.capture.table_errors += 1;
+                }
+                c
+            }
+            None => return,
+        };
+        drop(t);
+        if self.reattributed.len() >= self.reattributed_cap {
+            // Bounded: the oldest connections lose their continuation (a
+            // second span), never their trace.
+            self.reattributed.clear();
+        }
+        self.reattributed.insert(f.key, (f.stats.trace_id, ctx));
+        relabel(f, &ctx);
+    }
+
     /// Refreshes open spans from FLOW_STATS, closes finished ones and hands
     /// complete traces to the exporter.
     /// Per-connection trace entries of connections that closed are removed
@@ -150,8 +228,18 @@ impl Pipeline {
         let now = monotonic_ns();
         self.clock.refresh(Duration::from_secs(10));
         let keys = self.assembler.open_keys();
-        let snapshot = dp.flow_stats_for(keys.iter());
+        let mut snapshot = dp.flow_stats_for(keys.iter());
+        // Until the datapath switches a re-attributed connection, its
+        // numbers are filed under the old trace.
+        for (k, s) in snapshot.iter_mut() {
+            if let Some((old, ctx)) = self.reattributed.get(k) {
+                if s.trace_id == *old {
+                    s.trace_id = ctx.trace_id;
+                }
+            }
+        }
         for (key, trace) in self.assembler.sweep(&snapshot, now) {
+            self.reattributed.remove(&key);
             self.closing
                 .push_back((now + CLOSED_FLOW_GRACE_NS, key, trace));
         }
@@ -303,6 +391,31 @@ impl Pipeline {
                 "Request details evicted before their span closed.",
                 c.evicted,
             ),
+            (
+                "linking_receivers_keyed_total",
+                "Request heads whose reading process was found and keyed.",
+                c.receivers_keyed,
+            ),
+            (
+                "linking_receivers_not_local_total",
+                "Request heads addressed to no pod of this node.",
+                c.receivers_not_local,
+            ),
+            (
+                "linking_receivers_no_listener_total",
+                "Request heads addressed to a local pod port nothing is bound to.",
+                c.receivers_no_listener,
+            ),
+            (
+                "linking_flows_reattributed_total",
+                "Flows that left before the agent wrote their connection's entry, filed under it.",
+                s.reattributed_flows,
+            ),
+            (
+                "linking_receiver_races_lost_total",
+                "Calls that left under the reader's previous trace: made before the agent had keyed the reader.",
+                c.receiver_races_lost,
+            ),
             ("spans_opened_total", "Spans started.", a.opened),
             (
                 "spans_closed_end_total",
@@ -337,11 +450,22 @@ impl Pipeline {
     }
 }
 
+/// Files a flow event under `ctx`'s trace.
+fn relabel(f: &mut agent_common::FlowEvent, ctx: &TraceContext) {
+    f.stats.trace_id = ctx.trace_id;
+    f.trace_flags = ctx.flags;
+    f.parent_span_id = ctx.parent_span_id;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tables::MemoryTables;
-    use agent_common::HttpHeadEvent;
+    use agent_common::{FlowEvent, HttpHeadEvent};
+
+    fn not_local(_: &FlowKey) -> Result<TraceKey, Unresolved> {
+        Err(Unresolved::NotLocal)
+    }
 
     fn head(port: u16, text: &str) -> Event {
         let mut ev = HttpHeadEvent {
@@ -365,7 +489,7 @@ mod tests {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
         let with_id = head(1, "GET / HTTP/1.1\r\nX-Request-Id: req-1\r\n\r\n");
-        assert_eq!(pipe.event(with_id, &table), None);
+        assert_eq!(pipe.event(with_id, &table, not_local), None);
         let want = crate::ids::map_request_id("req-1").unwrap().0;
         let key = FlowKey {
             netns: 7,
@@ -376,14 +500,95 @@ mod tests {
         assert_eq!(table.lock().unwrap().gate().active_namespaces(), 1);
         // No id: the datapath is told to stop copying this connection's heads.
         let no_id = head(2, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(pipe.event(no_id, &table).map(|k| k.local_port), Some(2));
+        assert_eq!(
+            pipe.event(no_id, &table, not_local).map(|k| k.local_port),
+            Some(2)
+        );
         // Not HTTP: counted, nothing set, nothing skipped.
-        assert_eq!(pipe.event(head(3, "\x16\x03\x01 tls"), &table), None);
+        assert_eq!(
+            pipe.event(head(3, "\x16\x03\x01 tls"), &table, not_local),
+            None
+        );
         let c = &pipe.capture;
         assert_eq!(
             (pipe.stats.heads, c.applied, c.no_id, c.not_http),
             (3, 1, 1, 1)
         );
         assert_eq!(table.lock().unwrap().by_flow().len(), 1);
+    }
+
+    fn flow(key: FlowKey, trace: u8, packets: u64, first: u64, last: u64) -> FlowEvent {
+        FlowEvent {
+            key,
+            stats: agent_common::FlowStats {
+                trace_id: [trace; 16],
+                pid: 22,
+                packets,
+                bytes: packets * 100,
+                first_ns: first,
+                last_ns: last,
+                owner: agent_common::OWNER_CONNECTED,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_call_that_beat_the_agent_gets_its_readers_trace_in_one_span() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        // The head reaches reader (22, netns 2) at t = 100 ...
+        let Event::HttpHead(mut h) = head(8000, "GET / HTTP/1.1\r\nX-Request-Id: req-n\r\n\r\n")
+        else {
+            unreachable!()
+        };
+        h.ts_ns = 100;
+        let reader = TraceKey::new(22, 2);
+        pipe.event(Event::HttpHead(h), &table, |_| Ok(reader));
+        let want = crate::ids::map_request_id("req-n").unwrap().0;
+        // ... whose call at t = 150 went out under its previous trace.
+        let call = FlowKey::new(
+            2,
+            agent_common::PROTO_TCP,
+            ([10, 0, 0, 2], 5000).into(),
+            ([10, 0, 0, 3], 9000).into(),
+        );
+        let old = 0x0d;
+        pipe.event(
+            Event::FlowNew(flow(call, old, 3, 150, 160)),
+            &table,
+            not_local,
+        );
+        assert_eq!(pipe.capture.receiver_races_lost, 1);
+        assert_eq!(
+            table.lock().unwrap().by_flow().get(&call),
+            Some(want),
+            "the datapath tags the rest of the call with the right trace"
+        );
+        // The datapath switches: FLOW_END of the old pair, FLOW_NEW of the new.
+        pipe.event(
+            Event::FlowEnd(flow(call, old, 3, 150, 160)),
+            &table,
+            not_local,
+        );
+        let mut next = flow(call, 0, 2, 170, 180);
+        next.stats.trace_id = want;
+        pipe.event(Event::FlowNew(next), &table, not_local);
+        next.stats.packets = 4;
+        next.stats.last_ns = 200;
+        pipe.event(Event::FlowEnd(next), &table, not_local);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 1, "one connection, one span");
+        assert_eq!(spans[0].trace_id, want);
+        assert_eq!(
+            spans[0]
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "tagflow.packets")
+                .map(|kv| &kv.value),
+            Some(&crate::spans::Value::Int(7)),
+            "both parts of the connection counted"
+        );
     }
 }

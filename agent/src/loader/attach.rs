@@ -1,6 +1,8 @@
 //! Attaching `tagflow_ingress` to interfaces, by mechanism: a TCX link
 //! (Linux ≥ 6.6; closes with the agent) or a clsact qdisc + netlink filter
 //! (older kernels; outlives the agent, so stale ones are removed first).
+use std::fs::File;
+
 use agent_common::programs as prog;
 use aya::programs::{
     tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
@@ -39,38 +41,9 @@ impl Datapath {
             source,
         };
         remove_stale_filters(name);
-        let order = self.order;
-        let mode = self.mode;
+        let (mode, order) = (self.mode, self.order);
         let p: &mut SchedClassifier = program(&mut self.ebpf, prog::INGRESS)?;
-        let tcx = || match order {
-            TcxOrder::First => LinkOrder::first(),
-            TcxOrder::Last => LinkOrder::last(),
-        };
-        let (kind, link) = match mode {
-            AttachMode::Tcx => (
-                AttachKind::Tcx,
-                p.attach_with_options(
-                    name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(tcx()),
-                )
-                .map_err(err)?,
-            ),
-            AttachMode::Netlink => (AttachKind::Netlink, attach_netlink(p, name).map_err(err)?),
-            AttachMode::Auto => {
-                match p.attach_with_options(
-                    name,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(tcx()),
-                ) {
-                    Ok(l) => (AttachKind::Tcx, l),
-                    Err(e) => {
-                        debug!(iface = name, "TCX attach failed ({e}); using clsact");
-                        (AttachKind::Netlink, attach_netlink(p, name).map_err(err)?)
-                    }
-                }
-            }
-        };
+        let (kind, link) = hook(p, name, TcAttachType::Ingress, mode, order).map_err(err)?;
         self.attachments.insert(
             ifindex,
             Attachment {
@@ -97,6 +70,74 @@ impl Datapath {
         }
     }
 
+    /// Attaches `tagflow_ingress` to `lo` inside the pod namespace `ns`
+    /// (cookie `cookie`): in-pod proxies (Envoy, Istio, nginx, our sidecar)
+    /// talk to their app over loopback, and that hop never crosses the
+    /// veth. On lo's *egress*: loopback orphans a packet before it comes
+    /// back in, so only egress still knows the sending socket (its
+    /// namespace and owner). Idempotent per namespace.
+    pub fn attach_loopback(&mut self, ns: &File, cookie: u64) -> Result<AttachKind, LoaderError> {
+        if let Some((a, _)) = self.loopbacks.get(&cookie) {
+            return Ok(a.kind);
+        }
+        let handle = ns.try_clone().map_err(|source| {
+            LoaderError::Netns(crate::netns::NetnsError::Open {
+                path: "pod namespace handle".into(),
+                source,
+            })
+        })?;
+        let (mode, order) = (self.mode, self.order);
+        let p: &mut SchedClassifier = program(&mut self.ebpf, prog::INGRESS)?;
+        let (kind, link) = crate::netns::in_netns_file(ns, || {
+            remove_stale_filters_at("lo", TcAttachType::Egress);
+            hook(p, "lo", TcAttachType::Egress, mode, order)
+        })?
+        .map_err(|source| LoaderError::Attach {
+            iface: format!("lo in netns {cookie}"),
+            source,
+        })?;
+        self.loopbacks.insert(
+            cookie,
+            (
+                Attachment {
+                    name: "lo".into(),
+                    kind,
+                    link,
+                },
+                handle,
+            ),
+        );
+        debug!(netns = cookie, ?kind, "attached to the pod's loopback");
+        Ok(kind)
+    }
+
+    /// Detaches from `lo` in the pod namespace `cookie`. A clsact filter is
+    /// removed over netlink inside that namespace (by ifindex: outside it,
+    /// ifindex 1 is the host's own loopback).
+    pub fn detach_loopback(&mut self, cookie: u64) {
+        let Some((a, ns)) = self.loopbacks.remove(&cookie) else {
+            return;
+        };
+        let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, prog::INGRESS) else {
+            return;
+        };
+        let done = match a.kind {
+            AttachKind::Tcx => p.detach(a.link),
+            AttachKind::Netlink => {
+                let r = crate::netns::in_netns_file(&ns, || p.detach(a.link));
+                r.unwrap_or(Ok(()))
+            }
+        };
+        if let Err(e) = done {
+            debug!(netns = cookie, "loopback detach: {e}");
+        }
+    }
+
+    /// Pod loopbacks attached.
+    pub fn loopbacks(&self) -> usize {
+        self.loopbacks.len()
+    }
+
     pub fn attached(&self) -> Vec<(u32, String, AttachKind)> {
         let mut v: Vec<_> = self
             .attachments
@@ -108,26 +149,63 @@ impl Datapath {
     }
 }
 
+/// Hooks `p` on `name`'s ingress or egress (`at`) in the calling thread's
+/// namespace, by the configured mechanism (TCX, clsact, or TCX falling
+/// back to clsact).
+fn hook(
+    p: &mut SchedClassifier,
+    name: &str,
+    at: TcAttachType,
+    mode: AttachMode,
+    order: TcxOrder,
+) -> Result<(AttachKind, SchedClassifierLinkId), ProgramError> {
+    match mode {
+        AttachMode::Tcx => Ok((AttachKind::Tcx, attach_tcx(p, name, at, order)?)),
+        AttachMode::Netlink => Ok((AttachKind::Netlink, attach_netlink(p, name, at)?)),
+        AttachMode::Auto => match attach_tcx(p, name, at, order) {
+            Ok(l) => Ok((AttachKind::Tcx, l)),
+            Err(e) => {
+                debug!(iface = name, "TCX attach failed ({e}); using clsact");
+                Ok((AttachKind::Netlink, attach_netlink(p, name, at)?))
+            }
+        },
+    }
+}
+
+fn attach_tcx(
+    p: &mut SchedClassifier,
+    name: &str,
+    at: TcAttachType,
+    order: TcxOrder,
+) -> Result<SchedClassifierLinkId, ProgramError> {
+    let order = match order {
+        TcxOrder::First => LinkOrder::first(),
+        TcxOrder::Last => LinkOrder::last(),
+    };
+    p.attach_with_options(name, at, TcAttachOptions::TcxOrder(order))
+}
+
 fn attach_netlink(
     p: &mut SchedClassifier,
     name: &str,
+    at: TcAttachType,
 ) -> Result<SchedClassifierLinkId, ProgramError> {
     // Fails when the interface already has a clsact qdisc (ours from a
     // previous run, or another agent's): that one serves as well.
     if let Err(e) = tc::qdisc_add_clsact(name) {
         debug!(iface = name, "adding clsact: {e} (an existing one serves)");
     }
-    p.attach_with_options(
-        name,
-        TcAttachType::Ingress,
-        TcAttachOptions::Netlink(NlOptions::default()),
-    )
+    p.attach_with_options(name, at, TcAttachOptions::Netlink(NlOptions::default()))
 }
 
 /// Removes netlink filters named like our program: an agent killed without
 /// cleanup (SIGKILL, OOM) leaves them behind, unlike TCX links.
 pub fn remove_stale_filters(iface: &str) -> bool {
-    match tc::qdisc_detach_program(iface, TcAttachType::Ingress, prog::INGRESS) {
+    remove_stale_filters_at(iface, TcAttachType::Ingress)
+}
+
+fn remove_stale_filters_at(iface: &str, at: TcAttachType) -> bool {
+    match tc::qdisc_detach_program(iface, at, prog::INGRESS) {
         Ok(()) => {
             info!(iface, "removed stale tagflow filter");
             true

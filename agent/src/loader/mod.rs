@@ -56,8 +56,8 @@ pub enum LoaderError {
     Cgroup { path: PathBuf, source: io::Error },
     #[error("attaching to {iface}")]
     Attach { iface: String, source: ProgramError },
-    #[error("reading the agent's own network namespace")]
-    HostNetns(#[from] crate::netns::NetnsError),
+    #[error("entering or reading a network namespace")]
+    Netns(#[from] crate::netns::NetnsError),
     #[error("adopting pinned trace entries")]
     Adopt(#[from] TableError),
 }
@@ -69,6 +69,9 @@ pub struct Datapath {
     // Keeps the aya-log ring buffer open; dropping it breaks log delivery.
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     attachments: HashMap<u32, Attachment>,
+    /// `lo` inside pod namespaces, by namespace cookie, with a handle on the
+    /// namespace to detach in.
+    loopbacks: HashMap<u64, (Attachment, std::fs::File)>,
     mode: AttachMode,
     order: TcxOrder,
     counters: PerCpuArray<MapData, u64>,
@@ -83,6 +86,18 @@ pub struct Datapath {
     pub pins: PinReport,
     // Holds the pin directory's lock for the datapath's life.
     _pin_dir: Option<PinDir>,
+}
+
+impl Drop for Datapath {
+    /// Pod loopbacks first, each inside its namespace: aya would remove a
+    /// clsact filter by ifindex in our own namespace, where 1 is the host's
+    /// loopback. Everything else goes with its fd.
+    fn drop(&mut self) {
+        let cookies: Vec<u64> = self.loopbacks.keys().copied().collect();
+        for c in cookies {
+            self.detach_loopback(c);
+        }
+    }
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
@@ -186,6 +201,7 @@ impl Datapath {
             ebpf,
             _logger: logger,
             attachments: HashMap::new(),
+            loopbacks: HashMap::new(),
             mode: cfg.attach_mode,
             order: cfg.tcx_order,
             owner_hooks: Vec::new(),

@@ -9,6 +9,7 @@ use agent_common::{
 
 use crate::{
     ids,
+    podnet::Unresolved,
     tables::{Store, TraceTables},
 };
 
@@ -108,6 +109,19 @@ pub struct Capture {
     /// Details no span asked for within `UNCLAIMED_NS` (the pair never
     /// carried another packet: e.g. the next request followed at once).
     pub unclaimed: u64,
+    /// Heads whose receiving process was found and keyed.
+    pub receivers_keyed: u64,
+    /// Heads addressed to no pod of this node.
+    pub receivers_not_local: u64,
+    /// Heads addressed to a local pod with nothing bound to the port.
+    pub receivers_no_listener: u64,
+    /// Calls a reader made after its request's head passed the datapath
+    /// but before the agent had keyed it: they went out under the reader's
+    /// previous trace (the userspace round trip lost the race).
+    pub receiver_races_lost: u64,
+    /// The latest head per reader: (head time, context), bounded by `cap`.
+    readers: HashMap<TraceKey, (u64, TraceContext)>,
+    readers_order: VecDeque<TraceKey>,
 }
 
 /// Request details wait this long for their span to open (which happens
@@ -129,13 +143,51 @@ impl Capture {
             table_errors: 0,
             evicted: 0,
             unclaimed: 0,
+            receivers_keyed: 0,
+            receivers_not_local: 0,
+            receivers_no_listener: 0,
+            receiver_races_lost: 0,
+            readers: HashMap::new(),
+            readers_order: VecDeque::new(),
         }
     }
 
+    /// A call the datapath tagged with another trace than the one its
+    /// process was reading when the call started (`first_ns`): the agent
+    /// keyed the reader too late. Counted; returns the right context.
+    pub fn lost_race(
+        &mut self,
+        caller: TraceKey,
+        first_ns: u64,
+        trace: &[u8; 16],
+    ) -> Option<TraceContext> {
+        let (ts, ctx) = self.readers.get(&caller)?;
+        if *ts <= first_ns && ctx.trace_id != *trace {
+            self.receiver_races_lost += 1;
+            return Some(*ctx);
+        }
+        None
+    }
+
+    fn remember_reader(&mut self, r: TraceKey, ts_ns: u64, ctx: TraceContext) {
+        if self.readers.insert(r, (ts_ns, ctx)).is_none() {
+            self.readers_order.push_back(r);
+            while self.readers_order.len() > self.cap {
+                if let Some(old) = self.readers_order.pop_front() {
+                    self.readers.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Applies a captured head: its connection, its sender and the process
+    /// that will read it (found by `receiver`, asked only for heads with an
+    /// id) carry the request's trace from now on.
     pub fn handle<P, F, G, A>(
         &mut self,
         ev: &HttpHeadEvent,
         table: &mut TraceTables<P, F, G, A>,
+        receiver: impl FnOnce(&FlowKey) -> Result<TraceKey, Unresolved>,
     ) -> HeadOutcome
     where
         P: Store<TraceKey, TraceContext>,
@@ -184,6 +236,20 @@ impl Capture {
         {
             self.table_errors += 1;
         }
+        // The reader: its own calls while serving, and its end of this
+        // connection (the response), carry the request's trace too.
+        match receiver(&ev.key) {
+            Ok(r) => {
+                self.receivers_keyed += 1;
+                self.remember_reader(r, ev.ts_ns, ctx);
+                let reverse = ev.key.reversed_in(r.netns);
+                if table.set_process(r, &ctx).is_err() || table.set_flow(reverse, &ctx).is_err() {
+                    self.table_errors += 1;
+                }
+            }
+            Err(Unresolved::NotLocal) => self.receivers_not_local += 1,
+            Err(Unresolved::NoListener) => self.receivers_no_listener += 1,
+        }
         let k = (ev.key, info.trace_id);
         while let Some((ts, old)) = self.order.front().copied() {
             if ev.ts_ns.saturating_sub(ts) < UNCLAIMED_NS {
@@ -225,6 +291,10 @@ impl Capture {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn not_local(_: &FlowKey) -> Result<TraceKey, Unresolved> {
+        Err(Unresolved::NotLocal)
+    }
 
     fn hdrs() -> Vec<String> {
         vec!["x-request-id".into()]
@@ -318,16 +388,69 @@ mod tests {
         };
         let s = 1_000_000_000;
         let a = head(1, "req-a", 100 * s);
-        assert!(matches!(c.handle(&a, &mut t), HeadOutcome::Applied(_)));
+        assert!(matches!(
+            c.handle(&a, &mut t, not_local),
+            HeadOutcome::Applied(_)
+        ));
         let trace = ids::map_request_id("req-a").unwrap().0;
         assert_eq!(t.by_flow().get(&a.key), Some(trace));
         assert!(c.take_head(&a.key, &trace).is_some());
         assert!(c.take_head(&a.key, &trace).is_none(), "handed over once");
         // Never claimed: dropped once 3 s older than the newest head.
-        c.handle(&head(2, "req-b", 101 * s), &mut t);
-        c.handle(&head(3, "req-c", 102 * s), &mut t);
+        c.handle(&head(2, "req-b", 101 * s), &mut t, not_local);
+        c.handle(&head(3, "req-c", 102 * s), &mut t, not_local);
         assert_eq!(c.cached(), 2);
-        c.handle(&head(4, "req-d", 104 * s + s / 2), &mut t);
+        c.handle(&head(4, "req-d", 104 * s + s / 2), &mut t, not_local);
         assert_eq!((c.cached(), c.unclaimed, c.evicted), (2, 1, 0));
+    }
+}
+
+#[cfg(test)]
+mod receiver_tests {
+    use super::*;
+
+    #[test]
+    fn the_reader_of_a_head_and_its_end_of_the_connection_are_keyed() {
+        let mut t = crate::tables::MemoryTables::in_memory(16, std::time::Duration::from_secs(30));
+        let mut c = Capture::new(vec!["x-request-id".into()], 16);
+        let text = b"GET / HTTP/1.1\r\nX-Request-Id: req-r\r\n\r\n";
+        let mut ev = HttpHeadEvent {
+            header: Default::default(),
+            key: FlowKey::new(
+                1,
+                agent_common::PROTO_TCP,
+                ([10, 0, 0, 1], 40000).into(),
+                ([10, 0, 0, 2], 8000).into(),
+            ),
+            ts_ns: 0,
+            pid: 11,
+            len: text.len() as u32,
+            data: [0; agent_common::MAX_CAPTURE],
+        };
+        ev.data[..text.len()].copy_from_slice(text);
+        let reader = TraceKey::new(22, 2);
+        let out = c.handle(&ev, &mut t, |k| {
+            assert_eq!(k, &ev.key, "asked about the head's own connection");
+            Ok(reader)
+        });
+        assert!(matches!(out, HeadOutcome::Applied(_)));
+        let want = ids::map_request_id("req-r").unwrap().0;
+        assert_eq!(t.by_pid().get(&reader), Some(want), "the reader");
+        assert_eq!(
+            t.by_pid().get(&TraceKey::new(11, 1)),
+            Some(want),
+            "the sender"
+        );
+        let reply = ev.key.reversed_in(2);
+        assert_eq!(reply.local_port, 8000);
+        assert_eq!(t.by_flow().get(&reply), Some(want), "the reader's end");
+        assert_eq!(t.gate().active_namespaces(), 2);
+        assert_eq!(c.receivers_keyed, 1);
+        // A head without an id never asks for its reader.
+        let text = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        ev.data = [0; agent_common::MAX_CAPTURE];
+        ev.data[..text.len()].copy_from_slice(text);
+        ev.len = text.len() as u32;
+        c.handle(&ev, &mut t, |_| panic!("no id, no reader"));
     }
 }

@@ -148,7 +148,9 @@ impl LiveAgent {
                 while let Some(item) = ring.next() {
                     match events::decode(&item) {
                         Event::HttpHead(h) => {
-                            capture.handle(&h, &mut t2.lock().unwrap());
+                            capture.handle(&h, &mut t2.lock().unwrap(), |_| {
+                                Err(tagflow::podnet::Unresolved::NotLocal)
+                            });
                         }
                         Event::FlowNew(e) | Event::FlowEnd(e) => {
                             f2.lock().unwrap().push((e.key, e.stats))

@@ -1,5 +1,5 @@
 //! A closed flow as a span: kind, name and the OTel attributes.
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 
 use agent_common::*;
 
@@ -31,11 +31,9 @@ impl Assembler {
         o: &Open,
         evicted: bool,
     ) -> SpanRecord {
-        let s = &o.stats;
-        let (local, peer) = (
-            addr(key.family, &key.local_addr),
-            addr(key.family, &key.remote_addr),
-        );
+        let totals = o.totals();
+        let s = &totals;
+        let (local, peer) = (key.local_ip(), key.remote_ip());
         let transport = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
         let kind = match s.owner {
             OWNER_CONNECTED => SpanKind::Client,
@@ -136,14 +134,6 @@ fn source(flags: u32) -> &'static str {
         TraceSource::Passive => "passive",
         TraceSource::Api => "api",
         TraceSource::Unknown => "unknown",
-    }
-}
-
-pub(super) fn addr(family: u8, b: &[u8; 16]) -> IpAddr {
-    if family == FAMILY_IPV6 {
-        IpAddr::V6(Ipv6Addr::from(*b))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
     }
 }
 

@@ -64,9 +64,31 @@ pub struct AssemblerStats {
 struct Open {
     span_id: [u8; 8],
     trace_flags: u32,
+    /// The current part of the connection under this trace.
     stats: FlowStats,
+    /// Packets the connection sent before, under the trace it was
+    /// re-attributed from (see `Assembler::continue_as`).
+    earlier: Option<FlowStats>,
     head: Option<HeadInfo>,
     resource: Arc<Resource>,
+}
+
+impl Open {
+    /// The span's numbers: the earlier part, if any, and the current one.
+    fn totals(&self) -> FlowStats {
+        let Some(e) = &self.earlier else {
+            return self.stats;
+        };
+        let s = &self.stats;
+        FlowStats {
+            packets: e.packets + s.packets,
+            bytes: e.bytes + s.bytes,
+            first_ns: e.first_ns.min(s.first_ns),
+            last_ns: e.last_ns.max(s.last_ns),
+            tcp_flags: e.tcp_flags | s.tcp_flags,
+            ..*s
+        }
+    }
 }
 
 #[derive(Default)]
@@ -148,6 +170,7 @@ impl Assembler {
                 span_id,
                 trace_flags: ev.trace_flags,
                 stats: ev.stats,
+                earlier: None,
                 head,
                 resource: self.resources.for_pid(ev.stats.pid),
             },
@@ -173,6 +196,25 @@ impl Assembler {
         }
     }
 
+    /// FLOW_END of a connection whose packets so far belong to the trace of
+    /// `ev` (re-attributed: the datapath had tagged them with an older
+    /// trace): the span stays open, and the packets that follow under the
+    /// right trace continue it.
+    pub fn continue_as(&mut self, ev: &FlowEvent) {
+        let Some(o) = self.open.get_mut(&(ev.key, ev.stats.trace_id)) else {
+            return;
+        };
+        o.stats = ev.stats;
+        o.earlier = Some(o.totals());
+        o.stats = FlowStats {
+            packets: 0,
+            bytes: 0,
+            tcp_flags: 0,
+            first_ns: ev.stats.last_ns,
+            ..ev.stats
+        };
+    }
+
     /// A request head seen after its span opened.
     pub fn head(&mut self, key: &FlowKey, info: HeadInfo) {
         if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
@@ -195,9 +237,10 @@ impl Assembler {
                     o.stats = *s;
                 }
             }
-            if o.stats.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+            let t = o.totals();
+            if t.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
                 done.push((*k, Why::Fin));
-            } else if now.saturating_sub(o.stats.last_ns) >= self.cfg.idle_ns {
+            } else if now.saturating_sub(t.last_ns) >= self.cfg.idle_ns {
                 done.push((*k, Why::Idle));
             }
         }
@@ -222,11 +265,12 @@ impl Assembler {
             Why::Evicted => self.stats.evicted += 1,
         }
         let record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        let t = o.totals();
         // The captured head's own packet went out before the flow was
         // tagged: the request starts there.
         let start = match &o.head {
-            Some(h) if h.ts_ns != 0 => o.stats.first_ns.min(h.ts_ns),
-            _ => o.stats.first_ns,
+            Some(h) if h.ts_ns != 0 => t.first_ns.min(h.ts_ns),
+            _ => t.first_ns,
         };
         let g = self.groups.entry(k.1).or_default();
         g.open = g.open.saturating_sub(1);
@@ -234,7 +278,7 @@ impl Assembler {
         g.closed.push(Closed {
             key: k.0,
             start,
-            end: o.stats.last_ns.max(start),
+            end: t.last_ns.max(start),
             record,
         });
         self.held += 1;
@@ -246,7 +290,7 @@ const TCP_RST: u8 = 0x04;
 
 #[cfg(test)]
 mod tests {
-    use super::{attributes::addr, *};
+    use super::*;
     use crate::{
         clock::WallClock,
         spans::{SpanKind, Value},
@@ -400,7 +444,7 @@ mod tests {
         a.flow_end(&ev(a_call, T1, OWNER_CONNECTED, 100, 260, 4), 260);
         let spans = a.ready(&CLOCK(), 1_000);
         let by = |k: &FlowKey| {
-            let want = addr(FAMILY_IPV4, &k.remote_addr).to_string();
+            let want = k.remote_ip().to_string();
             spans
                 .iter()
                 .find(|s| {

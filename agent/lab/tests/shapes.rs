@@ -1,0 +1,162 @@
+//! Traces in the shapes real clusters have, end to end through `tagflow
+//! run`: third-party proxies stamp `X-Request-ID`, apps forward nothing,
+//! and every call an app makes while serving must carry the id of the
+//! request it serves.
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::{wait_for, Agent};
+use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
+use tagflow::ids;
+use tagflow_lab::{
+    collector::{attr_str, Collector, Wire},
+    procs,
+    topo::{free_port, Lab, Proc, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
+};
+
+const REQUESTS: usize = 20;
+
+fn attr(s: &Span, key: &str) -> Option<String> {
+    s.attributes
+        .iter()
+        .find(|a| a.key == key)
+        .map(|a| attr_str(&a.value))
+}
+
+/// Trace ids (hex) of the CLIENT spans that `pid` opened to port `port`.
+fn calls(got: &Collector, pid: u32, port: u16) -> Vec<String> {
+    got.spans()
+        .iter()
+        .filter(|(_, s)| {
+            s.kind == SpanKind::Client as i32
+                && attr(s, "network.peer.port") == Some(port.to_string())
+                && attr(s, "process.pid") == Some(pid.to_string())
+        })
+        .map(|(_, s)| ids::to_hex(&s.trace_id))
+        .collect()
+}
+
+/// nginx's `$request_id` of every request it proxied, as trace ids, in
+/// the order served.
+fn logged_ids(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("access.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(|r| ids::to_hex(&ids::map_request_id(r).unwrap().0))
+        .collect()
+}
+
+/// Where nginx stamps the ids: a gateway pod in front of the app's pod,
+/// or inside the app's pod, handing requests over on 127.0.0.1 with
+/// keep-alive (the Envoy/Istio shape).
+#[derive(Clone, Copy, PartialEq)]
+enum Nginx {
+    GatewayPod,
+    InPod,
+}
+
+fn every_call_carries_the_request_id_nginx_stamped(shape: Nginx) {
+    let _g = common::lock();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lab = Lab::new(4).unwrap();
+    let (client, gw, app, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2], &lab.pods[3]);
+    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
+    let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
+
+    let _echo = Proc::python(down, ECHO_SERVER, &["9000"]).unwrap();
+    // The app calls the downstream while serving and forwards no header.
+    let app_port = if shape == Nginx::InPod {
+        "8081"
+    } else {
+        "8000"
+    };
+    let downstream = format!("{}:9000", down.ip);
+    let app_proc = Proc::python(app, HTTP_APP, &[app_port, &downstream, "thread"]).unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("tagflow-shapes-{}-{app_port}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (nginx_pod, upstream) = match shape {
+        Nginx::GatewayPod => (gw, format!("{}:8000", app.ip)),
+        Nginx::InPod => (app, "app".to_string()),
+    };
+    let body = format!(
+        "log_format rid '$request_id';
+  server {{
+    listen 8080;
+    access_log {}/access.log rid;
+    location / {{
+      proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_set_header X-Request-ID $request_id; proxy_pass http://{upstream};
+    }}
+  }}",
+        dir.display(),
+    );
+    let nginx = procs::nginx(nginx_pod, &dir, &body).unwrap();
+    wait_for("nginx", 10, || dir.join("nginx.pid").exists());
+
+    let url = format!("http://{}:8080/", nginx_pod.ip);
+    let mut c = Proc::python(client, HTTP_CLIENT, &[&url, "-", &REQUESTS.to_string()]).unwrap();
+    assert_eq!(c.run_until_done().unwrap().len(), REQUESTS);
+    // Every request but a process's first is exact at the span level (a
+    // call that beats the agent is re-attributed); the very first may beat
+    // an agent that has not keyed the process yet and go untraced (never
+    // under a wrong trace): the kernel-side keying of issue "precise
+    // attribution under concurrency" closes that.
+    wait_for("the app's calls as spans", 20, || {
+        calls(&got, app_proc.pid, 9000).len() >= REQUESTS - 1
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(nginx);
+    let logged = logged_ids(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(logged.len(), REQUESTS, "nginx logged one id per request");
+
+    let traces = calls(&got, app_proc.pid, 9000);
+    let m = agent.metrics().unwrap();
+    let races = m["tagflow_linking_receiver_races_lost_total"];
+    let context = format!(
+        "{} call spans, races lost and re-attributed: {races}",
+        traces.len()
+    );
+    let wrong: Vec<_> = traces.iter().filter(|t| !logged.contains(*t)).collect();
+    assert!(
+        wrong.is_empty(),
+        "calls under no nginx id: {wrong:?} ({context})"
+    );
+    for (i, id) in logged.iter().enumerate() {
+        let n = traces.iter().filter(|t| *t == id).count();
+        if i == 0 {
+            assert!(n <= 1, "request 1: {n} call spans ({context})");
+        } else {
+            assert_eq!(
+                n,
+                1,
+                "request {}: call spans under its id ({context})",
+                i + 1
+            );
+        }
+    }
+    eprintln!("{context}");
+    assert!(m["tagflow_linking_receivers_keyed_total"] >= REQUESTS as f64);
+    if shape == Nginx::InPod {
+        assert_eq!(m["tagflow_attached_loopbacks"], lab.pods.len() as f64);
+    }
+}
+
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn an_app_behind_an_nginx_gateway_pod_carries_its_ids_into_its_calls() {
+    every_call_carries_the_request_id_nginx_stamped(Nginx::GatewayPod);
+}
+
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn an_app_behind_nginx_in_its_own_pod_over_loopback_carries_its_ids_into_its_calls() {
+    every_call_carries_the_request_id_nginx_stamped(Nginx::InPod);
+}

@@ -1,0 +1,203 @@
+//! The pod network namespaces the agent follows: for each attached veth,
+//! the namespace at its other end (an open handle, so it can be entered),
+//! its cookie, and its addresses. This is how a captured request head
+//! addressed to a pod on this node finds the process that will read it.
+use std::{
+    collections::HashMap,
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::{Duration, Instant},
+};
+
+use agent_common::{FlowKey, PortKey, TraceKey};
+
+use crate::netns;
+
+/// Addresses are re-read on a miss at most this often: a pod's address is
+/// set after its veth appears, and a miss for a foreign address must not
+/// cost a walk of every namespace per request head.
+const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// Why no receiving process was found for a request head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unresolved {
+    /// The destination is no pod of this node (another node, a Service
+    /// address, the outside world).
+    NotLocal,
+    /// The destination pod has nothing bound to the port.
+    NoListener,
+}
+
+struct Pod {
+    cookie: u64,
+    ns: File,
+}
+
+/// Pod namespaces by host-side ifindex, and their addresses.
+#[derive(Default)]
+pub struct PodNets {
+    pods: HashMap<u32, Pod>,
+    addrs: HashMap<IpAddr, u64>,
+    refreshed: Option<Instant>,
+    /// Address re-reads done (a miss after the last one was older than
+    /// `REFRESH_EVERY`).
+    pub refreshes: u64,
+}
+
+impl PodNets {
+    /// The veth `ifindex` leads to the namespace `ns` (cookie `cookie`).
+    pub fn add(&mut self, ifindex: u32, cookie: u64, ns: File) {
+        self.pods.insert(ifindex, Pod { cookie, ns });
+        self.learn(cookie);
+    }
+
+    /// The veth `ifindex` is gone. When no other veth leads to its
+    /// namespace, the namespace's addresses are forgotten and its handle
+    /// is returned (dropping it lets the namespace go).
+    pub fn remove(&mut self, ifindex: u32) -> Option<(u64, File)> {
+        let p = self.pods.remove(&ifindex)?;
+        if self.pods.values().any(|o| o.cookie == p.cookie) {
+            return None;
+        }
+        self.addrs.retain(|_, c| *c != p.cookie);
+        Some((p.cookie, p.ns))
+    }
+
+    /// Whether a veth already leads to the namespace `cookie`.
+    pub fn has(&self, cookie: u64) -> bool {
+        self.pods.values().any(|p| p.cookie == cookie)
+    }
+
+    /// Namespaces followed.
+    pub fn len(&self) -> usize {
+        self.pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pods.is_empty()
+    }
+
+    /// The cookie of the pod namespace that holds `ip`; re-reads every
+    /// namespace's addresses on a miss (at most once per `REFRESH_EVERY`).
+    pub fn netns_of(&mut self, ip: IpAddr) -> Option<u64> {
+        if let Some(c) = self.addrs.get(&ip) {
+            return Some(*c);
+        }
+        let now = Instant::now();
+        if self
+            .refreshed
+            .is_some_and(|t| now.duration_since(t) < REFRESH_EVERY)
+        {
+            return None;
+        }
+        self.refreshed = Some(now);
+        self.refreshes += 1;
+        let cookies: Vec<u64> = self.pods.values().map(|p| p.cookie).collect();
+        self.addrs.clear();
+        for c in cookies {
+            self.learn(c);
+        }
+        self.addrs.get(&ip).copied()
+    }
+
+    fn learn(&mut self, cookie: u64) {
+        let Some(p) = self.pods.values().find(|p| p.cookie == cookie) else {
+            return;
+        };
+        if let Ok(list) = netns::in_netns_file(&p.ns, addresses) {
+            for ip in list.into_iter().filter(|ip| !ip.is_loopback()) {
+                self.addrs.insert(ip, cookie);
+            }
+        }
+    }
+
+    /// The process that will read what was sent on `key` (a connection
+    /// seen from its sender): the destination pod's holder of the port, in
+    /// the sender's own namespace for loopback.
+    pub fn receiver(
+        &mut self,
+        key: &FlowKey,
+        bound_port: impl Fn(&PortKey) -> Option<u32>,
+    ) -> Result<TraceKey, Unresolved> {
+        let dst = key.remote_ip();
+        let netns = if dst.is_loopback() {
+            key.netns
+        } else {
+            self.netns_of(dst).ok_or(Unresolved::NotLocal)?
+        };
+        let pid = bound_port(&PortKey::new(netns, key.proto, key.remote_port))
+            .ok_or(Unresolved::NoListener)?;
+        Ok(TraceKey::new(pid, netns))
+    }
+}
+
+/// The calling thread's namespace's interface addresses.
+fn addresses() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a list we walk read-only and free once; each
+    // ifa_addr is checked for null and read as the family it declares.
+    unsafe {
+        if libc::getifaddrs(&mut ifap) != 0 {
+            return out;
+        }
+        let mut p = ifap;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = a.cast::<libc::sockaddr_in>();
+                        let v4 = Ipv4Addr::from(u32::from_be((*sin).sin_addr.s_addr));
+                        out.push(IpAddr::V4(v4));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = a.cast::<libc::sockaddr_in6>();
+                        out.push(IpAddr::V6(Ipv6Addr::from((*sin6).sin6_addr.s6_addr)));
+                    }
+                    _ => {}
+                }
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(ifap);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::PROTO_TCP;
+
+    fn key(netns: u64, dst: [u8; 4], dport: u16) -> FlowKey {
+        FlowKey::new(
+            netns,
+            PROTO_TCP,
+            ([10, 0, 0, 1], 40000).into(),
+            (dst, dport).into(),
+        )
+    }
+
+    #[test]
+    fn loopback_is_read_in_the_senders_namespace_and_strangers_are_not_local() {
+        let mut p = PodNets::default();
+        let bound = |k: &PortKey| (k.netns == 7 && k.port == 8081).then_some(42);
+        let lo = key(7, [127, 0, 0, 1], 8081);
+        assert_eq!(p.receiver(&lo, bound), Ok(TraceKey::new(42, 7)));
+        let other_port = key(7, [127, 0, 0, 1], 9);
+        assert_eq!(p.receiver(&other_port, bound), Err(Unresolved::NoListener));
+        let away = key(7, [192, 0, 2, 1], 8081);
+        assert_eq!(p.receiver(&away, bound), Err(Unresolved::NotLocal));
+        // The miss re-read the (no) namespaces once; a second miss within
+        // the interval does not.
+        assert_eq!(p.receiver(&away, bound), Err(Unresolved::NotLocal));
+        assert_eq!(p.refreshes, 1);
+    }
+
+    #[test]
+    fn this_namespaces_addresses_are_listed() {
+        let list = addresses();
+        assert!(list.iter().any(|ip| ip.is_loopback()), "{list:?}");
+    }
+}
