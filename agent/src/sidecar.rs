@@ -196,6 +196,7 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .filter(|v| ids::parse_traceparent(v).is_some())
         .map(str::to_string);
+    let minted = valid_tp.is_none();
     let tp = match valid_tp {
         Some(tp) => tp,
         None => {
@@ -220,11 +221,7 @@ async fn handle(
         }
     };
     let reg = Registration {
-        headers: [
-            ("x-request-id".to_string(), rid.clone()),
-            ("traceparent".to_string(), tp),
-        ]
-        .into(),
+        headers: registration_headers(&rid, tp, minted),
         target: Target::Port {
             port: s.cfg.upstream.port(),
             proto: Proto::Tcp,
@@ -358,5 +355,54 @@ impl Drop for Tracked {
         if let Some(d) = self.done.take() {
             let _ = d.send(());
         }
+    }
+}
+
+/// What the sidecar registers. A `traceparent` it minted names a parent
+/// span nobody exports: registering it would hang the request's spans off a
+/// span Jaeger never sees. The request id alone gives the same trace id.
+fn registration_headers(
+    rid: &str,
+    traceparent: String,
+    minted: bool,
+) -> std::collections::BTreeMap<String, String> {
+    let mut h = std::collections::BTreeMap::from([("x-request-id".to_string(), rid.to_string())]);
+    if !minted {
+        h.insert("traceparent".to_string(), traceparent);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minted_traceparent_is_not_registered_as_a_parent() {
+        let rid = "0af7651916cd43dd8448eb211c80319c";
+        let (id, _) = ids::map_request_id(rid).unwrap();
+        let minted = ids::new_traceparent(&id);
+        let h = registration_headers(rid, minted.clone(), true);
+        let got = ids::identify(
+            h.get("x-request-id").map(String::as_str),
+            h.get("traceparent").map(String::as_str),
+        )
+        .unwrap();
+        assert_eq!(got.parent_span_id, None, "no parent claimed");
+        assert_eq!(
+            ids::parse_traceparent(&minted).unwrap().0,
+            got.trace_id,
+            "the same trace id the minted header carries downstream"
+        );
+        let given = registration_headers(rid, minted, false);
+        let got = ids::identify(
+            given.get("x-request-id").map(String::as_str),
+            given.get("traceparent").map(String::as_str),
+        )
+        .unwrap();
+        assert!(
+            got.parent_span_id.is_some(),
+            "a caller's traceparent is kept"
+        );
     }
 }

@@ -185,6 +185,28 @@ pub fn render(spans: &[SpanRecord], lab: &Lab) -> String {
             .map(|i| PODS[i].to_string())
             .unwrap_or_else(|| ip.to_string())
     };
+    // Loopback spans are named by their namespace: every pod is 127.0.0.1.
+    let netns: HashMap<i64, String> = lab
+        .pods
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| {
+            let c = tagflow::netns::cookie_of(&p.netns_path()).ok()?;
+            Some((c as i64, PODS[i].to_string()))
+        })
+        .collect();
+    let pod_of = |ip: &str, s: &SpanRecord| {
+        let lo = ip
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+        match s.attr("tagflow.netns") {
+            Some(Value::Int(c)) if lo => netns
+                .get(c)
+                .map(|p| format!("{p}(lo)"))
+                .unwrap_or_else(|| ip.to_string()),
+            _ => pod_of(ip),
+        }
+    };
     let mut by_trace: HashMap<[u8; 16], Vec<&SpanRecord>> = HashMap::new();
     for s in spans {
         by_trace.entry(s.trace_id).or_default().push(s);
@@ -223,14 +245,14 @@ fn walk(
     s: &SpanRecord,
     all: &[&SpanRecord],
     depth: usize,
-    pod_of: &dyn Fn(&str) -> String,
+    pod_of: &dyn Fn(&str, &SpanRecord) -> String,
 ) {
     let local = match s.attr("network.local.address") {
-        Some(Value::Str(a)) => pod_of(a),
+        Some(Value::Str(a)) => pod_of(a, s),
         _ => "?".into(),
     };
     let peer = match s.attr("network.peer.address") {
-        Some(Value::Str(a)) => pod_of(a),
+        Some(Value::Str(a)) => pod_of(a, s),
         _ => "?".into(),
     };
     *out += &format!(

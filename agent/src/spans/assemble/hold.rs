@@ -60,11 +60,10 @@ impl Assembler {
                 Some(k) => g.closed.drain(..k).collect(),
             };
             self.held -= spans.len();
-            let remote = g.remote_parent;
             if g.open == 0 && g.closed.is_empty() {
                 self.groups.remove(&t);
             }
-            link(&mut spans, remote);
+            link(&mut spans);
             for mut c in spans {
                 c.record.start_unix_ns = clock.to_unix_ns(c.start);
                 c.record.end_unix_ns = clock.to_unix_ns(c.end.max(c.start));

@@ -3,14 +3,18 @@
 //! serving when the call started, the rest under the remote parent.
 use std::collections::HashMap;
 
-#[cfg(test)]
 use agent_common::FlowKey;
 
 use crate::spans::{SpanKind, SpanRecord};
 
 #[derive(Clone)]
 pub(super) struct Closed {
-    pub key: agent_common::FlowKey,
+    pub key: FlowKey,
+    /// The caller's span from this span's own `traceparent`, for when no
+    /// span of this node is its parent.
+    pub remote_parent: Option<[u8; 8]>,
+    /// The process that sent the flow (0: unknown).
+    pub pid: u32,
     pub start: u64,
     pub end: u64,
     pub record: SpanRecord,
@@ -38,19 +42,29 @@ const CONTAIN_SLACK_NS: u64 = 5_000_000;
 ///
 /// O(n log n): a busy trace can hold tens of thousands of spans, and this
 /// runs on the loop that drains the ring buffer.
-pub(super) fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
+pub(super) fn link(spans: &mut [Closed]) {
     let n = spans.len();
-    // Client spans by their connection as the other end sees it.
-    type Conn = (u8, [u8; 16], [u8; 16], u16, u16);
+    // Client spans by their connection as the other end sees it (within
+    // the namespace for loopback, where every pod has the same addresses).
+    type Conn = (u64, u8, [u8; 16], [u8; 16], u16, u16);
+    let scope = |k: &FlowKey| {
+        if k.remote_ip().is_loopback() {
+            k.netns
+        } else {
+            0
+        }
+    };
     let mut clients: HashMap<Conn, usize> = HashMap::new();
-    // Server spans per namespace, by end.
+    // Server spans per namespace and per (namespace, process), by end.
     let mut servers: HashMap<u64, Vec<(u64, usize)>> = HashMap::new();
+    let mut by_process: HashMap<(u64, u32), Vec<(u64, usize)>> = HashMap::new();
     for (j, s) in spans.iter().enumerate() {
         let k = &s.key;
         match s.record.kind {
             SpanKind::Client => {
                 clients
                     .entry((
+                        scope(k),
                         k.proto,
                         k.local_addr,
                         k.remote_addr,
@@ -59,19 +73,35 @@ pub(super) fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
                     ))
                     .or_insert(j);
             }
-            SpanKind::Server => servers.entry(k.netns).or_default().push((s.end, j)),
+            SpanKind::Server => {
+                servers.entry(k.netns).or_default().push((s.end, j));
+                if s.pid != 0 {
+                    by_process
+                        .entry((k.netns, s.pid))
+                        .or_default()
+                        .push((s.end, j));
+                }
+            }
             _ => {}
         }
     }
-    for v in servers.values_mut() {
+    for v in servers.values_mut().chain(by_process.values_mut()) {
         v.sort_unstable();
     }
+    // The server span ending first among those that had not ended (give or
+    // take the slack) when a call started at `start`.
+    let serving = |v: &Vec<(u64, usize)>, start: u64| {
+        let from = start.saturating_sub(CONTAIN_SLACK_NS);
+        v.get(v.partition_point(|(end, _)| *end < from))
+            .map(|(_, j)| *j)
+    };
     let mut parent: Vec<Option<usize>> = vec![None; n];
     for (i, si) in spans.iter().enumerate() {
         let k = &si.key;
         parent[i] = match si.record.kind {
             SpanKind::Server => clients
                 .get(&(
+                    scope(&k.reversed_in(k.netns)),
                     k.proto,
                     k.remote_addr,
                     k.local_addr,
@@ -79,13 +109,13 @@ pub(super) fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
                     k.local_port,
                 ))
                 .copied(),
-            // The server span of the pod ending first among those that had
-            // not ended (give or take the slack) when this call started.
-            _ => servers.get(&k.netns).and_then(|v| {
-                let from = si.start.saturating_sub(CONTAIN_SLACK_NS);
-                v.get(v.partition_point(|(end, _)| *end < from))
-                    .map(|(_, j)| *j)
-            }),
+            // A call hangs off what its own process was serving when it
+            // started (an in-pod proxy and its app both serve, over
+            // loopback); else off whatever its pod was serving.
+            _ => by_process
+                .get(&(k.netns, si.pid))
+                .and_then(|v| serving(v, si.start))
+                .or_else(|| servers.get(&k.netns).and_then(|v| serving(v, si.start))),
         };
     }
     // Break cycles: walk up from each span not yet known to reach a root;
@@ -131,6 +161,8 @@ pub(super) fn link(spans: &mut [Closed], remote: Option<[u8; 8]>) {
                 spans[i].record.parent_is_remote = false;
             }
             None => {
+                // Its own request's caller, not another request's.
+                let remote = spans[i].remote_parent;
                 spans[i].record.parent_span_id = remote;
                 spans[i].record.parent_is_remote = remote.is_some();
             }
@@ -155,7 +187,7 @@ mod tests {
     }
 
     /// The quadratic linking this replaced, kept as the reference.
-    fn link_reference(spans: &mut [Closed], remote: Option<[u8; 8]>) {
+    fn link_reference(spans: &mut [Closed]) {
         let n = spans.len();
         let mut parent: Vec<Option<usize>> = vec![None; n];
         for i in 0..n {
@@ -164,15 +196,21 @@ mod tests {
                 SpanKind::Server => (0..n).find(|&j| {
                     spans[j].record.kind == SpanKind::Client && reverse_of(&spans[j].key, &si.key)
                 }),
-                _ => (0..n)
-                    .filter(|&j| {
-                        let sj = &spans[j];
-                        j != i
-                            && sj.record.kind == SpanKind::Server
-                            && sj.key.netns == si.key.netns
-                            && si.start <= sj.end + CONTAIN_SLACK_NS
-                    })
-                    .min_by_key(|&j| (spans[j].end, j)),
+                _ => {
+                    let serving = |same_pid: bool| {
+                        (0..n)
+                            .filter(|&j| {
+                                let sj = &spans[j];
+                                j != i
+                                    && sj.record.kind == SpanKind::Server
+                                    && sj.key.netns == si.key.netns
+                                    && (!same_pid || (sj.pid != 0 && sj.pid == si.pid))
+                                    && si.start <= sj.end + CONTAIN_SLACK_NS
+                            })
+                            .min_by_key(|&j| (spans[j].end, j))
+                    };
+                    serving(true).or_else(|| serving(false))
+                }
             };
         }
         for i in 0..n {
@@ -191,7 +229,7 @@ mod tests {
         for i in 0..n {
             spans[i].record.parent_span_id = match parent[i] {
                 Some(p) => Some(spans[p].record.span_id),
-                None => remote,
+                None => spans[i].remote_parent,
             };
         }
     }
@@ -200,14 +238,14 @@ mod tests {
         #[test]
         fn fast_linking_matches_the_reference(
             shape in proptest::collection::vec(
-                (proptest::bool::ANY, 1u64..3, 0u8..3, 0u8..3, 0u64..50_000_000, 0u64..50_000_000),
+                (proptest::bool::ANY, 1u64..3, 0u8..3, 0u8..3, 0u64..50_000_000, 0u64..50_000_000, proptest::option::of(0u8..3), 0u32..3),
                 1..24,
             )
         ) {
             let mut spans: Vec<Closed> = shape
                 .iter()
                 .enumerate()
-                .map(|(i, (server, ns, a, b, start, len))| {
+                .map(|(i, (server, ns, a, b, start, len, remote, pid))| {
                     // Servers listen on 80; clients call it from port 40000 + a.
                     let k = if *server {
                         key(*ns, [10, 0, 0, *a], 80, [10, 0, 0, *b], 40000 + *b as u16)
@@ -216,6 +254,8 @@ mod tests {
                     };
                     Closed {
                         key: k,
+                        remote_parent: remote.map(|r| [r; 8]),
+                        pid: *pid,
                         start: *start,
                         end: start + len,
                         record: SpanRecord {
@@ -234,8 +274,8 @@ mod tests {
                 })
                 .collect();
             let mut reference = spans.clone();
-            link(&mut spans, Some([9; 8]));
-            link_reference(&mut reference, Some([9; 8]));
+            link(&mut spans);
+            link_reference(&mut reference);
             let parents = |v: &[Closed]| v.iter().map(|c| c.record.parent_span_id).collect::<Vec<_>>();
             proptest::prop_assert_eq!(parents(&spans), parents(&reference));
         }

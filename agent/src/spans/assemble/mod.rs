@@ -69,6 +69,8 @@ struct Open {
     /// Packets the connection sent before, under the trace it was
     /// re-attributed from (see `Assembler::continue_as`).
     earlier: Option<FlowStats>,
+    /// The caller's span from this request's own `traceparent`.
+    remote_parent: Option<[u8; 8]>,
     head: Option<HeadInfo>,
     resource: Arc<Resource>,
 }
@@ -97,7 +99,6 @@ struct Group {
     closed: Vec<Closed>,
     first: u64,
     last_change: u64,
-    remote_parent: Option<[u8; 8]>,
 }
 
 pub struct Assembler {
@@ -171,6 +172,7 @@ impl Assembler {
                 trace_flags: ev.trace_flags,
                 stats: ev.stats,
                 earlier: None,
+                remote_parent,
                 head,
                 resource: self.resources.for_pid(ev.stats.pid),
             },
@@ -181,9 +183,6 @@ impl Assembler {
         }
         g.open += 1;
         g.last_change = now;
-        if g.remote_parent.is_none() {
-            g.remote_parent = remote_parent;
-        }
         self.stats.opened += 1;
     }
 
@@ -277,6 +276,8 @@ impl Assembler {
         g.last_change = now;
         g.closed.push(Closed {
             key: k.0,
+            remote_parent: o.remote_parent,
+            pid: o.stats.pid,
             start,
             end: t.last_ns.max(start),
             record,
@@ -346,6 +347,98 @@ mod tests {
     }
 
     const CLOCK: fn() -> WallClock = || WallClock::with_offset(1_000_000_000);
+
+    #[test]
+    fn a_span_without_a_local_parent_hangs_off_its_own_requests_caller() {
+        let mut a = asm(1_000_000);
+        // Two requests of one trace reach two pods, each from its own
+        // caller span (two traceparents): neither is the other's parent.
+        let from_caller = |k: FlowKey, parent: u8, t: u64| {
+            let mut e = ev(k, T1, OWNER_BOUND, t, t + 100, 2);
+            e.trace_flags = TRACE_FLAG_HAS_PARENT;
+            e.parent_span_id = [parent; 8];
+            e
+        };
+        let k1 = key(7, [10, 0, 0, 1], 80, [10, 9, 0, 1], 41000);
+        let k2 = key(8, [10, 0, 0, 2], 80, [10, 9, 0, 1], 42000);
+        a.flow_new(&from_caller(k1, 0xa1, 100), None, 100);
+        a.flow_end(&from_caller(k1, 0xa1, 100), 200);
+        a.flow_new(&from_caller(k2, 0xb2, 300), None, 300);
+        a.flow_end(&from_caller(k2, 0xb2, 300), 400);
+        let spans = a.ready(&CLOCK(), 1_000);
+        let parent = |k: FlowKey| {
+            let want = k.local_port;
+            let s = spans
+                .iter()
+                .find(|s| {
+                    s.attr("network.local.address") == Some(&Value::Str(k.local_ip().to_string()))
+                        && s.attr("network.local.port") == Some(&Value::Int(want as i64))
+                })
+                .unwrap();
+            (s.parent_span_id, s.parent_is_remote)
+        };
+        assert_eq!(parent(k1), (Some([0xa1; 8]), true));
+        assert_eq!(
+            parent(k2),
+            (Some([0xb2; 8]), true),
+            "not the first request's caller"
+        );
+    }
+
+    #[test]
+    fn an_in_pod_proxy_and_its_app_each_parent_their_own_calls() {
+        let mut a = asm(1_000_000);
+        let lo = [127, 0, 0, 1];
+        let by = |k: FlowKey, owner: u8, pid: u32, t: u64| {
+            let mut e = ev(k, T1, owner, t, t + 1_000, 2);
+            e.stats.pid = pid;
+            e
+        };
+        let (proxy, app) = (10, 20);
+        let spans = [
+            // Client → proxy (veth), proxy → app (lo, both ends), app → downstream.
+            by(
+                key(5, [10, 0, 0, 2], 15080, [10, 0, 0, 1], 41000),
+                OWNER_BOUND,
+                proxy,
+                100,
+            ),
+            by(key(5, lo, 42000, lo, 8080), OWNER_CONNECTED, proxy, 200),
+            by(key(5, lo, 8080, lo, 42000), OWNER_BOUND, app, 300),
+            by(
+                key(5, [10, 0, 0, 2], 50000, [10, 0, 0, 3], 9000),
+                OWNER_CONNECTED,
+                app,
+                400,
+            ),
+        ];
+        for e in &spans {
+            a.flow_new(e, None, 500);
+            a.flow_end(e, 600);
+        }
+        let out = a.ready(&CLOCK(), 10_000);
+        let find = |port: u16| {
+            out.iter()
+                .find(|s| s.attr("network.local.port") == Some(&Value::Int(port as i64)))
+                .unwrap()
+        };
+        let (front, to_app, in_app, call) = (find(15080), find(42000), find(8080), find(50000));
+        assert_eq!(
+            to_app.parent_span_id,
+            Some(front.span_id),
+            "the proxy's own call"
+        );
+        assert_eq!(
+            in_app.parent_span_id,
+            Some(to_app.span_id),
+            "reverse flow on lo"
+        );
+        assert_eq!(
+            call.parent_span_id,
+            Some(in_app.span_id),
+            "the app's call, not the proxy's"
+        );
+    }
 
     #[test]
     fn keep_alive_request_boundaries_make_one_span_each() {
