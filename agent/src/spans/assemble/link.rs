@@ -172,19 +172,10 @@ pub(super) fn link(spans: &mut [Closed]) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::key;
     use super::*;
     use crate::spans::Resource;
-    use agent_common::PROTO_TCP;
     use std::sync::Arc;
-
-    fn key(netns: u64, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> FlowKey {
-        FlowKey::new(
-            netns,
-            PROTO_TCP,
-            (local, lport).into(),
-            (remote, rport).into(),
-        )
-    }
 
     /// The quadratic linking this replaced, kept as the reference.
     fn link_reference(spans: &mut [Closed]) {

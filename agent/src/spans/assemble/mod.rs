@@ -300,7 +300,13 @@ mod tests {
     const T1: [u8; 16] = [1; 16];
     const T2: [u8; 16] = [2; 16];
 
-    fn key(netns: u64, local: [u8; 4], lport: u16, remote: [u8; 4], rport: u16) -> FlowKey {
+    pub(super) fn key(
+        netns: u64,
+        local: [u8; 4],
+        lport: u16,
+        remote: [u8; 4],
+        rport: u16,
+    ) -> FlowKey {
         FlowKey::new(
             netns,
             PROTO_TCP,
