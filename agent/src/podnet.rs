@@ -41,7 +41,7 @@ pub struct PodNets {
     refreshed: Option<Instant>,
     /// Address re-reads done (a miss after the last one was older than
     /// `REFRESH_EVERY`).
-    pub refreshes: u64,
+    refreshes: u64,
 }
 
 impl PodNets {
@@ -66,15 +66,6 @@ impl PodNets {
     /// Whether a veth already leads to the namespace `cookie`.
     pub fn has(&self, cookie: u64) -> bool {
         self.pods.values().any(|p| p.cookie == cookie)
-    }
-
-    /// Namespaces followed.
-    pub fn len(&self) -> usize {
-        self.pods.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pods.is_empty()
     }
 
     /// The cookie of the pod namespace that holds `ip`; re-reads every
