@@ -1,7 +1,9 @@
 //! Packet → (netns cookie, owning pid). Never `bpf_get_current_pid_tgid()`:
 //! TC runs in softirq and that names whichever task was interrupted.
 use crate::maps::{count, BOUND_PORTS, IFACE_NETNS, SOCK_OWNER};
-use agent_common::{Counter, FlowKey, PortKey, OWNER_BOUND, OWNER_CONNECTED, OWNER_NONE};
+use agent_common::{
+    Counter, FlowKey, PortKey, OWNER_BOUND, OWNER_CONNECTED, OWNER_NONE, PROTO_UDP,
+};
 use aya_ebpf::{
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::TcContext,
@@ -35,8 +37,15 @@ pub fn netns(ctx: &TcContext, host_netns: u64) -> u64 {
 /// Socket owner first (client sockets, recorded at connect/sendmsg), then the
 /// bound local port (servers: accepted sockets are born in softirq and have
 /// no recorded owner, but their packets leave from the listening port).
+/// UDP the other way round: a UDP server answers with sendto from its bound
+/// socket, which the sendmsg hook records like any client's.
 #[inline(always)]
 pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
+    if key.proto == PROTO_UDP {
+        if let Some(o) = bound(key) {
+            return o;
+        }
+    }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if cookie != 0 {
         if let Some(pid) = unsafe { SOCK_OWNER.get(cookie) } {
@@ -46,16 +55,22 @@ pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
             };
         }
     }
-    let pk = PortKey::new(key.netns, key.proto, key.local_port);
-    if let Some(pid) = unsafe { BOUND_PORTS.get(pk) } {
-        return Owner {
-            pid: *pid,
-            how: OWNER_BOUND,
-        };
+    if let Some(o) = bound(key) {
+        return o;
     }
     count(Counter::NoOwner);
     Owner {
         pid: 0,
         how: OWNER_NONE,
     }
+}
+
+/// The process that bound the packet's local port in its namespace.
+#[inline(always)]
+fn bound(key: &FlowKey) -> Option<Owner> {
+    let pk = PortKey::new(key.netns, key.proto, key.local_port);
+    unsafe { BOUND_PORTS.get(pk) }.map(|pid| Owner {
+        pid: *pid,
+        how: OWNER_BOUND,
+    })
 }

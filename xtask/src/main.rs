@@ -40,7 +40,10 @@ enum Cmd {
         no_lint: bool,
     },
     /// Benchmarks: each figure is a ratio to a baseline run alongside.
+    /// `cargo xtask bench linking` runs only the linking-accuracy rows.
     Bench {
+        /// One group only (`linking`, `node`, `datapath`, `registration`).
+        what: Option<String>,
         /// Fewer repetitions.
         #[arg(long)]
         quick: bool,
@@ -199,13 +202,18 @@ fn main() -> Result<()> {
                     std::path::Path::new(&dir).join("tagflow").canonicalize()?,
                 ))?;
         }
-        Cmd::Bench { quick, json } => {
+        Cmd::Bench { what, quick, json } => {
             need_root("the benchmarks")?;
             bootstrap::lab_tools()?;
             let mut c = Command::new(build_lab(true)?);
-            c.args(["bench", "all"]);
+            c.args(["bench", what.as_deref().unwrap_or("all")]);
             if quick {
-                c.arg("--quick");
+                match what.as_deref() {
+                    None | Some("all") | Some("node") => c.arg("--quick"),
+                    Some("linking") => c.args(["--requests", "60"]),
+                    // datapath and registration take their own flags.
+                    Some(_) => &mut c,
+                };
             }
             if let Some(j) = json {
                 c.args(["--json", &j]);

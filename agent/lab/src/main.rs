@@ -64,6 +64,15 @@ enum BenchCmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Linking accuracy: app → downstream calls under the right trace,
+    /// per shape, app model and concurrency (correct / wrong / missing).
+    Linking {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Requests per row.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
     /// Registration throughput and begin → map-visible latency.
     Registration {
         #[arg(long)]
@@ -126,6 +135,7 @@ fn main() -> anyhow::Result<()> {
                     clients,
                 } => (bench::registration(messages, clients)?, json),
                 BenchCmd::Node { json, quick } => (bench::node::node(quick)?, json),
+                BenchCmd::Linking { json, requests } => (bench::linking::linking(requests)?, json),
                 BenchCmd::All { json, quick } => (bench::all(quick)?, json),
             };
             print!("{}", bench::table(&rows));

@@ -277,6 +277,66 @@ fn netlink_ids(iface: &str) -> Vec<u32> {
         .collect()
 }
 
+/// A UDP echo server: `UDP_ECHO PORT`; answers each datagram with sendto.
+const UDP_ECHO: &str = r#"
+import os, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+print("ready", os.getpid(), flush=True)
+while True:
+    d, peer = s.recvfrom(2048)
+    s.sendto(d, peer)
+"#;
+
+/// A UDP client: `UDP_CLIENT HOST PORT N`; on a line, sends N datagrams
+/// (each answered) from an unbound socket, prints `done`.
+const UDP_CLIENT: &str = r#"
+import os, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for _ in range(n):
+    s.sendto(b"q" * 64, (host, port))
+    s.recvfrom(2048)
+print("done", flush=True)
+"#;
+
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn a_udp_server_answering_with_sendto_is_a_server() {
+    let _g = common::lock();
+    let mut n = node(2);
+    let (a, b) = (&n.lab.pods[0], &n.lab.pods[1]);
+    let (ns_a, ns_b) = (n.ns[0], n.ns[1]);
+    let mut table = n.dp.take_trace_table().unwrap();
+    let server = Proc::python(b, UDP_ECHO, &["5353"]).unwrap();
+    let mut client = Proc::python(a, UDP_CLIENT, &[&b.ip.to_string(), "5353", "4"]).unwrap();
+    table
+        .set_process(TraceKey::new(client.pid, ns_a), &ctx(0xc1))
+        .unwrap();
+    table
+        .set_process(TraceKey::new(server.pid, ns_b), &ctx(0xd2))
+        .unwrap();
+    assert_eq!(client.step().unwrap(), "done");
+    let asked = stats_for(&n.dp, |k| k.netns == ns_a && k.remote_port == 5353);
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(
+        (asked[0].1.pid, asked[0].1.owner),
+        (client.pid, OWNER_CONNECTED)
+    );
+    let answered = stats_for(&n.dp, |k| k.netns == ns_b && k.local_port == 5353);
+    assert_eq!(answered.len(), 1, "{answered:?}");
+    let s = answered[0].1;
+    assert_eq!(
+        (s.pid, s.owner),
+        (server.pid, OWNER_BOUND),
+        "a server, not a client"
+    );
+    assert_eq!((s.trace_id, s.packets), ([0xd2; 16], 4));
+}
+
 fn alive(a: &mut AgentProc) -> bool {
     matches!(a.child.try_wait(), Ok(None))
 }

@@ -1,5 +1,6 @@
 //! Benchmarks (`tagflow-lab bench`, run by `cargo xtask bench`). Every figure is a ratio against a baseline measured in the same run, with
 //! the scenarios alternated round by round and medians reported.
+pub mod linking;
 pub mod node;
 pub mod pipeline;
 pub mod startup;
@@ -54,6 +55,7 @@ pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
     rows.extend(pipeline::pipeline(spans)?);
     rows.extend(startup::startup(if quick { 3 } else { 5 })?);
     rows.extend(node::node(quick)?);
+    rows.extend(linking::linking(if quick { 60 } else { 200 })?);
     Ok(rows)
 }
 
