@@ -28,6 +28,16 @@ pub enum Unresolved {
     NoListener,
 }
 
+/// The process that will read a head, and whether its end of the
+/// connection had already finished when the head was handled (the agent
+/// lagged behind the traffic: the connection's entry can no longer be
+/// released by its FIN, only by the idle timeout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reader {
+    pub key: TraceKey,
+    pub late: bool,
+}
+
 struct Pod {
     cookie: u64,
     ns: File,
@@ -109,7 +119,8 @@ impl PodNets {
         &mut self,
         key: &FlowKey,
         bound_port: impl Fn(&PortKey) -> Option<u32>,
-    ) -> Result<TraceKey, Unresolved> {
+        finished: impl Fn(&FlowKey) -> bool,
+    ) -> Result<Reader, Unresolved> {
         let dst = key.remote_ip();
         let netns = if dst.is_loopback() {
             key.netns
@@ -118,7 +129,10 @@ impl PodNets {
         };
         let pid = bound_port(&PortKey::new(netns, key.proto, key.remote_port))
             .ok_or(Unresolved::NoListener)?;
-        Ok(TraceKey::new(pid, netns))
+        Ok(Reader {
+            key: TraceKey::new(pid, netns),
+            late: finished(&key.reversed_in(netns)),
+        })
     }
 }
 
@@ -174,15 +188,37 @@ mod tests {
     fn loopback_is_read_in_the_senders_namespace_and_strangers_are_not_local() {
         let mut p = PodNets::default();
         let bound = |k: &PortKey| (k.netns == 7 && k.port == 8081).then_some(42);
+        let open = |_: &FlowKey| false;
         let lo = key(7, [127, 0, 0, 1], 8081);
-        assert_eq!(p.receiver(&lo, bound), Ok(TraceKey::new(42, 7)));
+        let reader = TraceKey::new(42, 7);
+        let got = p.receiver(&lo, bound, open);
+        assert_eq!(
+            got,
+            Ok(Reader {
+                key: reader,
+                late: false
+            })
+        );
+        // The reader already answered and closed before the agent got here.
+        let closed = |k: &FlowKey| k.local_port == 8081 && k.netns == 7;
+        let got = p.receiver(&lo, bound, closed);
+        assert_eq!(
+            got,
+            Ok(Reader {
+                key: reader,
+                late: true
+            })
+        );
         let other_port = key(7, [127, 0, 0, 1], 9);
-        assert_eq!(p.receiver(&other_port, bound), Err(Unresolved::NoListener));
+        assert_eq!(
+            p.receiver(&other_port, bound, open),
+            Err(Unresolved::NoListener)
+        );
         let away = key(7, [192, 0, 2, 1], 8081);
-        assert_eq!(p.receiver(&away, bound), Err(Unresolved::NotLocal));
+        assert_eq!(p.receiver(&away, bound, open), Err(Unresolved::NotLocal));
         // The miss re-read the (no) namespaces once; a second miss within
         // the interval does not.
-        assert_eq!(p.receiver(&away, bound), Err(Unresolved::NotLocal));
+        assert_eq!(p.receiver(&away, bound, open), Err(Unresolved::NotLocal));
         assert_eq!(p.refreshes, 1);
     }
 

@@ -417,8 +417,14 @@ fn closed_connections_release_their_trace_entries() {
     // Far sooner than the 300 s idle timeout. A few stay: wrk reuses
     // client ports within seconds, and a connection on a 4-tuple whose
     // previous life is still in its grace period is seen as the same flow.
+    // Entries written after their connection had already closed (the
+    // agent lagging behind ~10k connections/s) can only go at the idle
+    // timeout: counted, and allowed for.
+    let late = agent
+        .metric("tagflow_linking_receivers_late_total")
+        .max(0.0);
     let t0 = std::time::Instant::now();
-    while agent.metric(entries) > total as f64 * 0.05 {
+    while agent.metric(entries) > total as f64 * 0.05 + late {
         if t0.elapsed() > Duration::from_secs(15) {
             panic!(
                 "FLOW_TRACES did not drain: {:?}",

@@ -220,7 +220,7 @@ pub async fn run_with(
                     drop(item);
                     let pods = follower.pods();
                     let receiver = |k: &agent_common::FlowKey| {
-                        pods.receiver(k, |p| dp.bound_port(p))
+                        pods.receiver(k, |p| dp.bound_port(p), |f| dp.flow_finished(f))
                     };
                     if let Some(k) = pipe.event(ev, &table, receiver) {
                         let until = monotonic_ns() + CAPTURE_SKIP_NS;

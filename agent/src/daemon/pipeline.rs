@@ -15,7 +15,7 @@ use crate::{
     events::Event,
     export::Exporter,
     loader::Datapath,
-    podnet::Unresolved,
+    podnet::{Reader, Unresolved},
     sources::capture::{Capture, HeadOutcome},
     spans::{
         assemble::{Assembler, AssemblerConfig},
@@ -101,7 +101,10 @@ impl Pipeline {
             clock: WallClock::measure(),
             stats: AgentStats::default(),
             closing: Default::default(),
-            closing_cap: cfg.maps.flow_traces as usize,
+            // Entries waiting out their grace hold table slots: under
+            // churn they may take a quarter of the table, no more (a head
+            // writes two entries: its connection seen from each end).
+            closing_cap: cfg.maps.flow_traces as usize / 4,
             pending: Default::default(),
             pending_cap: cfg.export.queue,
             reattributed: HashMap::new(),
@@ -118,7 +121,7 @@ impl Pipeline {
         &mut self,
         ev: Event,
         table: &Mutex<TraceTables<P, F, G, A>>,
-        receiver: impl FnOnce(&FlowKey) -> Result<TraceKey, Unresolved>,
+        receiver: impl FnOnce(&FlowKey) -> Result<Reader, Unresolved>,
     ) -> Option<FlowKey>
     where
         P: Store<TraceKey, TraceContext>,
@@ -407,6 +410,11 @@ impl Pipeline {
                 c.receivers_no_listener,
             ),
             (
+                "linking_receivers_late_total",
+                "Request heads handled after their reader had answered and closed (entries wait for the idle timeout).",
+                c.receivers_late,
+            ),
+            (
                 "linking_flows_reattributed_total",
                 "Flows that left before the agent wrote their connection's entry, filed under it.",
                 s.reattributed_flows,
@@ -463,7 +471,7 @@ mod tests {
     use crate::tables::MemoryTables;
     use agent_common::{FlowEvent, HttpHeadEvent};
 
-    fn not_local(_: &FlowKey) -> Result<TraceKey, Unresolved> {
+    fn not_local(_: &FlowKey) -> Result<Reader, Unresolved> {
         Err(Unresolved::NotLocal)
     }
 
@@ -545,7 +553,12 @@ mod tests {
         };
         h.ts_ns = 100;
         let reader = TraceKey::new(22, 2);
-        pipe.event(Event::HttpHead(h), &table, |_| Ok(reader));
+        pipe.event(Event::HttpHead(h), &table, |_| {
+            Ok(Reader {
+                key: reader,
+                late: false,
+            })
+        });
         let want = crate::ids::map_request_id("req-n").unwrap().0;
         // ... whose call at t = 150 went out under its previous trace.
         let call = FlowKey::new(

@@ -135,6 +135,15 @@ impl Datapath {
         }
     }
 
+    /// Whether `key`'s connection already sent its FIN or RST (as far as the
+    /// datapath followed it: a flow resolved to "no trace" keeps no flags).
+    pub fn flow_finished(&self, key: &FlowKey) -> bool {
+        const FIN_OR_RST: u8 = 0x01 | 0x04;
+        self.flow_stats
+            .get(key, 0)
+            .is_ok_and(|s| s.tcp_flags & FIN_OR_RST != 0)
+    }
+
     /// Stops copying request heads of `key` until `until_ns` (monotonic).
     pub fn skip_capture(&mut self, key: &FlowKey, until_ns: u64) -> Result<(), LoaderError> {
         self.capture_skip

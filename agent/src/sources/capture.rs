@@ -9,7 +9,7 @@ use agent_common::{
 
 use crate::{
     ids,
-    podnet::Unresolved,
+    podnet::{Reader, Unresolved},
     tables::{Store, TraceTables},
 };
 
@@ -115,6 +115,9 @@ pub struct Capture {
     pub receivers_not_local: u64,
     /// Heads addressed to a local pod with nothing bound to the port.
     pub receivers_no_listener: u64,
+    /// Heads handled after their reader had already answered and closed
+    /// (their connection entries wait for the idle timeout).
+    pub receivers_late: u64,
     /// Calls a reader made after its request's head passed the datapath
     /// but before the agent had keyed it: they went out under the reader's
     /// previous trace (the userspace round trip lost the race).
@@ -146,6 +149,7 @@ impl Capture {
             receivers_keyed: 0,
             receivers_not_local: 0,
             receivers_no_listener: 0,
+            receivers_late: 0,
             receiver_races_lost: 0,
             readers: HashMap::new(),
             readers_order: VecDeque::new(),
@@ -187,7 +191,7 @@ impl Capture {
         &mut self,
         ev: &HttpHeadEvent,
         table: &mut TraceTables<P, F, G, A>,
-        receiver: impl FnOnce(&FlowKey) -> Result<TraceKey, Unresolved>,
+        receiver: impl FnOnce(&FlowKey) -> Result<Reader, Unresolved>,
     ) -> HeadOutcome
     where
         P: Store<TraceKey, TraceContext>,
@@ -239,8 +243,9 @@ impl Capture {
         // The reader: its own calls while serving, and its end of this
         // connection (the response), carry the request's trace too.
         match receiver(&ev.key) {
-            Ok(r) => {
+            Ok(Reader { key: r, late }) => {
                 self.receivers_keyed += 1;
+                self.receivers_late += late as u64;
                 self.remember_reader(r, ev.ts_ns, ctx);
                 let reverse = ev.key.reversed_in(r.netns);
                 if table.set_process(r, &ctx).is_err() || table.set_flow(reverse, &ctx).is_err() {
@@ -292,7 +297,7 @@ impl Capture {
 mod tests {
     use super::*;
 
-    fn not_local(_: &FlowKey) -> Result<TraceKey, Unresolved> {
+    fn not_local(_: &FlowKey) -> Result<Reader, Unresolved> {
         Err(Unresolved::NotLocal)
     }
 
@@ -431,7 +436,10 @@ mod receiver_tests {
         let reader = TraceKey::new(22, 2);
         let out = c.handle(&ev, &mut t, |k| {
             assert_eq!(k, &ev.key, "asked about the head's own connection");
-            Ok(reader)
+            Ok(Reader {
+                key: reader,
+                late: false,
+            })
         });
         assert!(matches!(out, HeadOutcome::Applied(_)));
         let want = ids::map_request_id("req-r").unwrap().0;
