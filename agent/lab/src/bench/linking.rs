@@ -180,10 +180,21 @@ fn shape_rows(shape: Shape, requests: usize) -> Result<Vec<Row>, BenchError> {
     let downstream = format!("{}:{DOWN_PORT}", down.ip);
     let mut rows = Vec::new();
     for mode in ["thread", "fork"] {
+        // The previous app's last forked children may hold the port a
+        // moment longer.
+        let mut tries = 0;
+        let _app = loop {
+            match Proc::python(app, LINK_APP, &[APP_PORT, &downstream, mode]) {
+                Ok(p) => break p,
+                Err(_) if tries < 25 => tries += 1,
+                Err(e) => return Err(e.into()),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        std::thread::sleep(Duration::from_millis(300));
         for conc in [1usize, 8] {
-            let _app = Proc::python(app, LINK_APP, &[APP_PORT, &downstream, mode])?;
-            std::thread::sleep(Duration::from_millis(300));
-            let _ = std::fs::remove_file(&log);
+            // Truncated, not removed: the downstream appends to its open file.
+            std::fs::File::create(&log).map_err(|e| BenchError::Other(e.to_string()))?;
             let t0 = unix_ns();
             let mut c = Proc::python(
                 client,
