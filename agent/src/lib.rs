@@ -4,6 +4,7 @@
 pub mod backfill;
 pub mod clock;
 pub mod config;
+pub mod conntrack;
 pub mod daemon;
 pub mod events;
 pub mod export;

@@ -64,12 +64,17 @@ pub struct Socket {
 impl Socket {
     /// A NETLINK_ROUTE socket; with `monitor`, subscribed to link changes.
     pub fn open(monitor: bool) -> Result<Self, NetlinkError> {
+        Self::open_protocol(libc::NETLINK_ROUTE, monitor)
+    }
+
+    /// A socket of netlink family `protocol` (`monitor`: route only).
+    pub(crate) fn open_protocol(protocol: i32, monitor: bool) -> Result<Self, NetlinkError> {
         // SAFETY: socket/bind with a zeroed sockaddr_nl of the right size.
         unsafe {
             let fd = libc::socket(
                 libc::AF_NETLINK,
                 libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
+                protocol,
             );
             if fd < 0 {
                 return Err(io::Error::last_os_error().into());
@@ -111,7 +116,12 @@ impl Socket {
         self.fd.as_raw_fd()
     }
 
-    fn send(&mut self, ty: u16, flags: u16, payload: &[u8]) -> Result<u32, NetlinkError> {
+    pub(crate) fn send(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        payload: &[u8],
+    ) -> Result<u32, NetlinkError> {
         self.seq += 1;
         let mut msg = Vec::with_capacity(16 + payload.len());
         msg.extend_from_slice(&((16 + payload.len()) as u32).to_ne_bytes());
@@ -213,7 +223,7 @@ pub fn nsid_of_fd(ns_fd: RawFd) -> Result<Option<i32>, NetlinkError> {
     Ok(None)
 }
 
-fn push_attr(buf: &mut Vec<u8>, ty: u16, val: &[u8]) {
+pub(crate) fn push_attr(buf: &mut Vec<u8>, ty: u16, val: &[u8]) {
     let len = 4 + val.len();
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
@@ -225,7 +235,7 @@ const fn align4(n: usize) -> usize {
     (n + 3) & !3
 }
 
-fn check_error(body: &[u8]) -> Result<(), NetlinkError> {
+pub(crate) fn check_error(body: &[u8]) -> Result<(), NetlinkError> {
     let code = i32::from_ne_bytes(
         body.get(..4)
             .ok_or(NetlinkError::Malformed)?

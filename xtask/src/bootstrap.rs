@@ -187,6 +187,9 @@ pub fn lab_tools() -> Result<()> {
         ("wrk", "wrk"),
         ("nginx", "nginx"),
         ("tcpdump", "tcpdump"),
+        ("curl", "curl"),
+        // Service addresses (DNAT, as kube-proxy writes them).
+        ("iptables", "iptables"),
     ])
 }
 

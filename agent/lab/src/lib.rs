@@ -7,6 +7,7 @@ pub mod collector;
 pub mod demo;
 pub mod frames;
 pub mod procs;
+pub mod service;
 pub mod soak;
 pub mod topo;
 

@@ -123,6 +123,43 @@ impl Lab {
         Ok(self.pods.len() - 1)
     }
 
+    /// The host routes between the lab's pods, as a node does: the bridge
+    /// gets the subnet's `.1` (only this bridge forwards; nothing global
+    /// changes) and each pod a default route through it. Returns `.1`.
+    pub fn route_via_host(&self) -> Result<Ipv4Addr, TopoError> {
+        let gw = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 1);
+        run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{gw}/24"),
+            "dev",
+            &self.bridge,
+        ])?;
+        std::fs::write(
+            format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.bridge),
+            "1",
+        )?;
+        for pod in &self.pods {
+            let gw = gw.to_string();
+            run(&[
+                "ip", "netns", "exec", &pod.name, "ip", "route", "add", "default", "via", &gw,
+            ])?;
+        }
+        Ok(gw)
+    }
+
+    /// An address no pod has, standing for a Service's ClusterIP.
+    pub fn service_ip(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 96, self.subnet[1], self.subnet[2])
+    }
+
+    /// The pods' subnet, `a.b.c.0/24`.
+    pub fn cidr(&self) -> String {
+        let [a, b, c] = self.subnet;
+        format!("{a}.{b}.{c}.0/24")
+    }
+
     /// Removes a pod (namespace and veth) while the lab lives on.
     pub fn remove_pod(&mut self, i: usize) {
         let pod = self.pods.remove(i);

@@ -12,6 +12,7 @@ use tagflow::ids;
 use tagflow_lab::{
     collector::{attr_str, Collector, Wire},
     procs,
+    service::Service,
     topo::{free_port, Lab, Proc, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
 };
 
@@ -159,4 +160,115 @@ fn an_app_behind_an_nginx_gateway_pod_carries_its_ids_into_its_calls() {
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn an_app_behind_nginx_in_its_own_pod_over_loopback_carries_its_ids_into_its_calls() {
     every_call_carries_the_request_id_nginx_stamped(Nginx::InPod);
+}
+
+/// kube-proxy's shape: curl in pod A calls a ClusterIP that the host DNATs
+/// (and masquerades) to nginx in pod C. The caller's veth sees the
+/// ClusterIP, C's the node's address: only conntrack joins the two ends.
+/// Every request's client span must parent C's server span, name the
+/// Service as `server.address` and the pod as the peer.
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it() {
+    let _g = common::lock();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lab = Lab::new(2).unwrap();
+    lab.route_via_host().unwrap();
+    let (client, callee) = (&lab.pods[0], &lab.pods[1]);
+    let vip = lab.service_ip();
+    let _svc = Service::new(vip, 80, callee.ip, 9100, &lab.cidr()).unwrap();
+    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
+    let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
+    let dir = std::env::temp_dir().join(format!("tagflow-svc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nginx = procs::nginx(
+        callee,
+        &dir,
+        r#"server { listen 9100; location / { return 200 "ok\n"; } }"#,
+    )
+    .unwrap();
+    wait_for("nginx", 10, || dir.join("nginx.pid").exists());
+
+    let url = format!("http://{vip}/");
+    for i in 0..REQUESTS {
+        let out = client
+            .command("curl")
+            .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-H", &format!("X-Request-ID: svc-{i}"), &url])
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            code,
+            "200",
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let trace = |i: usize| ids::map_request_id(&format!("svc-{i}")).unwrap().0.to_vec();
+    let pair = |i: usize| {
+        let spans = got.spans();
+        let t = trace(i);
+        let of = |kind: SpanKind| {
+            spans
+                .iter()
+                .filter(|(_, s)| s.trace_id == t && s.kind == kind as i32)
+                .map(|(_, s)| s.clone())
+                .collect::<Vec<_>>()
+        };
+        // The server span of the request's own connection; a later
+        // connection's handshake may also carry the trace (the reader's
+        // process key still holds it: issue "precise attribution").
+        let c = of(SpanKind::Client).into_iter().next()?;
+        let servers = of(SpanKind::Server);
+        let s = servers
+            .iter()
+            .find(|s| s.parent_span_id == c.span_id)
+            .or(servers.first())?;
+        Some((c, s.clone()))
+    };
+    // The first request may be answered and closed before the agent keys
+    // nginx (nothing of it carries the trace, so it has no server span:
+    // never a wrong one); the process key makes every later one exact.
+    wait_for("a client and a server span per request", 20, || {
+        (1..REQUESTS).all(|i| pair(i).is_some())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+    for i in 0..REQUESTS {
+        let Some((c, s)) = pair(i) else {
+            assert_eq!(i, 0, "request {i}: no client or server span");
+            continue;
+        };
+        let servers = got
+            .spans()
+            .iter()
+            .filter(|(_, x)| x.trace_id == c.trace_id && x.kind == SpanKind::Server as i32)
+            .count();
+        assert_eq!(servers, 1, "request {i}: server spans under its trace");
+        assert_eq!(
+            s.parent_span_id, c.span_id,
+            "request {i}: server under client"
+        );
+        assert_eq!(attr(&c, "server.address"), Some(vip.to_string()));
+        assert_eq!(attr(&c, "server.port").as_deref(), Some("80"));
+        assert_eq!(
+            attr(&c, "network.peer.address"),
+            Some(callee.ip.to_string())
+        );
+        assert_eq!(attr(&c, "network.peer.port").as_deref(), Some("9100"));
+        assert_eq!(attr(&s, "network.local.port").as_deref(), Some("9100"));
+    }
+    let m = agent.metrics().unwrap();
+    assert!(
+        m["tagflow_linking_services_translated_total"] >= REQUESTS as f64,
+        "{:?}",
+        m.get("tagflow_linking_services_errors_total")
+    );
 }

@@ -42,6 +42,9 @@ pub struct RunFlags {
     /// Do not attach to the loopback inside pod namespaces.
     #[arg(long, env = "TAGFLOW_NO_LOOPBACK")]
     pub no_loopback: bool,
+    /// Do not ask conntrack where calls to Service addresses go.
+    #[arg(long, env = "TAGFLOW_NO_SERVICES")]
+    pub no_services: bool,
     /// Registration socket path.
     #[arg(long, env = "TAGFLOW_AGENT_SOCKET")]
     pub socket: Option<PathBuf>,
@@ -146,6 +149,7 @@ impl RunFlags {
         }
         cfg.backfill &= !self.no_backfill;
         cfg.loopback &= !self.no_loopback;
+        cfg.services &= !self.no_services;
         set(&mut cfg.registration.socket, self.socket);
         if self.socket_group.is_some() {
             cfg.registration.group = self.socket_group;

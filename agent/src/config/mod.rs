@@ -141,6 +141,9 @@ pub struct AgentConfig {
     /// Also attach to `lo` inside each pod's namespace, where in-pod proxies
     /// (Envoy, Istio, nginx, the tagflow sidecar) hand requests to the app.
     pub loopback: bool,
+    /// Resolve calls to Service addresses (DNAT by kube-proxy) through the
+    /// host's conntrack table, so both ends of such a call link.
+    pub services: bool,
     /// Bytes of each HTTP request head copied from the datapath (0 = no
     /// passive capture; at most 1024).
     pub capture_len: u32,
@@ -185,6 +188,7 @@ impl Default for AgentConfig {
             cgroup_root: None,
             backfill: true,
             loopback: true,
+            services: true,
             capture_len: agent_common::DEFAULT_CAPTURE,
             capture_headers: vec!["x-request-id".into()],
             registration: RegistrationConfig::default(),

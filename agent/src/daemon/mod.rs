@@ -21,6 +21,7 @@ use crate::{
     backfill,
     clock::monotonic_ns,
     config::AgentConfig,
+    conntrack::Services,
     events,
     export::{Exporter, SendError, Sink},
     loader::{AttachKind, Datapath, LoaderError},
@@ -49,6 +50,8 @@ const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
 /// Ring-buffer records handled per turn of the loop: under a flood the
 /// other duties (sweeps, expiry, metrics, links) still run.
 const EVENTS_PER_TURN: usize = 4096;
+/// Conntrack answers kept (one per connection to a non-local address).
+const SERVICES_CACHED: usize = 16384;
 /// FLOW_STATS entries without a packet for this long are deleted ("no
 /// trace" entries sooner: remaking one costs one slow-path lookup).
 const FLOW_GC_NS: u64 = 60_000_000_000;
@@ -180,6 +183,15 @@ pub async fn run_with(
     let mut pipe = Pipeline::with_pods(&cfg, pods);
     pipe.stats.adopted = dp.pins.adopted as u64;
     pipe.stats.adopted_idle = dp.pins.expired as u64;
+    if cfg.services {
+        match Services::open(SERVICES_CACHED) {
+            Ok(s) => pipe.services = s,
+            Err(e) => warn!(
+                "no conntrack lookups (calls through Services will not link): {}",
+                crate::report(&e)
+            ),
+        }
+    }
 
     // Subscribe before the dump so no link can slip between the two.
     let monitor = netlink::Socket::open(true)?;

@@ -12,6 +12,7 @@ use tracing::warn;
 use crate::{
     clock::{monotonic_ns, WallClock},
     config::AgentConfig,
+    conntrack::Services,
     events::Event,
     export::Exporter,
     loader::Datapath,
@@ -56,6 +57,9 @@ pub struct AgentStats {
 /// Datapath events → spans → exporter.
 pub struct Pipeline {
     pub capture: Capture,
+    /// Where the host sends calls to Service addresses (off until the
+    /// daemon opens it).
+    pub services: Services,
     pub assembler: Assembler,
     pub clock: WallClock,
     pub stats: AgentStats,
@@ -88,6 +92,7 @@ impl Pipeline {
     pub fn with_pods(cfg: &AgentConfig, pods: Option<Arc<crate::k8s::pods::PodCache>>) -> Self {
         Self {
             capture: Capture::new(cfg.capture_headers.clone(), 16384),
+            services: Services::disabled(),
             assembler: Assembler::new(
                 AssemblerConfig {
                     idle_ns: cfg.span_idle_ms * 1_000_000,
@@ -121,7 +126,7 @@ impl Pipeline {
         &mut self,
         ev: Event,
         table: &Mutex<TraceTables<P, F, G, A>>,
-        receiver: impl FnOnce(&FlowKey) -> Result<Reader, Unresolved>,
+        receiver: impl FnMut(&FlowKey) -> Result<Reader, Unresolved>,
     ) -> Option<FlowKey>
     where
         P: Store<TraceKey, TraceContext>,
@@ -156,11 +161,25 @@ impl Pipeline {
             }
             Event::HttpHead(h) => {
                 self.stats.heads += 1;
-                let out = self
-                    .capture
-                    .handle(&h, &mut table.lock().expect("table lock"), receiver);
+                let services = &mut self.services;
+                let out = self.capture.handle(
+                    &h,
+                    &mut table.lock().expect("table lock"),
+                    receiver,
+                    |k| services.translate(k),
+                );
                 match out {
-                    HeadOutcome::Applied(info) => self.assembler.head(&h.key, *info),
+                    HeadOutcome::Applied(info) => {
+                        if let Some(r) = info.reader_end {
+                            // The reader's handshake went out under its
+                            // process's previous trace: it is this request's.
+                            if self.assembler.retrace(&r.conn, &r.previous, &r.ctx, now) {
+                                self.stats.reattributed_flows += 1;
+                                self.remember_reattributed(r.conn, r.previous, r.ctx);
+                            }
+                        }
+                        self.assembler.head(&h.key, *info)
+                    }
                     HeadOutcome::NoId { truncated: false } => return Some(h.key),
                     _ => {}
                 }
@@ -213,13 +232,19 @@ impl Pipeline {
             None => return,
         };
         drop(t);
+        self.remember_reattributed(f.key, f.stats.trace_id, ctx);
+        relabel(f, &ctx);
+    }
+
+    /// `key`'s packets still come tagged `old` until the datapath switches
+    /// to `ctx`; they continue the span already filed under `ctx`.
+    fn remember_reattributed(&mut self, key: FlowKey, old: [u8; 16], ctx: TraceContext) {
         if self.reattributed.len() >= self.reattributed_cap {
             // Bounded: the oldest connections lose their continuation (a
             // second span), never their trace.
             self.reattributed.clear();
         }
-        self.reattributed.insert(f.key, (f.stats.trace_id, ctx));
-        relabel(f, &ctx);
+        self.reattributed.insert(key, (old, ctx));
     }
 
     /// Refreshes open spans from FLOW_STATS, closes finished ones and hands
@@ -453,6 +478,7 @@ impl Pipeline {
             ("spans_created_total", "Spans handed to export.", a.emitted),
         ]
         .into_iter()
+        .chain(self.services.stats.counters())
         .map(|(n, h, v)| (n.to_string(), h.to_string(), v))
         .collect()
     }
@@ -603,5 +629,70 @@ mod tests {
             Some(&crate::spans::Value::Int(7)),
             "both parts of the connection counted"
         );
+    }
+
+    #[test]
+    fn a_readers_handshake_under_its_previous_trace_joins_the_next_request() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let reader = TraceKey::new(22, 2);
+        let serve = |pipe: &mut Pipeline, port: u16, id: &str| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let Event::HttpHead(mut h) = head(port, &text) else {
+                unreachable!()
+            };
+            h.key.remote_port = 8000;
+            pipe.event(Event::HttpHead(h), &table, |_| {
+                Ok(Reader {
+                    key: reader,
+                    late: false,
+                })
+            });
+        };
+        serve(&mut pipe, 40001, "req-1");
+        let first = crate::ids::map_request_id("req-1").unwrap().0;
+        let second = crate::ids::map_request_id("req-2").unwrap().0;
+        // The server accepts the next connection while its process still
+        // carries req-1: its SYN-ACK is tagged by process.
+        let conn = FlowKey {
+            netns: 2,
+            local_port: 8000,
+            remote_port: 40002,
+            ..Default::default()
+        };
+        let mut syn_ack = flow(conn, 0, 1, 300, 300);
+        syn_ack.stats.trace_id = first;
+        syn_ack.stats.owner = agent_common::OWNER_BOUND;
+        syn_ack.stats.matched = agent_common::MATCH_PID;
+        syn_ack.stats.tcp_flags = 0x12;
+        pipe.event(Event::FlowNew(syn_ack), &table, not_local);
+        serve(&mut pipe, 40002, "req-2");
+        assert_eq!(pipe.stats.reattributed_flows, 1);
+        // The datapath switches to the connection's own entry.
+        pipe.event(Event::FlowEnd(syn_ack), &table, not_local);
+        let mut rest = flow(conn, 0, 3, 310, 320);
+        rest.stats.trace_id = second;
+        rest.stats.owner = agent_common::OWNER_BOUND;
+        rest.stats.tcp_flags = 0x19;
+        pipe.event(Event::FlowNew(rest), &table, not_local);
+        pipe.event(Event::FlowEnd(rest), &table, not_local);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 1, "one connection, one span: {spans:?}");
+        assert_eq!(spans[0].trace_id, second);
+        // A response already sent (PSH) is never moved: a keep-alive
+        // connection's earlier request keeps its span.
+        let conn3 = FlowKey {
+            local_port: 8000,
+            remote_port: 40003,
+            netns: 2,
+            ..Default::default()
+        };
+        let mut answered = syn_ack;
+        answered.key = conn3;
+        answered.stats.trace_id = second;
+        answered.stats.tcp_flags = 0x18;
+        pipe.event(Event::FlowNew(answered), &table, not_local);
+        serve(&mut pipe, 40003, "req-3");
+        assert_eq!(pipe.stats.reattributed_flows, 1);
     }
 }

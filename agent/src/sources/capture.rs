@@ -24,6 +24,22 @@ pub struct HeadInfo {
     pub parent_span_id: Option<[u8; 8]>,
     pub pid: u32,
     pub ts_ns: u64,
+    /// The connection as its receiver sees it, when the host translated
+    /// it (a call through a Service address).
+    pub via: Option<FlowKey>,
+    /// The reader's end of the connection, when the reader's process was
+    /// under another trace until now.
+    pub reader_end: Option<ReaderEnd>,
+}
+
+/// What a head changed for its reader: its end of the connection `conn`
+/// now carries `ctx`; until now its process carried `previous` (so did
+/// whatever it sent on `conn` before the agent got here: the handshake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaderEnd {
+    pub conn: FlowKey,
+    pub previous: [u8; 16],
+    pub ctx: TraceContext,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -86,6 +102,8 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
             parent_span_id: id.parent_span_id,
             pid: 0,
             ts_ns: 0,
+            via: None,
+            reader_end: None,
         },
         id.sampled,
     ))
@@ -186,12 +204,15 @@ impl Capture {
 
     /// Applies a captured head: its connection, its sender and the process
     /// that will read it (found by `receiver`, asked only for heads with an
-    /// id) carry the request's trace from now on.
+    /// id) carry the request's trace from now on. A head addressed to no
+    /// local pod may be going to a Service: `translate` says where the host
+    /// sends it, and the receiver is looked for there.
     pub fn handle<P, F, G, A>(
         &mut self,
         ev: &HttpHeadEvent,
         table: &mut TraceTables<P, F, G, A>,
-        receiver: impl FnOnce(&FlowKey) -> Result<Reader, Unresolved>,
+        mut receiver: impl FnMut(&FlowKey) -> Result<Reader, Unresolved>,
+        translate: impl FnOnce(&FlowKey) -> Option<FlowKey>,
     ) -> HeadOutcome
     where
         P: Store<TraceKey, TraceContext>,
@@ -242,12 +263,30 @@ impl Capture {
         }
         // The reader: its own calls while serving, and its end of this
         // connection (the response), carry the request's trace too.
-        match receiver(&ev.key) {
+        let mut found = receiver(&ev.key);
+        let mut target = ev.key;
+        if found == Err(Unresolved::NotLocal) {
+            if let Some(via) = translate(&ev.key) {
+                info.via = Some(via);
+                target = via;
+                found = receiver(&via);
+            }
+        }
+        match found {
             Ok(Reader { key: r, late }) => {
                 self.receivers_keyed += 1;
                 self.receivers_late += late as u64;
                 self.remember_reader(r, ev.ts_ns, ctx);
-                let reverse = ev.key.reversed_in(r.netns);
+                let reverse = target.reversed_in(r.netns);
+                info.reader_end = table
+                    .by_pid()
+                    .context(&r)
+                    .filter(|p| p.trace_id != ctx.trace_id)
+                    .map(|p| ReaderEnd {
+                        conn: reverse,
+                        previous: p.trace_id,
+                        ctx,
+                    });
                 if table.set_process(r, &ctx).is_err() || table.set_flow(reverse, &ctx).is_err() {
                     self.table_errors += 1;
                 }
@@ -299,6 +338,10 @@ mod tests {
 
     fn not_local(_: &FlowKey) -> Result<Reader, Unresolved> {
         Err(Unresolved::NotLocal)
+    }
+
+    fn no_nat(_: &FlowKey) -> Option<FlowKey> {
+        None
     }
 
     fn hdrs() -> Vec<String> {
@@ -394,7 +437,7 @@ mod tests {
         let s = 1_000_000_000;
         let a = head(1, "req-a", 100 * s);
         assert!(matches!(
-            c.handle(&a, &mut t, not_local),
+            c.handle(&a, &mut t, not_local, no_nat),
             HeadOutcome::Applied(_)
         ));
         let trace = ids::map_request_id("req-a").unwrap().0;
@@ -402,10 +445,15 @@ mod tests {
         assert!(c.take_head(&a.key, &trace).is_some());
         assert!(c.take_head(&a.key, &trace).is_none(), "handed over once");
         // Never claimed: dropped once 3 s older than the newest head.
-        c.handle(&head(2, "req-b", 101 * s), &mut t, not_local);
-        c.handle(&head(3, "req-c", 102 * s), &mut t, not_local);
+        c.handle(&head(2, "req-b", 101 * s), &mut t, not_local, no_nat);
+        c.handle(&head(3, "req-c", 102 * s), &mut t, not_local, no_nat);
         assert_eq!(c.cached(), 2);
-        c.handle(&head(4, "req-d", 104 * s + s / 2), &mut t, not_local);
+        c.handle(
+            &head(4, "req-d", 104 * s + s / 2),
+            &mut t,
+            not_local,
+            no_nat,
+        );
         assert_eq!((c.cached(), c.unclaimed, c.evicted), (2, 1, 0));
     }
 }
@@ -434,13 +482,18 @@ mod receiver_tests {
         };
         ev.data[..text.len()].copy_from_slice(text);
         let reader = TraceKey::new(22, 2);
-        let out = c.handle(&ev, &mut t, |k| {
-            assert_eq!(k, &ev.key, "asked about the head's own connection");
-            Ok(Reader {
-                key: reader,
-                late: false,
-            })
-        });
+        let out = c.handle(
+            &ev,
+            &mut t,
+            |k| {
+                assert_eq!(k, &ev.key, "asked about the head's own connection");
+                Ok(Reader {
+                    key: reader,
+                    late: false,
+                })
+            },
+            |_| panic!("a local receiver needs no translation"),
+        );
         assert!(matches!(out, HeadOutcome::Applied(_)));
         let want = ids::map_request_id("req-r").unwrap().0;
         assert_eq!(t.by_pid().get(&reader), Some(want), "the reader");
@@ -459,6 +512,67 @@ mod receiver_tests {
         ev.data = [0; agent_common::MAX_CAPTURE];
         ev.data[..text.len()].copy_from_slice(text);
         ev.len = text.len() as u32;
-        c.handle(&ev, &mut t, |_| panic!("no id, no reader"));
+        c.handle(&ev, &mut t, |_| panic!("no id, no reader"), |_| None);
+    }
+
+    #[test]
+    fn a_head_to_a_service_address_keys_the_pod_the_host_sends_it_to() {
+        let mut t = crate::tables::MemoryTables::in_memory(16, std::time::Duration::from_secs(30));
+        let mut c = Capture::new(vec!["x-request-id".into()], 16);
+        let text = b"GET / HTTP/1.1\r\nX-Request-Id: req-s\r\n\r\n";
+        let vip = FlowKey::new(
+            1,
+            agent_common::PROTO_TCP,
+            ([10, 0, 0, 1], 40000).into(),
+            ([10, 96, 0, 10], 80).into(),
+        );
+        // DNAT to the pod and masquerade: the callee sees the node.
+        let via = FlowKey::new(
+            1,
+            agent_common::PROTO_TCP,
+            ([10, 0, 0, 254], 40000).into(),
+            ([10, 0, 0, 3], 9100).into(),
+        );
+        let mut ev = HttpHeadEvent {
+            header: Default::default(),
+            key: vip,
+            ts_ns: 0,
+            pid: 11,
+            len: text.len() as u32,
+            data: [0; agent_common::MAX_CAPTURE],
+        };
+        ev.data[..text.len()].copy_from_slice(text);
+        let reader = TraceKey::new(33, 3);
+        let out = c.handle(
+            &ev,
+            &mut t,
+            |k| {
+                if k.remote_port == 9100 {
+                    Ok(Reader {
+                        key: reader,
+                        late: false,
+                    })
+                } else {
+                    Err(Unresolved::NotLocal)
+                }
+            },
+            |k| {
+                assert_eq!(k, &vip);
+                Some(via)
+            },
+        );
+        let HeadOutcome::Applied(info) = out else {
+            panic!("{out:?}")
+        };
+        assert_eq!(info.via, Some(via), "the span learns the real peer");
+        let want = ids::map_request_id("req-s").unwrap().0;
+        assert_eq!(t.by_pid().get(&reader), Some(want));
+        assert_eq!(
+            t.by_flow().get(&via.reversed_in(3)),
+            Some(want),
+            "the callee's end"
+        );
+        assert_eq!(t.by_flow().get(&vip), Some(want), "the caller's end");
+        assert_eq!((c.receivers_keyed, c.receivers_not_local), (1, 0));
     }
 }

@@ -148,9 +148,12 @@ impl LiveAgent {
                 while let Some(item) = ring.next() {
                     match events::decode(&item) {
                         Event::HttpHead(h) => {
-                            capture.handle(&h, &mut t2.lock().unwrap(), |_| {
-                                Err(tagflow::podnet::Unresolved::NotLocal)
-                            });
+                            capture.handle(
+                                &h,
+                                &mut t2.lock().unwrap(),
+                                |_| Err(tagflow::podnet::Unresolved::NotLocal),
+                                |_| None,
+                            );
                         }
                         Event::FlowNew(e) | Event::FlowEnd(e) => {
                             f2.lock().unwrap().push((e.key, e.stats))

@@ -34,6 +34,12 @@ impl Assembler {
         let totals = o.totals();
         let s = &totals;
         let (local, peer) = (key.local_ip(), key.remote_ip());
+        // Through a Service: the peer is the pod the host sent the call to.
+        let via = o.head.as_ref().and_then(|h| h.via);
+        let (peer_ip, peer_port) = match &via {
+            Some(v) => (v.remote_ip(), v.remote_port),
+            None => (peer, key.remote_port),
+        };
         let transport = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
         let kind = match s.owner {
             OWNER_CONNECTED => SpanKind::Client,
@@ -58,8 +64,8 @@ impl Assembler {
                     .into(),
                 ),
             ),
-            kv("network.peer.address", Value::Str(peer.to_string())),
-            kv("network.peer.port", Value::Int(key.remote_port as i64)),
+            kv("network.peer.address", Value::Str(peer_ip.to_string())),
+            kv("network.peer.port", Value::Int(peer_port as i64)),
             kv("network.local.address", Value::Str(local.to_string())),
             kv("network.local.port", Value::Int(key.local_port as i64)),
             kv("network.interface.name", Value::Str(self.ifname(s.ifindex))),
@@ -90,9 +96,23 @@ impl Assembler {
             a.push(kv("http.request.method", Value::Str(h.method.clone())));
             let path = h.target.split('?').next().unwrap_or("");
             a.push(kv("url.path", Value::Str(path.into())));
-            if let Some(host) = &h.host {
-                let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
-                a.push(kv("server.address", Value::Str(host.into())));
+            match (&h.host, via) {
+                // The Service address: what the caller dialled.
+                (host, Some(_)) => {
+                    a.push(kv("server.address", Value::Str(peer.to_string())));
+                    a.push(kv("server.port", Value::Int(key.remote_port as i64)));
+                    if let Some(host) = host {
+                        a.push(kv(
+                            "http.request.header.host",
+                            Value::StrArray(vec![host.clone()]),
+                        ));
+                    }
+                }
+                (Some(host), None) => {
+                    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+                    a.push(kv("server.address", Value::Str(host.into())));
+                }
+                (None, None) => {}
             }
             if let Some(rid) = &h.request_id {
                 a.push(kv(

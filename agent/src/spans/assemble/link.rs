@@ -10,6 +10,9 @@ use crate::spans::{SpanKind, SpanRecord};
 #[derive(Clone)]
 pub(super) struct Closed {
     pub key: FlowKey,
+    /// The connection as its receiver sees it, when the host translated it
+    /// (a call through a Service address): what the server span is on.
+    pub via: Option<FlowKey>,
     /// The caller's span from this span's own `traceparent`, for when no
     /// span of this node is its parent.
     pub remote_parent: Option<[u8; 8]>,
@@ -62,6 +65,7 @@ pub(super) fn link(spans: &mut [Closed]) {
         let k = &s.key;
         match s.record.kind {
             SpanKind::Client => {
+                let k = s.via.as_ref().unwrap_or(k);
                 clients
                     .entry((
                         scope(k),
@@ -245,6 +249,7 @@ mod tests {
                     };
                     Closed {
                         key: k,
+                        via: None,
                         remote_parent: remote.map(|r| [r; 8]),
                         pid: *pid,
                         start: *start,

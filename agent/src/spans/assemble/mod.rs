@@ -214,6 +214,50 @@ impl Assembler {
         };
     }
 
+    /// A reader's end of a connection whose request head just arrived,
+    /// open under `from`: the trace its process carried before the agent
+    /// keyed it for this request. Only a handshake moves to `ctx` (the
+    /// server cannot have answered a request it had not been sent): a span
+    /// that carried data (PSH), ended (FIN, RST) or was tagged by its own
+    /// connection's entry belongs to an earlier request. Returns whether it
+    /// moved; the datapath's switch then continues it (`continue_as`).
+    pub fn retrace(
+        &mut self,
+        key: &FlowKey,
+        from: &[u8; 16],
+        ctx: &TraceContext,
+        now: u64,
+    ) -> bool {
+        let movable = |o: &Open| {
+            o.stats.matched == MATCH_PID
+                && o.earlier.is_none()
+                && o.totals().tcp_flags & (TCP_FIN | TCP_RST | TCP_PSH) == 0
+        };
+        if !self.open.get(&(*key, *from)).is_some_and(movable)
+            || self.open.contains_key(&(*key, ctx.trace_id))
+        {
+            return false;
+        }
+        let Some(mut o) = self.open.remove(&(*key, *from)) else {
+            return false;
+        };
+        o.trace_flags = ctx.flags;
+        o.remote_parent = (ctx.flags & TRACE_FLAG_HAS_PARENT != 0).then_some(ctx.parent_span_id);
+        o.stats.trace_id = ctx.trace_id;
+        self.open.insert((*key, ctx.trace_id), o);
+        if let Some(g) = self.groups.get_mut(from) {
+            g.open = g.open.saturating_sub(1);
+            g.last_change = now;
+        }
+        let g = self.groups.entry(ctx.trace_id).or_default();
+        if g.open == 0 && g.closed.is_empty() {
+            g.first = now;
+        }
+        g.open += 1;
+        g.last_change = now;
+        true
+    }
+
     /// A request head seen after its span opened.
     pub fn head(&mut self, key: &FlowKey, info: HeadInfo) {
         if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
@@ -276,6 +320,7 @@ impl Assembler {
         g.last_change = now;
         g.closed.push(Closed {
             key: k.0,
+            via: o.head.as_ref().and_then(|h| h.via),
             remote_parent: o.remote_parent,
             pid: o.stats.pid,
             start,
@@ -288,6 +333,7 @@ impl Assembler {
 
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
 
 #[cfg(test)]
 mod tests {
@@ -767,6 +813,8 @@ mod tests {
             parent_span_id: None,
             pid: 0,
             ts_ns: 0,
+            via: None,
+            reader_end: None,
         };
         a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
         a.head(&k, head);
@@ -783,5 +831,53 @@ mod tests {
             s.attr("tagflow.request_id"),
             Some(&Value::Str("req-9".into()))
         );
+    }
+
+    #[test]
+    fn a_call_through_a_service_parents_the_pods_server_span() {
+        let mut a = asm(1_000_000);
+        // The caller dialled 10.96.0.10:80; the host sent it to 10.0.0.3:9100
+        // and masqueraded it as 10.0.0.254.
+        let caller = key(1, [10, 0, 0, 1], 40000, [10, 96, 0, 10], 80);
+        let via = key(1, [10, 0, 0, 254], 40000, [10, 0, 0, 3], 9100);
+        let callee = via.reversed_in(3);
+        let head = HeadInfo {
+            method: "GET".into(),
+            target: "/".into(),
+            host: Some("shop".into()),
+            request_id: None,
+            trace_id: T1,
+            parent_span_id: None,
+            pid: 0,
+            ts_ns: 0,
+            via: Some(via),
+            reader_end: None,
+        };
+        a.flow_new(
+            &ev(caller, T1, OWNER_CONNECTED, 100, 100, 1),
+            Some(head),
+            100,
+        );
+        a.flow_new(&ev(callee, T1, OWNER_BOUND, 110, 110, 1), None, 110);
+        a.flow_end(&ev(callee, T1, OWNER_BOUND, 110, 150, 2), 150);
+        a.flow_end(&ev(caller, T1, OWNER_CONNECTED, 100, 160, 3), 160);
+        let out = a.ready(&CLOCK(), 1_000);
+        let client = out.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        let server = out.iter().find(|s| s.kind == SpanKind::Server).unwrap();
+        assert_eq!(server.parent_span_id, Some(client.span_id));
+        let str_attr = |s: &crate::spans::SpanRecord, k: &str| s.attr(k).cloned();
+        assert_eq!(
+            str_attr(client, "network.peer.address"),
+            Some(Value::Str("10.0.0.3".into()))
+        );
+        assert_eq!(
+            str_attr(client, "network.peer.port"),
+            Some(Value::Int(9100))
+        );
+        assert_eq!(
+            str_attr(client, "server.address"),
+            Some(Value::Str("10.96.0.10".into()))
+        );
+        assert_eq!(str_attr(client, "server.port"), Some(Value::Int(80)));
     }
 }
