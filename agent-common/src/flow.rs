@@ -7,6 +7,10 @@ pub const FAMILY_IPV6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
+/// `FlowKey.netns` of a request head captured on the node's uplink: it came
+/// from another node, no local pod sent it (namespace cookies start at 1).
+pub const NETNS_WIRE: u64 = 0;
+
 /// One direction-independent connection as seen from the pod.
 ///
 /// "local" is the pod's end: on the ingress of the host-side veth the pod's
@@ -110,6 +114,11 @@ pub const OWNER_BOUND: u8 = 2;
 /// `FlowStats.matched`: which table gave the trace context.
 pub const MATCH_FLOW: u8 = 1;
 pub const MATCH_PID: u8 = 2;
+/// `FlowStats.matched` of a "no trace" entry on which a request head was
+/// captured: its packets are counted (as a traced flow's are), so userspace
+/// can still file the connection under the head's trace when it ended
+/// before the agent had keyed it.
+pub const MATCH_WATCHED: u8 = 3;
 
 /// Value of `FLOW_STATS` (LRU): per (flow, trace) accounting, and the
 /// datapath's per-flow resolution cache.

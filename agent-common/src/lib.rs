@@ -71,6 +71,7 @@ pub mod maps {
 /// Names of the programs in the eBPF object.
 pub mod programs {
     pub const INGRESS: &str = "tagflow_ingress";
+    pub const UPLINK: &str = "tagflow_uplink";
     pub const CONNECT4: &str = "tagflow_connect4";
     pub const CONNECT6: &str = "tagflow_connect6";
     pub const BIND4: &str = "tagflow_bind4";

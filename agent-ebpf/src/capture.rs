@@ -2,11 +2,12 @@
 //! HTTP/1.x request head goes to userspace, which reads its request id.
 //! Bounded work: one fixed-size ring-buffer reservation and one copy.
 use crate::{
-    maps::{count, CAPTURE_SKIP, EVENTS},
+    maps::{count, CAPTURE_SKIP, EVENTS, FLOW_STATS},
     resolve,
 };
 use agent_common::{
-    Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, EVENT_HTTP_HEAD, MAX_CAPTURE,
+    Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, EVENT_HTTP_HEAD, MATCH_WATCHED,
+    MAX_CAPTURE,
 };
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
 use core::ffi::c_void;
@@ -14,19 +15,27 @@ use core::ffi::c_void;
 /// Copies the head unless userspace asked to skip this connection for a
 /// while (its last head had no id header: keep-alive traffic without ids
 /// then costs one lookup per request instead of a copy and a parse).
+/// `local`: the sender is on this host (a pod), so its owner is looked up;
+/// heads from the wire have none.
 #[inline(always)]
-pub fn maybe_head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize) {
+pub fn maybe_head(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    key: &FlowKey,
+    payload_off: usize,
+    local: bool,
+) {
     if let Some(until) = unsafe { CAPTURE_SKIP.get(key) } {
         if crate::tag::now(ctx) < *until {
             count(Counter::HeadSkipped);
             return;
         }
     }
-    head(ctx, cfg, key, payload_off);
+    head(ctx, cfg, key, payload_off, local);
 }
 
 #[inline(always)]
-pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize) {
+pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize, local: bool) {
     let Some(mut entry) = EVENTS.reserve::<HttpHeadEvent>(0) else {
         count(Counter::RingbufFull);
         return;
@@ -63,7 +72,11 @@ pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: u
             len
         }
     };
-    let owner = resolve::owner(ctx, key);
+    let pid = if local {
+        resolve::owner(ctx, key).pid
+    } else {
+        0
+    };
     unsafe {
         (*e).header = EventHeader {
             kind: EVENT_HTTP_HEAD,
@@ -71,11 +84,23 @@ pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: u
         };
         (*e).key = *key;
         (*e).ts_ns = crate::tag::now(ctx);
-        (*e).pid = owner.pid;
+        (*e).pid = pid;
         (*e).len = n as u32;
     }
     entry.submit(0);
     count(Counter::HeadCaptured);
+    // An untraced connection carrying a request: count its packets from
+    // here on, in case it ends before the agent has keyed it.
+    if local {
+        if let Some(s) = FLOW_STATS.get_ptr_mut(key) {
+            // SAFETY: a live entry of our own map; racing writers only
+            // store the same flag.
+            let s = unsafe { &mut *s };
+            if s.is_negative() {
+                s.matched = MATCH_WATCHED;
+            }
+        }
+    }
 }
 
 const _: () = assert!(MAX_CAPTURE.is_power_of_two());

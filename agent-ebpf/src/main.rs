@@ -54,7 +54,7 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     // Passive capture runs before the gate: heads from trace-free pods are
     // how traces start.
     if cfg.capture_len != 0 && parse::looks_like_http_request(&ctx, parsed.payload_off) {
-        capture::maybe_head(&ctx, &cfg, &key, parsed.payload_off);
+        capture::maybe_head(&ctx, &cfg, &key, parsed.payload_off, true);
     }
 
     // Gate: a namespace without trace entries stops here, after one lookup.
@@ -72,6 +72,9 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
         let s = unsafe { &mut *s };
         if s.gen == gen {
             if s.is_negative() {
+                if s.matched == MATCH_WATCHED {
+                    tag::account(&ctx, s, parsed.tcp_flags);
+                }
                 count(Counter::NoTrace);
             } else {
                 tag::mark_packet(&mut ctx, &cfg, &s.trace_id, s.cb_meta);
@@ -103,6 +106,26 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
         matched,
         parsed.tcp_flags,
     );
+    TCX_NEXT
+}
+
+/// TC ingress of the node's uplink: requests from other nodes, on their
+/// way to a local pod, never pass that pod's veth ingress. Capture only:
+/// their heads go to userspace under `NETNS_WIRE` (no pod sent them), and
+/// nothing here tags, counts or changes a packet.
+#[classifier]
+pub fn tagflow_uplink(ctx: TcContext) -> i32 {
+    let cfg = CONFIG.load();
+    if cfg.capture_len == 0 {
+        return TCX_NEXT;
+    }
+    if let Ok(parsed) = parse::parse(&ctx) {
+        if parse::looks_like_http_request(&ctx, parsed.payload_off) {
+            let mut key = parsed.key;
+            key.netns = NETNS_WIRE;
+            capture::maybe_head(&ctx, &cfg, &key, parsed.payload_off, false);
+        }
+    }
     TCX_NEXT
 }
 

@@ -97,6 +97,9 @@ pub fn resolved(
                 let o = unsafe { &mut *o };
                 if o.is_negative() {
                     o.gen = gen;
+                    if o.matched == MATCH_WATCHED {
+                        account(ctx, o, tcp_flags);
+                    }
                     return;
                 }
                 // The flow's trace ended: hand its final numbers over.
@@ -104,11 +107,20 @@ pub fn resolved(
             }
             // Stamped so that userspace can age it out (flow GC): a dead
             // flow's "no trace" entry would otherwise sit until LRU eviction.
+            // Who and where too, for when a head makes the connection worth
+            // a span after all (MATCH_WATCHED: counted from then on).
             let t = now(ctx);
             let neg = FlowStats {
                 gen,
+                pid: owner.pid,
+                ifindex: unsafe { (*ctx.skb.skb).ifindex },
+                packets: 1,
+                bytes: ctx.len() as u64,
                 first_ns: t,
                 last_ns: t,
+                tcp_flags,
+                direction: DIRECTION_POD_EGRESS,
+                owner: owner.how,
                 ..FlowStats::default()
             };
             if FLOW_STATS.insert(key, neg, 0).is_err() {

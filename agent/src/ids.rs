@@ -217,6 +217,28 @@ pub fn new_traceparent(trace_id: &[u8; 16]) -> String {
     format!("00-{}-{}-01", to_hex(trace_id), to_hex(&span))
 }
 
+/// The span id of a call (a CLIENT span) that both ends can compute without
+/// talking to each other: from the trace and the connection as the callee
+/// sees it, written from the caller's side (`local` = caller, `remote` =
+/// callee; the namespace is not part of it). Never all zero.
+pub fn call_span_id(trace_id: &[u8; 16], conn: &agent_common::FlowKey) -> [u8; 8] {
+    let mut h = Sha256::new();
+    h.update(b"tagflow call");
+    h.update(trace_id);
+    h.update([conn.family, conn.proto]);
+    h.update(conn.local_addr);
+    h.update(conn.local_port.to_be_bytes());
+    h.update(conn.remote_addr);
+    h.update(conn.remote_port.to_be_bytes());
+    let d = h.finalize();
+    let mut id = [0u8; 8];
+    id.copy_from_slice(&d[..8]);
+    if id == [0; 8] {
+        id[7] = 1;
+    }
+    id
+}
+
 pub fn random<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];
     // The OS RNG only fails when the kernel has none; there is no sane
@@ -229,6 +251,37 @@ pub fn random<const N: usize>() -> [u8; N] {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_calls_span_id_is_the_same_from_either_end_and_differs_per_trace_and_connection() {
+        use agent_common::{FlowKey, PROTO_TCP};
+        let caller = FlowKey::new(
+            3,
+            PROTO_TCP,
+            ([10, 1, 0, 2], 40000).into(),
+            ([10, 2, 0, 3], 80).into(),
+        );
+        // The callee's node sees the same connection in no pod namespace.
+        let seen_there = FlowKey::new(
+            0,
+            PROTO_TCP,
+            ([10, 2, 0, 3], 80).into(),
+            ([10, 1, 0, 2], 40000).into(),
+        );
+        let t = [7; 16];
+        assert_eq!(
+            call_span_id(&t, &caller),
+            call_span_id(&t, &seen_there.reversed_in(9))
+        );
+        assert_ne!(call_span_id(&t, &caller), call_span_id(&[8; 16], &caller));
+        let other = FlowKey::new(
+            3,
+            PROTO_TCP,
+            ([10, 1, 0, 2], 40001).into(),
+            ([10, 2, 0, 3], 80).into(),
+        );
+        assert_ne!(call_span_id(&t, &caller), call_span_id(&t, &other));
+    }
 
     #[test]
     fn uuid_maps_to_its_bytes_and_envoy_nibble_is_normalised() {

@@ -21,6 +21,7 @@ pub mod sidecar;
 pub mod sources;
 pub mod spans;
 pub mod tables;
+pub mod uplink;
 
 /// An error with its chain of causes, "outer: inner: …", for logs (each
 /// error's own message never repeats its source).

@@ -34,6 +34,9 @@ pub struct Snapshot {
     /// Pod namespaces whose loopback carries tagflow_ingress.
     #[serde(default)]
     pub loopbacks: u64,
+    /// Uplinks carrying tagflow_uplink: (ifindex, name).
+    #[serde(default)]
+    pub uplinks: Vec<(u32, String)>,
     /// Datapath counters summed over CPUs: (name, value).
     pub datapath: Vec<(String, u64)>,
     /// (map, entries, capacity).
@@ -115,6 +118,12 @@ impl Ops {
             "attached_loopbacks",
             "Pod namespaces whose loopback tagflow_ingress is attached to (in-pod proxies).",
             s.loopbacks,
+        );
+        gauge(
+            &mut out,
+            "attached_uplinks",
+            "Uplinks tagflow_uplink is attached to (requests from other nodes).",
+            s.uplinks.len() as u64,
         );
         gauge(
             &mut out,

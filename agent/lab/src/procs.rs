@@ -10,7 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::topo::{free_port, Lab, Pod, TopoError};
+use std::os::{fd::AsRawFd, unix::process::CommandExt};
+
+use crate::{
+    node::Node,
+    topo::{free_port, Lab, Pod, TopoError},
+};
 
 /// The `tagflow` binary: `$TAGFLOW_BIN`, else beside this executable (a
 /// test harness runs from `target/<profile>/deps/`, the binary sits one
@@ -149,7 +154,16 @@ impl AgentProc {
     pub fn start(lab: &Lab, extra: &[&str]) -> Result<Self, TopoError> {
         let mut args = vec!["--no-pin"];
         args.extend_from_slice(extra);
-        Self::launch(lab, &args, None)
+        Self::launch(lab, &args, None, None)
+    }
+
+    /// `tagflow run` on another node (inside its namespace), attached to
+    /// the pods of `lab` there; its metrics answer on the node's
+    /// management address.
+    pub fn start_on(node: &Node, lab: &Lab, extra: &[&str]) -> Result<Self, TopoError> {
+        let mut args = vec!["--no-pin"];
+        args.extend_from_slice(extra);
+        Self::launch(lab, &args, None, Some(node))
     }
 
     /// With its maps pinned in `pin_dir` (removed on drop): a restarted
@@ -157,22 +171,49 @@ impl AgentProc {
     pub fn start_pinned(lab: &Lab, extra: &[&str], pin_dir: &Path) -> Result<Self, TopoError> {
         let mut args = vec!["--pin-dir", pin_dir.to_str().expect("utf-8 pin dir")];
         args.extend_from_slice(extra);
-        Self::launch(lab, &args, Some(pin_dir.into()))
+        Self::launch(lab, &args, Some(pin_dir.into()), None)
     }
 
-    fn launch(lab: &Lab, extra: &[&str], pin_dir: Option<PathBuf>) -> Result<Self, TopoError> {
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+    fn launch(
+        lab: &Lab,
+        extra: &[&str],
+        pin_dir: Option<PathBuf>,
+        node: Option<&Node>,
+    ) -> Result<Self, TopoError> {
+        let ip = node.map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.mgmt);
+        let metrics = SocketAddr::from((ip, free_port()));
         let socket = std::env::temp_dir().join(format!(
             "tagflow-lab-{}-{}/agent.sock",
             std::process::id(),
             metrics.port()
         ));
-        let child = Command::new(tagflow_bin())
+        let mut cmd = Command::new(tagflow_bin());
+        if let Some(n) = node {
+            let ns = std::fs::File::open(n.netns_path())?;
+            // SAFETY: between fork and exec only setns, which is
+            // async-signal-safe, on a descriptor the parent keeps open.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(["run", "--iface-prefix", &lab.prefix])
             .args(["--metrics-addr", &metrics.to_string()])
             .arg("--socket")
             .arg(&socket)
             .args(extra)
+            // The lab's own nodes name their uplinks; the machine's is not
+            // the lab's business.
+            .args(if extra.contains(&"--uplink") {
+                &[][..]
+            } else {
+                &["--uplink", "none"][..]
+            })
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?;

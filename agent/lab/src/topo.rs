@@ -49,6 +49,9 @@ pub struct Lab {
     pub prefix: String,
     pub bridge: String,
     pub pods: Vec<Pod>,
+    /// The node namespace the bridge and host-side veths live in (`None`:
+    /// this process's own, the host).
+    node: Option<String>,
     subnet: [u8; 3],
     next: u8,
 }
@@ -64,22 +67,39 @@ pub fn run(args: &[&str]) -> Result<String, TopoError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// A number unique to this process and call (names of lab objects).
+pub fn unique() -> u32 {
+    let n = LABS.fetch_add(1, Ordering::Relaxed);
+    (std::process::id().wrapping_mul(31).wrapping_add(n)) & 0xffffff
+}
+
 impl Lab {
     /// A lab with `pods` pods, named `<prefix>-0`, `<prefix>-1`, ...
     pub fn new(pods: usize) -> Result<Self, TopoError> {
-        let n = LABS.fetch_add(1, Ordering::Relaxed);
-        let uniq = (std::process::id().wrapping_mul(31).wrapping_add(n)) & 0xffffff;
+        Self::build(None, pods)
+    }
+
+    /// A lab whose bridge and host-side veths live in the namespace
+    /// `node` (another "machine", see `node::Node`).
+    pub fn on_node(node: &str, pods: usize) -> Result<Self, TopoError> {
+        Self::build(Some(node.to_string()), pods)
+    }
+
+    fn build(node: Option<String>, pods: usize) -> Result<Self, TopoError> {
+        let uniq = unique();
         let prefix = format!("tfv{uniq:06x}");
         let bridge = format!("tfb{uniq:06x}");
-        run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
         let mut lab = Self {
             prefix,
-            bridge,
+            bridge: String::new(),
             pods: Vec::new(),
+            node,
             subnet: [10, 100 + (uniq % 100) as u8, (uniq >> 8) as u8],
             next: 0,
         };
-        run(&["ip", "link", "set", &lab.bridge, "up"])?;
+        lab.ip(&["link", "add", &bridge, "type", "bridge"])?;
+        lab.bridge = bridge;
+        lab.ip(&["link", "set", &lab.bridge, "up"])?;
         for _ in 0..pods {
             lab.add_pod()?;
         }
@@ -102,10 +122,10 @@ impl Lab {
             host_ifindex: 0,
             ip,
         });
-        run(&[
-            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &name,
+        self.ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer, "netns", &name,
         ])?;
-        run(&["ip", "link", "set", &host_if, "master", &self.bridge, "up"])?;
+        self.ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
         let addr = format!("{ip}/24");
         for args in [
             vec!["ip", "link", "set", &peer, "name", "eth0"],
@@ -117,9 +137,14 @@ impl Lab {
             full.extend(args);
             run(&full)?;
         }
-        let idx = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))?;
+        // `N: name@peer: ...`
+        let line = self.ip(&["-o", "link", "show", "dev", &host_if])?;
         let pod = self.pods.last_mut().expect("just pushed");
-        pod.host_ifindex = idx.trim().parse().unwrap_or(0);
+        pod.host_ifindex = line
+            .split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0);
         Ok(self.pods.len() - 1)
     }
 
@@ -128,18 +153,15 @@ impl Lab {
     /// changes) and each pod a default route through it. Returns `.1`.
     pub fn route_via_host(&self) -> Result<Ipv4Addr, TopoError> {
         let gw = Ipv4Addr::new(self.subnet[0], self.subnet[1], self.subnet[2], 1);
-        run(&[
-            "ip",
-            "addr",
-            "add",
-            &format!("{gw}/24"),
-            "dev",
-            &self.bridge,
-        ])?;
-        std::fs::write(
-            format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.bridge),
-            "1",
-        )?;
+        self.ip(&["addr", "add", &format!("{gw}/24"), "dev", &self.bridge])?;
+        let knob = format!("/proc/sys/net/ipv4/conf/{}/forwarding", self.bridge);
+        match &self.node {
+            None => std::fs::write(knob, "1")?,
+            Some(n) => {
+                let set = format!("echo 1 > {knob}");
+                run(&["ip", "netns", "exec", n, "sh", "-c", &set])?;
+            }
+        }
         for pod in &self.pods {
             let gw = gw.to_string();
             run(&[
@@ -164,13 +186,24 @@ impl Lab {
     pub fn remove_pod(&mut self, i: usize) {
         let pod = self.pods.remove(i);
         let _ = run(&["ip", "netns", "del", &pod.name]);
-        let _ = run(&["ip", "link", "del", &pod.host_if]);
+        let _ = self.ip(&["link", "del", &pod.host_if]);
+    }
+
+    /// `ip ARGS` in the lab's node namespace.
+    fn ip(&self, args: &[&str]) -> Result<String, TopoError> {
+        let mut full = vec!["ip"];
+        if let Some(n) = &self.node {
+            full.extend(["-n", n.as_str()]);
+        }
+        full.extend(args);
+        run(&full)
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for pod in self.pods.drain(..) {
+        let pods = std::mem::take(&mut self.pods);
+        for pod in pods {
             // Kill anything still running in the pod, then remove it.
             let _ = Command::new("ip")
                 .args(["netns", "pids", &pod.name])
@@ -181,9 +214,9 @@ impl Drop for Lab {
                     }
                 });
             let _ = run(&["ip", "netns", "del", &pod.name]);
-            let _ = run(&["ip", "link", "del", &pod.host_if]);
+            let _ = self.ip(&["link", "del", &pod.host_if]);
         }
-        let _ = run(&["ip", "link", "del", &self.bridge]);
+        let _ = self.ip(&["link", "del", &self.bridge]);
     }
 }
 

@@ -21,6 +21,11 @@ pub struct RunFlags {
         value_delimiter = ','
     )]
     pub iface_prefixes: Vec<String>,
+    /// The node's uplinks, where requests from other nodes arrive
+    /// (repeatable; `none` for none; default: the interfaces of the
+    /// default routes).
+    #[arg(long = "uplink", env = "TAGFLOW_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
     #[arg(long, env = "TAGFLOW_ATTACH_MODE")]
     pub attach_mode: Option<AttachMode>,
     #[arg(long, env = "TAGFLOW_TCX_ORDER")]
@@ -138,6 +143,9 @@ impl RunFlags {
         }
         if !self.iface_prefixes.is_empty() {
             cfg.iface_prefixes = self.iface_prefixes;
+        }
+        if !self.uplinks.is_empty() {
+            cfg.uplinks = Some(self.uplinks.into_iter().filter(|u| u != "none").collect());
         }
         set(&mut cfg.attach_mode, self.attach_mode);
         set(&mut cfg.tcx_order, self.tcx_order);

@@ -119,6 +119,10 @@ pub struct AgentConfig {
     pub ifaces: Vec<String>,
     /// Interfaces attached when their name starts with one of these.
     pub iface_prefixes: Vec<String>,
+    /// The node's uplinks, where requests from other nodes come in (heads
+    /// captured there key the local pod that reads them). Unset: the
+    /// interfaces of the default routes; empty: none.
+    pub uplinks: Option<Vec<String>>,
     pub attach_mode: AttachMode,
     pub tcx_order: TcxOrder,
     /// skb->mark bits set on tagged packets: `(mark & !mask) | (value & mask)`.
@@ -177,6 +181,7 @@ impl Default for AgentConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            uplinks: None,
             attach_mode: AttachMode::Auto,
             tcx_order: TcxOrder::First,
             mark_value: 0,

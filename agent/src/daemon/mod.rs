@@ -101,6 +101,7 @@ fn snapshot(
     Snapshot {
         attachments,
         loopbacks: dp.loopbacks() as u64,
+        uplinks: dp.uplinks(),
         datapath,
         maps: m,
         agent: pipe.counters(),
@@ -110,6 +111,39 @@ fn snapshot(
         ready: true,
         pin_dir: dp.pins.dir.as_ref().map(|d| d.display().to_string()),
         pinned: dp.pins.maps.clone(),
+    }
+}
+
+/// Capture on the node's uplinks (never on a pod interface). A failure is
+/// counted and logged: requests from other nodes then go unkeyed, as
+/// before.
+fn attach_uplinks(cfg: &AgentConfig, dp: &mut Datapath, stats: &mut AgentStats) {
+    let names = cfg
+        .uplinks
+        .clone()
+        .unwrap_or_else(crate::uplink::default_interfaces);
+    for name in names {
+        if cfg.ifaces.contains(&name) || cfg.iface_prefixes.iter().any(|p| name.starts_with(p)) {
+            continue;
+        }
+        let Ok(c) = std::ffi::CString::new(name.as_str()) else {
+            continue;
+        };
+        // SAFETY: a NUL-terminated name; the call only reads it.
+        let ifindex = unsafe { libc::if_nametoindex(c.as_ptr()) };
+        let res = if ifindex == 0 {
+            Err(std::io::Error::last_os_error().to_string())
+        } else {
+            dp.attach_uplink(&name, ifindex)
+                .map_err(|e| crate::report(&e))
+        };
+        if let Err(e) = res {
+            stats.attach_failures += 1;
+            warn!(
+                uplink = name,
+                "not capturing requests from other nodes here: {e}"
+            );
+        }
     }
 }
 
@@ -201,6 +235,7 @@ pub async fn run_with(
         follower.handle(&mut dp, LinkEvent::New(link), &mut pipe.stats);
     }
     let mut link_rx = follow::monitor_links(monitor)?;
+    attach_uplinks(&cfg, &mut dp, &mut pipe.stats);
 
     let rb = dp
         .take_events()

@@ -6,7 +6,10 @@ use std::{
     time::Duration,
 };
 
-use agent_common::{FlowKey, NetnsSlot, TraceContext, TraceKey};
+use agent_common::{
+    FlowEvent, FlowKey, FlowStats, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_WATCHED,
+    OWNER_CONNECTED, OWNER_NONE,
+};
 use tracing::warn;
 
 use crate::{
@@ -17,7 +20,7 @@ use crate::{
     export::Exporter,
     loader::Datapath,
     podnet::{Reader, Unresolved},
-    sources::capture::{Capture, HeadOutcome},
+    sources::capture::{Capture, Check, HeadOutcome},
     spans::{
         assemble::{Assembler, AssemblerConfig},
         resource::Resources,
@@ -52,6 +55,9 @@ pub struct AgentStats {
     pub flows_collected: u64,
     /// Expired CAPTURE_SKIP entries deleted.
     pub skips_collected: u64,
+    /// Connections that ended before the agent had keyed them, made spans
+    /// from what the datapath counted (see `Pipeline::recover`).
+    pub spans_recovered: u64,
 }
 
 /// Datapath events → spans → exporter.
@@ -78,6 +84,7 @@ pub struct Pipeline {
     /// datapath switches them: (trace they were tagged with, right context).
     reattributed: HashMap<FlowKey, ([u8; 16], TraceContext)>,
     reattributed_cap: usize,
+    span_idle_ns: u64,
 }
 
 /// How long a closed connection keeps its FLOW_TRACES entry.
@@ -114,6 +121,7 @@ impl Pipeline {
             pending_cap: cfg.export.queue,
             reattributed: HashMap::new(),
             reattributed_cap: cfg.max_open_spans,
+            span_idle_ns: cfg.span_idle_ms * 1_000_000,
         }
     }
 
@@ -173,9 +181,21 @@ impl Pipeline {
                         if let Some(r) = info.reader_end {
                             // The reader's handshake went out under its
                             // process's previous trace: it is this request's.
-                            if self.assembler.retrace(&r.conn, &r.previous, &r.ctx, now) {
-                                self.stats.reattributed_flows += 1;
-                                self.remember_reattributed(r.conn, r.previous, r.ctx);
+                            if let Some(previous) = r.previous {
+                                if self.assembler.retrace(&r.conn, &previous, &r.ctx, now) {
+                                    self.stats.reattributed_flows += 1;
+                                    self.remember_reattributed(r.conn, previous, r.ctx);
+                                }
+                            }
+                            // From another node: its caller's span id is
+                            // one both agents compute.
+                            if h.key.netns == agent_common::NETNS_WIRE {
+                                let conn = info.via.unwrap_or(h.key);
+                                self.assembler.expect_caller(
+                                    r.conn,
+                                    info.trace_id,
+                                    crate::ids::call_span_id(&info.trace_id, &conn),
+                                );
                             }
                         }
                         self.assembler.head(&h.key, *info)
@@ -236,6 +256,54 @@ impl Pipeline {
         relabel(f, &ctx);
     }
 
+    /// Connections that carried a captured request but opened no span: when
+    /// one ended (or went idle) before the agent had keyed it — the whole
+    /// exchange fit in the head's round trip through userspace — the
+    /// datapath still counted it (`MATCH_WATCHED`), and it becomes a span
+    /// under the head's trace. Others are looked at again later.
+    fn recover(&mut self, due: Vec<Check>, stats: &HashMap<FlowKey, FlowStats>, now: u64) {
+        const FIN_OR_RST: u8 = 0x01 | 0x04;
+        for c in due {
+            let over = |s: &FlowStats| {
+                s.tcp_flags & FIN_OR_RST != 0 || now.saturating_sub(s.last_ns) >= self.span_idle_ns
+            };
+            let s = match stats.get(&c.key) {
+                Some(s) if s.is_negative() && s.matched == MATCH_WATCHED && over(s) => *s,
+                _ => {
+                    self.capture.again(c, now);
+                    continue;
+                }
+            };
+            let Some(head) = self.capture.take_head(&c.key, &c.ctx.trace_id) else {
+                continue;
+            };
+            let mut st = FlowStats {
+                trace_id: c.ctx.trace_id,
+                matched: MATCH_FLOW,
+                ..s
+            };
+            if st.owner == OWNER_NONE {
+                st.owner = OWNER_CONNECTED;
+            }
+            if st.pid == 0 {
+                st.pid = head.pid;
+            }
+            let f = FlowEvent {
+                key: c.key,
+                stats: st,
+                parent_span_id: c.ctx.parent_span_id,
+                trace_flags: c.ctx.flags,
+                ..Default::default()
+            };
+            self.assembler.flow_new(&f, Some(head), now);
+            self.assembler.flow_end(&f, now);
+            self.stats.spans_recovered += 1;
+            // Its connection entry goes like any closed connection's.
+            self.closing
+                .push_back((now + CLOSED_FLOW_GRACE_NS, c.key, c.ctx.trace_id));
+        }
+    }
+
     /// `key`'s packets still come tagged `old` until the datapath switches
     /// to `ctx`; they continue the span already filed under `ctx`.
     fn remember_reattributed(&mut self, key: FlowKey, old: [u8; 16], ctx: TraceContext) {
@@ -255,6 +323,11 @@ impl Pipeline {
     pub fn sweep(&mut self, dp: &mut Datapath, exporter: &Exporter, table: &Mutex<TraceTable>) {
         let now = monotonic_ns();
         self.clock.refresh(Duration::from_secs(10));
+        let due = self.capture.overdue(now);
+        if !due.is_empty() {
+            let stats = dp.flow_stats_for(due.iter().map(|c| &c.key));
+            self.recover(due, &stats, now);
+        }
         let keys = self.assembler.open_keys();
         let mut snapshot = dp.flow_stats_for(keys.iter());
         // Until the datapath switches a re-attributed connection, its
@@ -443,6 +516,11 @@ impl Pipeline {
                 "linking_flows_reattributed_total",
                 "Flows that left before the agent wrote their connection's entry, filed under it.",
                 s.reattributed_flows,
+            ),
+            (
+                "linking_spans_recovered_total",
+                "Connections that ended before the agent had keyed them, filed under their request's trace from what the datapath counted.",
+                s.spans_recovered,
             ),
             (
                 "linking_receiver_races_lost_total",
@@ -694,5 +772,94 @@ mod tests {
         pipe.event(Event::FlowNew(answered), &table, not_local);
         serve(&mut pipe, 40003, "req-3");
         assert_eq!(pipe.stats.reattributed_flows, 1);
+    }
+
+    #[test]
+    fn a_request_from_another_node_hangs_its_server_span_off_the_call_there() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        // Captured on the uplink: 10.1.0.2:40000 (node 1) → 10.2.0.3:80.
+        let wire = FlowKey::new(
+            agent_common::NETNS_WIRE,
+            agent_common::PROTO_TCP,
+            ([10, 1, 0, 2], 40000).into(),
+            ([10, 2, 0, 3], 80).into(),
+        );
+        let Event::HttpHead(mut h) = head(1, "GET / HTTP/1.1\r\nX-Request-Id: req-w\r\n\r\n")
+        else {
+            unreachable!()
+        };
+        h.key = wire;
+        let reader = TraceKey::new(33, 3);
+        pipe.event(Event::HttpHead(h), &table, |_| {
+            Ok(Reader {
+                key: reader,
+                late: false,
+            })
+        });
+        let trace = crate::ids::map_request_id("req-w").unwrap().0;
+        let t = table.lock().unwrap();
+        assert_eq!(t.by_flow().get(&wire), None, "no sender here");
+        assert_eq!(t.by_flow().get(&wire.reversed_in(3)), Some(trace));
+        assert_eq!(t.by_pid().get(&reader), Some(trace));
+        drop(t);
+        let mut answer = flow(wire.reversed_in(3), 0, 2, 100, 200);
+        answer.stats.trace_id = trace;
+        answer.stats.owner = agent_common::OWNER_BOUND;
+        pipe.event(Event::FlowNew(answer), &table, not_local);
+        pipe.event(Event::FlowEnd(answer), &table, not_local);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            spans[0].parent_span_id,
+            Some(crate::ids::call_span_id(&trace, &wire)),
+            "the id node 1's agent gives its client span"
+        );
+        assert!(spans[0].parent_is_remote);
+    }
+
+    #[test]
+    fn a_connection_that_ended_before_the_agent_keyed_it_still_becomes_a_span() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let send = |pipe: &mut Pipeline, port: u16, id: &str| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let Event::HttpHead(mut h) = head(port, &text) else {
+                unreachable!()
+            };
+            h.ts_ns = 1_000;
+            h.pid = 11;
+            let key = h.key;
+            pipe.event(Event::HttpHead(h), &table, not_local);
+            key
+        };
+        let (done, open) = (send(&mut pipe, 1, "req-d"), send(&mut pipe, 2, "req-o"));
+        assert!(pipe.capture.overdue(1_000).is_empty(), "not due yet");
+        let due = pipe.capture.overdue(1_000 + 300_000_000);
+        assert_eq!(due.len(), 2);
+        let watched = |flags: u8| FlowStats {
+            packets: 4,
+            first_ns: 900,
+            last_ns: 2_000,
+            tcp_flags: flags,
+            matched: MATCH_WATCHED,
+            ..Default::default()
+        };
+        // One connection sent its FIN before the agent got to its head; the
+        // other is still open (its next packet will carry the trace).
+        let stats = HashMap::from([(done, watched(0x11)), (open, watched(0x10))]);
+        let now = 1_000 + 300_000_000;
+        pipe.recover(due, &stats, now);
+        assert_eq!(pipe.stats.spans_recovered, 1);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            spans[0].trace_id,
+            crate::ids::map_request_id("req-d").unwrap().0
+        );
+        assert_eq!(spans[0].kind, crate::spans::SpanKind::Client);
+        // The open one is looked at again.
+        let again = pipe.capture.overdue(now + 300_000_000);
+        assert_eq!(again.iter().map(|c| c.key).collect::<Vec<_>>(), [open]);
     }
 }

@@ -1,4 +1,5 @@
-//! Attaching `tagflow_ingress` to interfaces, by mechanism: a TCX link
+//! Attaching `tagflow_ingress` to pod interfaces (and `tagflow_uplink` to
+//! the node's uplinks), by mechanism: a TCX link
 //! (Linux ≥ 6.6; closes with the agent) or a clsact qdisc + netlink filter
 //! (older kernels; outlives the agent, so stale ones are removed first).
 use std::fs::File;
@@ -68,6 +69,45 @@ impl Datapath {
             let _ = self.iface_netns.remove(&ifindex);
             info!(iface = a.name, ifindex, "detached");
         }
+    }
+
+    /// Attaches `tagflow_uplink` (capture only) to the ingress of the
+    /// node's uplink `name`, where requests from other nodes come in.
+    /// Idempotent per ifindex.
+    pub fn attach_uplink(&mut self, name: &str, ifindex: u32) -> Result<AttachKind, LoaderError> {
+        if let Some(a) = self.uplinks.get(&ifindex) {
+            return Ok(a.kind);
+        }
+        remove_stale(name, TcAttachType::Ingress, prog::UPLINK);
+        let (mode, order) = (self.mode, self.order);
+        let p: &mut SchedClassifier = program(&mut self.ebpf, prog::UPLINK)?;
+        let (kind, link) = hook(p, name, TcAttachType::Ingress, mode, order).map_err(|source| {
+            LoaderError::Attach {
+                iface: name.into(),
+                source,
+            }
+        })?;
+        self.uplinks.insert(
+            ifindex,
+            Attachment {
+                name: name.into(),
+                kind,
+                link,
+            },
+        );
+        info!(iface = name, ifindex, ?kind, "attached to the uplink");
+        Ok(kind)
+    }
+
+    /// Uplinks attached: (ifindex, name).
+    pub fn uplinks(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<_> = self
+            .uplinks
+            .iter()
+            .map(|(i, a)| (*i, a.name.clone()))
+            .collect();
+        v.sort();
+        v
     }
 
     /// Attaches `tagflow_ingress` to `lo` inside the pod namespace `ns`
@@ -205,7 +245,11 @@ pub fn remove_stale_filters(iface: &str) -> bool {
 }
 
 fn remove_stale_filters_at(iface: &str, at: TcAttachType) -> bool {
-    match tc::qdisc_detach_program(iface, at, prog::INGRESS) {
+    remove_stale(iface, at, prog::INGRESS)
+}
+
+fn remove_stale(iface: &str, at: TcAttachType, program: &str) -> bool {
+    match tc::qdisc_detach_program(iface, at, program) {
         Ok(()) => {
             info!(iface, "removed stale tagflow filter");
             true

@@ -72,6 +72,8 @@ pub struct Datapath {
     /// `lo` inside pod namespaces, by namespace cookie, with a handle on the
     /// namespace to detach in.
     loopbacks: HashMap<u64, (Attachment, std::fs::File)>,
+    /// The node's uplinks (capture of requests from other nodes).
+    uplinks: HashMap<u32, Attachment>,
     mode: AttachMode,
     order: TcxOrder,
     counters: PerCpuArray<MapData, u64>,
@@ -155,11 +157,11 @@ impl Datapath {
                 None
             }
         };
-        let ingress: &mut SchedClassifier = program(&mut ebpf, prog::INGRESS)?;
-        ingress.load().map_err(|source| LoaderError::Program {
-            name: prog::INGRESS,
-            source,
-        })?;
+        for name in [prog::INGRESS, prog::UPLINK] {
+            let p: &mut SchedClassifier = program(&mut ebpf, name)?;
+            p.load()
+                .map_err(|source| LoaderError::Program { name, source })?;
+        }
 
         let idle = Duration::from_secs(cfg.trace_idle_secs);
         let traces = take(&mut ebpf, m::TRACES)?;
@@ -202,6 +204,7 @@ impl Datapath {
             _logger: logger,
             attachments: HashMap::new(),
             loopbacks: HashMap::new(),
+            uplinks: HashMap::new(),
             mode: cfg.attach_mode,
             order: cfg.tcx_order,
             owner_hooks: Vec::new(),

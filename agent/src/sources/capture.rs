@@ -27,18 +27,18 @@ pub struct HeadInfo {
     /// The connection as its receiver sees it, when the host translated
     /// it (a call through a Service address).
     pub via: Option<FlowKey>,
-    /// The reader's end of the connection, when the reader's process was
-    /// under another trace until now.
+    /// The reader's end of the connection, when its reader was found.
     pub reader_end: Option<ReaderEnd>,
 }
 
 /// What a head changed for its reader: its end of the connection `conn`
-/// now carries `ctx`; until now its process carried `previous` (so did
-/// whatever it sent on `conn` before the agent got here: the handshake).
+/// now carries `ctx`; until now its process carried `previous`, when that
+/// was another trace (so did whatever it sent on `conn` before the agent
+/// got here: the handshake).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReaderEnd {
     pub conn: FlowKey,
-    pub previous: [u8; 16],
+    pub previous: Option<[u8; 16]>,
     pub ctx: TraceContext,
 }
 
@@ -143,11 +143,27 @@ pub struct Capture {
     /// The latest head per reader: (head time, context), bounded by `cap`.
     readers: HashMap<TraceKey, (u64, TraceContext)>,
     readers_order: VecDeque<TraceKey>,
+    /// Heads sent from this node, in order, to look at again once their
+    /// connection should have opened a span (see `overdue`).
+    checks: VecDeque<Check>,
+}
+
+/// A head sent from this node, to look at again at `due` (monotonic ns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Check {
+    pub due: u64,
+    /// When the head passed the datapath.
+    pub ts_ns: u64,
+    pub key: FlowKey,
+    pub ctx: TraceContext,
 }
 
 /// Request details wait this long for their span to open (which happens
 /// with the pair's next packet, normally within a round trip).
 const UNCLAIMED_NS: u64 = 3_000_000_000;
+/// A head's connection without a span this long after the head is looked
+/// at (and again as often while its details are kept).
+const CHECK_AFTER_NS: u64 = 300_000_000;
 
 impl Capture {
     pub fn new(id_headers: Vec<String>, cap: usize) -> Self {
@@ -171,6 +187,7 @@ impl Capture {
             receiver_races_lost: 0,
             readers: HashMap::new(),
             readers_order: VecDeque::new(),
+            checks: VecDeque::new(),
         }
     }
 
@@ -250,11 +267,14 @@ impl Capture {
             ..Default::default()
         };
         // This connection carries this request from now on; the sender's
-        // other traffic (its own outgoing calls) too.
-        if table.set_flow(ev.key, &ctx).is_err() {
+        // other traffic (its own outgoing calls) too. A head from the wire
+        // has no sender here, only a reader.
+        let from_wire = ev.key.netns == agent_common::NETNS_WIRE;
+        if !from_wire && table.set_flow(ev.key, &ctx).is_err() {
             self.table_errors += 1;
         }
-        if ev.pid != 0
+        if !from_wire
+            && ev.pid != 0
             && table
                 .set_process(TraceKey::new(ev.pid, ev.key.netns), &ctx)
                 .is_err()
@@ -278,15 +298,15 @@ impl Capture {
                 self.receivers_late += late as u64;
                 self.remember_reader(r, ev.ts_ns, ctx);
                 let reverse = target.reversed_in(r.netns);
-                info.reader_end = table
-                    .by_pid()
-                    .context(&r)
-                    .filter(|p| p.trace_id != ctx.trace_id)
-                    .map(|p| ReaderEnd {
-                        conn: reverse,
-                        previous: p.trace_id,
-                        ctx,
-                    });
+                info.reader_end = Some(ReaderEnd {
+                    conn: reverse,
+                    previous: table
+                        .by_pid()
+                        .context(&r)
+                        .map(|p| p.trace_id)
+                        .filter(|t| *t != ctx.trace_id),
+                    ctx,
+                });
                 if table.set_process(r, &ctx).is_err() || table.set_flow(reverse, &ctx).is_err() {
                     self.table_errors += 1;
                 }
@@ -306,6 +326,14 @@ impl Capture {
         }
         if self.heads.insert(k, info.clone()).is_none() {
             self.order.push_back((ev.ts_ns, k));
+            if !from_wire {
+                self.check_later(Check {
+                    due: ev.ts_ns + CHECK_AFTER_NS,
+                    ts_ns: ev.ts_ns,
+                    key: ev.key,
+                    ctx,
+                });
+            }
             // `order` may name pairs already taken: those cost nothing to
             // drop; only details never used count as evicted.
             while self.order.len() > self.cap {
@@ -324,6 +352,39 @@ impl Capture {
     /// once: the span that opens with the pair keeps them from then on.
     pub fn take_head(&mut self, key: &FlowKey, trace: &[u8; 16]) -> Option<HeadInfo> {
         self.heads.remove(&(*key, *trace))
+    }
+
+    fn check_later(&mut self, c: Check) {
+        self.checks.push_back(c);
+        while self.checks.len() > self.cap {
+            self.checks.pop_front();
+        }
+    }
+
+    /// Heads due for a look whose connection has opened no span yet: it
+    /// may have ended before the agent keyed it (see `Pipeline::recover`).
+    pub fn overdue(&mut self, now_ns: u64) -> Vec<Check> {
+        let mut out = Vec::new();
+        while let Some(c) = self.checks.front().copied() {
+            if c.due > now_ns {
+                break;
+            }
+            self.checks.pop_front();
+            if self.heads.contains_key(&(c.key, c.ctx.trace_id)) {
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    /// Looks at an overdue head again later, while its details are kept.
+    pub fn again(&mut self, c: Check, now_ns: u64) {
+        if now_ns.saturating_sub(c.ts_ns) < UNCLAIMED_NS {
+            self.check_later(Check {
+                due: now_ns + CHECK_AFTER_NS,
+                ..c
+            });
+        }
     }
 
     /// Request details waiting for their span.

@@ -22,7 +22,7 @@ mod attributes;
 mod hold;
 mod link;
 
-use super::{resource::Resources, Resource};
+use super::{resource::Resources, Resource, SpanKind};
 use crate::{ids, sources::capture::HeadInfo};
 use link::Closed;
 
@@ -109,7 +109,41 @@ pub struct Assembler {
     held: usize,
     resources: Resources,
     ifnames: HashMap<u32, String>,
+    /// Server spans whose request came from another node: the span id of
+    /// the call there, by (the server's end, trace). Bounded.
+    callers: Bounded<(FlowKey, [u8; 16]), [u8; 8]>,
+    /// Call span ids computed from (trace, connection) lately: a second
+    /// span of the same pair gets a random id instead of a duplicate.
+    issued: Bounded<[u8; 8], ()>,
     pub stats: AssemblerStats,
+}
+
+/// A map that forgets its oldest entries beyond `cap`.
+struct Bounded<K, V> {
+    map: HashMap<K, V>,
+    order: std::collections::VecDeque<K>,
+    cap: usize,
+}
+
+impl<K: std::hash::Hash + Eq + Copy, V> Bounded<K, V> {
+    fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            order: Default::default(),
+            cap,
+        }
+    }
+
+    fn insert(&mut self, k: K, v: V) {
+        if self.map.insert(k, v).is_none() {
+            self.order.push_back(k);
+            while self.order.len() > self.cap {
+                if let Some(old) = self.order.pop_front() {
+                    self.map.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 enum Why {
@@ -122,12 +156,14 @@ enum Why {
 impl Assembler {
     pub fn new(cfg: AssemblerConfig, resources: Resources) -> Self {
         Self {
-            cfg,
+            cfg: cfg.clone(),
             open: HashMap::new(),
             groups: HashMap::new(),
             held: 0,
             resources,
             ifnames: HashMap::new(),
+            callers: Bounded::new(cfg.max_open),
+            issued: Bounded::new(cfg.max_open),
             stats: AssemblerStats::default(),
         }
     }
@@ -258,6 +294,13 @@ impl Assembler {
         true
     }
 
+    /// The server end `conn` of a request that came from another node
+    /// serves a call whose span id there is `caller`: its parent, unless
+    /// the request named one itself (`traceparent`).
+    pub fn expect_caller(&mut self, conn: FlowKey, trace: [u8; 16], caller: [u8; 8]) {
+        self.callers.insert((conn, trace), caller);
+    }
+
     /// A request head seen after its span opened.
     pub fn head(&mut self, key: &FlowKey, info: HeadInfo) {
         if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
@@ -307,7 +350,18 @@ impl Assembler {
             Why::Idle => self.stats.closed_idle += 1,
             Why::Evicted => self.stats.evicted += 1,
         }
-        let record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        let mut record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        if let (SpanKind::Client, Some(h)) = (record.kind, &o.head) {
+            // A call: an id the callee's node can compute too.
+            let id = ids::call_span_id(&k.1, &h.via.unwrap_or(k.0));
+            if !self.issued.map.contains_key(&id) {
+                self.issued.insert(id, ());
+                record.span_id = id;
+            }
+        }
+        let remote_parent = o
+            .remote_parent
+            .or_else(|| self.callers.map.remove(&(k.0, k.1)));
         let t = o.totals();
         // The captured head's own packet went out before the flow was
         // tagged: the request starts there.
@@ -321,7 +375,7 @@ impl Assembler {
         g.closed.push(Closed {
             key: k.0,
             via: o.head.as_ref().and_then(|h| h.via),
-            remote_parent: o.remote_parent,
+            remote_parent,
             pid: o.stats.pid,
             start,
             end: t.last_ns.max(start),
@@ -865,6 +919,11 @@ mod tests {
         let client = out.iter().find(|s| s.kind == SpanKind::Client).unwrap();
         let server = out.iter().find(|s| s.kind == SpanKind::Server).unwrap();
         assert_eq!(server.parent_span_id, Some(client.span_id));
+        assert_eq!(
+            client.span_id,
+            ids::call_span_id(&T1, &via),
+            "a call's id is computable at the callee's node"
+        );
         let str_attr = |s: &crate::spans::SpanRecord, k: &str| s.attr(k).cloned();
         assert_eq!(
             str_attr(client, "network.peer.address"),
