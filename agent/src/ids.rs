@@ -191,7 +191,17 @@ pub fn identify(
 }
 
 pub fn to_hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    let mut s = String::with_capacity(b.len() * 2);
+    push_hex(&mut s, b);
+    s
+}
+
+fn push_hex(s: &mut String, b: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for x in b {
+        s.push(DIGITS[(x >> 4) as usize] as char);
+        s.push(DIGITS[(x & 0xf) as usize] as char);
+    }
 }
 
 /// A fresh UUIDv4 string.
@@ -199,15 +209,17 @@ pub fn new_uuid() -> String {
     let mut b = random::<16>();
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let h = to_hex(&b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    let mut s = String::with_capacity(36);
+    for (i, part) in [&b[..4], &b[4..6], &b[6..8], &b[8..10], &b[10..]]
+        .into_iter()
+        .enumerate()
+    {
+        if i > 0 {
+            s.push('-');
+        }
+        push_hex(&mut s, part);
+    }
+    s
 }
 
 /// A `traceparent` for a trace id with a new span id, sampled.
@@ -239,12 +251,30 @@ pub fn call_span_id(trace_id: &[u8; 16], conn: &agent_common::FlowKey) -> [u8; 8
     id
 }
 
+/// `N` bytes from the OS RNG, drawn from a per-thread buffer: one
+/// `getrandom` per 512 bytes instead of one per id (the sidecar makes ids
+/// per request).
 pub fn random<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    // The OS RNG only fails when the kernel has none; there is no sane
-    // fallback for ids, so that is fatal.
-    getrandom::fill(&mut b).expect("OS random number generator");
-    b
+    const POOL: usize = 512;
+    const { assert!(N <= POOL) };
+    thread_local! {
+        static BUF: std::cell::RefCell<([u8; POOL], usize)> =
+            const { std::cell::RefCell::new(([0; POOL], POOL)) };
+    }
+    BUF.with(|b| {
+        let mut b = b.borrow_mut();
+        let (buf, used) = &mut *b;
+        if *used + N > POOL {
+            // The OS RNG only fails when the kernel has none; there is no
+            // sane fallback for ids, so that is fatal.
+            getrandom::fill(buf).expect("OS random number generator");
+            *used = 0;
+        }
+        let mut out = [0u8; N];
+        out.copy_from_slice(&buf[*used..*used + N]);
+        *used += N;
+        out
+    })
 }
 
 #[cfg(test)]
@@ -281,6 +311,18 @@ mod tests {
             ([10, 2, 0, 3], 80).into(),
         );
         assert_ne!(call_span_id(&t, &caller), call_span_id(&t, &other));
+    }
+
+    #[test]
+    fn fresh_uuids_are_v4_and_differ() {
+        let (a, b) = (new_uuid(), new_uuid());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(map_request_id(&a).unwrap().1, IdKind::Uuid);
+        assert_eq!(&a[14..15], "4");
+        // Many more than one buffer's worth stay distinct.
+        let ids: std::collections::HashSet<_> = (0..1000).map(|_| random::<8>()).collect();
+        assert_eq!(ids.len(), 1000);
     }
 
     #[test]

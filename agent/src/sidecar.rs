@@ -3,11 +3,18 @@
 //! Per request: keep a valid `x-request-id` or generate a UUIDv4; keep a
 //! valid `traceparent` or create one whose trace id is the request id's
 //! mapping, so the app and everything downstream propagate the same trace;
-//! register BEGIN with the agent for whoever listens on the upstream port
-//! plus the exact upstream and downstream connections; forward with
-//! streaming bodies; END when the response body is done; echo
-//! `x-request-id` on the response. tagflow never fails a request: if the
-//! agent is unreachable the request is proxied anyway and counted.
+//! forward with streaming bodies; echo `x-request-id` on the response.
+//!
+//! The agent learns the rest from the datapath: the head this proxy sends
+//! the app over loopback is captured there, which keys the connection, this
+//! proxy and the app (the reader). A minted `traceparent` names as parent
+//! the span the agent gives that loopback call (computable by both, see
+//! `ids::call_span_id`), so the parent exists. With `register` (agents that
+//! cannot capture on the pod's loopback) each request is also registered
+//! with the agent: BEGIN for whoever listens on the upstream port plus the
+//! exact upstream and downstream connections, END when the response body is
+//! done. tagflow never fails a request: if the agent is unreachable the
+//! request is proxied anyway and counted.
 use std::{
     net::SocketAddr,
     path::PathBuf,
@@ -61,6 +68,8 @@ pub struct SidecarConfig {
     pub max_header_bytes: usize,
     /// Idle upstream connections kept for reuse.
     pub pool_size: usize,
+    /// Register every request with the agent as well.
+    pub register: bool,
 }
 
 impl SidecarConfig {
@@ -74,6 +83,7 @@ impl SidecarConfig {
             header_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
             pool_size: 64,
+            register: false,
         }
     }
 }
@@ -89,6 +99,9 @@ pub struct SidecarStats {
 }
 
 type Out = BoxBody<Bytes, hyper::Error>;
+
+/// A downstream connection's upstream connection, between its requests.
+type Slot = Arc<std::sync::Mutex<Option<(SendRequest<Incoming>, SocketAddr)>>>;
 
 /// Agent connections a sidecar keeps: requests in flight register in
 /// parallel instead of queueing behind one connection.
@@ -137,10 +150,22 @@ pub async fn run(
         let local = stream.local_addr().unwrap_or(addr);
         let shared = shared.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(shared, req, local, peer).await) }
-            });
+            // HTTP/1 serves one request at a time per connection: each
+            // downstream connection keeps its own upstream connection (no
+            // shared pool on the hot path); it goes to the pool when the
+            // downstream connection ends.
+            let slot: Slot = Arc::default();
+            let svc = {
+                let (shared, slot) = (shared.clone(), slot.clone());
+                service_fn(move |req| {
+                    let (shared, slot) = (shared.clone(), slot.clone());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(
+                            handle(shared, &slot, req, local, peer).await,
+                        )
+                    }
+                })
+            };
             let mut b = http1::Builder::new();
             b.timer(TokioTimer::new())
                 .header_read_timeout(shared_header_timeout())
@@ -148,6 +173,15 @@ pub async fn run(
                 .keep_alive(true);
             if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
                 debug!(%peer, "downstream connection: {e}");
+            }
+            let kept = slot.lock().expect("slot lock").take();
+            if let Some((mut c, up_local)) = kept {
+                if c.ready().await.is_ok() {
+                    let mut pool = shared.pool.lock().await;
+                    if pool.len() < shared.cfg.pool_size {
+                        pool.push((c, up_local));
+                    }
+                }
             }
         });
     }
@@ -169,6 +203,7 @@ fn full(status: StatusCode, msg: &'static str) -> Response<Out> {
 
 async fn handle(
     s: Arc<Shared>,
+    slot: &Slot,
     mut req: Request<Incoming>,
     local: SocketAddr,
     peer: SocketAddr,
@@ -190,6 +225,18 @@ async fn handle(
             ids::new_uuid()
         }
     };
+    let rid_value = HeaderValue::from_str(&rid).expect("printable ASCII");
+    let kept = slot.lock().expect("slot lock").take();
+    let (mut sender, up_local) = match upstream(&s, kept).await {
+        Ok(x) => x,
+        Err(e) => {
+            s.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+            warn!("upstream {}: {e}", s.cfg.upstream);
+            let mut r = full(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
+            r.headers_mut().insert(X_REQUEST_ID, rid_value);
+            return r;
+        }
+    };
     let valid_tp = req
         .headers()
         .get(&TRACEPARENT)
@@ -202,89 +249,80 @@ async fn handle(
         None => {
             s.stats.traceparents_created.fetch_add(1, Ordering::Relaxed);
             let (id, _) = ids::map_request_id(&rid).expect("validated above");
-            ids::new_traceparent(&id)
+            minted_traceparent(&id, up_local, s.cfg.upstream)
         }
     };
-    let rid_value = HeaderValue::from_str(&rid).expect("printable ASCII");
     req.headers_mut().insert(X_REQUEST_ID, rid_value.clone());
     req.headers_mut()
         .insert(TRACEPARENT, HeaderValue::from_str(&tp).expect("ascii"));
-
-    let (mut sender, up_local) = match upstream(&s).await {
-        Ok(x) => x,
-        Err(e) => {
-            s.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!("upstream {}: {e}", s.cfg.upstream);
-            let mut r = full(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
-            r.headers_mut().insert(X_REQUEST_ID, rid_value);
-            return r;
-        }
-    };
-    let reg = Registration {
-        headers: registration_headers(&rid, tp, minted),
-        target: Target::Port {
-            port: s.cfg.upstream.port(),
-            proto: Proto::Tcp,
-        },
-        flows: vec![
-            Flow {
-                proto: Proto::Tcp,
-                local: up_local.to_string(),
-                remote: s.cfg.upstream.to_string(),
-            },
-            Flow {
-                proto: Proto::Tcp,
-                local: local.to_string(),
-                remote: peer.to_string(),
-            },
-        ],
-        // If this sidecar dies mid-request, its registrations go with it.
-        release_on_close: true,
-    };
     // END goes over the same connection as BEGIN (the agent pairs them).
-    let slot = s.next.fetch_add(1, Ordering::Relaxed) as usize % s.agent.len();
-    let registered = match s.agent[slot].lock().await.begin(reg.clone()).await {
-        Ok(_) => true,
-        Err(e) => {
-            s.stats.registrations_failed.fetch_add(1, Ordering::Relaxed);
-            debug!("registration failed (request proxied anyway): {e}");
-            false
+    let registered = if s.cfg.register {
+        let reg = Registration {
+            headers: registration_headers(&rid, tp, minted),
+            target: Target::Port {
+                port: s.cfg.upstream.port(),
+                proto: Proto::Tcp,
+            },
+            flows: vec![
+                Flow {
+                    proto: Proto::Tcp,
+                    local: up_local.to_string(),
+                    remote: s.cfg.upstream.to_string(),
+                },
+                Flow {
+                    proto: Proto::Tcp,
+                    local: local.to_string(),
+                    remote: peer.to_string(),
+                },
+            ],
+            // If this sidecar dies mid-request, its registrations go with it.
+            release_on_close: true,
+        };
+        let slot = s.next.fetch_add(1, Ordering::Relaxed) as usize % s.agent.len();
+        match s.agent[slot].lock().await.begin(reg.clone()).await {
+            Ok(_) => Some((slot, reg)),
+            Err(e) => {
+                s.stats.registrations_failed.fetch_add(1, Ordering::Relaxed);
+                debug!("registration failed (request proxied anyway): {e}");
+                None
+            }
         }
+    } else {
+        None
     };
-    let (done_tx, done_rx) = oneshot::channel::<()>();
     let result = sender.send_request(req).await;
-    // When the response body is finished (or dropped): END, and the
-    // upstream connection goes back to the pool.
-    let s2 = s.clone();
-    tokio::spawn(async move {
-        let _ = done_rx.await;
-        if registered {
-            if let Err(e) = s2.agent[slot].lock().await.end(reg).await {
-                s2.stats
-                    .registrations_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!("end registration: {e}");
-            }
-        }
-        if sender.is_ready() {
-            let mut pool = s2.pool.lock().await;
-            if pool.len() < s2.cfg.pool_size {
-                pool.push((sender, up_local));
-            }
-        }
-    });
+    // The next request on this connection reuses it (`ready` waits until
+    // this response's body is through).
+    *slot.lock().expect("slot lock") = Some((sender, up_local));
     match result {
         Ok(resp) => {
             let (mut parts, body) = resp.into_parts();
             parts.headers.insert(X_REQUEST_ID, rid_value);
-            let body = Tracked {
-                inner: body,
-                done: Some(done_tx),
+            let body = match registered {
+                Some((agent, reg)) => {
+                    // END once the response body is finished (or dropped).
+                    let (done_tx, done_rx) = oneshot::channel::<()>();
+                    let s2 = s.clone();
+                    tokio::spawn(async move {
+                        let _ = done_rx.await;
+                        if let Err(e) = s2.agent[agent].lock().await.end(reg).await {
+                            s2.stats
+                                .registrations_failed
+                                .fetch_add(1, Ordering::Relaxed);
+                            debug!("end registration: {e}");
+                        }
+                    });
+                    Tracked {
+                        inner: body,
+                        done: Some(done_tx),
+                    }
+                    .boxed()
+                }
+                None => body.boxed(),
             };
-            Response::from_parts(parts, body.boxed())
+            Response::from_parts(parts, body)
         }
         Err(e) => {
-            let _ = done_tx.send(());
             s.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
             warn!("upstream request: {e}");
             let mut r = full(StatusCode::BAD_GATEWAY, "upstream failed\n");
@@ -294,8 +332,17 @@ async fn handle(
     }
 }
 
-/// An idle pooled upstream connection, or a new one.
-async fn upstream(s: &Shared) -> Result<(SendRequest<Incoming>, SocketAddr), String> {
+/// The connection's own upstream connection, an idle pooled one, or a new
+/// one.
+async fn upstream(
+    s: &Shared,
+    kept: Option<(SendRequest<Incoming>, SocketAddr)>,
+) -> Result<(SendRequest<Incoming>, SocketAddr), String> {
+    if let Some((mut c, local)) = kept {
+        if c.ready().await.is_ok() {
+            return Ok((c, local));
+        }
+    }
     while let Some((mut c, local)) = s.pool.lock().await.pop() {
         if c.ready().await.is_ok() {
             return Ok((c, local));
@@ -358,9 +405,19 @@ impl Drop for Tracked {
     }
 }
 
-/// What the sidecar registers. A `traceparent` it minted names a parent
-/// span nobody exports: registering it would hang the request's spans off a
-/// span Jaeger never sees. The request id alone gives the same trace id.
+/// A `traceparent` for a request that came without one: its parent is the
+/// span the agent gives the call on `up_local → upstream` (the loopback
+/// leg to the app), which the agent exports.
+fn minted_traceparent(trace_id: &[u8; 16], up_local: SocketAddr, upstream: SocketAddr) -> String {
+    let conn = agent_common::FlowKey::new(0, agent_common::PROTO_TCP, up_local, upstream);
+    let span = ids::call_span_id(trace_id, &conn);
+    format!("00-{}-{}-01", ids::to_hex(trace_id), ids::to_hex(&span))
+}
+
+/// What the sidecar registers (without loopback capture). The agent then
+/// never sees the loopback call's head, so it does not give that call the
+/// computed span id: a minted `traceparent`'s parent would be a span
+/// nobody exports. The request id alone gives the same trace id.
 fn registration_headers(
     rid: &str,
     traceparent: String,

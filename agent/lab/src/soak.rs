@@ -268,7 +268,8 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
         ],
         &pins,
     )?;
-    let _sidecar = SidecarProc::start(&lab.pods[1], "127.0.0.1:8080", &agent.socket)?;
+    // Registering every request: the soak keeps the registration path under load.
+    let _sidecar = SidecarProc::start_registering(&lab.pods[1], "127.0.0.1:8080", &agent.socket)?;
     let b = lab.pods[1].ip;
     let loads = vec![
         wrk(&lab.pods[0], secs, 4, &[], &format!("http://{b}:15080/"))?,

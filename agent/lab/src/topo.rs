@@ -439,7 +439,28 @@ impl Proc {
 pub struct SidecarProc(Child);
 
 impl SidecarProc {
+    /// `tagflow sidecar` in `pod` in front of `upstream`; the agent learns
+    /// its requests from loopback capture.
     pub fn start(pod: &Pod, upstream: &str, socket: &std::path::Path) -> Result<Self, TopoError> {
+        Self::launch(pod, upstream, socket, false)
+    }
+
+    /// The same, registering every request with the agent (for agents that
+    /// do not capture on pod loopbacks).
+    pub fn start_registering(
+        pod: &Pod,
+        upstream: &str,
+        socket: &std::path::Path,
+    ) -> Result<Self, TopoError> {
+        Self::launch(pod, upstream, socket, true)
+    }
+
+    fn launch(
+        pod: &Pod,
+        upstream: &str,
+        socket: &std::path::Path,
+        register: bool,
+    ) -> Result<Self, TopoError> {
         let mut child = pod
             .command(&crate::procs::tagflow_bin().to_string_lossy())
             .args([
@@ -451,6 +472,7 @@ impl SidecarProc {
                 "--agent-socket",
             ])
             .arg(socket)
+            .args(register.then_some("--register"))
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -257,11 +257,12 @@ fn sidecar_keeps_or_makes_ids_and_never_fails_a_request_for_tagflow() {
         .build()
         .unwrap();
     // No agent behind the socket: tagflow is down.
-    let cfg = SidecarConfig::new(
+    let mut cfg = SidecarConfig::new(
         "127.0.0.1:0".parse().unwrap(),
         format!("127.0.0.1:{app_port}").parse().unwrap(),
         "/nonexistent/agent.sock".into(),
     );
+    cfg.register = true;
     let stats = Arc::new(SidecarStats::default());
     let (tx, rx) = tokio::sync::oneshot::channel();
     rt.spawn(sidecar::run(
@@ -347,7 +348,8 @@ fn sidecar_pod_scenario(mode: &str) {
     let ns_b = agent.ns[1];
     let _echo = Proc::python(c, ECHO_SERVER, &["9000"]).unwrap();
     let app = Proc::python(b, HTTP_APP, &["8000", &format!("{}:9000", c.ip), mode]).unwrap();
-    let _sidecar = SidecarProc::start(b, "127.0.0.1:8000", &agent.socket).unwrap();
+    // The in-process agent does not capture on pod loopbacks.
+    let _sidecar = SidecarProc::start_registering(b, "127.0.0.1:8000", &agent.socket).unwrap();
     let rid = ids::new_uuid();
     let url = format!("http://{}:15080/", b.ip);
     let mut client = Proc::python(a, HTTP_CLIENT, &[&url, &rid, "2"]).unwrap();

@@ -210,11 +210,13 @@ impl Default for AgentConfig {
 }
 
 impl AgentConfig {
-    /// The defaults without pinning: a throwaway datapath (benchmarks, the
-    /// demo) that must not touch a running agent's pinned tables.
+    /// The defaults without pinning or uplinks: a throwaway datapath
+    /// (benchmarks, the demo) that must not touch a running agent's pinned
+    /// tables, nor the machine's own network interfaces.
     pub fn scratch() -> Self {
         Self {
             pin_maps: false,
+            uplinks: Some(Vec::new()),
             ..Self::default()
         }
     }

@@ -527,6 +527,16 @@ impl Pipeline {
                 "Calls that left under the reader's previous trace: made before the agent had keyed the reader.",
                 c.receiver_races_lost,
             ),
+            (
+                "linking_calls_by_flow_total",
+                "Calls (client spans) that carried the trace of their own connection's entry.",
+                a.calls_by_flow,
+            ),
+            (
+                "linking_calls_by_process_total",
+                "Calls (client spans) that carried the trace of their process's entry (shared by everything the process serves at once).",
+                a.calls_by_process,
+            ),
             ("spans_opened_total", "Spans started.", a.opened),
             (
                 "spans_closed_end_total",

@@ -1,14 +1,14 @@
 //! Linking accuracy: does each call an app makes while serving a request
 //! carry that request's trace? Real shapes (a gateway pod, a proxy in the
-//! app's pod over loopback, the tagflow sidecar), apps that forward no
-//! header and sleep 0–20 ms, requests in flight at once. The app names the
-//! id it received in its downstream path, the downstream logs (peer port,
-//! id), and each app → downstream span is matched by its local port:
-//! correct (the request's trace), wrong (another trace) or missing (no
-//! span for a logged call).
+//! app's pod over loopback, the tagflow sidecar, a call through a Service
+//! address, a request from another node), apps that forward no header and
+//! sleep 0–20 ms (threaded, forking, asyncio), requests in flight at once.
+//! The app names the id it received in its downstream path, the downstream
+//! logs (peer port, id), and each app → downstream span is matched by its
+//! local port: correct (the request's trace), wrong (another trace) or
+//! missing (no span for a logged call).
 use std::{
     collections::HashMap,
-    net::SocketAddr,
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -19,17 +19,49 @@ use tagflow::ids;
 use super::{BenchError, Row};
 use crate::{
     collector::{attr_str, Collector, Wire},
+    node::{self, Node},
     procs::{self, AgentProc, Server},
+    service::Service,
     topo::{free_port, Lab, Proc, SidecarProc},
 };
 
-/// The app: `python3 -c LINK_APP PORT DOWN MODE` (MODE thread or fork).
-/// Serves each request after 0–20 ms, calling `http://DOWN/<x-request-id>`
-/// without forwarding any header.
+/// The app: `python3 -c LINK_APP PORT DOWN MODE` (MODE thread, fork or
+/// async: one asyncio thread). Serves each request after 0–20 ms, calling
+/// `http://DOWN/<x-request-id>` without forwarding any header.
 const LINK_APP: &str = r#"
 import os, random, socketserver, sys, time, urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 port, down, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+if mode == "async":
+    import asyncio
+    async def handle(r, w):
+        while True:
+            if not await r.readline():
+                break
+            rid = "none"
+            while True:
+                h = await r.readline()
+                if h in (b"\r\n", b"\n", b""):
+                    break
+                k, _, v = h.decode("latin-1").partition(":")
+                if k.strip().lower() == "x-request-id":
+                    rid = v.strip()
+            await asyncio.sleep(random.random() * 0.02)
+            host, p = down.rsplit(":", 1)
+            dr, dw = await asyncio.open_connection(host, int(p))
+            dw.write(f"GET /{rid} HTTP/1.1\r\nHost: {down}\r\nConnection: close\r\n\r\n".encode())
+            await dw.drain()
+            await dr.read()
+            dw.close()
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+            await w.drain()
+        w.close()
+    async def main():
+        srv = await asyncio.start_server(handle, "0.0.0.0", port, reuse_address=True, backlog=256)
+        print("ready", os.getpid(), flush=True)
+        await srv.serve_forever()
+    asyncio.run(main())
+    sys.exit()
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def log_message(self, *a): pass
@@ -107,6 +139,11 @@ enum Shape {
     InPod,
     /// `tagflow sidecar` inside the app's pod.
     Sidecar,
+    /// As `Gateway`, the app calling the downstream through a Service
+    /// address (DNAT and masquerade on the host).
+    Service,
+    /// As `Gateway`, the gateway on another node than the app.
+    OtherNode,
 }
 
 impl Shape {
@@ -115,6 +152,8 @@ impl Shape {
             Shape::Gateway => "nginx gateway pod",
             Shape::InPod => "nginx in the app's pod (lo)",
             Shape::Sidecar => "tagflow sidecar",
+            Shape::Service => "nginx gateway, calls via a Service",
+            Shape::OtherNode => "nginx gateway on another node",
         }
     }
 }
@@ -122,10 +161,134 @@ impl Shape {
 /// Every shape × app × concurrency: `requests` each.
 pub fn linking(requests: usize) -> Result<Vec<Row>, BenchError> {
     let mut rows = Vec::new();
-    for shape in [Shape::Gateway, Shape::InPod, Shape::Sidecar] {
+    for shape in [
+        Shape::Gateway,
+        Shape::InPod,
+        Shape::Sidecar,
+        Shape::Service,
+        Shape::OtherNode,
+    ] {
         rows.extend(shape_rows(shape, requests)?);
     }
     Ok(rows)
+}
+
+/// What a shape runs, dropped in this order: processes, agents, pods,
+/// nodes.
+struct Setup {
+    _front: Option<Server>,
+    _down: Proc,
+    _sidecar: Option<SidecarProc>,
+    _service: Option<Service>,
+    _agents: Vec<AgentProc>,
+    labs: Vec<Lab>,
+    _nodes: Vec<Node>,
+    url: String,
+    /// (lab, pod) of the client and of the app.
+    client: (usize, usize),
+    app: (usize, usize),
+    /// What the app calls.
+    downstream: String,
+}
+
+fn nginx_proxy(upstream: &str) -> String {
+    format!(
+        "server {{ listen 8080; location / {{
+           proxy_http_version 1.1; proxy_set_header Connection \"\";
+           proxy_set_header X-Request-ID $request_id; proxy_pass http://{upstream}; }} }}"
+    )
+}
+
+fn down_proc(pod: &crate::topo::Pod, log: &Path) -> Result<Proc, BenchError> {
+    Ok(Proc::python(
+        pod,
+        LINK_DOWN,
+        &[&DOWN_PORT.to_string(), &log.to_string_lossy()],
+    )?)
+}
+
+/// One node (client, gateway, app, downstream pods), or two joined by a
+/// wire (client and gateway on the first, app and downstream on the
+/// second), with agents exporting to the receiver on `otlp_port`.
+fn setup(shape: Shape, dir: &Path, log: &Path, otlp_port: u16) -> Result<Setup, BenchError> {
+    if shape == Shape::OtherNode {
+        let (n1, n2) = (Node::new()?, Node::new()?);
+        let (w1, w2) = node::wire(&n1, &n2)?;
+        let (lab1, lab2) = (Lab::on_node(&n1.name, 2)?, Lab::on_node(&n2.name, 2)?);
+        lab1.route_via_host()?;
+        lab2.route_via_host()?;
+        n1.route(&lab2.cidr(), w2)?;
+        n2.route(&lab1.cidr(), w1)?;
+        let mut agents = Vec::new();
+        for (n, lab) in [(&n1, &lab1), (&n2, &lab2)] {
+            let otlp = format!("http://{}:{otlp_port}", n.host_mgmt);
+            agents.push(AgentProc::start_on(
+                n,
+                lab,
+                &["--uplink", "wire0", "--otlp-endpoint", &otlp],
+            )?);
+        }
+        let (gw, app, down) = (&lab1.pods[1], &lab2.pods[0], &lab2.pods[1]);
+        let front = procs::nginx(gw, dir, &nginx_proxy(&format!("{}:{APP_PORT}", app.ip)))?;
+        return Ok(Setup {
+            _front: Some(front),
+            _down: down_proc(down, log)?,
+            _sidecar: None,
+            _service: None,
+            _agents: agents,
+            url: format!("http://{}:8080/", gw.ip),
+            downstream: format!("{}:{DOWN_PORT}", down.ip),
+            labs: vec![lab1, lab2],
+            _nodes: vec![n1, n2],
+            client: (0, 0),
+            app: (1, 0),
+        });
+    }
+    let lab = Lab::new(4)?;
+    let (gw, app, down) = (&lab.pods[1], &lab.pods[2], &lab.pods[3]);
+    let otlp = format!("http://127.0.0.1:{otlp_port}");
+    let agent = AgentProc::start(&lab, &["--otlp-endpoint", &otlp])?;
+    let mut service = None;
+    let mut downstream = format!("{}:{DOWN_PORT}", down.ip);
+    if shape == Shape::Service {
+        lab.route_via_host()?;
+        let vip = lab.service_ip();
+        service = Some(Service::new(vip, 80, down.ip, DOWN_PORT, &lab.cidr())?);
+        downstream = format!("{vip}:80");
+    }
+    let app_addr = format!("{}:{APP_PORT}", app.ip);
+    let (front, url) = match shape {
+        Shape::InPod => (
+            Some(procs::nginx(app, dir, &nginx_proxy("app"))?),
+            format!("http://{}:8080/", app.ip),
+        ),
+        Shape::Sidecar => (None, format!("http://{}:15080/", app.ip)),
+        _ => (
+            Some(procs::nginx(gw, dir, &nginx_proxy(&app_addr))?),
+            format!("http://{}:8080/", gw.ip),
+        ),
+    };
+    let sidecar = match shape {
+        Shape::Sidecar => Some(SidecarProc::start(
+            app,
+            &format!("127.0.0.1:{APP_PORT}"),
+            &agent.socket,
+        )?),
+        _ => None,
+    };
+    Ok(Setup {
+        _front: front,
+        _down: down_proc(down, log)?,
+        _sidecar: sidecar,
+        _service: service,
+        _agents: vec![agent],
+        labs: vec![lab],
+        _nodes: Vec::new(),
+        url,
+        downstream,
+        client: (0, 0),
+        app: (0, 2),
+    })
 }
 
 fn shape_rows(shape: Shape, requests: usize) -> Result<Vec<Row>, BenchError> {
@@ -134,57 +297,22 @@ fn shape_rows(shape: Shape, requests: usize) -> Result<Vec<Row>, BenchError> {
         .enable_all()
         .build()
         .map_err(|e| BenchError::Other(e.to_string()))?;
-    let lab = Lab::new(4)?;
-    let (client, gw, app, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2], &lab.pods[3]);
-    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
-    let agent = AgentProc::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")])?;
-    let app_ns = tagflow::netns::cookie_of(&app.netns_path())?;
+    let otlp_port = free_port();
+    let got = Collector::start(&rt, ([0, 0, 0, 0], otlp_port).into(), Wire::Grpc, true);
     let dir = std::env::temp_dir().join(format!("tagflow-linking-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| BenchError::Other(e.to_string()))?;
     let log = dir.join("down.log");
-    let _down = Proc::python(
-        down,
-        LINK_DOWN,
-        &[&DOWN_PORT.to_string(), &log.to_string_lossy()],
-    )?;
-    let proxy = format!(
-        "server {{ listen 8080; location / {{
-           proxy_http_version 1.1; proxy_set_header Connection \"\";
-           proxy_set_header X-Request-ID $request_id; proxy_pass http://{}; }} }}",
-        if shape == Shape::Gateway {
-            format!("{}:{APP_PORT}", app.ip)
-        } else {
-            "app".into()
-        }
-    );
-    let (_front, url): (Option<Server>, String) = match shape {
-        Shape::Gateway => (
-            Some(procs::nginx(gw, &dir, &proxy)?),
-            format!("http://{}:8080/", gw.ip),
-        ),
-        Shape::InPod => (
-            Some(procs::nginx(app, &dir, &proxy)?),
-            format!("http://{}:8080/", app.ip),
-        ),
-        Shape::Sidecar => (None, format!("http://{}:15080/", app.ip)),
-    };
-    let _sidecar = match shape {
-        Shape::Sidecar => Some(SidecarProc::start(
-            app,
-            &format!("127.0.0.1:{APP_PORT}"),
-            &agent.socket,
-        )?),
-        _ => None,
-    };
-    let downstream = format!("{}:{DOWN_PORT}", down.ip);
+    let s = setup(shape, &dir, &log, otlp_port)?;
+    let client = &s.labs[s.client.0].pods[s.client.1];
+    let app = &s.labs[s.app.0].pods[s.app.1];
+    let app_ns = tagflow::netns::cookie_of(&app.netns_path())?;
     let mut rows = Vec::new();
-    for mode in ["thread", "fork"] {
+    for mode in ["thread", "fork", "async"] {
         // The previous app's last forked children may hold the port a
         // moment longer.
         let mut tries = 0;
         let _app = loop {
-            match Proc::python(app, LINK_APP, &[APP_PORT, &downstream, mode]) {
+            match Proc::python(app, LINK_APP, &[APP_PORT, &s.downstream, mode]) {
                 Ok(p) => break p,
                 Err(_) if tries < 25 => tries += 1,
                 Err(e) => return Err(e.into()),
@@ -192,14 +320,14 @@ fn shape_rows(shape: Shape, requests: usize) -> Result<Vec<Row>, BenchError> {
             std::thread::sleep(Duration::from_millis(200));
         };
         std::thread::sleep(Duration::from_millis(300));
-        for conc in [1usize, 8] {
+        for conc in [1usize, 8, 64] {
             // Truncated, not removed: the downstream appends to its open file.
             std::fs::File::create(&log).map_err(|e| BenchError::Other(e.to_string()))?;
             let t0 = unix_ns();
             let mut c = Proc::python(
                 client,
                 LINK_CLIENT,
-                &[&url, &requests.to_string(), &conc.to_string()],
+                &[&s.url, &requests.to_string(), &conc.to_string()],
             )?;
             if c.step()? != "done" {
                 return Err(BenchError::Other(format!("{}: load failed", shape.name())));
@@ -227,7 +355,7 @@ fn shape_rows(shape: Shape, requests: usize) -> Result<Vec<Row>, BenchError> {
             });
         }
     }
-    drop(agent);
+    drop(s);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(rows)
 }

@@ -138,6 +138,7 @@ pub fn node(quick: bool) -> Result<Vec<Row>, BenchError> {
     let (mut cpu, mut rss, mut hwm, mut maps) = (vec![], vec![], vec![], vec![]);
     let (mut sc_rps, mut sc_p99, mut ng_rps, mut ng_p99, mut di_rps, mut di_p99) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut sr_rps, mut sr_p99) = (vec![], vec![]);
     let url = |port: u16| format!("http://{}:{port}/", b.ip);
     for _ in 0..rounds {
         // Without the agent.
@@ -167,6 +168,13 @@ pub fn node(quick: bool) -> Result<Vec<Row>, BenchError> {
         let (r, _, p99, _) = wrk(a, &url(15080), secs)?;
         sc_rps.push(r);
         sc_p99.push(p99);
+        drop(sidecar);
+        // ... and registering every request as well (agents without
+        // loopback capture).
+        let sidecar = SidecarProc::start_registering(b, "127.0.0.1:8081", &agent.socket)?;
+        let (r, _, p99, _) = wrk(a, &url(15080), secs)?;
+        sr_rps.push(r);
+        sr_p99.push(p99);
         drop(sidecar);
         let (r, _, p99, _) = wrk(a, &url(8082), secs)?;
         ng_rps.push(r);
@@ -244,6 +252,22 @@ pub fn node(quick: bool) -> Result<Vec<Row>, BenchError> {
             &mut sc_p99,
             Some(&mut ng_p99),
             "<= 1.0",
+        ),
+        row(
+            "sidecar --register vs nginx X-Request-ID proxy",
+            "requests/s",
+            "req/s",
+            &mut sr_rps,
+            Some(&mut ng_rps.clone()),
+            "",
+        ),
+        row(
+            "sidecar --register vs nginx X-Request-ID proxy",
+            "p99",
+            "ms",
+            &mut sr_p99,
+            Some(&mut ng_p99.clone()),
+            "",
         ),
         row(
             "sidecar vs direct call",

@@ -13,6 +13,17 @@ pub struct Args {
     upstream: SocketAddr,
     #[arg(long, env = "TAGFLOW_AGENT_SOCKET", default_value = tagflow::config::DEFAULT_SOCKET)]
     agent_socket: PathBuf,
+    /// Register every request with the agent too: for agents that do not
+    /// capture on the pod's loopback (`tagflow run --no-loopback`, or a
+    /// kernel that refused the hook). Costs a round trip per request.
+    #[arg(long, env = "TAGFLOW_SIDECAR_REGISTER")]
+    register: bool,
+    /// Threads serving requests. One event loop serves like an nginx
+    /// worker and leaves the pod's other cores to the app (measured on 2
+    /// cores: 1 thread does more requests/s than 2); raise it for a pod
+    /// whose proxy is the bottleneck.
+    #[arg(long, env = "TAGFLOW_SIDECAR_THREADS", default_value_t = 1)]
+    threads: usize,
 }
 
 /// The name spans' resources use for this process (15 bytes at most).
@@ -25,11 +36,18 @@ fn set_process_name(name: &str) {
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     set_process_name("tf-sidecar");
-    let cfg = SidecarConfig::new(a.listen, a.upstream, a.agent_socket);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let mut cfg = SidecarConfig::new(a.listen, a.upstream, a.agent_socket);
+    cfg.register = a.register;
+    let rt = if a.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(a.threads)
+            .enable_all()
+            .build()?
+    };
     rt.block_on(sidecar::run(
         cfg,
         Default::default(),

@@ -59,6 +59,10 @@ pub struct AssemblerStats {
     /// `max_held` was reached (their links may be partial).
     pub released_early: u64,
     pub emitted: u64,
+    /// Calls (CLIENT spans) whose trace came from their own connection's
+    /// entry, and from their process's.
+    pub calls_by_flow: u64,
+    pub calls_by_process: u64,
 }
 
 struct Open {
@@ -351,6 +355,12 @@ impl Assembler {
             Why::Evicted => self.stats.evicted += 1,
         }
         let mut record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        if record.kind == SpanKind::Client {
+            match o.stats.matched {
+                MATCH_PID => self.stats.calls_by_process += 1,
+                _ => self.stats.calls_by_flow += 1,
+            }
+        }
         if let (SpanKind::Client, Some(h)) = (record.kind, &o.head) {
             // A call: an id the callee's node can compute too.
             let id = ids::call_span_id(&k.1, &h.via.unwrap_or(k.0));
@@ -361,7 +371,10 @@ impl Assembler {
         }
         let remote_parent = o
             .remote_parent
-            .or_else(|| self.callers.map.remove(&(k.0, k.1)));
+            .or_else(|| self.callers.map.remove(&(k.0, k.1)))
+            // A traceparent minted for this very call (our sidecar names
+            // the call's computed id) is no parent of it.
+            .filter(|p| *p != record.span_id);
         let t = o.totals();
         // The captured head's own packet went out before the flow was
         // tagged: the request starts there.
