@@ -2,7 +2,8 @@
 //! address (DNAT, sometimes also the source: SNAT/masquerade) after the
 //! caller's veth, where the datapath saw the request. The host's conntrack
 //! table knows what the connection became; this asks it over ctnetlink,
-//! once per connection (cached), only for heads addressed to no local pod.
+//! once per connection (cached): for traced calls, and for request heads
+//! addressed to no local pod.
 use std::{
     collections::{HashMap, VecDeque},
     io,
@@ -37,6 +38,9 @@ const REPLY_TIMEOUT: Duration = Duration::from_millis(100);
 /// Answers are kept this long: a connection's tuple may be reused later
 /// for another destination.
 const CACHE_TTL: Duration = Duration::from_secs(30);
+/// "Unknown" is kept only this long: asked at a connection's first packet,
+/// conntrack may not have confirmed its entry yet.
+const NOT_FOUND_TTL: Duration = Duration::from_secs(1);
 
 /// The ctnetlink request for the connection `key` (seen from its sender):
 /// `nfgenmsg` and the original tuple.
@@ -174,17 +178,17 @@ impl ServiceStats {
         [
             (
                 "linking_services_translated_total",
-                "Connections to a Service address the host translated (the callee's side was found through conntrack).",
+                "Traced connections the host translated (a Service address: the callee's side found through conntrack).",
                 self.translated,
             ),
             (
                 "linking_services_untranslated_total",
-                "Connections to no local pod that conntrack knew untranslated (other nodes, the outside).",
+                "Traced connections conntrack knew untranslated.",
                 self.untranslated,
             ),
             (
                 "linking_services_not_found_total",
-                "Connections to no local pod that conntrack did not know.",
+                "Traced connections conntrack did not know (no NAT on their path, or not yet confirmed).",
                 self.not_found,
             ),
             (
@@ -201,6 +205,7 @@ impl ServiceStats {
 /// are not linked: today's behaviour.
 pub struct Services {
     sock: Option<netlink::Socket>,
+    /// Answer and until when it holds.
     cache: HashMap<FlowKey, (Instant, Option<FlowKey>)>,
     order: VecDeque<FlowKey>,
     cap: usize,
@@ -237,23 +242,23 @@ impl Services {
             return None;
         }
         let now = Instant::now();
-        if let Some((at, seen)) = self.cache.get(key) {
-            if now.duration_since(*at) < CACHE_TTL {
+        if let Some((until, seen)) = self.cache.get(key) {
+            if now < *until {
                 return *seen;
             }
         }
-        let seen = match self.lookup(key) {
+        let (seen, ttl) = match self.lookup(key) {
             Ok(Some(seen)) => {
                 self.stats.translated += 1;
-                Some(seen)
+                (Some(seen), CACHE_TTL)
             }
             Ok(None) => {
                 self.stats.untranslated += 1;
-                None
+                (None, CACHE_TTL)
             }
             Err(NetlinkError::Errno(e)) if e.raw_os_error() == Some(libc::ENOENT) => {
                 self.stats.not_found += 1;
-                None
+                (None, NOT_FOUND_TTL)
             }
             Err(_) => {
                 self.stats.errors += 1;
@@ -262,7 +267,7 @@ impl Services {
                 return None;
             }
         };
-        if self.cache.insert(*key, (now, seen)).is_none() {
+        if self.cache.insert(*key, (now + ttl, seen)).is_none() {
             self.order.push_back(*key);
             while self.order.len() > self.cap {
                 if let Some(old) = self.order.pop_front() {

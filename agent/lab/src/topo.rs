@@ -297,7 +297,12 @@ impl Proc {
 
     /// Starts `cmd` and waits for it to print `ready <pid>`.
     pub fn spawn(mut cmd: Command) -> Result<Self, TopoError> {
-        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        use std::os::unix::process::CommandExt;
+        let mut child = cmd
+            .process_group(0)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
         let stdin = child.stdin.take().expect("piped");
         let mut stdout = BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
@@ -325,7 +330,11 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Kills the whole process group: a forking server's children hold its
+    /// listening socket (and keep-alive connections) after it is gone.
     fn drop(&mut self) {
+        // SAFETY: a signal to the group our own unreaped child leads.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

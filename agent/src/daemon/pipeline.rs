@@ -148,7 +148,18 @@ impl Pipeline {
                 self.stats.flow_new += 1;
                 self.reattribute(&mut f, table);
                 let head = self.capture.take_head(&f.key, &f.stats.trace_id);
+                let known = head.as_ref().is_some_and(|h| h.via.is_some());
                 self.assembler.flow_new(&f, head, now);
+                // A call to a Service address: its pod, from conntrack
+                // (the SYN passed netfilter right after this hook).
+                if !known
+                    && f.stats.owner == agent_common::OWNER_CONNECTED
+                    && !f.key.remote_ip().is_loopback()
+                {
+                    if let Some(via) = self.services.translate(&f.key) {
+                        self.assembler.translated(&f.key, &f.stats.trace_id, via);
+                    }
+                }
             }
             Event::FlowEnd(mut f) => {
                 self.stats.flow_end += 1;

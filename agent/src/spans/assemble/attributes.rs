@@ -35,7 +35,7 @@ impl Assembler {
         let s = &totals;
         let (local, peer) = (key.local_ip(), key.remote_ip());
         // Through a Service: the peer is the pod the host sent the call to.
-        let via = o.head.as_ref().and_then(|h| h.via);
+        let via = o.via;
         let (peer_ip, peer_port) = match &via {
             Some(v) => (v.remote_ip(), v.remote_port),
             None => (peer, key.remote_port),
@@ -91,6 +91,12 @@ impl Assembler {
         ];
         if evicted {
             a.push(kv("tagflow.evicted", Value::Str("true".into())));
+        }
+        if let (None, Some(_)) = (&o.head, via) {
+            // Through a Service, no request head seen: the Service address
+            // is what the caller dialled.
+            a.push(kv("server.address", Value::Str(peer.to_string())));
+            a.push(kv("server.port", Value::Int(key.remote_port as i64)));
         }
         if let Some(h) = &o.head {
             a.push(kv("http.request.method", Value::Str(h.method.clone())));

@@ -76,6 +76,9 @@ struct Open {
     /// The caller's span from this request's own `traceparent`.
     remote_parent: Option<[u8; 8]>,
     head: Option<HeadInfo>,
+    /// The connection as its callee sees it, when the host translated it
+    /// (a call through a Service address).
+    via: Option<FlowKey>,
     resource: Arc<Resource>,
 }
 
@@ -186,8 +189,9 @@ impl Assembler {
         let k = (ev.key, ev.stats.trace_id);
         if let Some(o) = self.open.get_mut(&k) {
             o.stats = ev.stats;
-            if head.is_some() {
-                o.head = head;
+            if let Some(h) = head {
+                o.via = o.via.or(h.via);
+                o.head = Some(h);
             }
             return;
         }
@@ -213,6 +217,7 @@ impl Assembler {
                 stats: ev.stats,
                 earlier: None,
                 remote_parent,
+                via: head.as_ref().and_then(|h| h.via),
                 head,
                 resource: self.resources.for_pid(ev.stats.pid),
             },
@@ -308,7 +313,16 @@ impl Assembler {
     /// A request head seen after its span opened.
     pub fn head(&mut self, key: &FlowKey, info: HeadInfo) {
         if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
+            o.via = o.via.or(info.via);
             o.head = Some(info);
+        }
+    }
+
+    /// The open span of (`key`, `trace`) went through a Service: `via` is
+    /// its connection as the callee sees it.
+    pub fn translated(&mut self, key: &FlowKey, trace: &[u8; 16], via: FlowKey) {
+        if let Some(o) = self.open.get_mut(&(*key, *trace)) {
+            o.via = Some(via);
         }
     }
 
@@ -363,7 +377,7 @@ impl Assembler {
         }
         if let (SpanKind::Client, Some(h)) = (record.kind, &o.head) {
             // A call: an id the callee's node can compute too.
-            let id = ids::call_span_id(&k.1, &h.via.unwrap_or(k.0));
+            let id = ids::call_span_id(&k.1, &o.via.or(h.via).unwrap_or(k.0));
             if !self.issued.map.contains_key(&id) {
                 self.issued.insert(id, ());
                 record.span_id = id;
@@ -387,7 +401,7 @@ impl Assembler {
         g.last_change = now;
         g.closed.push(Closed {
             key: k.0,
-            via: o.head.as_ref().and_then(|h| h.via),
+            via: o.via,
             remote_parent,
             pid: o.stats.pid,
             start,
