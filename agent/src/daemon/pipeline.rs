@@ -22,7 +22,7 @@ use crate::{
     podnet::{Reader, Unresolved},
     sources::capture::{Capture, Check, HeadOutcome},
     spans::{
-        assemble::{Assembler, AssemblerConfig},
+        assemble::{Assembler, AssemblerConfig, End},
         resource::Resources,
         SpanRecord,
     },
@@ -189,11 +189,29 @@ impl Pipeline {
                 );
                 match out {
                     HeadOutcome::Applied(info) => {
+                        // What the sender sent on this connection before
+                        // the agent got the head went out under its
+                        // process's previous trace: it is this request's.
+                        if let Some((previous, ctx)) = info.sender_previous {
+                            if self
+                                .assembler
+                                .retrace(&h.key, &previous, &ctx, End::Sender, now)
+                            {
+                                self.stats.reattributed_flows += 1;
+                                self.remember_reattributed(h.key, previous, ctx);
+                            }
+                        }
                         if let Some(r) = info.reader_end {
                             // The reader's handshake went out under its
                             // process's previous trace: it is this request's.
                             if let Some(previous) = r.previous {
-                                if self.assembler.retrace(&r.conn, &previous, &r.ctx, now) {
+                                if self.assembler.retrace(
+                                    &r.conn,
+                                    &previous,
+                                    &r.ctx,
+                                    End::Reader,
+                                    now,
+                                ) {
                                     self.stats.reattributed_flows += 1;
                                     self.remember_reattributed(r.conn, previous, r.ctx);
                                 }
@@ -882,5 +900,54 @@ mod tests {
         // The open one is looked at again.
         let again = pipe.capture.overdue(now + 300_000_000);
         assert_eq!(again.iter().map(|c| c.key).collect::<Vec<_>>(), [open]);
+    }
+
+    #[test]
+    fn a_senders_connection_tagged_under_its_previous_trace_joins_its_request() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let send = |pipe: &mut Pipeline, port: u16, id: &str| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let Event::HttpHead(mut h) = head(port, &text) else {
+                unreachable!()
+            };
+            h.pid = 22;
+            pipe.event(Event::HttpHead(h), &table, not_local);
+        };
+        send(&mut pipe, 1, "req-1");
+        let (first, second) = (
+            crate::ids::map_request_id("req-1").unwrap().0,
+            crate::ids::map_request_id("req-2").unwrap().0,
+        );
+        // A new connection of the same process, tagged by its process's key
+        // (still req-1) before the agent handled its own head.
+        let conn = FlowKey {
+            netns: 7,
+            local_port: 2,
+            ..Default::default()
+        };
+        let mut early = flow(conn, 0, 3, 100, 110);
+        early.stats.trace_id = first;
+        early.stats.matched = agent_common::MATCH_PID;
+        early.stats.tcp_flags = 0x1a;
+        pipe.event(Event::FlowNew(early), &table, not_local);
+        send(&mut pipe, 2, "req-2");
+        assert_eq!(pipe.stats.reattributed_flows, 1);
+        pipe.event(Event::FlowEnd(early), &table, not_local);
+        let mut rest = flow(conn, 0, 2, 120, 130);
+        rest.stats.trace_id = second;
+        pipe.event(Event::FlowNew(rest), &table, not_local);
+        pipe.event(Event::FlowEnd(rest), &table, not_local);
+        let spans = pipe.drain_all();
+        let on_conn: Vec<_> = spans
+            .iter()
+            .filter(|s| {
+                s.attributes.iter().any(|kv| {
+                    kv.key == "network.local.port" && kv.value == crate::spans::Value::Int(2)
+                })
+            })
+            .collect();
+        assert_eq!(on_conn.len(), 1, "one connection, one span: {on_conn:?}");
+        assert_eq!(on_conn[0].trace_id, second);
     }
 }

@@ -29,6 +29,10 @@ pub struct HeadInfo {
     pub via: Option<FlowKey>,
     /// The reader's end of the connection, when its reader was found.
     pub reader_end: Option<ReaderEnd>,
+    /// The trace the sender's process carried until this head, when it
+    /// was another (what it sent so far on this connection went out under
+    /// it), and the context the head applied.
+    pub sender_previous: Option<([u8; 16], TraceContext)>,
 }
 
 /// What a head changed for its reader: its end of the connection `conn`
@@ -104,6 +108,7 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
             ts_ns: 0,
             via: None,
             reader_end: None,
+            sender_previous: None,
         },
         id.sampled,
     ))
@@ -273,10 +278,25 @@ impl Capture {
         if !from_wire && table.set_flow(ev.key, &ctx).is_err() {
             self.table_errors += 1;
         }
+        if !from_wire && ev.pid != 0 {
+            info.sender_previous = table
+                .by_pid()
+                .context(&TraceKey::new(ev.pid, ev.key.netns))
+                .map(|p| p.trace_id)
+                .filter(|t| *t != ctx.trace_id)
+                .map(|t| (t, ctx));
+        }
+        // The head's parent is the sender's own span: not a parent of the
+        // sender's other traffic (its server span would hang below its call).
+        let sender_ctx = TraceContext {
+            parent_span_id: [0; 8],
+            flags: ctx.flags & !TRACE_FLAG_HAS_PARENT,
+            ..ctx
+        };
         if !from_wire
             && ev.pid != 0
             && table
-                .set_process(TraceKey::new(ev.pid, ev.key.netns), &ctx)
+                .set_process(TraceKey::new(ev.pid, ev.key.netns), &sender_ctx)
                 .is_err()
         {
             self.table_errors += 1;

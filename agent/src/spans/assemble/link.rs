@@ -99,6 +99,13 @@ pub(super) fn link(spans: &mut [Closed]) {
         v.get(v.partition_point(|(end, _)| *end < from))
             .map(|(_, j)| *j)
     };
+    // A remote parent that is a span of this trace (a call's computed id)
+    // is linked like a local one, so the cycle check below sees it.
+    let by_id: HashMap<[u8; 8], usize> = spans
+        .iter()
+        .enumerate()
+        .map(|(j, s)| (s.record.span_id, j))
+        .collect();
     let mut parent: Vec<Option<usize>> = vec![None; n];
     for (i, si) in spans.iter().enumerate() {
         let k = &si.key;
@@ -120,7 +127,12 @@ pub(super) fn link(spans: &mut [Closed]) {
                 .get(&(k.netns, si.pid))
                 .and_then(|v| serving(v, si.start))
                 .or_else(|| servers.get(&k.netns).and_then(|v| serving(v, si.start))),
-        };
+        }
+        .or_else(|| {
+            si.remote_parent
+                .and_then(|r| by_id.get(&r).copied())
+                .filter(|j| *j != i)
+        });
     }
     // Break cycles: walk up from each span not yet known to reach a root;
     // meeting the current walk again means a cycle, whose last link goes.
@@ -165,8 +177,9 @@ pub(super) fn link(spans: &mut [Closed]) {
                 spans[i].record.parent_is_remote = false;
             }
             None => {
-                // Its own request's caller, not another request's.
-                let remote = spans[i].remote_parent;
+                // Its own request's caller, not another request's; never a
+                // span of this trace (that link was dropped as a cycle).
+                let remote = spans[i].remote_parent.filter(|r| !by_id.contains_key(r));
                 spans[i].record.parent_span_id = remote;
                 spans[i].record.parent_is_remote = remote.is_some();
             }
@@ -206,7 +219,10 @@ mod tests {
                     };
                     serving(true).or_else(|| serving(false))
                 }
-            };
+            }
+            .or_else(|| {
+                (0..n).find(|&j| j != i && Some(spans[j].record.span_id) == spans[i].remote_parent)
+            });
         }
         for i in 0..n {
             let mut seen = vec![false; n];
@@ -224,8 +240,53 @@ mod tests {
         for i in 0..n {
             spans[i].record.parent_span_id = match parent[i] {
                 Some(p) => Some(spans[p].record.span_id),
-                None => spans[i].remote_parent,
+                None => spans[i]
+                    .remote_parent
+                    .filter(|r| !spans.iter().any(|s| s.record.span_id == *r)),
             };
+        }
+    }
+
+    #[test]
+    fn a_remote_parent_naming_a_span_of_the_trace_never_makes_a_cycle() {
+        let mk = |server: bool, id: u8, remote: Option<[u8; 8]>| Closed {
+            key: if server {
+                key(1, [10, 0, 0, 1], 80, [10, 0, 0, 9], 40000)
+            } else {
+                key(1, [127, 0, 0, 1], 41000, [127, 0, 0, 1], 8080)
+            },
+            via: None,
+            remote_parent: remote,
+            pid: 5,
+            start: 10,
+            end: 100,
+            record: SpanRecord {
+                trace_id: [1; 16],
+                span_id: [id; 8],
+                parent_span_id: None,
+                parent_is_remote: false,
+                name: String::new(),
+                kind: if server {
+                    SpanKind::Server
+                } else {
+                    SpanKind::Client
+                },
+                start_unix_ns: 0,
+                end_unix_ns: 0,
+                attributes: vec![],
+                resource: Arc::new(Resource { attributes: vec![] }),
+            },
+        };
+        // A proxy's server span that inherited its own call's id as remote
+        // parent, and that call, made while it served.
+        for order in [false, true] {
+            let mut spans = vec![mk(true, 1, Some([2; 8])), mk(false, 2, None)];
+            if order {
+                spans.reverse();
+            }
+            link(&mut spans);
+            let p: Vec<_> = spans.iter().map(|s| s.record.parent_span_id).collect();
+            assert!(p.contains(&None), "a root remains: {p:?}");
         }
     }
 

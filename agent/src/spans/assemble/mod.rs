@@ -153,6 +153,13 @@ impl<K: std::hash::Hash + Eq + Copy, V> Bounded<K, V> {
     }
 }
 
+/// Which end of a connection `Assembler::retrace` looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    Sender,
+    Reader,
+}
+
 enum Why {
     End,
     Fin,
@@ -259,24 +266,33 @@ impl Assembler {
         };
     }
 
-    /// A reader's end of a connection whose request head just arrived,
-    /// open under `from`: the trace its process carried before the agent
-    /// keyed it for this request. Only a handshake moves to `ctx` (the
-    /// server cannot have answered a request it had not been sent): a span
-    /// that carried data (PSH), ended (FIN, RST) or was tagged by its own
-    /// connection's entry belongs to an earlier request. Returns whether it
-    /// moved; the datapath's switch then continues it (`continue_as`).
+    /// One end of a connection whose request head just arrived, open under
+    /// `from`: the trace its process carried before the agent keyed it for
+    /// this request. Only what cannot belong to an earlier request moves to
+    /// `ctx`. The reader's end (`End::Reader`): a handshake (the server
+    /// cannot have answered a request it had not been sent), not a span
+    /// that carried data (PSH). The sender's end (`End::Sender`): a span
+    /// that carried no other identified request (the head itself is data).
+    /// Neither if it ended (FIN, RST) or was tagged by its own connection's
+    /// entry. Returns whether it moved; the datapath's switch then continues
+    /// it (`continue_as`).
     pub fn retrace(
         &mut self,
         key: &FlowKey,
         from: &[u8; 16],
         ctx: &TraceContext,
+        end: End,
         now: u64,
     ) -> bool {
         let movable = |o: &Open| {
+            let flags = o.totals().tcp_flags;
             o.stats.matched == MATCH_PID
                 && o.earlier.is_none()
-                && o.totals().tcp_flags & (TCP_FIN | TCP_RST | TCP_PSH) == 0
+                && flags & (TCP_FIN | TCP_RST) == 0
+                && match end {
+                    End::Reader => flags & TCP_PSH == 0,
+                    End::Sender => o.head.is_none(),
+                }
         };
         if !self.open.get(&(*key, *from)).is_some_and(movable)
             || self.open.contains_key(&(*key, ctx.trace_id))
@@ -896,6 +912,7 @@ mod tests {
             ts_ns: 0,
             via: None,
             reader_end: None,
+            sender_previous: None,
         };
         a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
         a.head(&k, head);
@@ -933,6 +950,7 @@ mod tests {
             ts_ns: 0,
             via: Some(via),
             reader_end: None,
+            sender_previous: None,
         };
         a.flow_new(
             &ev(caller, T1, OWNER_CONNECTED, 100, 100, 1),
