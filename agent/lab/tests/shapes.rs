@@ -49,6 +49,49 @@ fn logged_ids(dir: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
+/// nginx in `pod` answering 200 on `port`; its directory goes with it.
+struct Answering {
+    _nginx: procs::Server,
+    dir: std::path::PathBuf,
+}
+
+impl Answering {
+    fn start(pod: &tagflow_lab::topo::Pod, port: u16, tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("tagflow-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let body = format!("server {{ listen {port}; location / {{ return 200 \"ok\\n\"; }} }}");
+        let nginx = procs::nginx(pod, &dir, &body).unwrap();
+        wait_for("nginx", 10, || dir.join("nginx.pid").exists());
+        Self { _nginx: nginx, dir }
+    }
+}
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `REQUESTS` curls from `client` to `url`, one process and connection
+/// each, with `X-Request-ID: <prefix>-<i>`; every one must get a 200.
+fn curl_each(client: &tagflow_lab::topo::Pod, url: &str, prefix: &str) {
+    for i in 0..REQUESTS {
+        let out = client
+            .command("curl")
+            .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["-H", &format!("X-Request-ID: {prefix}-{i}"), url])
+            .output()
+            .unwrap();
+        let code = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            code,
+            "200",
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Where nginx stamps the ids: a gateway pod in front of the app's pod,
 /// or inside the app's pod, handing requests over on 127.0.0.1 with
 /// keep-alive (the Envoy/Istio shape).
@@ -60,11 +103,7 @@ enum Nginx {
 
 fn every_call_carries_the_request_id_nginx_stamped(shape: Nginx) {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let lab = Lab::new(4).unwrap();
     let (client, gw, app, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2], &lab.pods[3]);
     let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -172,11 +211,7 @@ fn an_app_behind_nginx_in_its_own_pod_over_loopback_carries_its_ids_into_its_cal
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it() {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let lab = Lab::new(2).unwrap();
     lab.route_via_host().unwrap();
     let (client, callee) = (&lab.pods[0], &lab.pods[1]);
@@ -185,32 +220,8 @@ fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it
     let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let got = Collector::start(&rt, otlp, Wire::Grpc, true);
     let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
-    let dir = std::env::temp_dir().join(format!("tagflow-svc-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let nginx = procs::nginx(
-        callee,
-        &dir,
-        r#"server { listen 9100; location / { return 200 "ok\n"; } }"#,
-    )
-    .unwrap();
-    wait_for("nginx", 10, || dir.join("nginx.pid").exists());
-
-    let url = format!("http://{vip}/");
-    for i in 0..REQUESTS {
-        let out = client
-            .command("curl")
-            .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
-            .args(["-H", &format!("X-Request-ID: svc-{i}"), &url])
-            .output()
-            .unwrap();
-        let code = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(
-            code,
-            "200",
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let nginx = Answering::start(callee, 9100, "svc");
+    curl_each(client, &format!("http://{vip}/"), "svc");
     let trace = |i: usize| ids::map_request_id(&format!("svc-{i}")).unwrap().0.to_vec();
     let pair = |i: usize| {
         let spans = got.spans();
@@ -241,7 +252,6 @@ fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it
     });
     std::thread::sleep(Duration::from_millis(500));
     drop(nginx);
-    let _ = std::fs::remove_dir_all(&dir);
     for i in 0..REQUESTS {
         let Some((c, s)) = pair(i) else {
             assert_eq!(i, 0, "request {i}: no client or server span");
@@ -283,11 +293,7 @@ fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn a_request_served_on_another_node_links_both_agents_spans() {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let (n1, n2) = (Node::new().unwrap(), Node::new().unwrap());
     let (w1, w2) = node::wire(&n1, &n2).unwrap();
     let (lab1, lab2) = (
@@ -321,31 +327,8 @@ fn a_request_served_on_another_node_links_both_agents_spans() {
     let (a1, a2) = (agent(&n1, &lab1), agent(&n2, &lab2));
     assert_eq!(a2.metric("tagflow_attached_uplinks"), 1.0);
 
-    let dir = std::env::temp_dir().join(format!("tagflow-nodes-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let nginx = procs::nginx(
-        callee,
-        &dir,
-        r#"server { listen 9100; location / { return 200 "ok\n"; } }"#,
-    )
-    .unwrap();
-    wait_for("nginx", 10, || dir.join("nginx.pid").exists());
-    let url = format!("http://{}:9100/", callee.ip);
-    for i in 0..REQUESTS {
-        let out = client
-            .command("curl")
-            .args(["-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}"])
-            .args(["-H", &format!("X-Request-ID: node-{i}"), &url])
-            .output()
-            .unwrap();
-        let code = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(
-            code,
-            "200",
-            "curl: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let nginx = Answering::start(callee, 9100, "nodes");
+    curl_each(client, &format!("http://{}:9100/", callee.ip), "node");
     let trace = |i: usize| {
         ids::map_request_id(&format!("node-{i}"))
             .unwrap()
@@ -378,7 +361,6 @@ fn a_request_served_on_another_node_links_both_agents_spans() {
     }
     std::thread::sleep(Duration::from_millis(500));
     drop(nginx);
-    let _ = std::fs::remove_dir_all(&dir);
     let mut missing = Vec::new();
     for i in 0..REQUESTS {
         let (c, s) = (spans_of(i, SpanKind::Client), spans_of(i, SpanKind::Server));
@@ -419,11 +401,7 @@ fn a_request_served_on_another_node_links_both_agents_spans() {
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn a_sidecar_that_registers_nothing_still_yields_whole_trees() {
     let _g = common::lock();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let lab = Lab::new(3).unwrap();
     let (client, app, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
     let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

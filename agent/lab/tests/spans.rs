@@ -14,15 +14,6 @@ use tagflow_lab::{
     topo::{free_port, Lab, Proc, CLIENT, ECHO_SERVER, HTTP_APP, HTTP_CLIENT},
 };
 
-/// A runtime for the in-process receivers.
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn unix_ns() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -32,7 +23,7 @@ fn unix_ns() -> u64 {
 
 fn registered_traffic_becomes_linked_spans(grpc: bool) {
     let _g = common::lock();
-    let rt = runtime();
+    let rt = common::runtime();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let port = free_port();
@@ -180,7 +171,7 @@ fn registered_traffic_becomes_linked_spans_over_http() {
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn collector_down_then_up_bounded_queue_and_counted_drops() {
     let _g = common::lock();
-    let rt = runtime();
+    let rt = common::runtime();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -275,7 +266,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn collector_unreachable_for_sixty_seconds_under_load_memory_stays_bounded() {
     let _g = common::lock();
-    let rt = runtime();
+    let rt = common::runtime();
     let lab = Lab::new(2).unwrap();
     let (a, b) = (&lab.pods[0], &lab.pods[1]);
     let dir = std::env::temp_dir().join(format!("tagflow-outage-{}", std::process::id()));

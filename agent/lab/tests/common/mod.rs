@@ -13,6 +13,15 @@ use tagflow_lab::frames;
 /// Kernel tests share the host's cgroup root and TCX hooks: one at a time.
 pub static SERIAL: Mutex<()> = Mutex::new(());
 
+/// A runtime for the in-process receivers.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn lock() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
