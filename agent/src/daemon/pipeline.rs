@@ -420,8 +420,6 @@ impl Pipeline {
     }
 
     pub fn counters(&self) -> Vec<(String, String, u64)> {
-        let c = &self.capture;
-        let a = &self.assembler.stats;
         let s = &self.stats;
         [
             ("events_flow_new_total", "FLOW_NEW events read.", s.flow_new),
@@ -482,66 +480,6 @@ impl Pipeline {
                 s.adopted_idle,
             ),
             (
-                "capture_applied_total",
-                "Request heads that set a trace.",
-                c.applied,
-            ),
-            (
-                "capture_no_id_total",
-                "Complete request heads without an id header.",
-                c.no_id,
-            ),
-            (
-                "capture_truncated_no_id_total",
-                "Cut-off request heads without an id in the part seen.",
-                c.truncated_no_id,
-            ),
-            (
-                "capture_bad_id_total",
-                "Request heads with an unusable id.",
-                c.bad_id,
-            ),
-            (
-                "capture_not_http_total",
-                "Captured payloads that were not HTTP/1 heads.",
-                c.not_http,
-            ),
-            (
-                "capture_table_errors_total",
-                "Trace-table writes from capture that failed.",
-                c.table_errors,
-            ),
-            (
-                "capture_unclaimed_total",
-                "Request details no span asked for within 3 s (dropped).",
-                c.unclaimed,
-            ),
-            (
-                "capture_evicted_total",
-                "Request details evicted before their span closed.",
-                c.evicted,
-            ),
-            (
-                "linking_receivers_keyed_total",
-                "Request heads whose reading process was found and keyed.",
-                c.receivers_keyed,
-            ),
-            (
-                "linking_receivers_not_local_total",
-                "Request heads addressed to no pod of this node.",
-                c.receivers_not_local,
-            ),
-            (
-                "linking_receivers_no_listener_total",
-                "Request heads addressed to a local pod port nothing is bound to.",
-                c.receivers_no_listener,
-            ),
-            (
-                "linking_receivers_late_total",
-                "Request heads handled after their reader had answered and closed (entries wait for the idle timeout).",
-                c.receivers_late,
-            ),
-            (
                 "linking_flows_reattributed_total",
                 "Flows that left before the agent wrote their connection's entry, filed under it.",
                 s.reattributed_flows,
@@ -551,50 +489,10 @@ impl Pipeline {
                 "Connections that ended before the agent had keyed them, filed under their request's trace from what the datapath counted.",
                 s.spans_recovered,
             ),
-            (
-                "linking_receiver_races_lost_total",
-                "Calls that left under the reader's previous trace: made before the agent had keyed the reader.",
-                c.receiver_races_lost,
-            ),
-            (
-                "linking_calls_by_flow_total",
-                "Calls (client spans) that carried the trace of their own connection's entry.",
-                a.calls_by_flow,
-            ),
-            (
-                "linking_calls_by_process_total",
-                "Calls (client spans) that carried the trace of their process's entry (shared by everything the process serves at once).",
-                a.calls_by_process,
-            ),
-            ("spans_opened_total", "Spans started.", a.opened),
-            (
-                "spans_closed_end_total",
-                "Spans finished by a request boundary.",
-                a.closed_end,
-            ),
-            (
-                "spans_closed_fin_total",
-                "Spans finished by FIN/RST.",
-                a.closed_fin,
-            ),
-            (
-                "spans_closed_idle_total",
-                "Spans finished by the idle timeout.",
-                a.closed_idle,
-            ),
-            (
-                "spans_evicted_total",
-                "Spans finished early: open-span limit reached.",
-                a.evicted,
-            ),
-            (
-                "spans_released_early_total",
-                "Spans sent before their trace went quiet: held-span limit reached (links may be partial).",
-                a.released_early,
-            ),
-            ("spans_created_total", "Spans handed to export.", a.emitted),
         ]
         .into_iter()
+        .chain(self.capture.counters())
+        .chain(self.assembler.stats.counters())
         .chain(self.services.stats.counters())
         .map(|(n, h, v)| (n.to_string(), h.to_string(), v))
         .collect()

@@ -411,6 +411,77 @@ impl Capture {
     pub fn cached(&self) -> usize {
         self.heads.len()
     }
+
+    /// As metrics: (name, help, value).
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "capture_applied_total",
+                "Request heads that set a trace.",
+                self.applied,
+            ),
+            (
+                "capture_no_id_total",
+                "Complete request heads without an id header.",
+                self.no_id,
+            ),
+            (
+                "capture_truncated_no_id_total",
+                "Cut-off request heads without an id in the part seen.",
+                self.truncated_no_id,
+            ),
+            (
+                "capture_bad_id_total",
+                "Request heads with an unusable id.",
+                self.bad_id,
+            ),
+            (
+                "capture_not_http_total",
+                "Captured payloads that were not HTTP/1 heads.",
+                self.not_http,
+            ),
+            (
+                "capture_table_errors_total",
+                "Trace-table writes from capture that failed.",
+                self.table_errors,
+            ),
+            (
+                "capture_unclaimed_total",
+                "Request details no span asked for within 3 s (dropped).",
+                self.unclaimed,
+            ),
+            (
+                "capture_evicted_total",
+                "Request details evicted before their span closed.",
+                self.evicted,
+            ),
+            (
+                "linking_receivers_keyed_total",
+                "Request heads whose reading process was found and keyed.",
+                self.receivers_keyed,
+            ),
+            (
+                "linking_receivers_not_local_total",
+                "Request heads addressed to no pod of this node.",
+                self.receivers_not_local,
+            ),
+            (
+                "linking_receivers_no_listener_total",
+                "Request heads addressed to a local pod port nothing is bound to.",
+                self.receivers_no_listener,
+            ),
+            (
+                "linking_receivers_late_total",
+                "Request heads handled after their reader had answered and closed (entries wait for the idle timeout).",
+                self.receivers_late,
+            ),
+            (
+                "linking_receiver_races_lost_total",
+                "Calls that left under the reader's previous trace: made before the agent had keyed the reader.",
+                self.receiver_races_lost,
+            ),
+        ]
+    }
 }
 
 #[cfg(test)]

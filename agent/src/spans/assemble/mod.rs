@@ -65,6 +65,51 @@ pub struct AssemblerStats {
     pub calls_by_process: u64,
 }
 
+impl AssemblerStats {
+    /// As metrics: (name, help, value).
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "linking_calls_by_flow_total",
+                "Calls (client spans) that carried the trace of their own connection's entry.",
+                self.calls_by_flow,
+            ),
+            (
+                "linking_calls_by_process_total",
+                "Calls (client spans) that carried the trace of their process's entry (shared by everything the process serves at once).",
+                self.calls_by_process,
+            ),
+            ("spans_opened_total", "Spans started.", self.opened),
+            (
+                "spans_closed_end_total",
+                "Spans finished by a request boundary.",
+                self.closed_end,
+            ),
+            (
+                "spans_closed_fin_total",
+                "Spans finished by FIN/RST.",
+                self.closed_fin,
+            ),
+            (
+                "spans_closed_idle_total",
+                "Spans finished by the idle timeout.",
+                self.closed_idle,
+            ),
+            (
+                "spans_evicted_total",
+                "Spans finished early: open-span limit reached.",
+                self.evicted,
+            ),
+            (
+                "spans_released_early_total",
+                "Spans sent before their trace went quiet: held-span limit reached (links may be partial).",
+                self.released_early,
+            ),
+            ("spans_created_total", "Spans handed to export.", self.emitted),
+        ]
+    }
+}
+
 struct Open {
     span_id: [u8; 8],
     trace_flags: u32,
