@@ -44,10 +44,17 @@ pub enum Counter {
     /// Request heads not copied: their connection's last head carried no
     /// id header (see `CAPTURE_SKIP`).
     HeadSkipped = 14,
+    /// Calls whose trace came from the connection their thread read last
+    /// (`MATCH_THREAD`).
+    ThreadMatched = 15,
+    /// Calls by a thread that had read a connection without a trace entry
+    /// yet (the head's round trip was slower than the app): handed to
+    /// userspace with the connection (`FlowEvent::via`).
+    ThreadPending = 16,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 17;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::Seen,
         Self::Tagged,
@@ -64,6 +71,8 @@ impl Counter {
         Self::Resolved,
         Self::HeadCaptured,
         Self::HeadSkipped,
+        Self::ThreadMatched,
+        Self::ThreadPending,
     ];
 
     /// The outcomes: each packet increments exactly one of these.
@@ -94,6 +103,8 @@ impl Counter {
             Self::Resolved => "resolved",
             Self::HeadCaptured => "head_captured",
             Self::HeadSkipped => "head_skipped",
+            Self::ThreadMatched => "thread_matched",
+            Self::ThreadPending => "thread_pending",
         }
     }
 }

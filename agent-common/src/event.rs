@@ -35,9 +35,21 @@ pub struct FlowEvent {
     /// `TraceContext.flags` of the trace.
     pub trace_flags: u32,
     pub _pad: u32,
+    /// `EVENT_FLOW_NEW` of a call: the connection its thread read last
+    /// (`SockOwner::via`), zero when unknown. With an all-zero trace id the
+    /// datapath found no trace for the call: userspace may know the one of
+    /// `via` (its head's round trip lost the race).
+    pub via: FlowKey,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowEvent>() == 144);
+impl FlowEvent {
+    /// `via`, when the datapath set it.
+    pub fn via(&self) -> Option<FlowKey> {
+        (self.via != FlowKey::default()).then_some(self.via)
+    }
+}
+
+const _: () = assert!(core::mem::size_of::<FlowEvent>() == 192);
 
 /// `EVENT_HTTP_HEAD`: the first `len` bytes of a segment's payload that
 /// begins with an HTTP method token, with its flow and sender.

@@ -114,6 +114,9 @@ pub const OWNER_BOUND: u8 = 2;
 /// `FlowStats.matched`: which table gave the trace context.
 pub const MATCH_FLOW: u8 = 1;
 pub const MATCH_PID: u8 = 2;
+/// `FlowStats.matched`: the trace of the connection the calling thread read
+/// last before it connected (`SockOwner::via`), i.e. the request it serves.
+pub const MATCH_THREAD: u8 = 4;
 /// `FlowStats.matched` of a "no trace" entry on which a request head was
 /// captured: its packets are counted (as a traced flow's are), so userspace
 /// can still file the connection under the head's trace when it ended
@@ -157,6 +160,96 @@ impl FlowStats {
     }
 }
 
+/// Value of `SOCK_OWNER`: who connected (or sent with) a socket, recorded
+/// in the calling thread's context.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockOwner {
+    pub tgid: u32,
+    /// The calling thread (the kernel's pid).
+    pub tid: u32,
+    /// The connection that thread read last before it connected: an
+    /// accepted connection as its reader sees it (the request being
+    /// served), or what an outgoing connection it read was itself made
+    /// for. All zero when the thread had read nothing traced.
+    pub via: FlowKey,
+}
+
+impl SockOwner {
+    pub fn has_via(&self) -> bool {
+        self.via.family != 0
+    }
+}
+
+/// `AF_INET`/`AF_INET6` as `bpf_sock_ops.family` reports them.
+pub const AF_INET: u32 = 2;
+pub const AF_INET6: u32 = 10;
+
+impl FlowKey {
+    /// An established TCP socket as its own end sees it, from the fields of
+    /// `struct bpf_sock_ops`: addresses in network byte order word by word,
+    /// `local_port` in host order, `remote_port` in network order in the
+    /// upper half (little-endian kernels) or the lower half. A v4-mapped
+    /// IPv6 socket carries IPv4 packets and is keyed as IPv4, as the
+    /// datapath parses them.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_sock_ops(
+        netns: u64,
+        family: u32,
+        local4: u32,
+        remote4: u32,
+        local6: [u32; 4],
+        remote6: [u32; 4],
+        local_port: u32,
+        remote_port: u32,
+    ) -> Self {
+        let rp = if remote_port >> 16 != 0 {
+            remote_port >> 16
+        } else {
+            remote_port
+        };
+        let mut k = Self {
+            netns,
+            local_port: local_port as u16,
+            remote_port: u16::from_be(rp as u16),
+            proto: PROTO_TCP,
+            ..Self::default()
+        };
+        let bytes = |w: [u32; 4]| {
+            let mut b = [0u8; 16];
+            let mut i = 0;
+            while i < 4 {
+                let x = w[i].to_ne_bytes();
+                b[i * 4] = x[0];
+                b[i * 4 + 1] = x[1];
+                b[i * 4 + 2] = x[2];
+                b[i * 4 + 3] = x[3];
+                i += 1;
+            }
+            b
+        };
+        let mapped =
+            |b: &[u8; 16]| b[..10].iter().all(|x| *x == 0) && b[10] == 0xff && b[11] == 0xff;
+        if family == AF_INET6 {
+            let (l, r) = (bytes(local6), bytes(remote6));
+            if mapped(&l) && mapped(&r) {
+                k.family = FAMILY_IPV4;
+                k.local_addr[..4].copy_from_slice(&l[12..]);
+                k.remote_addr[..4].copy_from_slice(&r[12..]);
+            } else {
+                k.family = FAMILY_IPV6;
+                k.local_addr = l;
+                k.remote_addr = r;
+            }
+        } else {
+            k.family = FAMILY_IPV4;
+            k.local_addr[..4].copy_from_slice(&local4.to_ne_bytes());
+            k.remote_addr[..4].copy_from_slice(&remote4.to_ne_bytes());
+        }
+        k
+    }
+}
+
 /// Key of `BOUND_PORTS`: a port bound by a process in a namespace.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -182,3 +275,4 @@ impl PortKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 72);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
+const _: () = assert!(core::mem::size_of::<SockOwner>() == 56);

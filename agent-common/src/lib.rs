@@ -27,7 +27,7 @@ pub use trace::*;
 
 /// Bumped whenever a map key or value layout changes: pinned maps from an
 /// older agent are recreated rather than reused.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// TCX verdict "continue with the next program" (`TCX_NEXT`, Linux 6.6).
 /// It has the same value as `TC_ACT_UNSPEC`, which under a netlink/clsact
@@ -48,6 +48,8 @@ pub mod maps {
     pub const CAPTURE_SKIP: &str = "CAPTURE_SKIP";
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const SOCK_FLOW: &str = "SOCK_FLOW";
+    pub const THREAD_VIA: &str = "THREAD_VIA";
 
     /// Default `max_entries` (bytes for `EVENTS`): the eBPF object declares
     /// these and the agent's `MapSizes` starts from them; most can be
@@ -62,6 +64,10 @@ pub mod maps {
         /// One entry per namespace that has trace entries.
         pub const NETNS_GEN: u32 = 4096;
         pub const CAPTURE_SKIP: u32 = 8192;
+        /// Accepted TCP sockets alive on the node.
+        pub const SOCK_FLOW: u32 = 65536;
+        /// Threads that read a connection (one entry per thread).
+        pub const THREAD_VIA: u32 = 32768;
         /// ≈ 1900 request heads (1.1 KB each): enough to ride out the agent
         /// being off-CPU for a while on a saturated node.
         pub const EVENTS_BYTES: u32 = 2 << 20;
@@ -79,4 +85,7 @@ pub mod programs {
     pub const SENDMSG4: &str = "tagflow_sendmsg4";
     pub const SENDMSG6: &str = "tagflow_sendmsg6";
     pub const SOCK_RELEASE: &str = "tagflow_sock_release";
+    pub const SOCKOPS: &str = "tagflow_sockops";
+    pub const RECV: &str = "tagflow_recv";
+    pub const THREAD_EXIT: &str = "tagflow_thread_exit";
 }

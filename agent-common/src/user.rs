@@ -8,6 +8,7 @@ unsafe impl aya::Pod for TraceContext {}
 unsafe impl aya::Pod for FlowKey {}
 unsafe impl aya::Pod for FlowStats {}
 unsafe impl aya::Pod for PortKey {}
+unsafe impl aya::Pod for SockOwner {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for DatapathConfig {}
 unsafe impl aya::Pod for NetnsSlot {}

@@ -33,11 +33,71 @@ fn flow_types() {
     assert_eq!(size_of::<PortKey>(), 16);
     assert_eq!(offset_of!(PortKey, port), 8);
     assert_eq!(offset_of!(PortKey, proto), 10);
+    assert_eq!(size_of::<SockOwner>(), 56);
+    assert_eq!(offset_of!(SockOwner, tid), 4);
+    assert_eq!(offset_of!(SockOwner, via), 8);
+}
+
+#[test]
+fn sock_ops_fields_make_the_key_the_datapath_parses() {
+    use std::net::SocketAddr;
+    // 10.0.0.2:8080 ← 10.0.0.1:40000, as a little-endian kernel reports
+    // them: addresses in network order, the remote port shifted up.
+    let be = |a: [u8; 4]| u32::from_ne_bytes(a);
+    let rp = (40000u16.to_be() as u32) << 16;
+    let k = FlowKey::from_sock_ops(
+        7,
+        AF_INET,
+        be([10, 0, 0, 2]),
+        be([10, 0, 0, 1]),
+        [0; 4],
+        [0; 4],
+        8080,
+        rp,
+    );
+    let want = FlowKey::new(
+        7,
+        PROTO_TCP,
+        "10.0.0.2:8080".parse::<SocketAddr>().unwrap(),
+        "10.0.0.1:40000".parse::<SocketAddr>().unwrap(),
+    );
+    assert_eq!(k, want);
+    // A v4-mapped IPv6 socket (a dual-stack listener) is keyed as IPv4.
+    let m = |a: [u8; 4]| [0, 0, be([0, 0, 0xff, 0xff]), be(a)];
+    let k6 = FlowKey::from_sock_ops(
+        7,
+        AF_INET6,
+        0,
+        0,
+        m([10, 0, 0, 2]),
+        m([10, 0, 0, 1]),
+        8080,
+        rp,
+    );
+    assert_eq!(k6, want);
+    // A real IPv6 one stays IPv6.
+    let l: std::net::Ipv6Addr = "fd00::2".parse().unwrap();
+    let r: std::net::Ipv6Addr = "fd00::1".parse().unwrap();
+    let w = |a: std::net::Ipv6Addr| {
+        let o = a.octets();
+        [0, 1, 2, 3].map(|i| be([o[i * 4], o[i * 4 + 1], o[i * 4 + 2], o[i * 4 + 3]]))
+    };
+    let k6 = FlowKey::from_sock_ops(7, AF_INET6, 0, 0, w(l), w(r), 8080, rp);
+    assert_eq!(
+        k6,
+        FlowKey::new(
+            7,
+            PROTO_TCP,
+            SocketAddr::new(l.into(), 8080),
+            SocketAddr::new(r.into(), 40000)
+        )
+    );
 }
 
 #[test]
 fn event_and_config() {
-    assert_eq!(size_of::<FlowEvent>(), 144);
+    assert_eq!(size_of::<FlowEvent>(), 192);
+    assert_eq!(offset_of!(FlowEvent, via), 144);
     assert_eq!(offset_of!(FlowEvent, key), 8);
     assert_eq!(offset_of!(FlowEvent, stats), 56);
     assert_eq!(offset_of!(FlowEvent, parent_span_id), 128);

@@ -18,11 +18,12 @@ mod owners;
 mod parse;
 mod resolve;
 mod tag;
+mod threads;
 
 use agent_common::*;
 use aya_ebpf::{
-    macros::{cgroup_sock, cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, SockContext, TcContext},
+    macros::{btf_tracepoint, cgroup_sock, cgroup_sock_addr, classifier, sock_ops},
+    programs::{BtfTracePointContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
     Global,
 };
 use maps::{count, FLOW_STATS, FLOW_TRACES, TRACES};
@@ -84,11 +85,17 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
         }
     }
 
-    // Slow path: the exact connection first, then the owning process.
+    // Slow path: the exact connection first, then the request the
+    // connecting thread was serving, then the owning process.
     count(Counter::Resolved);
     let owner = resolve::owner(&ctx, &key);
+    let by_thread = match owner.via {
+        Some(v) => unsafe { FLOW_TRACES.get(v) },
+        None => None,
+    };
     let (trace, matched) = match unsafe { FLOW_TRACES.get(key) } {
         Some(t) => (Some(t), MATCH_FLOW),
+        None if by_thread.is_some() => (by_thread, MATCH_THREAD),
         None if owner.pid != 0 => (
             unsafe { TRACES.get(TraceKey::new(owner.pid, key.netns)) },
             MATCH_PID,
@@ -162,6 +169,23 @@ pub fn tagflow_bind6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock(sock_release)]
 pub fn tagflow_sock_release(ctx: SockContext) -> i32 {
     owners::forget_socket(&ctx)
+}
+
+/// Accepted sockets → their connection (see threads.rs).
+#[sock_ops]
+pub fn tagflow_sockops(ctx: SockOpsContext) -> u32 {
+    threads::established(&ctx)
+}
+
+/// The reading thread takes the connection it reads (see threads.rs).
+#[btf_tracepoint(function = "tcp_rcv_space_adjust")]
+pub fn tagflow_recv(ctx: BtfTracePointContext) -> i32 {
+    threads::received(&ctx) as i32
+}
+
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn tagflow_thread_exit(_ctx: BtfTracePointContext) -> i32 {
+    threads::exited() as i32
 }
 
 #[cfg(not(test))]

@@ -1,7 +1,9 @@
 //! Every map of the tagflow object. Sizes are the defaults of
 //! `agent_common::maps::size`; the loader may override `max_entries` at
 //! load time (the config file's `[maps]`).
-use agent_common::{maps::size, FlowKey, FlowStats, NetnsSlot, PortKey, TraceContext, TraceKey};
+use agent_common::{
+    maps::size, FlowKey, FlowStats, NetnsSlot, PortKey, SockOwner, TraceContext, TraceKey,
+};
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -21,9 +23,22 @@ pub static FLOW_TRACES: HashMap<FlowKey, TraceContext> =
 pub static FLOW_STATS: LruHashMap<FlowKey, FlowStats> =
     LruHashMap::with_max_entries(size::FLOW_STATS, 0);
 
-/// Socket cookie → tgid of the process that connect()ed / sent with it.
+/// Socket cookie → the process and thread that connect()ed / sent with it,
+/// and the connection that thread was serving.
 #[map(name = "SOCK_OWNER")]
-pub static SOCK_OWNER: LruHashMap<u64, u32> = LruHashMap::with_max_entries(size::SOCK_OWNER, 0);
+pub static SOCK_OWNER: LruHashMap<u64, SockOwner> =
+    LruHashMap::with_max_entries(size::SOCK_OWNER, 0);
+
+/// Accepted TCP socket's cookie → its connection as it sees it (reader's
+/// end, as `FLOW_TRACES` keys it). Written by `sock_ops`, removed at
+/// `sock_release`.
+#[map(name = "SOCK_FLOW")]
+pub static SOCK_FLOW: LruHashMap<u64, FlowKey> = LruHashMap::with_max_entries(size::SOCK_FLOW, 0);
+
+/// Thread id → the connection it read last (see `threads.rs`). Removed when
+/// the thread exits.
+#[map(name = "THREAD_VIA")]
+pub static THREAD_VIA: LruHashMap<u32, FlowKey> = LruHashMap::with_max_entries(size::THREAD_VIA, 0);
 
 /// (netns, proto, local port) → tgid of the process that bound it.
 #[map(name = "BOUND_PORTS")]

@@ -2,8 +2,8 @@
 //! the calling process's context, so `bpf_get_current_pid_tgid()` is the
 //! owner here (unlike in TC). They always return 1 (allow): tagflow never
 //! refuses a connect, bind or send.
-use crate::maps::{count, BOUND_PORTS, SOCK_OWNER};
-use agent_common::{Counter, PortKey};
+use crate::maps::{count, BOUND_PORTS, SOCK_FLOW, SOCK_OWNER, THREAD_VIA};
+use agent_common::{Counter, FlowKey, PortKey, SockOwner};
 use aya_ebpf::{
     helpers::generated::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::{SockAddrContext, SockContext},
@@ -12,18 +12,33 @@ use aya_ebpf::{
 
 const ALLOW: i32 = 1;
 
-/// connect4/6, sendmsg4/6: socket cookie → tgid.
+/// connect4/6, sendmsg4/6: socket cookie → tgid, thread and the
+/// connection that thread read last (the request it is serving).
 #[inline(always)]
 pub fn record_socket(ctx: &SockAddrContext) -> i32 {
-    let tgid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    let id = unsafe { bpf_get_current_pid_tgid() };
+    let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let via = unsafe { THREAD_VIA.get(tid) };
     // sendmsg runs per datagram: skip the write when nothing changed.
     if let Some(p) = unsafe { SOCK_OWNER.get(cookie) } {
-        if *p == tgid {
+        let same_via = match via {
+            Some(v) => p.via == *v,
+            None => !p.has_via(),
+        };
+        if p.tgid == tgid && p.tid == tid && same_via {
             return ALLOW;
         }
     }
-    if let Err(e) = SOCK_OWNER.insert(cookie, tgid, 0) {
+    let owner = SockOwner {
+        tgid,
+        tid,
+        via: match via {
+            Some(v) => *v,
+            None => FlowKey::default(),
+        },
+    };
+    if let Err(e) = SOCK_OWNER.insert(cookie, owner, 0) {
         count(Counter::OwnerUpdateFailed);
         // Process context and rare: worth a log line (bridged into tracing).
         aya_log_ebpf::warn!(ctx, "SOCK_OWNER update failed: {}", e);
@@ -56,5 +71,6 @@ pub fn record_bind(ctx: &SockAddrContext) -> i32 {
 pub fn forget_socket(ctx: &SockContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let _ = SOCK_OWNER.remove(cookie);
+    let _ = SOCK_FLOW.remove(cookie);
     ALLOW
 }

@@ -14,6 +14,8 @@ pub struct Owner {
     pub pid: u32,
     /// `OWNER_*`: how the pid was found.
     pub how: u8,
+    /// The connection the connecting thread was serving (see threads.rs).
+    pub via: Option<&'static FlowKey>,
 }
 
 /// The namespace of the packet's socket. Without a socket the helper reports
@@ -48,10 +50,11 @@ pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
     }
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if cookie != 0 {
-        if let Some(pid) = unsafe { SOCK_OWNER.get(cookie) } {
+        if let Some(o) = unsafe { SOCK_OWNER.get(cookie) } {
             return Owner {
-                pid: *pid,
+                pid: o.tgid,
                 how: OWNER_CONNECTED,
+                via: if o.has_via() { Some(&o.via) } else { None },
             };
         }
     }
@@ -62,6 +65,7 @@ pub fn owner(ctx: &TcContext, key: &FlowKey) -> Owner {
     Owner {
         pid: 0,
         how: OWNER_NONE,
+        via: None,
     }
 }
 
@@ -72,5 +76,6 @@ fn bound(key: &FlowKey) -> Option<Owner> {
     unsafe { BOUND_PORTS.get(pk) }.map(|pid| Owner {
         pid: *pid,
         how: OWNER_BOUND,
+        via: None,
     })
 }

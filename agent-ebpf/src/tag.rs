@@ -92,6 +92,10 @@ pub fn resolved(
     let stats_on = cfg.features & FEATURE_FLOW_STATS != 0;
     let Some(trace) = trace else {
         count(Counter::NoTrace);
+        // A call by a thread serving a connection the agent has not keyed
+        // yet: counted from here on, and handed to userspace with that
+        // connection, which it will know by the time it reads this.
+        let pending = owner.via.is_some();
         if stats_on {
             if let Some(o) = old {
                 let o = unsafe { &mut *o };
@@ -103,7 +107,7 @@ pub fn resolved(
                     return;
                 }
                 // The flow's trace ended: hand its final numbers over.
-                emit(cfg, EVENT_FLOW_END, key, o, &[0; 8], 0);
+                emit(cfg, EVENT_FLOW_END, key, o, &[0; 8], 0, None);
             }
             // Stamped so that userspace can age it out (flow GC): a dead
             // flow's "no trace" entry would otherwise sit until LRU eviction.
@@ -121,14 +125,22 @@ pub fn resolved(
                 tcp_flags,
                 direction: DIRECTION_POD_EGRESS,
                 owner: owner.how,
+                matched: if pending { MATCH_WATCHED } else { 0 },
                 ..FlowStats::default()
             };
             if FLOW_STATS.insert(key, neg, 0).is_err() {
                 count(Counter::StatsUpdateFailed);
             }
+            if pending {
+                count(Counter::ThreadPending);
+                emit(cfg, EVENT_FLOW_NEW, key, &neg, &[0; 8], 0, owner.via);
+            }
         }
         return;
     };
+    if matched == MATCH_THREAD {
+        count(Counter::ThreadMatched);
+    }
     let meta = cb_meta(trace.flags, matched);
     mark_packet(ctx, cfg, &trace.trace_id, meta);
     if !stats_on {
@@ -144,7 +156,7 @@ pub fn resolved(
             return;
         }
         if !o.is_negative() {
-            emit(cfg, EVENT_FLOW_END, key, o, &[0; 8], 0);
+            emit(cfg, EVENT_FLOW_END, key, o, &[0; 8], 0, None);
         }
     }
     let t = now(ctx);
@@ -173,6 +185,7 @@ pub fn resolved(
         &stats,
         &trace.parent_span_id,
         trace.flags,
+        owner.via,
     );
 }
 
@@ -184,6 +197,7 @@ fn emit(
     stats: &FlowStats,
     parent: &[u8; 8],
     flags: u32,
+    via: Option<&FlowKey>,
 ) {
     if cfg.features & FEATURE_EVENTS == 0 {
         return;
@@ -203,6 +217,10 @@ fn emit(
                 (*e).parent_span_id = *parent;
                 (*e).trace_flags = flags;
                 (*e)._pad = 0;
+                match via {
+                    Some(v) => (*e).via = *v,
+                    None => core::ptr::write_bytes(&mut (*e).via, 0, 1),
+                }
             }
             entry.submit(0);
         }

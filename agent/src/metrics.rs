@@ -37,6 +37,9 @@ pub struct Snapshot {
     /// Uplinks carrying tagflow_uplink: (ifindex, name).
     #[serde(default)]
     pub uplinks: Vec<(u32, String)>,
+    /// The thread hooks the kernel accepted (sock_ops, receive path, exit).
+    #[serde(default)]
+    pub thread_hooks: Vec<String>,
     /// Datapath counters summed over CPUs: (name, value).
     pub datapath: Vec<(String, u64)>,
     /// (map, entries, capacity).
@@ -124,6 +127,12 @@ impl Ops {
             "attached_uplinks",
             "Uplinks tagflow_uplink is attached to (requests from other nodes).",
             s.uplinks.len() as u64,
+        );
+        gauge(
+            &mut out,
+            "thread_hooks_attached",
+            "Thread hooks attached (3: sock_ops, receive path, thread exit; fewer: calls by threads whose request the kernel cannot follow fall back to their process's last request).",
+            s.thread_hooks.len() as u64,
         );
         gauge(
             &mut out,

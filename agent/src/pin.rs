@@ -1,5 +1,7 @@
 //! Maps that outlive the agent. The owner maps (`SOCK_OWNER`,
-//! `BOUND_PORTS`) and the trace maps (`TRACES`, `FLOW_TRACES`) are pinned in
+//! `BOUND_PORTS`), the thread maps (`SOCK_FLOW`, `THREAD_VIA`: filled when a
+//! connection is accepted or read, not again) and the trace maps (`TRACES`,
+//! `FLOW_TRACES`) are pinned in
 //! bpffs under `<root>/abi-<ABI_VERSION>/`, so an agent that restarts (crash,
 //! upgrade, OOM kill) keeps tagging with what its predecessor knew: sockets
 //! opened while it was down keep their owner, and registered traces keep
@@ -218,7 +220,27 @@ pub fn pinned_maps(sizes: &crate::config::MapSizes) -> Vec<Expect> {
             size_of::<TraceContext>(),
             sizes.flow_traces,
         ),
-        e(m::SOCK_OWNER, MapType::LruHash, 8, 4, sizes.sock_owner),
+        e(
+            m::SOCK_OWNER,
+            MapType::LruHash,
+            8,
+            size_of::<agent_common::SockOwner>(),
+            sizes.sock_owner,
+        ),
+        e(
+            m::SOCK_FLOW,
+            MapType::LruHash,
+            8,
+            size_of::<FlowKey>(),
+            sizes.sock_flow,
+        ),
+        e(
+            m::THREAD_VIA,
+            MapType::LruHash,
+            4,
+            size_of::<FlowKey>(),
+            sizes.thread_via,
+        ),
         e(
             m::BOUND_PORTS,
             MapType::LruHash,

@@ -128,7 +128,11 @@ fn main() -> anyhow::Result<()> {
                     json,
                     repeat,
                     rounds,
-                } => (bench::datapath(repeat, rounds)?, json),
+                } => {
+                    let mut rows = bench::datapath(repeat, rounds)?;
+                    rows.extend(bench::threads::recv_hook(repeat as usize / 20, rounds)?);
+                    (rows, json)
+                }
                 BenchCmd::Registration {
                     json,
                     messages,

@@ -91,7 +91,14 @@ fn pinned_maps_are_reused_when_compatible_and_recreated_otherwise() {
         fates(&dp)
     );
     let abi_dir = root.join(format!("abi-{}", agent_common::ABI_VERSION));
-    for name in [m::TRACES, m::FLOW_TRACES, m::SOCK_OWNER, m::BOUND_PORTS] {
+    for name in [
+        m::TRACES,
+        m::FLOW_TRACES,
+        m::SOCK_OWNER,
+        m::BOUND_PORTS,
+        m::SOCK_FLOW,
+        m::THREAD_VIA,
+    ] {
         assert!(abi_dir.join(name).exists(), "{name} pinned");
     }
     let key = TraceKey::new(4242, 77);

@@ -56,6 +56,10 @@ pub struct MapSizes {
     pub flow_traces: u32,
     pub flow_stats: u32,
     pub sock_owner: u32,
+    /// Accepted TCP sockets (their connection, for the thread hooks).
+    pub sock_flow: u32,
+    /// Threads that read a connection.
+    pub thread_via: u32,
     pub bound_ports: u32,
     pub iface_netns: u32,
     /// Namespaces with trace entries (NETNS_GEN).
@@ -71,6 +75,8 @@ impl Default for MapSizes {
             flow_traces: size::FLOW_TRACES,
             flow_stats: size::FLOW_STATS,
             sock_owner: size::SOCK_OWNER,
+            sock_flow: size::SOCK_FLOW,
+            thread_via: size::THREAD_VIA,
             bound_ports: size::BOUND_PORTS,
             iface_netns: size::IFACE_NETNS,
             netns_gen: size::NETNS_GEN,
@@ -279,6 +285,8 @@ impl AgentConfig {
             ("flow_traces", m.flow_traces),
             ("flow_stats", m.flow_stats),
             ("sock_owner", m.sock_owner),
+            ("sock_flow", m.sock_flow),
+            ("thread_via", m.thread_via),
             ("bound_ports", m.bound_ports),
             ("iface_netns", m.iface_netns),
             ("netns_gen", m.netns_gen),

@@ -102,6 +102,7 @@ fn snapshot(
         attachments,
         loopbacks: dp.loopbacks() as u64,
         uplinks: dp.uplinks(),
+        thread_hooks: dp.thread_hooks.iter().map(|h| h.to_string()).collect(),
         datapath,
         maps: m,
         agent: pipe.counters(),

@@ -7,8 +7,8 @@ use std::{
 };
 
 use agent_common::{
-    FlowEvent, FlowKey, FlowStats, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_WATCHED,
-    OWNER_CONNECTED, OWNER_NONE,
+    FlowEvent, FlowKey, FlowStats, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_THREAD,
+    MATCH_WATCHED, OWNER_CONNECTED, OWNER_NONE,
 };
 use tracing::warn;
 
@@ -58,6 +58,12 @@ pub struct AgentStats {
     /// Connections that ended before the agent had keyed them, made spans
     /// from what the datapath counted (see `Pipeline::recover`).
     pub spans_recovered: u64,
+    /// Calls by a thread serving a connection whose request the datapath
+    /// did not know yet (the head's round trip through the agent was
+    /// slower than the app): filed under that connection's trace.
+    pub thread_races_lost: u64,
+    /// Calls by a thread serving a connection without any trace.
+    pub thread_calls_untraced: u64,
 }
 
 /// Datapath events → spans → exporter.
@@ -147,6 +153,11 @@ impl Pipeline {
             Event::FlowNew(mut f) => {
                 self.stats.flow_new += 1;
                 self.reattribute(&mut f, table);
+                // A call the datapath found no trace for, and neither did
+                // the agent: nothing to file.
+                if f.stats.is_negative() {
+                    return None;
+                }
                 let head = self.capture.take_head(&f.key, &f.stats.trace_id);
                 let known = head.as_ref().is_some_and(|h| h.via.is_some());
                 self.assembler.flow_new(&f, head, now);
@@ -256,6 +267,7 @@ impl Pipeline {
         A: Store<u32, NetnsSlot>,
     {
         let mut t = table.lock().expect("table lock");
+        let via = f.via();
         // The connection has its own entry, written after this packet left
         // (events come in order: the head that set it came first). The
         // datapath switches at the next packet; the span starts right.
@@ -265,6 +277,27 @@ impl Pipeline {
                 c
             }
             Some(_) => return,
+            None if f.stats.matched == MATCH_THREAD => return,
+            // The kernel knew which connection the calling thread was
+            // serving, not yet its trace: the agent does now (that
+            // connection's head was an earlier event).
+            None if via.is_some() => {
+                let Some(c) = via.and_then(|v| t.by_flow().context(&v)) else {
+                    if f.stats.is_negative() {
+                        self.stats.thread_calls_untraced += 1;
+                    }
+                    return;
+                };
+                if c.trace_id == f.stats.trace_id {
+                    return;
+                }
+                self.stats.thread_races_lost += 1;
+                if t.set_flow(f.key, &c).is_err() {
+                    self.capture.table_errors += 1;
+                }
+                f.stats.matched = MATCH_THREAD;
+                c
+            }
             None if f.stats.owner == agent_common::OWNER_CONNECTED => {
                 let caller = TraceKey::new(f.stats.pid, f.key.netns);
                 let Some(c) = self
@@ -364,6 +397,11 @@ impl Pipeline {
         for (k, s) in snapshot.iter_mut() {
             if let Some((old, ctx)) = self.reattributed.get(k) {
                 if s.trace_id == *old {
+                    // A call counted under "no trace" while its thread's
+                    // request was being keyed (see `reattribute`).
+                    if s.is_negative() {
+                        s.matched = MATCH_THREAD;
+                    }
                     s.trace_id = ctx.trace_id;
                 }
             }
@@ -483,6 +521,16 @@ impl Pipeline {
                 "linking_flows_reattributed_total",
                 "Flows that left before the agent wrote their connection's entry, filed under it.",
                 s.reattributed_flows,
+            ),
+            (
+                "linking_thread_races_lost_total",
+                "Calls made before the agent had keyed the request their thread was reading (the datapath knew the connection, not its trace yet), filed under it.",
+                s.thread_races_lost,
+            ),
+            (
+                "linking_thread_calls_untraced_total",
+                "Calls by a thread whose last read connection carried no trace.",
+                s.thread_calls_untraced,
             ),
             (
                 "linking_spans_recovered_total",
@@ -643,6 +691,92 @@ mod tests {
                 .map(|kv| &kv.value),
             Some(&crate::spans::Value::Int(7)),
             "both parts of the connection counted"
+        );
+    }
+
+    #[test]
+    fn calls_go_under_the_request_their_thread_was_reading_not_the_process_s_last() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let reader = TraceKey::new(22, 2);
+        // Two requests in flight to one process, on two connections.
+        let mut via = Vec::new();
+        for (port, id) in [(8001, "req-a"), (8002, "req-b")] {
+            let Event::HttpHead(h) = head(
+                port,
+                &format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n"),
+            ) else {
+                unreachable!()
+            };
+            via.push(h.key.reversed_in(reader.netns));
+            pipe.event(Event::HttpHead(h), &table, |_| {
+                Ok(Reader {
+                    key: reader,
+                    late: false,
+                })
+            });
+        }
+        let a = crate::ids::map_request_id("req-a").unwrap().0;
+        let b = crate::ids::map_request_id("req-b").unwrap().0;
+        let call = |port: u16| {
+            FlowKey::new(
+                2,
+                agent_common::PROTO_TCP,
+                ([10, 0, 0, 2], port).into(),
+                ([10, 0, 0, 3], 9000).into(),
+            )
+        };
+        // The thread serving A called before the agent keyed A's
+        // connection: the datapath fell back to the process (last: B).
+        let mut c1 = flow(call(5001), 0, 3, 150, 160);
+        c1.stats.trace_id = b;
+        c1.stats.matched = agent_common::MATCH_PID;
+        c1.via = via[0];
+        pipe.event(Event::FlowNew(c1), &table, not_local);
+        // The thread serving B found no trace at all: a "pending" call.
+        let mut c2 = flow(call(5002), 0, 1, 170, 170);
+        c2.stats.matched = MATCH_WATCHED;
+        c2.via = via[1];
+        pipe.event(Event::FlowNew(c2), &table, not_local);
+        // A thread serving a connection nobody traced: nothing to file.
+        let mut c3 = flow(call(5003), 0, 1, 180, 180);
+        c3.via = FlowKey {
+            local_port: 1,
+            ..via[1]
+        };
+        pipe.event(Event::FlowNew(c3), &table, not_local);
+        assert_eq!(
+            (
+                pipe.stats.thread_races_lost,
+                pipe.stats.thread_calls_untraced
+            ),
+            (2, 1)
+        );
+        let t = table.lock().unwrap();
+        assert_eq!(t.by_flow().get(&call(5001)), Some(a));
+        assert_eq!(t.by_flow().get(&call(5002)), Some(b));
+        assert_eq!(t.by_flow().get(&call(5003)), None);
+        drop(t);
+        // The datapath switches the pending call: same span, both parts.
+        let mut c2b = flow(call(5002), 0, 2, 190, 200);
+        c2b.stats.trace_id = b;
+        c2b.stats.matched = MATCH_FLOW;
+        pipe.event(Event::FlowNew(c2b), &table, not_local);
+        let mut spans = pipe.drain_all();
+        spans.sort_by_key(|s| s.trace_id);
+        let got: Vec<_> = spans.iter().map(|s| s.trace_id).collect();
+        let mut want = vec![a, b];
+        want.sort();
+        assert_eq!(got, want, "one span per call, each under its request");
+        let b_span = spans.iter().find(|s| s.trace_id == b).unwrap();
+        assert_eq!(
+            b_span
+                .attributes
+                .iter()
+                .find(|kv| kv.key == "tagflow.packets")
+                .map(|kv| &kv.value),
+            Some(&crate::spans::Value::Int(3)),
+            "what the datapath counted before and after the switch"
         );
     }
 

@@ -7,7 +7,10 @@ use std::{
 };
 
 use agent_common::programs as prog;
-use aya::programs::{links::CgroupAttachMode, CgroupSock, CgroupSockAddr};
+use aya::{
+    programs::{links::CgroupAttachMode, BtfTracePoint, CgroupSock, CgroupSockAddr, SockOps},
+    Btf,
+};
 use tracing::{info, warn};
 
 use super::{program, Datapath, LoaderError};
@@ -53,6 +56,63 @@ impl Datapath {
             Err(e) => warn!("sock_release hook unavailable (owners expire by LRU only): {e:?}"),
         }
         info!(cgroup = %root.display(), hooks = ?self.owner_hooks, "owner hooks attached");
+        Ok(())
+    }
+}
+
+impl Datapath {
+    /// The hooks that carry a request from the connection a thread reads to
+    /// the connections it opens (threads.rs in the eBPF crate): sock_ops on
+    /// the cgroup root, tp_btf on the receive path and on thread exit
+    /// (fentry on `tcp_recvmsg` was refused here: EPERM on this
+    /// lockdown=integrity kernel; raw BTF tracepoints load).
+    /// A kernel without them (no BTF) still tags by
+    /// process: warned once, and `thread_hooks` stays short (a metric).
+    pub(super) fn attach_thread_hooks(&mut self, root: &Path) {
+        match self.try_thread_hooks(root) {
+            Ok(()) => info!(hooks = ?self.thread_hooks, "thread hooks attached"),
+            Err(e) => warn!(
+                "thread hooks unavailable, calls are attributed per process: {}",
+                crate::report(&e)
+            ),
+        }
+    }
+
+    fn try_thread_hooks(&mut self, root: &Path) -> Result<(), LoaderError> {
+        let cgroup = File::open(root).map_err(|source| LoaderError::Cgroup {
+            path: root.into(),
+            source,
+        })?;
+        let name = prog::SOCKOPS;
+        let p: &mut SockOps = program(&mut self.ebpf, name)?;
+        p.load()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        p.attach(&cgroup, CgroupAttachMode::Single)
+            .map_err(|source| LoaderError::Program { name, source })?;
+        self.thread_hooks.push(name);
+        let btf = Btf::from_sys_fs()?;
+        let name = prog::RECV;
+        let p: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
+        p.load("tcp_rcv_space_adjust", &btf)
+            .map_err(|source| LoaderError::Program { name, source })?;
+        p.attach()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        self.thread_hooks.push(name);
+        // Housekeeping: without it thread entries go by LRU only.
+        let name = prog::THREAD_EXIT;
+        let exit = program::<BtfTracePoint>(&mut self.ebpf, name).and_then(|p| {
+            p.load("sched_process_exit", &btf)
+                .map_err(|source| LoaderError::Program { name, source })?;
+            p.attach()
+                .map_err(|source| LoaderError::Program { name, source })
+        });
+        match exit {
+            Ok(_) => self.thread_hooks.push(name),
+            Err(e) => warn!(
+                "thread exit hook unavailable (thread entries expire by LRU): {}",
+                crate::report(&e)
+            ),
+        }
         Ok(())
     }
 }

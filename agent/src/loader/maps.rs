@@ -32,7 +32,7 @@ impl Datapath {
     }
 
     pub fn sock_owner(&self, cookie: u64) -> Option<u32> {
-        self.sock_owner.get(&cookie, 0).ok()
+        self.sock_owner.get(&cookie, 0).ok().map(|o| o.tgid)
     }
 
     /// Counters summed over CPUs, in `Counter` order; `Seen` is the sum of
@@ -88,6 +88,16 @@ impl Datapath {
                 "SOCK_OWNER".into(),
                 self.sock_owner.keys().count() as u64,
                 cap(self.sock_owner.map()),
+            ),
+            (
+                "SOCK_FLOW".into(),
+                self.sock_flow.keys().count() as u64,
+                cap(self.sock_flow.map()),
+            ),
+            (
+                "THREAD_VIA".into(),
+                self.thread_via.keys().count() as u64,
+                cap(self.thread_via.map()),
             ),
             (
                 "BOUND_PORTS".into(),

@@ -10,7 +10,7 @@ mod maps;
 
 use std::{collections::HashMap, io, path::PathBuf, time::Duration};
 
-use agent_common::{programs as prog, FlowKey, FlowStats, PortKey};
+use agent_common::{programs as prog, FlowKey, FlowStats, PortKey, SockOwner};
 use aya::{
     include_bytes_aligned,
     maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
@@ -58,6 +58,8 @@ pub enum LoaderError {
     Attach { iface: String, source: ProgramError },
     #[error("entering or reading a network namespace")]
     Netns(#[from] crate::netns::NetnsError),
+    #[error("reading the kernel's BTF")]
+    Btf(#[from] aya::BtfError),
     #[error("adopting pinned trace entries")]
     Adopt(#[from] TableError),
 }
@@ -80,11 +82,16 @@ pub struct Datapath {
     flow_stats: BpfHashMap<MapData, FlowKey, FlowStats>,
     iface_netns: BpfHashMap<MapData, u32, u64>,
     bound_ports: BpfHashMap<MapData, PortKey, u32>,
-    sock_owner: BpfHashMap<MapData, u64, u32>,
+    sock_owner: BpfHashMap<MapData, u64, SockOwner>,
+    sock_flow: BpfHashMap<MapData, u64, FlowKey>,
+    thread_via: BpfHashMap<MapData, u32, FlowKey>,
     events: Option<RingBuf<MapData>>,
     capture_skip: BpfHashMap<MapData, FlowKey, u64>,
     table: Option<TraceTable>,
     pub owner_hooks: Vec<&'static str>,
+    /// The hooks that follow a request from a connection to the thread
+    /// reading it (empty when the kernel refused them: see hooks.rs).
+    pub thread_hooks: Vec<&'static str>,
     pub pins: PinReport,
     // Holds the pin directory's lock for the datapath's life.
     _pin_dir: Option<PinDir>,
@@ -145,6 +152,8 @@ impl Datapath {
             .map_max_entries(m::FLOW_TRACES, sizes.flow_traces)
             .map_max_entries(m::FLOW_STATS, sizes.flow_stats)
             .map_max_entries(m::SOCK_OWNER, sizes.sock_owner)
+            .map_max_entries(m::SOCK_FLOW, sizes.sock_flow)
+            .map_max_entries(m::THREAD_VIA, sizes.thread_via)
             .map_max_entries(m::BOUND_PORTS, sizes.bound_ports)
             .map_max_entries(m::IFACE_NETNS, sizes.iface_netns)
             .map_max_entries(m::NETNS_GEN, sizes.netns_gen)
@@ -197,6 +206,8 @@ impl Datapath {
             iface_netns: take(&mut ebpf, m::IFACE_NETNS)?,
             bound_ports: take(&mut ebpf, m::BOUND_PORTS)?,
             sock_owner: take(&mut ebpf, m::SOCK_OWNER)?,
+            sock_flow: take(&mut ebpf, m::SOCK_FLOW)?,
+            thread_via: take(&mut ebpf, m::THREAD_VIA)?,
             events: Some(take(&mut ebpf, m::EVENTS)?),
             capture_skip: take(&mut ebpf, m::CAPTURE_SKIP)?,
             table: Some(table),
@@ -208,6 +219,7 @@ impl Datapath {
             mode: cfg.attach_mode,
             order: cfg.tcx_order,
             owner_hooks: Vec::new(),
+            thread_hooks: Vec::new(),
             pins,
             _pin_dir: pin_dir,
         };
@@ -217,6 +229,7 @@ impl Datapath {
                 None => cgroup2_root()?,
             };
             dp.attach_owner_hooks(&root)?;
+            dp.attach_thread_hooks(&root);
         }
         Ok(dp)
     }
@@ -229,6 +242,19 @@ impl Datapath {
     /// The new-flow ring buffer (once).
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
         self.events.take()
+    }
+
+    /// What the kernel says of one of our programs (run counts and time
+    /// with `kernel.bpf_stats_enabled`: benchmarks).
+    pub fn program_info(
+        &self,
+        name: &'static str,
+    ) -> Result<aya::programs::ProgramInfo, LoaderError> {
+        self.ebpf
+            .program(name)
+            .ok_or(LoaderError::MissingProgram(name))?
+            .info()
+            .map_err(|source| LoaderError::Program { name, source })
     }
 
     /// The loaded ingress classifier (test_run, benchmarks).

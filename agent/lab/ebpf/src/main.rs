@@ -1,5 +1,7 @@
 //! Test-only programs, never loaded by the agent:
 //! - `tagflow_empty`: the baseline of the datapath benchmark (does nothing).
+//! - `tagflow_empty_recv`: the baseline of the receive-path hook's
+//!   benchmark, a raw BTF tracepoint on the same point as `tagflow_recv`.
 //! - `tf_cb_reader`: attached after tagflow on the same hook, counts
 //!   packets whose cb carries the expected trace id — proves tagflow hands
 //!   packets on and that the cb ABI is readable by later programs.
@@ -10,9 +12,9 @@
 
 use agent_common::{CB_MAGIC, CB_MAGIC_MASK, TCX_NEXT};
 use aya_ebpf::{
-    macros::{classifier, map},
+    macros::{btf_tracepoint, classifier, map},
     maps::Array,
-    programs::TcContext,
+    programs::{BtfTracePointContext, TcContext},
 };
 
 /// [0] = the trace id expected in cb (as 4 cb words).
@@ -26,6 +28,11 @@ static CB_COUNT: Array<u64> = Array::with_max_entries(3, 0);
 #[classifier]
 pub fn tagflow_empty(_ctx: TcContext) -> i32 {
     TCX_NEXT
+}
+
+#[btf_tracepoint(function = "tcp_rcv_space_adjust")]
+pub fn tagflow_empty_recv(_ctx: BtfTracePointContext) -> i32 {
+    0
 }
 
 #[inline(always)]

@@ -4,6 +4,7 @@ pub mod linking;
 pub mod node;
 pub mod pipeline;
 pub mod startup;
+pub mod threads;
 use std::net::{IpAddr, Ipv4Addr};
 
 use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, PROTO_TCP, TCX_NEXT};
@@ -50,6 +51,7 @@ pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
         (2_000_000, 7, 200_000, 200_000)
     };
     let mut rows = datapath(repeat, rounds)?;
+    rows.extend(threads::recv_hook(repeat as usize / 20, rounds)?);
     rows.extend(startup::scaling(repeat / 2)?);
     rows.extend(registration(messages, 4)?);
     rows.extend(pipeline::pipeline(spans)?);

@@ -63,6 +63,7 @@ pub struct AssemblerStats {
     /// entry, and from their process's.
     pub calls_by_flow: u64,
     pub calls_by_process: u64,
+    pub calls_by_thread: u64,
 }
 
 impl AssemblerStats {
@@ -78,6 +79,11 @@ impl AssemblerStats {
                 "linking_calls_by_process_total",
                 "Calls (client spans) that carried the trace of their process's entry (shared by everything the process serves at once).",
                 self.calls_by_process,
+            ),
+            (
+                "linking_calls_by_thread_total",
+                "Calls (client spans) that carried the trace of the connection their thread read last (the request it was serving).",
+                self.calls_by_thread,
             ),
             ("spans_opened_total", "Spans started.", self.opened),
             (
@@ -240,6 +246,10 @@ impl Assembler {
     pub fn flow_new(&mut self, ev: &FlowEvent, head: Option<HeadInfo>, now: u64) {
         let k = (ev.key, ev.stats.trace_id);
         if let Some(o) = self.open.get_mut(&k) {
+            // A new datapath entry for a pair already open (the datapath
+            // switched a connection the agent had filed here first): what
+            // the old entry counted stays.
+            o.earlier = Some(o.totals());
             o.stats = ev.stats;
             if let Some(h) = head {
                 o.via = o.via.or(h.via);
@@ -433,6 +443,7 @@ impl Assembler {
         if record.kind == SpanKind::Client {
             match o.stats.matched {
                 MATCH_PID => self.stats.calls_by_process += 1,
+                MATCH_THREAD => self.stats.calls_by_thread += 1,
                 _ => self.stats.calls_by_flow += 1,
             }
         }
