@@ -1,7 +1,7 @@
 //! Datapath events → trace tables (captured heads) and spans → exporter,
 //! with the agent-side counters that say what happened to each.
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -64,6 +64,9 @@ pub struct AgentStats {
     pub thread_races_lost: u64,
     /// Calls by a thread serving a connection without any trace.
     pub thread_calls_untraced: u64,
+    /// Datapath entries started for a connection after its span ended
+    /// (FIN/RST): its last packets, not a new span.
+    pub flows_after_end: u64,
 }
 
 /// Datapath events → spans → exporter.
@@ -79,6 +82,10 @@ pub struct Pipeline {
     /// entry goes: a short grace lets the last ACKs through under the same
     /// trace instead of re-resolving them.
     closing: VecDeque<(u64, FlowKey, [u8; 16])>,
+    /// The pairs in `closing`: a packet that straggles in after the FIN
+    /// and makes the datapath start a new entry for one of them continues
+    /// nothing (see `Event::FlowNew`).
+    ended: HashSet<(FlowKey, [u8; 16])>,
     closing_cap: usize,
     /// Finished spans waiting for room in the export queue: a big trace
     /// released at once waits here instead of overflowing the queue.
@@ -119,6 +126,7 @@ impl Pipeline {
             clock: WallClock::measure(),
             stats: AgentStats::default(),
             closing: Default::default(),
+            ended: Default::default(),
             // Entries waiting out their grace hold table slots: under
             // churn they may take a quarter of the table, no more (a head
             // writes two entries: its connection seen from each end).
@@ -156,6 +164,15 @@ impl Pipeline {
                 // A call the datapath found no trace for, and neither did
                 // the agent: nothing to file.
                 if f.stats.is_negative() {
+                    return None;
+                }
+                // The last ACK of a connection whose span the FIN closed,
+                // in a new datapath entry (it was counted under "no trace"
+                // while the agent keyed it): no new span. A SYN is a new
+                // connection on the same ports.
+                const SYN: u8 = 0x02;
+                if f.stats.tcp_flags & SYN == 0 && self.ended.contains(&(f.key, f.stats.trace_id)) {
+                    self.stats.flows_after_end += 1;
                     return None;
                 }
                 let head = self.capture.take_head(&f.key, &f.stats.trace_id);
@@ -277,12 +294,17 @@ impl Pipeline {
                 c
             }
             Some(_) => return,
-            None if f.stats.matched == MATCH_THREAD => return,
-            // The kernel knew which connection the calling thread was
-            // serving, not yet its trace: the agent does now (that
-            // connection's head was an earlier event).
             None if via.is_some() => {
-                let Some(c) = via.and_then(|v| t.by_flow().context(&v)) else {
+                let v = via.unwrap_or_default();
+                let c = match self.capture.carried(&v, f.stats.first_ns) {
+                    Some(Some(c)) => Some(c),
+                    // Its heads all came after the call started.
+                    Some(None) => return,
+                    // No head seen on it: the kernel's answer stands.
+                    None if f.stats.matched == MATCH_THREAD => return,
+                    None => t.by_flow().context(&v),
+                };
+                let Some(c) = c else {
                     if f.stats.is_negative() {
                         self.stats.thread_calls_untraced += 1;
                     }
@@ -361,9 +383,14 @@ impl Pipeline {
             self.assembler.flow_end(&f, now);
             self.stats.spans_recovered += 1;
             // Its connection entry goes like any closed connection's.
-            self.closing
-                .push_back((now + CLOSED_FLOW_GRACE_NS, c.key, c.ctx.trace_id));
+            self.close_later(now, c.key, c.ctx.trace_id);
         }
+    }
+
+    fn close_later(&mut self, now: u64, key: FlowKey, trace: [u8; 16]) {
+        self.closing
+            .push_back((now + CLOSED_FLOW_GRACE_NS, key, trace));
+        self.ended.insert((key, trace));
     }
 
     /// `key`'s packets still come tagged `old` until the datapath switches
@@ -408,8 +435,7 @@ impl Pipeline {
         }
         for (key, trace) in self.assembler.sweep(&snapshot, now) {
             self.reattributed.remove(&key);
-            self.closing
-                .push_back((now + CLOSED_FLOW_GRACE_NS, key, trace));
+            self.close_later(now, key, trace);
         }
         let mut t = table.lock().expect("table lock");
         while let Some((due, key, trace)) = self.closing.front().copied() {
@@ -417,6 +443,7 @@ impl Pipeline {
                 break;
             }
             self.closing.pop_front();
+            self.ended.remove(&(key, trace));
             if dp.forget_flow(&key, &trace) {
                 self.stats.flows_collected += 1;
             }
@@ -531,6 +558,11 @@ impl Pipeline {
                 "linking_thread_calls_untraced_total",
                 "Calls by a thread whose last read connection carried no trace.",
                 s.thread_calls_untraced,
+            ),
+            (
+                "spans_flows_after_end_total",
+                "Packets of a connection whose span had ended (FIN/RST) that reached the agent as a new datapath entry; not made a span.",
+                s.flows_after_end,
             ),
             (
                 "linking_spans_recovered_total",

@@ -148,6 +148,11 @@ pub struct Capture {
     /// The latest head per reader: (head time, context), bounded by `cap`.
     readers: HashMap<TraceKey, (u64, TraceContext)>,
     readers_order: VecDeque<TraceKey>,
+    /// The last two heads per reader's end of a connection (latest
+    /// first), bounded by `cap`: which request a keep-alive connection
+    /// carried when a call by its reading thread started.
+    ends: HashMap<FlowKey, [(u64, TraceContext); 2]>,
+    ends_order: VecDeque<FlowKey>,
     /// Heads sent from this node, in order, to look at again once their
     /// connection should have opened a span (see `overdue`).
     checks: VecDeque<Check>,
@@ -192,6 +197,8 @@ impl Capture {
             receiver_races_lost: 0,
             readers: HashMap::new(),
             readers_order: VecDeque::new(),
+            ends: HashMap::new(),
+            ends_order: VecDeque::new(),
             checks: VecDeque::new(),
         }
     }
@@ -211,6 +218,35 @@ impl Capture {
             return Some(*ctx);
         }
         None
+    }
+
+    /// The request the reader's end `end` of a connection carried at
+    /// `at_ns` (a call's first packet): None when no head on it was seen,
+    /// `Some(None)` when the heads seen all came later.
+    pub fn carried(&self, end: &FlowKey, at_ns: u64) -> Option<Option<TraceContext>> {
+        let heads = self.ends.get(end)?;
+        Some(
+            heads
+                .iter()
+                .find(|(ts, c)| *ts <= at_ns && c.trace_id != [0; 16])
+                .map(|(_, c)| *c),
+        )
+    }
+
+    fn remember_end(&mut self, end: FlowKey, ts_ns: u64, ctx: TraceContext) {
+        match self.ends.get_mut(&end) {
+            Some(h) => *h = [(ts_ns, ctx), h[0]],
+            None => {
+                self.ends
+                    .insert(end, [(ts_ns, ctx), (u64::MAX, TraceContext::default())]);
+                self.ends_order.push_back(end);
+                while self.ends_order.len() > self.cap {
+                    if let Some(old) = self.ends_order.pop_front() {
+                        self.ends.remove(&old);
+                    }
+                }
+            }
+        }
     }
 
     fn remember_reader(&mut self, r: TraceKey, ts_ns: u64, ctx: TraceContext) {
@@ -318,6 +354,7 @@ impl Capture {
                 self.receivers_late += late as u64;
                 self.remember_reader(r, ev.ts_ns, ctx);
                 let reverse = target.reversed_in(r.netns);
+                self.remember_end(reverse, ev.ts_ns, ctx);
                 info.reader_end = Some(ReaderEnd {
                     conn: reverse,
                     previous: table

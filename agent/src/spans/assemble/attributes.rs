@@ -78,10 +78,10 @@ impl Assembler {
             kv(
                 "tagflow.match",
                 Value::Str(
-                    if s.matched == MATCH_FLOW {
-                        "flow"
-                    } else {
-                        "pid"
+                    match s.matched {
+                        MATCH_FLOW => "flow",
+                        MATCH_THREAD => "thread",
+                        _ => "pid",
                     }
                     .into(),
                 ),
