@@ -160,6 +160,17 @@ impl Pipeline {
         match ev {
             Event::FlowNew(mut f) => {
                 self.stats.flow_new += 1;
+                // The datapath caught up with a call the agent filed from
+                // its "no trace" entry: the same span goes on.
+                let untraced_before = matches!(
+                    self.reattributed.get(&f.key),
+                    Some((old, ctx)) if *old == [0; 16] && ctx.trace_id == f.stats.trace_id
+                );
+                if untraced_before {
+                    self.reattributed.remove(&f.key);
+                    self.assembler.continue_from_untraced(&f, now);
+                    return None;
+                }
                 self.reattribute(&mut f, table);
                 // A call the datapath found no trace for, and neither did
                 // the agent: nothing to file.

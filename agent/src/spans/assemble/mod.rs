@@ -246,10 +246,6 @@ impl Assembler {
     pub fn flow_new(&mut self, ev: &FlowEvent, head: Option<HeadInfo>, now: u64) {
         let k = (ev.key, ev.stats.trace_id);
         if let Some(o) = self.open.get_mut(&k) {
-            // A new datapath entry for a pair already open (the datapath
-            // switched a connection the agent had filed here first): what
-            // the old entry counted stays.
-            o.earlier = Some(o.totals());
             o.stats = ev.stats;
             if let Some(h) = head {
                 o.via = o.via.or(h.via);
@@ -299,6 +295,19 @@ impl Assembler {
         if let Some(o) = self.open.get_mut(&k) {
             o.stats = ev.stats;
             self.close(k, Why::End, now);
+        }
+    }
+
+    /// A new datapath entry for a pair the agent filed first from a "no
+    /// trace" entry (a call that beat the agent, see the pipeline): what
+    /// that entry counted stays, the new one adds to it.
+    pub fn continue_from_untraced(&mut self, ev: &FlowEvent, now: u64) {
+        match self.open.get_mut(&(ev.key, ev.stats.trace_id)) {
+            Some(o) => {
+                o.earlier = Some(o.totals());
+                o.stats = ev.stats;
+            }
+            None => self.flow_new(ev, None, now),
         }
     }
 
