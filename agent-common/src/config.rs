@@ -59,3 +59,18 @@ impl Default for DatapathConfig {
 }
 
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
+
+/// Symbol name of the task-offsets global in the eBPF object.
+pub const TASK_OFFSETS_SYMBOL: &str = "TASK_OFFSETS";
+
+/// Byte offsets of `pid` and `tgid` in the running kernel's `struct
+/// task_struct`, from its BTF (the eBPF crate has no CO-RE). Zero: unknown,
+/// the fork hook does nothing.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskOffsets {
+    pub pid: u32,
+    pub tgid: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<TaskOffsets>() == 8);

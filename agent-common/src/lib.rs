@@ -88,4 +88,5 @@ pub mod programs {
     pub const SOCKOPS: &str = "tagflow_sockops";
     pub const RECV: &str = "tagflow_recv";
     pub const THREAD_EXIT: &str = "tagflow_thread_exit";
+    pub const FORK: &str = "tagflow_fork";
 }

@@ -11,5 +11,6 @@ unsafe impl aya::Pod for PortKey {}
 unsafe impl aya::Pod for SockOwner {}
 unsafe impl aya::Pod for FlowEvent {}
 unsafe impl aya::Pod for DatapathConfig {}
+unsafe impl aya::Pod for TaskOffsets {}
 unsafe impl aya::Pod for NetnsSlot {}
 unsafe impl aya::Pod for HttpHeadEvent {}

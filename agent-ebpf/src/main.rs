@@ -33,6 +33,10 @@ use parse::Skip;
 #[unsafe(no_mangle)]
 static CONFIG: Global<DatapathConfig> = Global::new(DatapathConfig::DEFAULT);
 
+/// Where `pid` and `tgid` sit in `task_struct` (from the kernel's BTF).
+#[unsafe(no_mangle)]
+static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets { pid: 0, tgid: 0 });
+
 #[classifier]
 pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     // Each path below ends in exactly one terminal counter (see Counter).
@@ -181,6 +185,12 @@ pub fn tagflow_sockops(ctx: SockOpsContext) -> u32 {
 #[btf_tracepoint(function = "tcp_rcv_space_adjust")]
 pub fn tagflow_recv(ctx: BtfTracePointContext) -> i32 {
     threads::received(&ctx) as i32
+}
+
+/// A new process takes the request its parent thread is serving.
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn tagflow_fork(ctx: BtfTracePointContext) -> i32 {
+    threads::forked(&ctx, &TASK_OFFSETS.load()) as i32
 }
 
 #[btf_tracepoint(function = "sched_process_exit")]

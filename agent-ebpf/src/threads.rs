@@ -8,9 +8,12 @@
 //! where the datapath looks up that connection's trace at the call's first
 //! packet. No userspace round trip sits between a read and the next call.
 use crate::maps::{count, SOCK_FLOW, SOCK_OWNER, THREAD_VIA};
-use agent_common::{Counter, FlowKey};
+use agent_common::{Counter, FlowKey, TaskOffsets};
 use aya_ebpf::{
-    helpers::generated::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_get_current_pid_tgid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    },
     programs::{BtfTracePointContext, SockOpsContext},
     EbpfContext,
 };
@@ -75,6 +78,39 @@ pub fn received(ctx: &BtfTracePointContext) -> u32 {
         }
     }
     if THREAD_VIA.insert(tid, via, 0).is_err() {
+        count(Counter::OwnerUpdateFailed);
+    }
+    0
+}
+
+/// tp_btf `sched_process_fork(parent, child)`, in the forking thread: a
+/// new process (not a thread: those read for themselves) serves the
+/// request its parent thread was serving — a worker forked per request, a
+/// `curl` spawned while serving. It holds the connection, not a copy of
+/// the trace: once that connection carries another request, or closes,
+/// the child's calls follow it or carry none. A prefork master reads no
+/// requests, so its workers inherit nothing.
+#[inline(always)]
+pub fn forked(ctx: &BtfTracePointContext, off: &TaskOffsets) -> u32 {
+    if off.pid == 0 {
+        return 0;
+    }
+    let parent = unsafe { bpf_get_current_pid_tgid() } as u32;
+    let Some(via) = (unsafe { THREAD_VIA.get(parent) }) else {
+        return 0;
+    };
+    let child: *const u8 = ctx.arg(1);
+    // SAFETY: reads of the child's task_struct at offsets its kernel's
+    // BTF gave; a failed read is an error, not a fault.
+    let pid = unsafe { bpf_probe_read_kernel(child.add(off.pid as usize) as *const u32) };
+    let tgid = unsafe { bpf_probe_read_kernel(child.add(off.tgid as usize) as *const u32) };
+    let (Ok(pid), Ok(tgid)) = (pid, tgid) else {
+        return 0;
+    };
+    if pid != tgid || pid == 0 {
+        return 0;
+    }
+    if THREAD_VIA.insert(pid, via, 0).is_err() {
         count(Counter::OwnerUpdateFailed);
     }
     0

@@ -2,6 +2,7 @@
 //! trace-context sources, span assembly and export. The lab (test
 //! topologies, benchmarks, soak, demo) lives in `tagflow-lab`.
 pub mod backfill;
+pub mod btf;
 pub mod clock;
 pub mod config;
 pub mod conntrack;

@@ -37,7 +37,8 @@ pub struct Snapshot {
     /// Uplinks carrying tagflow_uplink: (ifindex, name).
     #[serde(default)]
     pub uplinks: Vec<(u32, String)>,
-    /// The thread hooks the kernel accepted (sock_ops, receive path, exit).
+    /// The thread hooks the kernel accepted (sock_ops, receive path, fork,
+    /// exit).
     #[serde(default)]
     pub thread_hooks: Vec<String>,
     /// Datapath counters summed over CPUs: (name, value).
@@ -131,7 +132,7 @@ impl Ops {
         gauge(
             &mut out,
             "thread_hooks_attached",
-            "Thread hooks attached (3: sock_ops, receive path, thread exit; fewer: calls by threads whose request the kernel cannot follow fall back to their process's last request).",
+            "Thread hooks attached (4: sock_ops, receive path, fork, thread exit; fewer: calls by threads whose request the kernel cannot follow fall back to their process's last request).",
             s.thread_hooks.len() as u64,
         );
         gauge(

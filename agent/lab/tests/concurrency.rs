@@ -1,17 +1,17 @@
-//! Requests in flight at once (issue 13): threaded, forking and asyncio
-//! apps behind the tagflow sidecar and behind an nginx in their pod, 8
+//! Requests in flight at once (issue 13): threaded, forking, curl-spawning
+//! and asyncio apps behind the tagflow sidecar and behind an nginx in their pod, 8
 //! requests in flight, each sleeping 0–20 ms and calling a downstream
 //! without forwarding any header. Every call is checked against the request
 //! that caused it (the downstream logs the id the app was given).
 //!
-//! Root and real software (nginx, python3); ignored under a plain
+//! Root and real software (nginx, python3, curl); ignored under a plain
 //! `cargo test`, run by `cargo xtask test`.
 use tagflow_lab::bench::linking::{measure, Score, Shape};
 
 const REQUESTS: usize = 100;
 
 fn check(shape: Shape) {
-    let scores = measure(shape, &["thread", "fork", "async"], &[8], REQUESTS)
+    let scores = measure(shape, &["thread", "fork", "spawn", "async"], &[8], REQUESTS)
         .unwrap_or_else(|e| panic!("{}: {e}", shape.name()));
     for s in &scores {
         eprintln!(
@@ -26,7 +26,7 @@ fn check(shape: Shape) {
         );
     }
     let by = |m: &str| -> &Score { scores.iter().find(|s| s.mode == m).expect("measured") };
-    for m in ["thread", "fork"] {
+    for m in ["thread", "fork", "spawn"] {
         let s = by(m);
         // The downstream logs calls by peer port: a port reused within a
         // run counts once. Nearly all must be there.

@@ -98,6 +98,22 @@ impl Datapath {
         p.attach()
             .map_err(|source| LoaderError::Program { name, source })?;
         self.thread_hooks.push(name);
+        // Processes forked while serving: without it they fall back to
+        // their own process's entry.
+        let name = prog::FORK;
+        let fork = program::<BtfTracePoint>(&mut self.ebpf, name).and_then(|p| {
+            p.load("sched_process_fork", &btf)
+                .map_err(|source| LoaderError::Program { name, source })?;
+            p.attach()
+                .map_err(|source| LoaderError::Program { name, source })
+        });
+        match fork {
+            Ok(_) => self.thread_hooks.push(name),
+            Err(e) => warn!(
+                "fork hook unavailable (forked processes do not inherit): {}",
+                crate::report(&e)
+            ),
+        }
         // Housekeeping: without it thread entries go by LRU only.
         let name = prog::THREAD_EXIT;
         let exit = program::<BtfTracePoint>(&mut self.ebpf, name).and_then(|p| {

@@ -146,8 +146,10 @@ impl Datapath {
                 loader.map_pin_path(e.name, p.path(e.name));
             }
         }
+        let offsets = task_offsets();
         let mut ebpf = loader
             .override_global(agent_common::CONFIG_SYMBOL, &dp_cfg, true)
+            .override_global(agent_common::TASK_OFFSETS_SYMBOL, &offsets, true)
             .map_max_entries(m::TRACES, sizes.traces)
             .map_max_entries(m::FLOW_TRACES, sizes.flow_traces)
             .map_max_entries(m::FLOW_STATS, sizes.flow_stats)
@@ -261,6 +263,28 @@ impl Datapath {
     pub fn ingress(&mut self) -> Result<&mut SchedClassifier, LoaderError> {
         program(&mut self.ebpf, prog::INGRESS)
     }
+}
+
+/// `pid`/`tgid` in the running kernel's `task_struct`, for the fork hook;
+/// zeros (no inheritance at fork) when its BTF cannot tell.
+fn task_offsets() -> agent_common::TaskOffsets {
+    let found = std::fs::read("/sys/kernel/btf/vmlinux")
+        .map_err(|e| e.to_string())
+        .and_then(|b| crate::btf::Types::parse(&b).map_err(|e| e.to_string()))
+        .and_then(|t| {
+            Ok(agent_common::TaskOffsets {
+                pid: t
+                    .offset_of("task_struct", "pid")
+                    .map_err(|e| e.to_string())?,
+                tgid: t
+                    .offset_of("task_struct", "tgid")
+                    .map_err(|e| e.to_string())?,
+            })
+        });
+    found.unwrap_or_else(|e| {
+        warn!("forked processes will not inherit their parent's request: {e}");
+        agent_common::TaskOffsets::default()
+    })
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoaderError>

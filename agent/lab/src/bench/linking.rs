@@ -25,11 +25,12 @@ use crate::{
     topo::{free_port, Lab, Proc, SidecarProc},
 };
 
-/// The app: `python3 -c LINK_APP PORT DOWN MODE` (MODE thread, fork or
+/// The app: `python3 -c LINK_APP PORT DOWN MODE` (MODE thread, fork,
+/// spawn: a thread per request that shells out to curl for its call, or
 /// async: one asyncio thread). Serves each request after 0–20 ms, calling
 /// `http://DOWN/<x-request-id>` without forwarding any header.
 const LINK_APP: &str = r#"
-import os, random, socketserver, sys, time, urllib.request
+import os, random, socketserver, subprocess, sys, time, urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 port, down, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 if mode == "async":
@@ -68,7 +69,11 @@ class H(BaseHTTPRequestHandler):
     def do_GET(self):
         rid = self.headers.get("x-request-id", "none")
         time.sleep(random.random() * 0.02)
-        urllib.request.urlopen(f"http://{down}/{rid}", timeout=10).read()
+        if mode == "spawn":
+            subprocess.run(["curl", "-sf", "-o", "/dev/null", "--max-time", "10",
+                            f"http://{down}/{rid}"], check=True)
+        else:
+            urllib.request.urlopen(f"http://{down}/{rid}", timeout=10).read()
         self.send_response(200)
         self.send_header("content-length", "3")
         self.end_headers()
@@ -291,9 +296,9 @@ fn setup(shape: Shape, dir: &Path, log: &Path, otlp_port: u16) -> Result<Setup, 
     })
 }
 
-/// App models: a thread per request, a process per request, one asyncio
-/// event loop.
-pub const MODES: [&str; 3] = ["thread", "fork", "async"];
+/// App models: a thread per request, a process per request, a thread per
+/// request whose call is a child process (curl), one asyncio event loop.
+pub const MODES: [&str; 4] = ["thread", "fork", "spawn", "async"];
 
 /// One measurement: `right` + `wrong` + `missing` = `calls`.
 #[derive(Clone, Debug)]
