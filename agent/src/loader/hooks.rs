@@ -91,44 +91,35 @@ impl Datapath {
             .map_err(|source| LoaderError::Program { name, source })?;
         self.thread_hooks.push(name);
         let btf = Btf::from_sys_fs()?;
-        let name = prog::RECV;
+        self.tp_btf(prog::RECV, "tcp_rcv_space_adjust", &btf)?;
+        // Processes forked while serving: without it they fall back to
+        // their own process's entry.
+        if let Err(e) = self.tp_btf(prog::FORK, "sched_process_fork", &btf) {
+            warn!(
+                "fork hook unavailable (forked processes do not inherit): {}",
+                crate::report(&e)
+            );
+        }
+        // Housekeeping: without it thread entries go by LRU only.
+        if let Err(e) = self.tp_btf(prog::THREAD_EXIT, "sched_process_exit", &btf) {
+            warn!(
+                "thread exit hook unavailable (thread entries expire by LRU): {}",
+                crate::report(&e)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Datapath {
+    /// Loads and attaches the raw BTF tracepoint program `name` at `point`.
+    fn tp_btf(&mut self, name: &'static str, point: &str, btf: &Btf) -> Result<(), LoaderError> {
         let p: &mut BtfTracePoint = program(&mut self.ebpf, name)?;
-        p.load("tcp_rcv_space_adjust", &btf)
+        p.load(point, btf)
             .map_err(|source| LoaderError::Program { name, source })?;
         p.attach()
             .map_err(|source| LoaderError::Program { name, source })?;
         self.thread_hooks.push(name);
-        // Processes forked while serving: without it they fall back to
-        // their own process's entry.
-        let name = prog::FORK;
-        let fork = program::<BtfTracePoint>(&mut self.ebpf, name).and_then(|p| {
-            p.load("sched_process_fork", &btf)
-                .map_err(|source| LoaderError::Program { name, source })?;
-            p.attach()
-                .map_err(|source| LoaderError::Program { name, source })
-        });
-        match fork {
-            Ok(_) => self.thread_hooks.push(name),
-            Err(e) => warn!(
-                "fork hook unavailable (forked processes do not inherit): {}",
-                crate::report(&e)
-            ),
-        }
-        // Housekeeping: without it thread entries go by LRU only.
-        let name = prog::THREAD_EXIT;
-        let exit = program::<BtfTracePoint>(&mut self.ebpf, name).and_then(|p| {
-            p.load("sched_process_exit", &btf)
-                .map_err(|source| LoaderError::Program { name, source })?;
-            p.attach()
-                .map_err(|source| LoaderError::Program { name, source })
-        });
-        match exit {
-            Ok(_) => self.thread_hooks.push(name),
-            Err(e) => warn!(
-                "thread exit hook unavailable (thread entries expire by LRU): {}",
-                crate::report(&e)
-            ),
-        }
         Ok(())
     }
 }
