@@ -2,9 +2,13 @@
 //!
 //! `tagflow_ingress` (TC/TCX classifier, ingress of the host-side veth end =
 //! the pod's outgoing packets) tags packets with the trace context of their
-//! flow or owning process. The cgroup hooks record socket owners in process
-//! context. Minimum kernel: 6.6 for TCX (older kernels use clsact), and the
-//! kernel must allow `bpf_get_netns_cookie` in TC programs (≈ 6.13+).
+//! flow, of the request its connecting thread was serving, or of its
+//! owning process. The cgroup hooks record socket owners in process
+//! context; the thread hooks (threads.rs: sock_ops and raw BTF tracepoints
+//! on the receive path, fork and exit) follow a request from the connection
+//! a thread reads to the connections it opens. Minimum kernel: 6.6 for TCX
+//! (older kernels use clsact), and the kernel must allow
+//! `bpf_get_netns_cookie` in TC programs (≈ 6.13+).
 #![no_std]
 #![no_main]
 // BPF has atomic add (BPF_XADD) but core::sync::atomic offers no fetch_add
