@@ -14,7 +14,9 @@ pub enum Counter {
     /// Packets that got a trace context (cb written, stats updated).
     Tagged = 1,
     /// Packets without a pod socket (none, or one in the host namespace):
-    /// their namespace comes from `IFACE_NETNS`.
+    /// their namespace comes from `IFACE_NETNS`. Counted by
+    /// `tagflow_ingress` only: `tagflow_ingress_ifns` (kernels that refuse
+    /// the netns helper in TC) takes every veth packet's namespace there.
     NoSocket = 2,
     /// Packets whose owning pid could not be resolved.
     NoOwner = 3,

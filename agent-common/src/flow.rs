@@ -173,6 +173,10 @@ pub struct SockOwner {
     /// served), or what an outgoing connection it read was itself made
     /// for. All zero when the thread had read nothing traced.
     pub via: FlowKey,
+    /// The socket's network namespace (cookie): where the kernel refuses
+    /// `bpf_get_netns_cookie` in TC, a pod loopback's packets take their
+    /// namespace from here (every pod's `lo` is ifindex 1).
+    pub netns: u64,
 }
 
 impl SockOwner {
@@ -275,4 +279,4 @@ impl PortKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 48);
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 72);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 16);
-const _: () = assert!(core::mem::size_of::<SockOwner>() == 56);
+const _: () = assert!(core::mem::size_of::<SockOwner>() == 64);

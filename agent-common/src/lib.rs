@@ -27,7 +27,7 @@ pub use trace::*;
 
 /// Bumped whenever a map key or value layout changes: pinned maps from an
 /// older agent are recreated rather than reused.
-pub const ABI_VERSION: u32 = 2;
+pub const ABI_VERSION: u32 = 3;
 
 /// TCX verdict "continue with the next program" (`TCX_NEXT`, Linux 6.6).
 /// It has the same value as `TC_ACT_UNSPEC`, which under a netlink/clsact
@@ -77,6 +77,11 @@ pub mod maps {
 /// Names of the programs in the eBPF object.
 pub mod programs {
     pub const INGRESS: &str = "tagflow_ingress";
+    /// `INGRESS` for kernels that refuse `bpf_get_netns_cookie` in TC
+    /// (before 6.14): the namespace comes from the interface or the
+    /// socket's recorded owner. The kernel shows both as `tagflow_ingress`
+    /// (names are cut at 15 bytes).
+    pub const INGRESS_IFNS: &str = "tagflow_ingress_ifns";
     pub const UPLINK: &str = "tagflow_uplink";
     pub const CONNECT4: &str = "tagflow_connect4";
     pub const CONNECT6: &str = "tagflow_connect6";

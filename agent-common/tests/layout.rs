@@ -33,9 +33,10 @@ fn flow_types() {
     assert_eq!(size_of::<PortKey>(), 16);
     assert_eq!(offset_of!(PortKey, port), 8);
     assert_eq!(offset_of!(PortKey, proto), 10);
-    assert_eq!(size_of::<SockOwner>(), 56);
+    assert_eq!(size_of::<SockOwner>(), 64);
     assert_eq!(offset_of!(SockOwner, tid), 4);
     assert_eq!(offset_of!(SockOwner, via), 8);
+    assert_eq!(offset_of!(SockOwner, netns), 56);
 }
 
 #[test]

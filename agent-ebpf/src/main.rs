@@ -6,9 +6,9 @@
 //! owning process. The cgroup hooks record socket owners in process
 //! context; the thread hooks (threads.rs: sock_ops and raw BTF tracepoints
 //! on the receive path, fork and exit) follow a request from the connection
-//! a thread reads to the connections it opens. Minimum kernel: 6.6 for TCX
-//! (older kernels use clsact), and the kernel must allow
-//! `bpf_get_netns_cookie` in TC programs (≈ 6.13+).
+//! a thread reads to the connections it opens. Minimum kernel: 5.15 (TCX
+//! from 6.6, clsact before; `tagflow_ingress_ifns` where TC may not call
+//! `bpf_get_netns_cookie`, before 6.14).
 #![no_std]
 #![no_main]
 // BPF has atomic add (BPF_XADD) but core::sync::atomic offers no fetch_add
@@ -41,8 +41,21 @@ static CONFIG: Global<DatapathConfig> = Global::new(DatapathConfig::DEFAULT);
 #[unsafe(no_mangle)]
 static TASK_OFFSETS: Global<TaskOffsets> = Global::new(TaskOffsets { pid: 0, tgid: 0 });
 
+/// Kernels that allow `bpf_get_netns_cookie` in TC (6.14+).
 #[classifier]
-pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
+pub fn tagflow_ingress(ctx: TcContext) -> i32 {
+    ingress::<true>(ctx)
+}
+
+/// Older kernels: the same program, the namespace from the interface or
+/// the socket's record (resolve::netns_ifns). The loader picks one.
+#[classifier]
+pub fn tagflow_ingress_ifns(ctx: TcContext) -> i32 {
+    ingress::<false>(ctx)
+}
+
+#[inline(always)]
+fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
     // Each path below ends in exactly one terminal counter (see Counter).
     let parsed = match parse::parse(&ctx) {
         Ok(p) => p,
@@ -58,7 +71,11 @@ pub fn tagflow_ingress(mut ctx: TcContext) -> i32 {
     };
     let cfg = CONFIG.load();
     let mut key = parsed.key;
-    key.netns = resolve::netns(&ctx, cfg.host_netns);
+    key.netns = if NETNS_HELPER {
+        resolve::netns(&ctx, cfg.host_netns)
+    } else {
+        resolve::netns_ifns(&ctx, cfg.host_netns)
+    };
 
     // Passive capture runs before the gate: heads from trace-free pods are
     // how traces start.

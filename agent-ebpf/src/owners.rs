@@ -12,21 +12,22 @@ use aya_ebpf::{
 
 const ALLOW: i32 = 1;
 
-/// connect4/6, sendmsg4/6: socket cookie → tgid, thread and the
-/// connection that thread read last (the request it is serving).
+/// connect4/6, sendmsg4/6: socket cookie → tgid, thread, the connection
+/// that thread read last (the request it is serving) and the namespace.
 #[inline(always)]
 pub fn record_socket(ctx: &SockAddrContext) -> i32 {
     let id = unsafe { bpf_get_current_pid_tgid() };
     let (tgid, tid) = ((id >> 32) as u32, id as u32);
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     let via = unsafe { THREAD_VIA.get(tid) };
+    let netns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // sendmsg runs per datagram: skip the write when nothing changed.
     if let Some(p) = unsafe { SOCK_OWNER.get(cookie) } {
         let same_via = match via {
             Some(v) => p.via == *v,
             None => !p.has_via(),
         };
-        if p.tgid == tgid && p.tid == tid && same_via {
+        if p.tgid == tgid && p.tid == tid && same_via && p.netns == netns {
             return ALLOW;
         }
     }
@@ -37,6 +38,7 @@ pub fn record_socket(ctx: &SockAddrContext) -> i32 {
             Some(v) => *v,
             None => FlowKey::default(),
         },
+        netns,
     };
     if let Err(e) = SOCK_OWNER.insert(cookie, owner, 0) {
         count(Counter::OwnerUpdateFailed);

@@ -1,6 +1,6 @@
 //! Packet → (netns cookie, owning pid). Never `bpf_get_current_pid_tgid()`:
 //! TC runs in softirq and that names whichever task was interrupted.
-use crate::maps::{count, BOUND_PORTS, IFACE_NETNS, SOCK_OWNER};
+use crate::maps::{count, BOUND_PORTS, IFACE_NETNS, SOCK_FLOW, SOCK_OWNER};
 use agent_common::{
     Counter, FlowKey, PortKey, OWNER_BOUND, OWNER_CONNECTED, OWNER_NONE, PROTO_UDP,
 };
@@ -29,11 +29,36 @@ pub fn netns(ctx: &TcContext, host_netns: u64) -> u64 {
         return ns;
     }
     count(Counter::NoSocket);
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match unsafe { IFACE_NETNS.get(ifindex) } {
-        Some(n) => *n,
-        None => ns,
+    iface_netns(ctx).unwrap_or(ns)
+}
+
+/// The namespace without the helper (kernels that refuse it in TC): a
+/// pod's veth names it; elsewhere (a pod's `lo`, ifindex 1 in every pod)
+/// the socket's record from the owner hooks or sock_ops does. Packets of
+/// sockets recorded by neither are taken as the host's.
+#[inline(always)]
+pub fn netns_ifns(ctx: &TcContext, host_netns: u64) -> u64 {
+    if let Some(n) = iface_netns(ctx) {
+        return n;
     }
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if cookie != 0 {
+        if let Some(o) = unsafe { SOCK_OWNER.get(cookie) } {
+            if o.netns != 0 {
+                return o.netns;
+            }
+        }
+        if let Some(f) = unsafe { SOCK_FLOW.get(cookie) } {
+            return f.netns;
+        }
+    }
+    host_netns
+}
+
+#[inline(always)]
+fn iface_netns(ctx: &TcContext) -> Option<u64> {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    unsafe { IFACE_NETNS.get(ifindex) }.copied()
 }
 
 /// Socket owner first (client sockets, recorded at connect/sendmsg), then the

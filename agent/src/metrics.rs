@@ -41,6 +41,16 @@ pub struct Snapshot {
     /// exit).
     #[serde(default)]
     pub thread_hooks: Vec<String>,
+    /// The running kernel's release.
+    #[serde(default)]
+    pub kernel: String,
+    /// Kernel features probed at load and what depends on them:
+    /// (name, present). See `loader::Feature`.
+    #[serde(default)]
+    pub features: Vec<(String, bool)>,
+    /// The ingress program variant loaded for this kernel.
+    #[serde(default)]
+    pub ingress: String,
     /// Datapath counters summed over CPUs: (name, value).
     pub datapath: Vec<(String, u64)>,
     /// (map, entries, capacity).
@@ -135,6 +145,13 @@ impl Ops {
             "Thread hooks attached (4: sock_ops, receive path, fork, thread exit; fewer: calls by threads whose request the kernel cannot follow fall back to their process's last request).",
             s.thread_hooks.len() as u64,
         );
+        let _ = writeln!(
+            out,
+            "# HELP tagflow_feature 1 when the kernel offers a feature tagflow probes for (or a hook that needs it is attached), else 0.\n# TYPE tagflow_feature gauge"
+        );
+        for (name, ok) in &s.features {
+            let _ = writeln!(out, "tagflow_feature{{name=\"{name}\"}} {}", *ok as u8);
+        }
         gauge(
             &mut out,
             "maps_pinned",
@@ -359,11 +376,12 @@ pub async fn fetch_status(addr: SocketAddr) -> Result<Snapshot, String> {
 }
 
 pub fn format_status(s: &Snapshot) -> String {
-    let mut out = format!(
-        "ready: {}\n\nattachments ({}):\n",
-        s.ready,
-        s.attachments.len()
-    );
+    let mut out = format!("ready: {}\n\nkernel: {}\n", s.ready, s.kernel);
+    for (name, ok) in &s.features {
+        let _ = writeln!(out, "  {name:<24} {}", if *ok { "yes" } else { "no" });
+    }
+    let _ = writeln!(out, "ingress program: {}", s.ingress);
+    let _ = writeln!(out, "\nattachments ({}):", s.attachments.len());
     for a in &s.attachments {
         let _ = writeln!(out, "  {:<16} ifindex {:<6} {}", a.name, a.ifindex, a.mode);
     }
@@ -399,4 +417,39 @@ pub fn format_status(s: &Snapshot) -> String {
         None => out += "\npinned maps: none (a restart starts with empty tables)\n",
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot() -> Snapshot {
+        Snapshot {
+            kernel: "6.1.0-54-amd64".into(),
+            ingress: "tagflow_ingress_ifns".into(),
+            features: vec![("tcx".into(), false), ("ring_buffer".into(), true)],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn each_probed_feature_is_a_labelled_gauge() {
+        let ops = Ops {
+            snapshot: Mutex::new(snapshot()),
+            export: Arc::new(crate::export::ExportStats::default()),
+            registry: None,
+        };
+        let text = ops.render();
+        assert!(text.contains("# TYPE tagflow_feature gauge"), "{text}");
+        assert!(text.contains("tagflow_feature{name=\"tcx\"} 0"), "{text}");
+        assert!(text.contains("tagflow_feature{name=\"ring_buffer\"} 1"), "{text}");
+    }
+
+    #[test]
+    fn status_names_the_kernel_its_features_and_the_program_chosen() {
+        let text = format_status(&snapshot());
+        assert!(text.contains("kernel: 6.1.0-54-amd64"), "{text}");
+        assert!(text.contains("tcx") && text.contains("no"), "{text}");
+        assert!(text.contains("ingress program: tagflow_ingress_ifns"), "{text}");
+    }
 }

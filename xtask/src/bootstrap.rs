@@ -193,6 +193,22 @@ pub fn lab_tools() -> Result<()> {
     ])
 }
 
+/// What the VM leg of the tests needs: qemu, a static busybox for the
+/// initramfs, and kmod (depmod on the host; the VM's modprobe runs from
+/// the host's root). Debian's `busybox` is dynamic and would not run from
+/// an initramfs.
+pub fn vm_tools() -> Result<()> {
+    ensure_tools(&[
+        ("qemu-system-x86_64", "qemu-system-x86"),
+        ("depmod", "kmod"),
+        ("dpkg-deb", "dpkg"),
+    ])?;
+    if !ok(Command::new("dpkg").args(["-s", "busybox-static"])) {
+        apt_install(&["busybox-static"])?;
+    }
+    Ok(())
+}
+
 /// kubectl, for rendering deploy/ with its built-in kustomize (the deploy
 /// test). Debian's `kubernetes-client` when none is installed.
 pub fn kubectl() -> Result<()> {

@@ -1,6 +1,8 @@
 //! `cargo xtask`: build, run, test, bench and demo tagflow. Every command
 //! first bootstraps the toolchain it needs (see bootstrap.rs).
 mod bootstrap;
+mod test;
+mod vm;
 
 use std::process::Command;
 
@@ -38,6 +40,14 @@ enum Cmd {
         /// Skip fmt and clippy.
         #[arg(long)]
         no_lint: bool,
+        /// Only the kernel-level tests in a VM booting this kernel: a .deb,
+        /// an unpacked kernel package (boot/, lib/modules/), or a bzImage
+        /// with virtio-pci, 9p and overlayfs built in.
+        #[arg(long)]
+        kernel: Option<std::path::PathBuf>,
+        /// Skip the VM leg (the kernel-level tests on Debian 12's 6.1).
+        #[arg(long)]
+        no_vm: bool,
     },
     /// Benchmarks: each figure is a ratio to a baseline run alongside.
     /// `cargo xtask bench linking` runs only the linking-accuracy rows.
@@ -153,55 +163,17 @@ fn main() -> Result<()> {
             let dir = build("tagflow", &["tagflow"], release)?;
             run(Command::new(dir + "/tagflow").args(args))?;
         }
-        Cmd::Test { unit_only, no_lint } => {
-            if !no_lint {
-                run(cargo().args(["fmt", "--all", "--", "--check"]))?;
-                run(cargo()
-                    .args(["clippy", "--workspace", "--all-targets"])
-                    .args(EBPF_CRATES.iter().flat_map(|c| ["--exclude", c]))
-                    .args(["--", "-D", "warnings"]))?;
-                // The eBPF crates only build for the bpf target, on nightly.
-                for c in EBPF_CRATES {
-                    run(Command::new("rustup")
-                        .args(["run", "nightly", "cargo", "clippy", "--package", c])
-                        .args(["--release", "--target", "bpfel-unknown-none"])
-                        .args(["-Z", "build-std=core", "--", "-D", "warnings"]))?;
-                }
-            }
-            // Pure Rust: parsers, ABI layout, tables, config, netlink codec.
-            run(cargo()
-                .args(["test", "--workspace", "--lib", "--bins"])
-                .args(EBPF_CRATES.iter().flat_map(|c| ["--exclude", c])))?;
-            run(cargo().args(["test", "--package", "agent-common"]))?;
-            // Fuzz targets: a short smoke run each (the long runs:
-            // `cargo xtask fuzz <target> --time <s>`).
-            bootstrap::cargo_fuzz()?;
-            for t in FUZZ_TARGETS {
-                fuzz(t, 10)?;
-            }
-            // deploy/: render, schema-validate, agree with the agent.
-            bootstrap::kubernetes_validate()?;
-            bootstrap::kubectl()?;
-            run(cargo().args(["test", "--package", "tagflow", "--test", "deploy"]))?;
-            if unit_only {
-                return Ok(());
-            }
-            need_root("the kernel-level tests")?;
-            bootstrap::lab_tools()?;
-            // The lab's tests run `tagflow` as a process, as it ships: an
-            // optimised build (the load tests measure what a node would see).
-            let dir = build("tagflow", &["tagflow"], true)?;
-            // BPF_PROG_TEST_RUN, then netns/veth topologies (marked ignored
-            // for a plain `cargo test`, which has no root). One test at a
-            // time: they share the host's cgroup root and TCX hooks.
-            run(cargo()
-                .args(["test", "--package", "tagflow-lab", "--tests"])
-                .args(["--", "--include-ignored", "--test-threads=1"])
-                .env(
-                    "TAGFLOW_BIN",
-                    std::path::Path::new(&dir).join("tagflow").canonicalize()?,
-                ))?;
-        }
+        Cmd::Test {
+            unit_only,
+            no_lint,
+            kernel,
+            no_vm,
+        } => test::all(test::Opts {
+            unit_only,
+            no_lint,
+            kernel,
+            no_vm,
+        })?,
         Cmd::Bench { what, quick, json } => {
             need_root("the benchmarks")?;
             bootstrap::lab_tools()?;

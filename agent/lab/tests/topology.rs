@@ -19,7 +19,7 @@ use aya::{
 use tagflow::{
     backfill,
     config::AgentConfig,
-    loader::{self, Datapath},
+    loader::{self, Datapath, Feature, Features},
     netns,
 };
 use tagflow_lab::{
@@ -62,21 +62,31 @@ struct CbReader {
 }
 
 impl CbReader {
+    /// After tagflow: last in the TCX chain, or (kernels before TCX, where
+    /// tagflow is a clsact filter too) a filter of lower priority.
     fn attach(iface: &str, expect: [u8; 16]) -> Self {
-        Self::attach_at(iface, expect, LinkOrder::last())
+        if Features::probe().has(Feature::Tcx) {
+            Self::attach_at(iface, expect, LinkOrder::last())
+        } else {
+            Self::attach_clsact(iface, expect)
+        }
     }
 
     fn attach_at(iface: &str, expect: [u8; 16], order: LinkOrder) -> Self {
         Self::attach_with(iface, expect, TcAttachOptions::TcxOrder(order))
     }
 
-    /// As a legacy clsact filter (netlink), which runs after the TCX chain.
+    /// As a legacy clsact filter (netlink), which runs after the TCX chain,
+    /// and with the lowest priority, after any other filter.
     fn attach_clsact(iface: &str, expect: [u8; 16]) -> Self {
         let _ = aya::programs::tc::qdisc_add_clsact(iface);
         Self::attach_with(
             iface,
             expect,
-            TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default()),
+            TcAttachOptions::Netlink(aya::programs::tc::NlOptions {
+                priority: u16::MAX,
+                ..Default::default()
+            }),
         )
     }
 
@@ -133,13 +143,8 @@ fn clients_and_servers_are_tagged_by_owner_and_others_are_not() {
     );
 
     let reader = CbReader::attach(&a.host_if, [0xa1; 16]);
-    let chain: Vec<String> = loader::tcx_programs(&a.host_if)
-        .unwrap()
-        .into_iter()
-        .map(|p| p.0)
-        .collect();
     assert_eq!(
-        chain,
+        chain(&a.host_if),
         ["tagflow_ingress", "tf_cb_reader"],
         "tagflow first, the reader after it"
     );
@@ -256,6 +261,44 @@ fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The programs on `iface`'s ingress in the order they run: the TCX chain,
+/// or (kernels before TCX) the clsact filters by priority, named as the
+/// kernel shows them (15 bytes).
+fn chain(iface: &str) -> Vec<String> {
+    if Features::probe().has(Feature::Tcx) {
+        return loader::tcx_programs(iface)
+            .unwrap()
+            .into_iter()
+            .map(|p| p.0)
+            .collect();
+    }
+    let out = Command::new("tc")
+        .args(["filter", "show", "dev", iface, "ingress"])
+        .output()
+        .expect("tc");
+    let mut v: Vec<String> = Vec::new();
+    // "filter protocol all pref 49152 bpf chain 0 handle 0x1 NAME direct-action ..."
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some(name) = l
+            .split(" handle ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().nth(1))
+        {
+            let name: String = name
+                .split(':')
+                .next()
+                .unwrap_or(name)
+                .chars()
+                .take(15)
+                .collect();
+            if v.last() != Some(&name) {
+                v.push(name);
+            }
+        }
+    }
+    v
 }
 
 fn netlink_ids(iface: &str) -> Vec<u32> {

@@ -103,6 +103,13 @@ fn snapshot(
         loopbacks: dp.loopbacks() as u64,
         uplinks: dp.uplinks(),
         thread_hooks: dp.thread_hooks.iter().map(|h| h.to_string()).collect(),
+        kernel: dp.kernel().to_string(),
+        features: dp
+            .features()
+            .into_iter()
+            .map(|(n, ok)| (n.to_string(), ok))
+            .collect(),
+        ingress: dp.ingress_name().to_string(),
         datapath,
         maps: m,
         agent: pipe.counters(),

@@ -43,8 +43,8 @@ impl Datapath {
         };
         remove_stale_filters(name);
         let (mode, order) = (self.mode, self.order);
-        let p: &mut SchedClassifier = program(&mut self.ebpf, prog::INGRESS)?;
-        let (kind, link) = hook(p, name, TcAttachType::Ingress, mode, order).map_err(err)?;
+        let p: &mut SchedClassifier = program(&mut self.ebpf, self.ingress)?;
+        let (kind, link) = hook(p, name, TcAttachType::Ingress, mode, order, None).map_err(err)?;
         self.attachments.insert(
             ifindex,
             Attachment {
@@ -61,7 +61,7 @@ impl Datapath {
     /// kernel already dropped the hook and errors are ignored).
     pub fn detach(&mut self, ifindex: u32) {
         if let Some(a) = self.attachments.remove(&ifindex) {
-            if let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, prog::INGRESS) {
+            if let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, self.ingress) {
                 if let Err(e) = p.detach(a.link) {
                     debug!(iface = a.name, "detach: {e}");
                 }
@@ -81,12 +81,13 @@ impl Datapath {
         remove_stale(name, TcAttachType::Ingress, prog::UPLINK);
         let (mode, order) = (self.mode, self.order);
         let p: &mut SchedClassifier = program(&mut self.ebpf, prog::UPLINK)?;
-        let (kind, link) = hook(p, name, TcAttachType::Ingress, mode, order).map_err(|source| {
-            LoaderError::Attach {
-                iface: name.into(),
-                source,
-            }
-        })?;
+        let (kind, link) =
+            hook(p, name, TcAttachType::Ingress, mode, order, None).map_err(|source| {
+                LoaderError::Attach {
+                    iface: name.into(),
+                    source,
+                }
+            })?;
         self.uplinks.insert(
             ifindex,
             Attachment {
@@ -127,10 +128,14 @@ impl Datapath {
             })
         })?;
         let (mode, order) = (self.mode, self.order);
-        let p: &mut SchedClassifier = program(&mut self.ebpf, prog::INGRESS)?;
+        // Every pod's lo is ifindex 1: as clsact filters they need handles
+        // of their own, or aya takes the second for the first.
+        self.lo_handles = self.lo_handles.wrapping_add(1).max(1);
+        let lo_handle = self.lo_handles;
+        let p: &mut SchedClassifier = program(&mut self.ebpf, self.ingress)?;
         let (kind, link) = crate::netns::in_netns_file(ns, || {
             remove_stale_filters_at("lo", TcAttachType::Egress);
-            hook(p, "lo", TcAttachType::Egress, mode, order)
+            hook(p, "lo", TcAttachType::Egress, mode, order, Some(lo_handle))
         })?
         .map_err(|source| LoaderError::Attach {
             iface: format!("lo in netns {cookie}"),
@@ -158,7 +163,7 @@ impl Datapath {
         let Some((a, ns)) = self.loopbacks.remove(&cookie) else {
             return;
         };
-        let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, prog::INGRESS) else {
+        let Ok(p) = program::<SchedClassifier>(&mut self.ebpf, self.ingress) else {
             return;
         };
         let done = match a.kind {
@@ -191,22 +196,24 @@ impl Datapath {
 
 /// Hooks `p` on `name`'s ingress or egress (`at`) in the calling thread's
 /// namespace, by the configured mechanism (TCX, clsact, or TCX falling
-/// back to clsact).
+/// back to clsact). `handle`: the clsact filter's, else the kernel's pick.
 fn hook(
     p: &mut SchedClassifier,
     name: &str,
     at: TcAttachType,
     mode: AttachMode,
     order: TcxOrder,
+    handle: Option<u32>,
 ) -> Result<(AttachKind, SchedClassifierLinkId), ProgramError> {
+    let netlink = |p: &mut SchedClassifier| attach_netlink(p, name, at, handle);
     match mode {
         AttachMode::Tcx => Ok((AttachKind::Tcx, attach_tcx(p, name, at, order)?)),
-        AttachMode::Netlink => Ok((AttachKind::Netlink, attach_netlink(p, name, at)?)),
+        AttachMode::Netlink => Ok((AttachKind::Netlink, netlink(p)?)),
         AttachMode::Auto => match attach_tcx(p, name, at, order) {
             Ok(l) => Ok((AttachKind::Tcx, l)),
             Err(e) => {
                 debug!(iface = name, "TCX attach failed ({e}); using clsact");
-                Ok((AttachKind::Netlink, attach_netlink(p, name, at)?))
+                Ok((AttachKind::Netlink, netlink(p)?))
             }
         },
     }
@@ -229,23 +236,30 @@ fn attach_netlink(
     p: &mut SchedClassifier,
     name: &str,
     at: TcAttachType,
+    handle: Option<u32>,
 ) -> Result<SchedClassifierLinkId, ProgramError> {
     // Fails when the interface already has a clsact qdisc (ours from a
     // previous run, or another agent's): that one serves as well.
     if let Err(e) = tc::qdisc_add_clsact(name) {
         debug!(iface = name, "adding clsact: {e} (an existing one serves)");
     }
-    p.attach_with_options(name, at, TcAttachOptions::Netlink(NlOptions::default()))
+    let opts = NlOptions {
+        handle: handle.map(Into::into).unwrap_or_default(),
+        ..Default::default()
+    };
+    p.attach_with_options(name, at, TcAttachOptions::Netlink(opts))
 }
 
-/// Removes netlink filters named like our program: an agent killed without
+/// Removes netlink filters named like our programs: an agent killed without
 /// cleanup (SIGKILL, OOM) leaves them behind, unlike TCX links.
 pub fn remove_stale_filters(iface: &str) -> bool {
     remove_stale_filters_at(iface, TcAttachType::Ingress)
 }
 
 fn remove_stale_filters_at(iface: &str, at: TcAttachType) -> bool {
-    remove_stale(iface, at, prog::INGRESS)
+    // Either variant: the previous agent may have run on another kernel.
+    let a = remove_stale(iface, at, prog::INGRESS);
+    remove_stale(iface, at, prog::INGRESS_IFNS) || a
 }
 
 fn remove_stale(iface: &str, at: TcAttachType, program: &str) -> bool {

@@ -1,10 +1,11 @@
 //! Loads tagflow's eBPF object, attaches the owner hooks to the cgroup v2
 //! root and `tagflow_ingress` to interfaces, and hands out the maps.
 //!
-//! Minimum kernel: 6.6 for TCX links (older kernels get a clsact/netlink
-//! filter), 5.7 for cgroup links, and `bpf_get_netns_cookie` must be allowed
-//! in TC programs (≈ 6.13).
+//! Minimum kernel: 5.15 (features.rs probes what the kernel offers and
+//! picks the ingress variant; TCX links from 6.6, a clsact/netlink filter
+//! before).
 mod attach;
+mod features;
 mod hooks;
 mod maps;
 
@@ -27,6 +28,7 @@ use crate::{
 };
 use attach::Attachment;
 pub use attach::{remove_stale_filters, tcx_programs, AttachKind};
+pub use features::{Feature, Features};
 pub use hooks::{cgroup2_root, parse_cgroup2_mount};
 
 /// The tagflow eBPF object, built by build.rs.
@@ -62,6 +64,8 @@ pub enum LoaderError {
     Btf(#[from] aya::BtfError),
     #[error("adopting pinned trace entries")]
     Adopt(#[from] TableError),
+    #[error("kernel {release} lacks {missing}: tagflow needs Linux 5.15 or newer")]
+    Kernel { release: String, missing: String },
 }
 
 /// The loaded datapath. Dropping it detaches everything it attached (TCX
@@ -74,10 +78,15 @@ pub struct Datapath {
     /// `lo` inside pod namespaces, by namespace cookie, with a handle on the
     /// namespace to detach in.
     loopbacks: HashMap<u64, (Attachment, std::fs::File)>,
+    /// The last clsact filter handle given to a pod loopback.
+    lo_handles: u32,
     /// The node's uplinks (capture of requests from other nodes).
     uplinks: HashMap<u32, Attachment>,
     mode: AttachMode,
     order: TcxOrder,
+    features: Features,
+    /// The ingress variant loaded (`INGRESS` or `INGRESS_IFNS`).
+    ingress: &'static str,
     counters: PerCpuArray<MapData, u64>,
     flow_stats: BpfHashMap<MapData, FlowKey, FlowStats>,
     iface_netns: BpfHashMap<MapData, u32, u64>,
@@ -122,6 +131,14 @@ impl Datapath {
     /// classifier, and (with `owner_hooks`) attaches the cgroup owner hooks.
     pub fn load(cfg: &AgentConfig, owner_hooks: bool) -> Result<Self, LoaderError> {
         use agent_common::maps as m;
+        let features = Features::probe();
+        features.check()?;
+        let ingress = if features.has(Feature::NetnsCookieTc) {
+            prog::INGRESS
+        } else {
+            prog::INGRESS_IFNS
+        };
+        features.log(ingress);
         let mut dp_cfg = cfg.datapath_config();
         // Sockets in our own namespace are not pods' (see resolve::netns).
         dp_cfg.host_netns = crate::netns::current_cookie()?;
@@ -168,7 +185,7 @@ impl Datapath {
                 None
             }
         };
-        for name in [prog::INGRESS, prog::UPLINK] {
+        for name in [ingress, prog::UPLINK] {
             let p: &mut SchedClassifier = program(&mut ebpf, name)?;
             p.load()
                 .map_err(|source| LoaderError::Program { name, source })?;
@@ -217,9 +234,12 @@ impl Datapath {
             _logger: logger,
             attachments: HashMap::new(),
             loopbacks: HashMap::new(),
+            lo_handles: 0,
             uplinks: HashMap::new(),
             mode: cfg.attach_mode,
             order: cfg.tcx_order,
+            features,
+            ingress,
             owner_hooks: Vec::new(),
             thread_hooks: Vec::new(),
             pins,
@@ -261,7 +281,27 @@ impl Datapath {
 
     /// The loaded ingress classifier (test_run, benchmarks).
     pub fn ingress(&mut self) -> Result<&mut SchedClassifier, LoaderError> {
-        program(&mut self.ebpf, prog::INGRESS)
+        program(&mut self.ebpf, self.ingress)
+    }
+
+    /// The name of the ingress variant loaded for this kernel.
+    pub fn ingress_name(&self) -> &'static str {
+        self.ingress
+    }
+
+    /// (name, present) of the kernel features probed at load, and of the
+    /// hooks that depend on them: `thread_hooks` (a request followed from
+    /// connection to thread) and `fork_inheritance`.
+    pub fn features(&self) -> Vec<(&'static str, bool)> {
+        let mut v = self.features.list();
+        let has = |n: &str| self.thread_hooks.contains(&n);
+        v.push(("thread_hooks", has(prog::SOCKOPS) && has(prog::RECV)));
+        v.push(("fork_inheritance", has(prog::FORK)));
+        v
+    }
+
+    pub fn kernel(&self) -> &str {
+        self.features.kernel()
     }
 }
 
