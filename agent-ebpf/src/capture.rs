@@ -18,7 +18,7 @@ use core::ffi::c_void;
 /// `local`: the sender is on this host (a pod), so its owner is looked up;
 /// heads from the wire have none.
 #[inline(always)]
-pub fn maybe_head(
+pub fn maybe_head<const STAMP: bool>(
     ctx: &TcContext,
     cfg: &DatapathConfig,
     key: &FlowKey,
@@ -26,16 +26,22 @@ pub fn maybe_head(
     local: bool,
 ) {
     if let Some(until) = unsafe { CAPTURE_SKIP.get(key) } {
-        if crate::tag::now(ctx) < *until {
+        if crate::tag::now::<STAMP>(ctx) < *until {
             count(Counter::HeadSkipped);
             return;
         }
     }
-    head(ctx, cfg, key, payload_off, local);
+    head::<STAMP>(ctx, cfg, key, payload_off, local);
 }
 
 #[inline(always)]
-pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: usize, local: bool) {
+pub fn head<const STAMP: bool>(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    key: &FlowKey,
+    payload_off: usize,
+    local: bool,
+) {
     let Some(mut entry) = EVENTS.reserve::<HttpHeadEvent>(0) else {
         count(Counter::RingbufFull);
         return;
@@ -83,7 +89,7 @@ pub fn head(ctx: &TcContext, cfg: &DatapathConfig, key: &FlowKey, payload_off: u
             len: core::mem::size_of::<HttpHeadEvent>() as u32,
         };
         (*e).key = *key;
-        (*e).ts_ns = crate::tag::now(ctx);
+        (*e).ts_ns = crate::tag::now::<STAMP>(ctx);
         (*e).pid = pid;
         (*e).len = n as u32;
     }

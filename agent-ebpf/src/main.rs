@@ -54,6 +54,8 @@ pub fn tagflow_ingress_ifns(ctx: TcContext) -> i32 {
     ingress::<false>(ctx)
 }
 
+/// `NETNS_HELPER` also stands for "skb `tstamp_type` readable" (5.18): the
+/// helper came in 6.14, and `tagflow_ingress_ifns` must load on 5.15.
 #[inline(always)]
 fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
     // Each path below ends in exactly one terminal counter (see Counter).
@@ -80,7 +82,7 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
     // Passive capture runs before the gate: heads from trace-free pods are
     // how traces start.
     if cfg.capture_len != 0 && parse::looks_like_http_request(&ctx, parsed.payload_off) {
-        capture::maybe_head(&ctx, &cfg, &key, parsed.payload_off, true);
+        capture::maybe_head::<NETNS_HELPER>(&ctx, &cfg, &key, parsed.payload_off, true);
     }
 
     // Gate: a namespace without trace entries stops here, after one lookup.
@@ -99,12 +101,12 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
         if s.gen == gen {
             if s.is_negative() {
                 if s.matched == MATCH_WATCHED {
-                    tag::account(&ctx, s, parsed.tcp_flags);
+                    tag::account::<NETNS_HELPER>(&ctx, s, parsed.tcp_flags);
                 }
                 count(Counter::NoTrace);
             } else {
                 tag::mark_packet(&mut ctx, &cfg, &s.trace_id, s.cb_meta);
-                tag::account(&ctx, s, parsed.tcp_flags);
+                tag::account::<NETNS_HELPER>(&ctx, s, parsed.tcp_flags);
             }
             return TCX_NEXT;
         }
@@ -127,7 +129,7 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
         ),
         None => (None, 0),
     };
-    tag::resolved(
+    tag::resolved::<NETNS_HELPER>(
         &mut ctx,
         &cfg,
         &key,
@@ -155,7 +157,9 @@ pub fn tagflow_uplink(ctx: TcContext) -> i32 {
         if parse::looks_like_http_request(&ctx, parsed.payload_off) {
             let mut key = parsed.key;
             key.netns = NETNS_WIRE;
-            capture::maybe_head(&ctx, &cfg, &key, parsed.payload_off, false);
+            // The packet clock only on heads here: the kernel's clock serves every
+            // kernel.
+            capture::maybe_head::<false>(&ctx, &cfg, &key, parsed.payload_off, false);
         }
     }
     TCX_NEXT

@@ -15,10 +15,12 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 /// bindings).
 const TSTAMP_DELIVERY_MONO: u8 = 1;
 
+/// `STAMP`: the kernel has `__sk_buff.tstamp_type` (5.18); a program built
+/// with `false` never touches it, so older verifiers accept it.
 #[inline(always)]
-pub fn now(ctx: &TcContext) -> u64 {
+pub fn now<const STAMP: bool>(ctx: &TcContext) -> u64 {
     let skb = unsafe { &*ctx.skb.skb };
-    if skb.tstamp_type == TSTAMP_DELIVERY_MONO && skb.tstamp != 0 {
+    if STAMP && skb.tstamp_type == TSTAMP_DELIVERY_MONO && skb.tstamp != 0 {
         return skb.tstamp;
     }
     unsafe { bpf_ktime_get_ns() }
@@ -62,14 +64,14 @@ pub fn mark_packet(ctx: &mut TcContext, cfg: &DatapathConfig, id: &[u8; 16], met
 
 /// Accounts one more packet to a live entry of the same (flow, trace).
 #[inline(always)]
-pub fn account(ctx: &TcContext, s: &mut FlowStats, tcp_flags: u8) {
+pub fn account<const STAMP: bool>(ctx: &TcContext, s: &mut FlowStats, tcp_flags: u8) {
     let len = ctx.len() as u64;
     // The same flow can be processed on two CPUs at once.
     unsafe {
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut s.packets, 1);
         atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut s.bytes, len);
     }
-    s.last_ns = now(ctx);
+    s.last_ns = now::<STAMP>(ctx);
     s.tcp_flags |= tcp_flags;
 }
 
@@ -78,7 +80,7 @@ pub fn account(ctx: &TcContext, s: &mut FlowStats, tcp_flags: u8) {
 /// context for the flow. Writes the new cache entry and the events.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub fn resolved(
+pub fn resolved<const STAMP: bool>(
     ctx: &mut TcContext,
     cfg: &DatapathConfig,
     key: &FlowKey,
@@ -102,7 +104,7 @@ pub fn resolved(
                 if o.is_negative() {
                     o.gen = gen;
                     if o.matched == MATCH_WATCHED {
-                        account(ctx, o, tcp_flags);
+                        account::<STAMP>(ctx, o, tcp_flags);
                     }
                     return;
                 }
@@ -113,7 +115,7 @@ pub fn resolved(
             // flow's "no trace" entry would otherwise sit until LRU eviction.
             // Who and where too, for when a head makes the connection worth
             // a span after all (MATCH_WATCHED: counted from then on).
-            let t = now(ctx);
+            let t = now::<STAMP>(ctx);
             let neg = FlowStats {
                 gen,
                 pid: owner.pid,
@@ -152,14 +154,14 @@ pub fn resolved(
             // Same pair, the namespace just changed generation.
             o.gen = gen;
             o.cb_meta = meta;
-            account(ctx, o, tcp_flags);
+            account::<STAMP>(ctx, o, tcp_flags);
             return;
         }
         if !o.is_negative() {
             emit(cfg, EVENT_FLOW_END, key, o, &[0; 8], 0, None);
         }
     }
-    let t = now(ctx);
+    let t = now::<STAMP>(ctx);
     let stats = FlowStats {
         trace_id: trace.trace_id,
         pid: owner.pid,

@@ -442,7 +442,10 @@ mod tests {
         let text = ops.render();
         assert!(text.contains("# TYPE tagflow_feature gauge"), "{text}");
         assert!(text.contains("tagflow_feature{name=\"tcx\"} 0"), "{text}");
-        assert!(text.contains("tagflow_feature{name=\"ring_buffer\"} 1"), "{text}");
+        assert!(
+            text.contains("tagflow_feature{name=\"ring_buffer\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -450,6 +453,9 @@ mod tests {
         let text = format_status(&snapshot());
         assert!(text.contains("kernel: 6.1.0-54-amd64"), "{text}");
         assert!(text.contains("tcx") && text.contains("no"), "{text}");
-        assert!(text.contains("ingress program: tagflow_ingress_ifns"), "{text}");
+        assert!(
+            text.contains("ingress program: tagflow_ingress_ifns"),
+            "{text}"
+        );
     }
 }
