@@ -3,7 +3,7 @@
 //! file's (or the default) value.
 use std::path::PathBuf;
 
-use super::{AgentConfig, AttachMode, ConfigError, TcxOrder};
+use super::{AgentConfig, AttachMode, ConfigError, NetnsSource, TcxOrder};
 
 #[derive(clap::Args, Debug, Default)]
 pub struct RunFlags {
@@ -30,6 +30,10 @@ pub struct RunFlags {
     pub attach_mode: Option<AttachMode>,
     #[arg(long, env = "TAGFLOW_TCX_ORDER")]
     pub tcx_order: Option<TcxOrder>,
+    /// Where a packet's pod namespace comes from (`interface`: the program
+    /// for kernels before 6.14, on any kernel).
+    #[arg(long, env = "TAGFLOW_NETNS_SOURCE")]
+    pub netns_source: Option<NetnsSource>,
     /// Mark bits to set on tagged packets (with --mark-mask).
     #[arg(long, env = "TAGFLOW_MARK_VALUE", value_parser = parse_u32)]
     pub mark_value: Option<u32>,
@@ -149,6 +153,7 @@ impl RunFlags {
         }
         set(&mut cfg.attach_mode, self.attach_mode);
         set(&mut cfg.tcx_order, self.tcx_order);
+        set(&mut cfg.netns_source, self.netns_source);
         set(&mut cfg.mark_value, self.mark_value);
         set(&mut cfg.mark_mask, self.mark_mask);
         set(&mut cfg.trace_idle_secs, self.trace_idle_secs);

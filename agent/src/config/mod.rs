@@ -36,6 +36,19 @@ pub enum AttachMode {
     Netlink,
 }
 
+/// Where the ingress program takes a packet's pod namespace from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetnsSource {
+    /// `bpf_get_netns_cookie` where the kernel allows it in TC (6.14+),
+    /// else the interface.
+    #[default]
+    Auto,
+    /// Always the interface (or, on a pod's `lo`, the socket's recorded
+    /// owner): the program kernels before 6.14 run, on any kernel.
+    Interface,
+}
+
 /// Where in a TCX chain tagflow goes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -131,6 +144,7 @@ pub struct AgentConfig {
     pub uplinks: Option<Vec<String>>,
     pub attach_mode: AttachMode,
     pub tcx_order: TcxOrder,
+    pub netns_source: NetnsSource,
     /// skb->mark bits set on tagged packets: `(mark & !mask) | (value & mask)`.
     /// A zero mask leaves the mark alone.
     pub mark_value: u32,
@@ -190,6 +204,7 @@ impl Default for AgentConfig {
             uplinks: None,
             attach_mode: AttachMode::Auto,
             tcx_order: TcxOrder::First,
+            netns_source: NetnsSource::Auto,
             mark_value: 0,
             mark_mask: 0,
             flow_stats: true,
@@ -369,6 +384,7 @@ mod tests {
             ifaces = ["eth1"]
             iface_prefixes = ["tap"]
             attach_mode = "netlink"
+            netns_source = "interface"
             tcx_order = "last"
             mark_value = 0x100
             mark_mask = 0xf00
@@ -385,6 +401,7 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.attach_mode, AttachMode::Netlink);
         assert_eq!(cfg.tcx_order, TcxOrder::Last);
+        assert_eq!(cfg.netns_source, NetnsSource::Interface);
         assert_eq!(cfg.maps.traces, 1024);
         assert_eq!(cfg.registration.socket, PathBuf::from("/tmp/x.sock"));
         assert_eq!(cfg.registration.rate_per_netns, 10);

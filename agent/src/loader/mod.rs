@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 pub use crate::pin::{pinned_maps, PinReport};
 use crate::{
-    config::{AgentConfig, AttachMode, TcxOrder},
+    config::{AgentConfig, AttachMode, NetnsSource, TcxOrder},
     pin::PinDir,
     tables::{Gate, Table, TableError, TraceTable},
 };
@@ -133,7 +133,8 @@ impl Datapath {
         use agent_common::maps as m;
         let features = Features::probe();
         features.check()?;
-        let ingress = if features.has(Feature::NetnsCookieTc) {
+        let helper = cfg.netns_source == NetnsSource::Auto;
+        let ingress = if helper && features.has(Feature::NetnsCookieTc) {
             prog::INGRESS
         } else {
             prog::INGRESS_IFNS

@@ -19,7 +19,7 @@ use crate::{
     TESTPROGS_OBJECT,
 };
 use tagflow::{
-    config::AgentConfig,
+    config::{AgentConfig, NetnsSource},
     loader::{Datapath, LoaderError},
     netns,
     tables::TableError,
@@ -117,8 +117,22 @@ pub(crate) fn ns_per_run(
 /// steady state, i.e. served by the per-flow cache after the first packet.
 /// The skbs are run inside two throw-away namespaces standing in for pods,
 /// since the datapath treats host-namespace sockets differently.
+/// Both variants: `tagflow_ingress` where this kernel allows it, and
+/// `tagflow_ingress_ifns` (what kernels before 6.14 run), each against an
+/// empty program measured in the same run.
 pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
-    let mut dp = Datapath::load(&AgentConfig::scratch(), false)?;
+    let mut rows = datapath_of(NetnsSource::Auto, repeat, rounds)?;
+    rows.extend(datapath_of(NetnsSource::Interface, repeat, rounds)?);
+    Ok(rows)
+}
+
+fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
+    let cfg = AgentConfig {
+        netns_source: source,
+        ..AgentConfig::scratch()
+    };
+    let mut dp = Datapath::load(&cfg, false)?;
+    let program = dp.ingress_name();
     let mut test = Ebpf::load(TESTPROGS_OBJECT)?;
     let empty: &mut SchedClassifier = test
         .program_mut("tagflow_empty")
@@ -129,6 +143,9 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
     let quiet_pod = netns::anonymous()?;
     let traced_pod = netns::anonymous()?;
     let traced = netns::in_netns_file(&traced_pod, netns::current_cookie)??;
+    let quiet = netns::in_netns_file(&quiet_pod, netns::current_cookie)??;
+    // Runs are on ifindex 1 as if on the pod's veth: the program without the
+    // helper reads the pod from IFACE_NETNS (set before each pod's runs).
 
     let mut table = dp.take_trace_table().expect("fresh datapath");
     let mut events = dp.take_events().expect("fresh datapath");
@@ -173,10 +190,13 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
     // TCP segments carry a monotonic departure time; use one when the
     // kernel lets test_run set it, else measure the bpf_ktime_get_ns path.
     let stamped = frames::skb_ctx_tstamp(1, tagflow::clock::monotonic_ns());
+    // The variant for older kernels never reads the stamp (test_run then
+    // refuses one): its rows include bpf_ktime_get_ns by design.
     let tcp_skb = match netns::in_netns_file(&traced_pod, || {
         ns_per_run(dp_ingress_probe(&mut dp)?, &by_flow, &stamped, 1)
     })? {
         Ok(_) => stamped,
+        Err(_) if program == agent_common::programs::INGRESS_IFNS => skb,
         Err(e) => {
             tracing::warn!(
                 "test_run refuses skb timestamps ({e}); tagged rows include bpf_ktime_get_ns"
@@ -194,6 +214,7 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..rounds.max(1) {
+        dp.set_iface_netns(1, quiet)?;
         let ing = dp.ingress()?;
         let r = netns::in_netns_file(&quiet_pod, || -> Result<[f64; 2], BenchError> {
             Ok([
@@ -212,6 +233,8 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
             while events.next().is_some() {}
         }
         let h = median(&mut hs);
+        dp.set_iface_netns(1, traced)?;
+        let ing = dp.ingress()?;
         let t = netns::in_netns_file(&traced_pod, || -> Result<[f64; 3], BenchError> {
             Ok([
                 ns_per_run(ing, &untagged, &skb, repeat)?,
@@ -247,7 +270,7 @@ pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
                 _ => (Some(base), Some(value / base), String::new()),
             };
             Row {
-                scenario: format!("datapath: {name}"),
+                scenario: format!("datapath ({program}): {name}"),
                 metric: "time per packet (test_run)".into(),
                 unit: "ns".into(),
                 value,
