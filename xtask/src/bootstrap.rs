@@ -198,15 +198,23 @@ pub fn lab_tools() -> Result<()> {
 /// the host's root). Debian's `busybox` is dynamic and would not run from
 /// an initramfs.
 pub fn vm_tools() -> Result<()> {
-    ensure_tools(&[
+    let mut missing: Vec<&str> = [
         ("qemu-system-x86_64", "qemu-system-x86"),
         ("depmod", "kmod"),
         ("dpkg-deb", "dpkg"),
-    ])?;
+    ]
+    .iter()
+    .filter(|(tool, _)| !which(tool))
+    .map(|(_, pkg)| *pkg)
+    .collect();
     if !ok(Command::new("dpkg").args(["-s", "busybox-static"])) {
-        apt_install(&["busybox-static"])?;
+        missing.push("busybox-static");
     }
-    Ok(())
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        apt_install(&missing)
+    }
 }
 
 /// kubectl, for rendering deploy/ with its built-in kustomize (the deploy
