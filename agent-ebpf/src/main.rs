@@ -157,8 +157,8 @@ pub fn tagflow_uplink(ctx: TcContext) -> i32 {
         if parse::looks_like_http_request(&ctx, parsed.payload_off) {
             let mut key = parsed.key;
             key.netns = NETNS_WIRE;
-            // The packet clock only on heads here: the kernel's clock serves every
-            // kernel.
+            // Heads only (a few per connection): the kernel's clock, which
+            // every kernel offers, costs little here.
             capture::maybe_head::<false>(&ctx, &cfg, &key, parsed.payload_off, false);
         }
     }

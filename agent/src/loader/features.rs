@@ -4,7 +4,7 @@
 //! `tagflow_feature{name=…}`).
 //!
 //! Probes ask the kernel, not its version number: distribution kernels
-//! backport (and a 6.1 with a backported helper gets the faster variant).
+//! backport (a 6.1 with a backported helper gets `tagflow_ingress`).
 use aya::{
     maps::MapType,
     programs::{ProgramType, SchedClassifier, TcAttachType},
@@ -113,8 +113,8 @@ impl Features {
         }
     }
 
-    /// Fixed results (tests).
-    pub fn fixed(kernel: &str, found: &[(Feature, bool)]) -> Self {
+    #[cfg(test)]
+    fn fixed(kernel: &str, found: &[(Feature, bool)]) -> Self {
         Self {
             kernel: kernel.into(),
             found: found.to_vec(),
