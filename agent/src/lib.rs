@@ -15,6 +15,7 @@ pub mod loader;
 pub mod metrics;
 pub mod netlink;
 pub mod netns;
+pub mod ops_http;
 pub mod pin;
 pub mod podnet;
 pub mod ratelimit;

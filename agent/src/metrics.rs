@@ -1,18 +1,13 @@
-//! Operations endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`
-//! and `/status` (JSON for `tagflow status`). The agent loop publishes a
-//! snapshot every second; scrapes never touch the datapath directly.
+//! What the operations endpoint (`ops_http`) serves: `/metrics`
+//! (Prometheus text) and `/status` (JSON for `tagflow status`). The agent
+//! loop publishes a snapshot every second; scrapes never touch the datapath
+//! directly.
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     sync::{atomic::Ordering, Arc, Mutex},
 };
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::{server::conn::http1, service::service_fn, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tracing::{debug, info};
 
 use crate::{
     export::{ExportStats, LATENCY_BUCKETS},
@@ -55,6 +50,9 @@ pub struct Snapshot {
     pub datapath: Vec<(String, u64)>,
     /// (map, entries, capacity).
     pub maps: Vec<(String, u64, u64)>,
+    /// Trace entries refused by the per-namespace quota: (netns cookie, n).
+    #[serde(default)]
+    pub quota_refused: Vec<(u64, u64)>,
     /// Agent-side counters: (name, help, value).
     pub agent: Vec<(String, String, u64)>,
     pub spans_open: u64,
@@ -79,7 +77,7 @@ pub struct Ops {
     pub registry: Option<Arc<RegistryStats>>,
 }
 
-fn counter(out: &mut String, name: &str, help: &str, v: u64) {
+pub(crate) fn counter(out: &mut String, name: &str, help: &str, v: u64) {
     let _ = writeln!(
         out,
         "# HELP tagflow_{name} {help}\n# TYPE tagflow_{name} counter\ntagflow_{name} {v}"
@@ -120,6 +118,13 @@ impl Ops {
         }
         for (name, help, v) in &s.agent {
             counter(&mut out, name, help, *v);
+        }
+        let _ = writeln!(out, "# HELP tagflow_table_quota_refusals_total Trace entries refused because their pod network namespace held its quota (netns cookie; 0: namespaces beyond the first 256).\n# TYPE tagflow_table_quota_refusals_total counter");
+        for (ns, n) in &s.quota_refused {
+            let _ = writeln!(
+                out,
+                "tagflow_table_quota_refusals_total{{netns=\"{ns}\"}} {n}"
+            );
         }
         gauge(
             &mut out,
@@ -286,7 +291,20 @@ impl Ops {
                 "Open registrations ended because their connection closed.",
                 l(&r.open_dropped_at_close),
             );
+            counter(
+                &mut out,
+                "registration_proc_walks_total",
+                "Registrations resolved by walking /proc (port targets, pids of pod pid namespaces).",
+                l(&r.proc_walks),
+            );
+            counter(
+                &mut out,
+                "registration_peers_by_pid_total",
+                "Peers identified by pidfd_open(pid), not SO_PEERPIDFD (kernels before 6.5).",
+                l(&r.peers_by_pid),
+            );
         }
+        crate::ops_http::render(&mut out);
         out
     }
 
@@ -299,80 +317,6 @@ impl Ops {
         let s = self.snapshot.lock().expect("snapshot lock").clone();
         serde_json::to_string(&s).unwrap_or_else(|_| "{}".into())
     }
-}
-
-fn text(status: StatusCode, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        "content-type",
-        hyper::header::HeaderValue::from_static(ctype),
-    );
-    r
-}
-
-/// Serves the operations endpoint until the process exits.
-pub async fn serve(addr: SocketAddr, ops: Arc<Ops>) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    info!(addr = %listener.local_addr()?, "metrics, health and status endpoint ready");
-    loop {
-        let (stream, _) = listener.accept().await?;
-        let ops = ops.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
-                let ops = ops.clone();
-                async move {
-                    let r = match req.uri().path() {
-                        "/metrics" => {
-                            text(StatusCode::OK, "text/plain; version=0.0.4", ops.render())
-                        }
-                        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-                        "/readyz" if ops.ready() => {
-                            text(StatusCode::OK, "text/plain", "ready\n".into())
-                        }
-                        "/readyz" => text(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "text/plain",
-                            "not ready\n".into(),
-                        ),
-                        "/status" => text(StatusCode::OK, "application/json", ops.status_json()),
-                        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
-                    };
-                    Ok::<_, std::convert::Infallible>(r)
-                }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                debug!("metrics connection: {e}");
-            }
-        });
-    }
-}
-
-/// `tagflow status`: fetch /status and print it readably.
-pub async fn fetch_status(addr: SocketAddr) -> Result<Snapshot, String> {
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("agent at {addr}: {e}"))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = Request::get("/status")
-        .header("host", addr.to_string())
-        .body(http_body_util::Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
-    use http_body_util::BodyExt;
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    serde_json::from_slice(&body).map_err(|e| format!("bad /status reply: {e}"))
 }
 
 pub fn format_status(s: &Snapshot) -> String {

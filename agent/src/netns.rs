@@ -106,6 +106,11 @@ pub fn cookie_of(path: &Path) -> Result<u64, NetnsError> {
     in_netns(path, current_cookie)?
 }
 
+/// The netns cookie of an open namespace file.
+pub fn cookie_of_file(ns: &File) -> Result<u64, NetnsError> {
+    in_netns_file(ns, current_cookie)?
+}
+
 /// Namespace files worth looking at: named namespaces (`ip netns`, CNI) and
 /// every process's namespace, one path per distinct namespace (dev, inode).
 pub fn candidates() -> Vec<PathBuf> {

@@ -22,6 +22,8 @@ pub enum TableError {
     Map(#[from] MapError),
     #[error("table full ({0} entries)")]
     Full(usize),
+    #[error("namespace {netns} holds its quota of {quota} entries")]
+    Quota { netns: u64, quota: usize },
 }
 
 /// Where entries really live: a BPF hash map, or memory in unit tests.
@@ -303,6 +305,11 @@ impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
     pub fn active_namespaces(&self) -> usize {
         self.entries.len()
     }
+
+    /// Entries `netns` holds in both tables.
+    pub fn entries_of(&self, netns: u64) -> usize {
+        self.entries.get(&netns).map_or(0, |e| e.0)
+    }
 }
 
 /// The per-process and per-connection trace tables, as used by the sources,
@@ -314,7 +321,15 @@ pub struct TraceTables<P, F, G, A> {
     by_pid: Table<TraceKey, P>,
     by_flow: Table<FlowKey, F>,
     gate: Gate<G, A>,
+    /// Entries one namespace may hold in both tables together: one pod
+    /// cannot fill the node's tables for the others.
+    quota: usize,
+    /// Refusals by quota, per namespace (bounded: see `refuse`).
+    refused: HashMap<u64, u64>,
 }
+
+/// Namespaces whose quota refusals are kept apart; the rest add up under 0.
+const REFUSED_NAMESPACES: usize = 256;
 
 pub type TraceTable = TraceTables<
     BpfHashMap<MapData, TraceKey, TraceContext>,
@@ -362,7 +377,38 @@ where
             by_pid,
             by_flow,
             gate,
+            quota: usize::MAX,
+            refused: HashMap::new(),
         }
+    }
+
+    /// Sets the per-namespace quota (entries in both tables together).
+    pub fn with_quota(mut self, quota: usize) -> Self {
+        self.quota = quota;
+        self
+    }
+
+    /// Quota refusals per namespace cookie (0: namespaces beyond the
+    /// first `REFUSED_NAMESPACES`).
+    pub fn quota_refusals(&self) -> &HashMap<u64, u64> {
+        &self.refused
+    }
+
+    /// Refuses a new entry for `netns` when it holds its quota.
+    fn admit(&mut self, netns: u64, exists: bool) -> Result<(), TableError> {
+        if exists || self.gate.entries_of(netns) < self.quota {
+            return Ok(());
+        }
+        let slot = match self.refused.len() < REFUSED_NAMESPACES {
+            true => netns,
+            false if self.refused.contains_key(&netns) => netns,
+            false => 0,
+        };
+        *self.refused.entry(slot).or_default() += 1;
+        Err(TableError::Quota {
+            netns,
+            quota: self.quota,
+        })
     }
 
     /// The per-process table (read only).
@@ -385,6 +431,7 @@ where
         key: TraceKey,
         ctx: &TraceContext,
     ) -> Result<SetOutcome, TableError> {
+        self.admit(key.netns, self.by_pid.get(&key).is_some())?;
         let o = self.by_pid.set(key, ctx, Instant::now())?;
         if let Some(d) = delta(&o) {
             self.gate.changed(key.netns, d)?;
@@ -403,6 +450,7 @@ where
         Ok(removed)
     }
     pub fn set_flow(&mut self, key: FlowKey, ctx: &TraceContext) -> Result<SetOutcome, TableError> {
+        self.admit(key.netns, self.by_flow.get(&key).is_some())?;
         let o = self.by_flow.set(key, ctx, Instant::now())?;
         if let Some(d) = delta(&o) {
             self.gate.changed(key.netns, d)?;
@@ -657,5 +705,33 @@ mod tests {
         ));
         // Replacing an existing key still works at capacity.
         t.set(TraceKey::new(0, 1), &ctx(5), now).unwrap();
+    }
+
+    #[test]
+    fn one_namespace_cannot_fill_the_tables_for_the_others() {
+        let mut t = MemoryTables::in_memory(100, Duration::from_secs(30)).with_quota(3);
+        let (hostile, neighbour) = (7, 8);
+        t.set_process(TraceKey::new(1, hostile), &ctx(1)).unwrap();
+        for port in 0..2 {
+            let k = FlowKey {
+                netns: hostile,
+                local_port: port,
+                ..Default::default()
+            };
+            t.set_flow(k, &ctx(1)).unwrap();
+        }
+        let e = t
+            .set_process(TraceKey::new(2, hostile), &ctx(1))
+            .unwrap_err();
+        assert!(matches!(e, TableError::Quota { netns: 7, quota: 3 }), "{e}");
+        // Its existing entries can still be refreshed or taken over.
+        t.set_process(TraceKey::new(1, hostile), &ctx(2)).unwrap();
+        assert!(t.set_process(TraceKey::new(1, neighbour), &ctx(3)).is_ok());
+        assert_eq!(t.quota_refusals().get(&hostile), Some(&1));
+        // Entries it frees make room again.
+        assert!(t
+            .clear_process(&TraceKey::new(1, hostile), &[2; 16])
+            .unwrap());
+        assert!(t.set_process(TraceKey::new(2, hostile), &ctx(1)).is_ok());
     }
 }

@@ -115,7 +115,24 @@ fn check_daemonset(docs: &[Value], cfg: &AgentConfig) {
         "runs on every node"
     );
     let c = &pod["containers"][0];
-    let metrics_port = cfg.metrics_addr.expect("metrics enabled").port();
+    let metrics = cfg.metrics_addr.expect("metrics enabled");
+    let metrics_port = metrics.port();
+    // With hostNetwork, 0.0.0.0 would serve every host interface: the
+    // endpoint listens on the node's IP (from the downward API) only.
+    assert!(
+        !metrics.ip().is_unspecified(),
+        "config metrics_addr {metrics}"
+    );
+    let arg_list: Vec<&str> = c["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        arg_list.contains(&format!("--metrics-addr=$(HOST_IP):{metrics_port}").as_str()),
+        "{arg_list:?}"
+    );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(
             c[probe]["httpGet"]["path"], path,
@@ -133,6 +150,14 @@ fn check_daemonset(docs: &[Value], cfg: &AgentConfig) {
         .find(|e| e["name"] == "NODE_NAME")
         .expect("NODE_NAME");
     assert_eq!(node["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
+    let host_ip = env
+        .iter()
+        .find(|e| e["name"] == "HOST_IP")
+        .expect("HOST_IP");
+    assert_eq!(
+        host_ip["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.hostIP"
+    );
     // The socket directory is a hostPath, mounted where the config says.
     let socket_dir = cfg
         .registration
@@ -300,9 +325,31 @@ fn overlays_render_validate_and_agree_with_the_agent() {
         "{args:?}"
     );
     assert!(pod["volumes"].is_null(), "no volumes: {:?}", pod["volumes"]);
+    // Pod Security "restricted": non-root, no escalation, no capabilities,
+    // the runtime's seccomp profile.
+    let sc = &sidecar["securityContext"];
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["capabilities"]["drop"][0], "ALL");
+    assert!(
+        sc["capabilities"]["add"].is_null(),
+        "{:?}",
+        sc["capabilities"]
+    );
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    for c in pod["containers"].as_sequence().unwrap() {
+        let sc = &c["securityContext"];
+        assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{:?}", c["name"]);
+        assert_eq!(
+            sc["seccompProfile"]["type"], "RuntimeDefault",
+            "{:?}",
+            c["name"]
+        );
+    }
+    let ns = find(&example, "Namespace", "demo");
     assert_eq!(
-        sidecar["securityContext"]["runAsNonRoot"].as_bool(),
-        Some(true)
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"],
+        "restricted"
     );
     let listen: u16 = args
         .iter()

@@ -22,6 +22,9 @@ const APT_TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
     ("python3", "python3"),
+    // Hostile-pod tests: an unprivileged process, a pod's own pid namespace.
+    ("setpriv", "util-linux"),
+    ("unshare", "util-linux"),
 ];
 
 fn ok(cmd: &mut Command) -> bool {

@@ -4,6 +4,7 @@
 use std::{
     collections::HashMap,
     io::{Read, Write},
+    net::Ipv4Addr,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
@@ -154,7 +155,15 @@ impl AgentProc {
     pub fn start(lab: &Lab, extra: &[&str]) -> Result<Self, TopoError> {
         let mut args = vec!["--no-pin"];
         args.extend_from_slice(extra);
-        Self::launch(lab, &args, None, None)
+        Self::launch(lab, &args, None, None, Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like `start`, its operations endpoint on `ip` (an address pods
+    /// reach, as a DaemonSet's on the node's IP).
+    pub fn start_at(lab: &Lab, extra: &[&str], ip: Ipv4Addr) -> Result<Self, TopoError> {
+        let mut args = vec!["--no-pin"];
+        args.extend_from_slice(extra);
+        Self::launch(lab, &args, None, None, ip)
     }
 
     /// `tagflow run` on another node (inside its namespace), attached to
@@ -163,7 +172,7 @@ impl AgentProc {
     pub fn start_on(node: &Node, lab: &Lab, extra: &[&str]) -> Result<Self, TopoError> {
         let mut args = vec!["--no-pin"];
         args.extend_from_slice(extra);
-        Self::launch(lab, &args, None, Some(node))
+        Self::launch(lab, &args, None, Some(node), node.mgmt)
     }
 
     /// With its maps pinned in `pin_dir` (removed on drop): a restarted
@@ -171,7 +180,7 @@ impl AgentProc {
     pub fn start_pinned(lab: &Lab, extra: &[&str], pin_dir: &Path) -> Result<Self, TopoError> {
         let mut args = vec!["--pin-dir", pin_dir.to_str().expect("utf-8 pin dir")];
         args.extend_from_slice(extra);
-        Self::launch(lab, &args, Some(pin_dir.into()), None)
+        Self::launch(lab, &args, Some(pin_dir.into()), None, Ipv4Addr::LOCALHOST)
     }
 
     fn launch(
@@ -179,8 +188,8 @@ impl AgentProc {
         extra: &[&str],
         pin_dir: Option<PathBuf>,
         node: Option<&Node>,
+        ip: Ipv4Addr,
     ) -> Result<Self, TopoError> {
-        let ip = node.map_or(std::net::Ipv4Addr::LOCALHOST, |n| n.mgmt);
         let metrics = SocketAddr::from((ip, free_port()));
         let socket = std::env::temp_dir().join(format!(
             "tagflow-lab-{}-{}/agent.sock",

@@ -78,6 +78,9 @@ pub struct MapSizes {
     /// Namespaces with trace entries (NETNS_GEN).
     pub netns_gen: u32,
     pub events_bytes: u32,
+    /// Entries of TRACES and FLOW_TRACES together one pod network namespace
+    /// may hold: a pod cannot fill the node's tables for the others.
+    pub entries_per_netns: u32,
 }
 
 impl Default for MapSizes {
@@ -94,6 +97,7 @@ impl Default for MapSizes {
             iface_netns: size::IFACE_NETNS,
             netns_gen: size::NETNS_GEN,
             events_bytes: size::EVENTS_BYTES,
+            entries_per_netns: 4096,
         }
     }
 }
@@ -305,6 +309,7 @@ impl AgentConfig {
             ("bound_ports", m.bound_ports),
             ("iface_netns", m.iface_netns),
             ("netns_gen", m.netns_gen),
+            ("entries_per_netns", m.entries_per_netns),
         ] {
             if v == 0 || v > 4 << 20 {
                 return bad(format!("maps.{name} = {v}: must be 1..=4194304"));

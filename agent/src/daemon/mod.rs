@@ -9,6 +9,7 @@ use std::{
 
 mod follow;
 mod pipeline;
+mod relearn;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
@@ -25,7 +26,7 @@ use crate::{
     events,
     export::{Exporter, SendError, Sink},
     loader::{AttachKind, Datapath, LoaderError},
-    metrics::{self, Attachment, Ops, Snapshot},
+    metrics::{Attachment, Ops, Snapshot},
     netlink::{self, LinkEvent},
     sources::registry::{self, Limits, Registry, RegistryStats},
     tables::TraceTable,
@@ -84,8 +85,10 @@ fn snapshot(
         })
         .unwrap_or_default();
     let mut m = maps.to_vec();
+    let quota_refused;
     {
         let t = table.lock().expect("table lock");
+        quota_refused = t.quota_refusals().iter().map(|(k, v)| (*k, *v)).collect();
         m.push((
             "TRACES".into(),
             t.by_pid().len() as u64,
@@ -112,6 +115,7 @@ fn snapshot(
         ingress: dp.ingress_name().to_string(),
         datapath,
         maps: m,
+        quota_refused,
         agent: pipe.counters(),
         spans_open: pipe.assembler.open_spans() as u64,
         spans_held: pipe.held() as u64,
@@ -215,7 +219,7 @@ pub async fn run_with(
     if let Some(addr) = cfg.metrics_addr {
         let ops = ops.clone();
         tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, ops).await {
+            if let Err(e) = crate::ops_http::serve(addr, ops).await {
                 warn!("metrics endpoint {addr}: {e}");
             }
         });
@@ -256,6 +260,7 @@ pub async fn run_with(
     let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut maps = dp.map_fill();
     let mut maps_at = Instant::now();
+    let mut relearn = relearn::Relearn::new();
     info!(attached = dp.attached().len(), "tagflow running");
     tokio::pin!(shutdown);
     loop {
@@ -292,6 +297,15 @@ pub async fn run_with(
                 }
             }
             _ = sweep.tick() => pipe.sweep(&mut dp, &exporter, &table),
+            Some(owners) = relearn.next() => {
+                let mut n = 0;
+                for (k, pid) in owners {
+                    if dp.bound_port(&k) != Some(pid) && dp.set_bound_port(k, pid).is_ok() {
+                        n += 1;
+                    }
+                }
+                pipe.stats.bound_ports_relearned += n as u64;
+            }
             _ = second.tick() => {
                 match table.lock().expect("table lock").expire() {
                     Ok(n) => pipe.stats.expired += n as u64,
@@ -303,6 +317,9 @@ pub async fn run_with(
                     pipe.stats.skips_collected += c;
                     maps = dp.map_fill();
                     maps_at = Instant::now();
+                    if relearn.check(&maps) {
+                        pipe.stats.bound_ports_scans += 1;
+                    }
                     release_free_memory();
                 }
                 *ops.snapshot.lock().expect("snapshot lock") = snapshot(&dp, &table, &pipe, &maps);

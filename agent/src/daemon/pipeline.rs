@@ -55,6 +55,10 @@ pub struct AgentStats {
     pub flows_collected: u64,
     /// Expired CAPTURE_SKIP entries deleted.
     pub skips_collected: u64,
+    /// /proc scans for listeners while BOUND_PORTS was near full, and the
+    /// owners they put back (evicted, or never recorded).
+    pub bound_ports_scans: u64,
+    pub bound_ports_relearned: u64,
     /// Connections that ended before the agent had keyed them, made spans
     /// from what the datapath counted (see `Pipeline::recover`).
     pub spans_recovered: u64,
@@ -268,8 +272,11 @@ impl Pipeline {
                         }
                         self.assembler.head(&h.key, *info)
                     }
-                    HeadOutcome::NoId { truncated: false } => return Some(h.key),
-                    _ => {}
+                    // Anything else is copied again on the connection's
+                    // next segment that looks like a request: skipped for a
+                    // while, so no pod can fill the shared ring with heads
+                    // that never apply (a bad or missing id, not HTTP).
+                    _ => return Some(h.key),
                 }
             }
             Event::Unknown(_) => self.stats.events_unknown += 1,
@@ -546,6 +553,16 @@ impl Pipeline {
                 s.skips_collected,
             ),
             (
+                "bound_ports_scans_total",
+                "Listener scans of /proc because BOUND_PORTS ran near full.",
+                s.bound_ports_scans,
+            ),
+            (
+                "bound_ports_relearned_total",
+                "Listeners put back into BOUND_PORTS by those scans (evicted or lost).",
+                s.bound_ports_relearned,
+            ),
+            (
                 "trace_entries_adopted_total",
                 "Trace entries taken over from the previous agent's pinned maps.",
                 s.adopted,
@@ -644,15 +661,28 @@ mod tests {
             pipe.event(no_id, &table, not_local).map(|k| k.local_port),
             Some(2)
         );
-        // Not HTTP: counted, nothing set, nothing skipped.
+        // Not HTTP, or an unusable id: counted, nothing set, skipped too
+        // (a pod sending heads that never apply must not flood the ring).
         assert_eq!(
-            pipe.event(head(3, "\x16\x03\x01 tls"), &table, not_local),
-            None
+            pipe.event(head(3, "\x16\x03\x01 tls"), &table, not_local)
+                .map(|k| k.local_port),
+            Some(3)
+        );
+        let bad = head(
+            4,
+            &format!(
+                "GET / HTTP/1.1\r\nX-Request-Id: {}\r\n\r\n",
+                "x".repeat(300)
+            ),
+        );
+        assert_eq!(
+            pipe.event(bad, &table, not_local).map(|k| k.local_port),
+            Some(4)
         );
         let c = &pipe.capture;
         assert_eq!(
-            (pipe.stats.heads, c.applied, c.no_id, c.not_http),
-            (3, 1, 1, 1)
+            (pipe.stats.heads, c.applied, c.no_id, c.not_http, c.bad_id),
+            (4, 1, 1, 1, 1)
         );
         assert_eq!(table.lock().unwrap().by_flow().len(), 1);
     }

@@ -202,7 +202,8 @@ impl Datapath {
                 take(&mut ebpf, m::NETNS_GEN)?,
                 take(&mut ebpf, m::NETNS_SLOTS)?,
             ),
-        );
+        )
+        .with_quota(sizes.entries_per_netns as usize);
         let mut pins = PinReport::default();
         if let Some(p) = &pin_dir {
             // Before any attachment: the gate must be open for adopted

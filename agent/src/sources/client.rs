@@ -23,22 +23,75 @@ pub enum ClientError {
     Refused(protocol::Code, String),
     #[error("agent did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("the socket is served by uid {0}, not the agent")]
+    Impostor(u32),
 }
 
-/// One connection, one request at a time; reconnects after failures.
+/// Replies a connection may owe (requests that timed out) before it is
+/// given up: an agent that far behind is not answering.
+const MAX_OWED: usize = 16;
+
+/// The agent runs as root: a socket served by anyone else is not the agent
+/// (a pod that replaced it would receive every registration).
+const AGENT_UID: u32 = 0;
+
+/// A connection and the replies it still owes.
+struct Conn {
+    stream: UnixStream,
+    /// Bytes of replies read so far (reads are cancel-safe this way).
+    buf: Vec<u8>,
+    /// Requests sent whose reply has not been read.
+    owed: usize,
+    /// A request is being written: cancelling now leaves half a frame.
+    writing: bool,
+}
+
+impl Conn {
+    /// The next whole reply frame's body.
+    async fn reply(&mut self) -> Result<Vec<u8>, ClientError> {
+        loop {
+            if let Some(n) = protocol::frame_len(&self.buf)? {
+                if self.buf.len() >= 4 + n {
+                    let body = self.buf[4..4 + n].to_vec();
+                    self.buf.drain(..4 + n);
+                    return Ok(body);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let k = self.stream.read(&mut chunk).await?;
+            if k == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            self.buf.extend_from_slice(&chunk[..k]);
+        }
+    }
+}
+
+/// One connection, one request at a time; reconnects after failures. A
+/// request that times out keeps the connection (its late reply is read and
+/// dropped before the next one): dropping it would make the agent release
+/// every registration open on it, other requests' included.
 pub struct Client {
     path: PathBuf,
-    stream: Option<UnixStream>,
+    conn: Option<Conn>,
     timeout: Duration,
+    agent_uid: u32,
 }
 
 impl Client {
     pub fn new(path: impl Into<PathBuf>, timeout: Duration) -> Self {
         Self {
             path: path.into(),
-            stream: None,
+            conn: None,
             timeout,
+            agent_uid: AGENT_UID,
         }
+    }
+
+    /// Accepts an agent running as `uid` (tests; agents run as root).
+    pub fn with_agent_uid(mut self, uid: u32) -> Self {
+        self.agent_uid = uid;
+        self
     }
 
     pub async fn begin(&mut self, r: Registration) -> Result<protocol::Ok, ClientError> {
@@ -60,40 +113,119 @@ impl Client {
             Ok(Err(e)) => {
                 // A refusal leaves the connection usable; anything else may not.
                 if !matches!(e, ClientError::Refused(..)) {
-                    self.stream = None;
+                    self.conn = None;
                 }
                 Err(e)
             }
             Err(_) => {
-                self.stream = None;
+                if self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.writing || c.owed > MAX_OWED)
+                {
+                    self.conn = None;
+                }
                 Err(ClientError::Timeout(t))
             }
         }
     }
 
-    async fn exchange(&mut self, req: &Request) -> Result<protocol::Ok, ClientError> {
-        if self.stream.is_none() {
-            let s =
-                UnixStream::connect(&self.path)
-                    .await
-                    .map_err(|source| ClientError::Connect {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-            self.stream = Some(s);
+    async fn connect(&self) -> Result<Conn, ClientError> {
+        let err = |source| ClientError::Connect {
+            path: self.path.clone(),
+            source,
+        };
+        let stream = UnixStream::connect(&self.path).await.map_err(err)?;
+        let uid = stream.peer_cred().map_err(err)?.uid();
+        if uid != self.agent_uid {
+            return Err(ClientError::Impostor(uid));
         }
-        let s = self.stream.as_mut().expect("connected above");
-        s.write_all(&protocol::encode_request(req)).await?;
-        let mut len = [0u8; 4];
-        s.read_exact(&mut len).await?;
-        let n = protocol::frame_len(&len)?.expect("four bytes");
-        let mut body = vec![0u8; n];
-        s.read_exact(&mut body).await?;
+        Ok(Conn {
+            stream,
+            buf: Vec::new(),
+            owed: 0,
+            writing: false,
+        })
+    }
+
+    async fn exchange(&mut self, req: &Request) -> Result<protocol::Ok, ClientError> {
+        if self.conn.is_none() {
+            self.conn = Some(self.connect().await?);
+        }
+        let c = self.conn.as_mut().expect("connected above");
+        c.writing = true;
+        c.stream.write_all(&protocol::encode_request(req)).await?;
+        c.writing = false;
+        c.owed += 1;
+        // Replies come in order: the late ones of timed-out requests first.
+        let body = loop {
+            let body = c.reply().await?;
+            c.owed -= 1;
+            if c.owed == 0 {
+                break body;
+            }
+        };
         match protocol::decode_response(&body)? {
             Response::Ok(ok) => Ok(ok),
             Response::Error(ErrorReply { code, message }) => {
                 Err(ClientError::Refused(code, message))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::UnixListener;
+
+    async fn read_frame(s: &mut UnixStream) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; protocol::frame_len(&len).unwrap().unwrap()];
+        s.read_exact(&mut body).await.unwrap();
+        body
+    }
+
+    fn ok(trace: &str) -> Vec<u8> {
+        protocol::encode_response(&Response::Ok(protocol::Ok {
+            trace_id: Some(trace.into()),
+            ..Default::default()
+        }))
+    }
+
+    /// A slow reply must not end the connection (the agent would release
+    /// every registration on it) nor be taken for the next request's.
+    #[tokio::test]
+    async fn a_timed_out_request_keeps_the_connection_and_its_late_reply_is_dropped() {
+        let dir = std::env::temp_dir().join(format!("tagflow-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let agent = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            read_frame(&mut s).await;
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            s.write_all(&ok("first")).await.unwrap();
+            read_frame(&mut s).await;
+            s.write_all(&ok("second")).await.unwrap();
+            // Still the one connection: no second accept is needed.
+            listener.accept().await.is_ok()
+        });
+        let me = unsafe { libc::getuid() };
+        let mut c = Client::new(&path, Duration::from_millis(50)).with_agent_uid(me);
+        assert!(matches!(c.ping().await, Err(ClientError::Timeout(_))));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = c.ping().await.unwrap();
+        assert_eq!(second.trace_id.as_deref(), Some("second"));
+        assert!(!agent.is_finished(), "the client did not reconnect");
+        agent.abort();
+        // An agent of another uid is not the agent.
+        let mut other = Client::new(&path, Duration::from_millis(50)).with_agent_uid(me + 1);
+        let _l = UnixListener::bind(dir.join("other.sock")).unwrap();
+        other.path = dir.join("other.sock");
+        assert!(matches!(other.ping().await, Err(ClientError::Impostor(u)) if u == me));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

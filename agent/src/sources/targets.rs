@@ -25,6 +25,30 @@ pub fn netns_id_of(pid: u32) -> Option<NsId> {
     Some((m.dev(), m.ino()))
 }
 
+/// The pid namespace of `pid` (its nsfs inode).
+pub fn pidns_of(pid: &str) -> Option<u64> {
+    Some(fs::metadata(format!("/proc/{pid}/ns/pid")).ok()?.ino())
+}
+
+/// The process that `caller`'s pid namespace calls `pid`, by its pid here:
+/// the one whose innermost `NSpid` is `pid` and whose pid namespace is the
+/// caller's. Walks /proc.
+pub fn host_pid(caller: u32, pid: u32) -> Option<u32> {
+    let ns = pidns_of(&caller.to_string())?;
+    let want = pid.to_string();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name().into_string().ok()?;
+        let here: u32 = name.parse().ok()?;
+        let status = fs::read_to_string(format!("/proc/{name}/status")).ok()?;
+        let inner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))?
+            .split_whitespace()
+            .last()?;
+        (inner == want && pidns_of(&name) == Some(ns)).then_some(here)
+    })
+}
+
 /// One line of /proc/net/tcp{,6}.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TcpEntry {

@@ -16,7 +16,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let s = rt
-        .block_on(tagflow::metrics::fetch_status(a.addr))
+        .block_on(tagflow::ops_http::fetch_status(a.addr))
         .map_err(anyhow::Error::msg)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&s)?);

@@ -1,7 +1,14 @@
 //! Who may hold a registration connection and how fast a namespace may
 //! send: a cap on all connections, a cap per network namespace, and a token
-//! bucket per namespace (shared by its connections).
-use std::{collections::HashMap, sync::Mutex, time::Instant};
+//! bucket per namespace (shared by its connections), and how many /proc
+//! walks a namespace may have running at once.
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::sync::Semaphore;
 
 use crate::{ratelimit::TokenBucket, sources::targets::NsId};
 
@@ -21,7 +28,7 @@ impl Default for Limits {
         Self {
             max_connections: 1024,
             max_connections_per_netns: 32,
-            rate_per_netns: 100_000,
+            rate_per_netns: 20_000,
             max_open_per_connection: 4096,
         }
     }
@@ -36,10 +43,20 @@ pub enum Crowded {
     Namespace(usize),
 }
 
+/// /proc walks (port targets, pids of another pid namespace) one
+/// namespace may run at once; its other requests wait their turn.
+pub const WALKS_PER_NETNS: usize = 2;
+
+struct Namespace {
+    connections: usize,
+    bucket: TokenBucket,
+    walks: Arc<Semaphore>,
+}
+
 #[derive(Default)]
 struct State {
     total: usize,
-    per_netns: HashMap<NsId, (usize, TokenBucket)>,
+    per_netns: HashMap<NsId, Namespace>,
 }
 
 /// Connection counts and rate buckets; a namespace's entry lives while it
@@ -68,14 +85,15 @@ impl Admission {
             return Err(Crowded::Agent(s.total));
         }
         let rate = self.limits.rate_per_netns;
-        let e = s
-            .per_netns
-            .entry(ns)
-            .or_insert_with(|| (0, TokenBucket::new(rate, Instant::now())));
-        if e.0 >= self.limits.max_connections_per_netns {
-            return Err(Crowded::Namespace(e.0));
+        let e = s.per_netns.entry(ns).or_insert_with(|| Namespace {
+            connections: 0,
+            bucket: TokenBucket::new(rate, Instant::now()),
+            walks: Arc::new(Semaphore::new(WALKS_PER_NETNS)),
+        });
+        if e.connections >= self.limits.max_connections_per_netns {
+            return Err(Crowded::Namespace(e.connections));
         }
-        e.0 += 1;
+        e.connections += 1;
         s.total += 1;
         Ok(())
     }
@@ -85,8 +103,8 @@ impl Admission {
         let mut s = self.state.lock().expect("admission lock");
         s.total = s.total.saturating_sub(1);
         if let Some(e) = s.per_netns.get_mut(&ns) {
-            e.0 -= 1;
-            if e.0 == 0 {
+            e.connections -= 1;
+            if e.connections == 0 {
                 s.per_netns.remove(&ns);
             }
         }
@@ -97,7 +115,13 @@ impl Admission {
         let mut s = self.state.lock().expect("admission lock");
         s.per_netns
             .get_mut(&ns)
-            .is_some_and(|(_, b)| b.take(Instant::now()))
+            .is_some_and(|e| e.bucket.take(Instant::now()))
+    }
+
+    /// The namespace's /proc-walk permits (while it has a connection).
+    pub fn walks(&self, ns: NsId) -> Option<Arc<Semaphore>> {
+        let s = self.state.lock().expect("admission lock");
+        s.per_netns.get(&ns).map(|e| e.walks.clone())
     }
 }
 

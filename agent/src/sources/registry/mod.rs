@@ -31,11 +31,12 @@ use tracing::{debug, info, warn};
 use admission::Admission;
 pub use admission::{Crowded, Limits};
 use resolve::{both_ways, parse_flows, Resolver};
-use transaction::Open;
+use transaction::{Full, Ledger, Open};
 
 use super::{
+    peer,
     permissions::PermissionError,
-    protocol::{self, Code, ErrorReply, Registration, Request, Response, Target},
+    protocol::{self, Code, ErrorReply, Registration, Request, Response},
     targets::{self, NsId},
 };
 use crate::{
@@ -76,10 +77,12 @@ pub enum Refusal {
     BadFlowAddress(String, #[source] std::net::AddrParseError),
     #[error("flow mixes IPv4 and IPv6")]
     MixedFamilies,
-    #[error("{0} open registrations on this connection")]
-    TooManyOpen(usize),
+    #[error("{} on this connection", full_msg(.0))]
+    TooManyOpen(Full),
     #[error("trace table")]
     Table(#[from] TableError),
+    #[error("the connection is closing")]
+    Gone,
 }
 
 impl Refusal {
@@ -91,9 +94,15 @@ impl Refusal {
             Self::MixedFamilies => Code::BadTarget,
             Self::NoListener(_) => Code::NoListener,
             Self::TooManyOpen(_) | Self::Table(_) => Code::TableFull,
+            Self::Gone => Code::Internal,
         }
     }
 }
+
+/// How long a namespace's cookie is reused, and how many are held (each
+/// holds its namespace open).
+const COOKIE_TTL: Duration = Duration::from_secs(30);
+const COOKIE_CACHE: usize = 1024;
 
 /// Refusals are counted in `RegistryStats`; a few per window are logged.
 static REFUSAL_LOG: crate::ratelimit::LogLimit =
@@ -118,6 +127,10 @@ pub struct RegistryStats {
     pub rate_limited: AtomicU64,
     pub overlaps: AtomicU64,
     pub open_dropped_at_close: AtomicU64,
+    /// Registrations resolved by walking /proc (on the blocking pool).
+    pub proc_walks: AtomicU64,
+    /// Peers pinned by pidfd_open(pid), not SO_PEERPIDFD (kernels < 6.5).
+    pub peers_by_pid: AtomicU64,
 }
 
 /// State shared by all connections.
@@ -126,7 +139,7 @@ pub struct Registry {
     admission: Admission,
     resolver: Resolver,
     pub stats: Arc<RegistryStats>,
-    cookies: Mutex<HashMap<NsId, (u64, Instant)>>,
+    cookies: Mutex<HashMap<NsId, (u64, Instant, std::fs::File)>>,
 }
 
 /// Who is on the other end of a connection.
@@ -136,6 +149,8 @@ pub struct Peer {
     pub ns: NsId,
     /// The namespace's cookie, the datapath's key.
     pub cookie: u64,
+    /// Whether its pids are ours (the same pid namespace): a pod's are not.
+    pub shares_pids: bool,
 }
 
 impl Registry {
@@ -191,42 +206,52 @@ impl Registry {
         }
     }
 
-    fn netns_cookie(&self, pid: u32, ns: NsId) -> Option<u64> {
-        // nsfs inode numbers can be reused after a namespace dies: cached
-        // cookies expire.
+    /// The datapath's key for the peer's namespace. Cached per namespace
+    /// with the namespace file held open: while cached, the namespace
+    /// cannot die and its nsfs inode cannot name another one.
+    fn netns_cookie(&self, who: peer::Identified) -> Option<u64> {
         let now = Instant::now();
-        if let Some((c, t)) = self.cookies.lock().unwrap().get(&ns) {
-            if now.duration_since(*t) < Duration::from_secs(30) {
+        let mut cache = self.cookies.lock().unwrap();
+        if let Some((c, t, _)) = cache.get(&who.ns) {
+            if now.duration_since(*t) < COOKIE_TTL {
                 return Some(*c);
             }
         }
-        let c = netns::cookie_of(Path::new(&format!("/proc/{pid}/ns/net"))).ok()?;
-        let mut cache = self.cookies.lock().unwrap();
-        if cache.len() > 8192 {
-            cache.retain(|_, (_, t)| now.duration_since(*t) < Duration::from_secs(30));
-            if cache.len() > 8192 {
+        let c = netns::cookie_of_file(&who.netns).ok()?;
+        if cache.len() >= COOKIE_CACHE {
+            cache.retain(|_, (_, t, _)| now.duration_since(*t) < COOKIE_TTL);
+            if cache.len() >= COOKIE_CACHE {
                 cache.clear();
             }
         }
-        cache.insert(ns, (c, now));
+        cache.insert(who.ns, (c, now, who.netns));
         Some(c)
     }
 
     async fn connection(self: Arc<Self>, mut stream: UnixStream) {
-        let peer = stream.peer_cred().ok().and_then(|c| {
-            let pid = c.pid()? as u32;
-            let ns = targets::netns_id_of(pid)?;
-            Some(Peer {
-                pid,
-                ns,
-                cookie: self.netns_cookie(pid, ns)?,
-            })
-        });
+        let peer = match peer::identify(&stream) {
+            Ok(who) => {
+                if who.pinned == peer::Pinned::PidfdOpen {
+                    self.stats.peers_by_pid.fetch_add(1, Ordering::Relaxed);
+                }
+                let (pid, ns) = (who.pid, who.ns);
+                self.netns_cookie(who).map(|cookie| Peer {
+                    pid,
+                    ns,
+                    cookie,
+                    shares_pids: targets::pidns_of(&pid.to_string()) == targets::pidns_of("self"),
+                })
+            }
+            Err(e) => {
+                debug!("registration peer: {}", crate::report(&e));
+                None
+            }
+        };
         let Some(peer) = peer else {
             self.stats
                 .connections_refused
                 .fetch_add(1, Ordering::Relaxed);
-            let msg = "cannot identify the peer (SO_PEERCRED)";
+            let msg = "cannot identify the peer";
             log_refusal(None, "registration connection", msg);
             let _ = reply_err(&mut stream, Code::Internal, msg).await;
             return;
@@ -241,27 +266,27 @@ impl Registry {
             return;
         }
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        let mut open: HashMap<[u8; 16], Open> = HashMap::new();
+        let mut open = Ledger::new(self.admission.limits().max_open_per_connection);
         let result = self.session(&mut stream, peer, &mut open).await;
         if let Err(e) = result {
             debug!(pid = peer.pid, "registration connection closed: {e}");
         }
         // Requests that never saw their END and asked for it: undo them
         // now. The others live on until END or the idle timeout.
-        for (id, o) in open.drain().filter(|(_, o)| o.release_on_close) {
+        for (id, keys, n) in open.close() {
             self.stats
                 .open_dropped_at_close
-                .fetch_add(1, Ordering::Relaxed);
-            self.undo(&id, &o);
+                .fetch_add(n, Ordering::Relaxed);
+            self.undo(&id, &keys);
         }
         self.admission.leave(peer.ns);
     }
 
     async fn session(
-        &self,
+        self: &Arc<Self>,
         stream: &mut UnixStream,
         peer: Peer,
-        open: &mut HashMap<[u8; 16], Open>,
+        open: &mut Ledger,
     ) -> std::io::Result<()> {
         let mut len = [0u8; 4];
         loop {
@@ -304,12 +329,7 @@ impl Registry {
                         "namespace over its registration rate".into(),
                     )
                 }
-                // Port targets walk /proc (and may wait for an accept):
-                // off the async workers. Pid targets need one stat.
-                Ok(req) if needs_proc_walk(&req) => {
-                    tokio::task::block_in_place(|| self.handle(req, peer, open))
-                }
-                Ok(req) => self.handle(req, peer, open),
+                Ok(req) => self.handle(req, peer, open).await,
             };
             stream
                 .write_all(&protocol::encode_response(&response))
@@ -317,7 +337,7 @@ impl Registry {
         }
     }
 
-    fn handle(&self, req: Request, peer: Peer, open: &mut HashMap<[u8; 16], Open>) -> Response {
+    async fn handle(self: &Arc<Self>, req: Request, peer: Peer, open: &mut Ledger) -> Response {
         let r = match req {
             Request::Ping => {
                 self.stats.pings.fetch_add(1, Ordering::Relaxed);
@@ -326,8 +346,8 @@ impl Registry {
                     ..Default::default()
                 });
             }
-            Request::Begin(reg) => self.begin(&reg, peer, open),
-            Request::End(reg) => self.end(&reg, peer, open),
+            Request::Begin(reg) => self.begin(reg, peer, open).await,
+            Request::End(reg) => self.end(reg, peer, open).await,
         };
         match r {
             Ok(ok) => Response::Ok(ok),
@@ -347,32 +367,61 @@ impl Registry {
         )?)
     }
 
-    fn begin(
-        &self,
-        reg: &Registration,
+    /// The processes `reg` names. Where that means walking /proc (a port
+    /// target, a pid of another pid namespace) the walk runs on the
+    /// blocking pool, at most `WALKS_PER_NETNS` per namespace at once, so
+    /// slow walks of one pod never hold the runtime (health, export,
+    /// other pods' registrations) or more than their share of threads.
+    async fn processes(
+        self: &Arc<Self>,
+        reg: Registration,
+        flows: Vec<resolve::FlowSpec>,
         peer: Peer,
-        open: &mut HashMap<[u8; 16], Open>,
-    ) -> Result<protocol::Ok, Refusal> {
-        let id = Self::identity(reg)?;
-        let flows = parse_flows(reg)?;
-        let pids = self.resolver.processes(&reg.target, &flows, peer)?;
-        let max_open = self.admission.limits().max_open_per_connection;
-        if !open.contains_key(&id.trace_id) && open.len() >= max_open {
-            return Err(Refusal::TooManyOpen(open.len()));
+    ) -> Result<Vec<u32>, Refusal> {
+        if !self.resolver.walks_proc(&reg.target, peer) {
+            return self.resolver.processes(&reg.target, &flows, peer);
         }
+        let walks = self.admission.walks(peer.ns).ok_or(Refusal::Gone)?;
+        let _permit = walks.acquire_owned().await.map_err(|_| Refusal::Gone)?;
+        self.stats.proc_walks.fetch_add(1, Ordering::Relaxed);
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.resolver.processes(&reg.target, &flows, peer))
+            .await
+            .map_err(|_| Refusal::Gone)?
+    }
+
+    async fn begin(
+        self: &Arc<Self>,
+        reg: Registration,
+        peer: Peer,
+        open: &mut Ledger,
+    ) -> Result<protocol::Ok, Refusal> {
+        let id = Self::identity(&reg)?;
+        let flows = parse_flows(&reg)?;
+        let release_on_close = reg.release_on_close;
+        let pids = self.processes(reg, flows.clone(), peer).await?;
+        let keys = Open {
+            pids: pids
+                .iter()
+                .map(|p| TraceKey::new(*p, peer.cookie))
+                .collect(),
+            flows: both_ways(peer.cookie, &flows),
+            release_on_close,
+        };
+        open.fits(&id.trace_id, &keys)
+            .map_err(Refusal::TooManyOpen)?;
         let ctx = transaction::context(&id);
-        let (mut o, overlaps) = transaction::begin(
+        let (_, overlaps) = transaction::begin(
             &mut self.table.lock().expect("table lock"),
             &ctx,
-            pids.iter().map(|p| TraceKey::new(*p, peer.cookie)),
-            both_ways(peer.cookie, &flows),
+            keys.pids.iter().copied(),
+            keys.flows.iter().copied(),
         )?;
-        o.release_on_close = reg.release_on_close;
         self.stats.begin_ok.fetch_add(1, Ordering::Relaxed);
         self.stats
             .overlaps
             .fetch_add(overlaps as u64, Ordering::Relaxed);
-        open.entry(id.trace_id).or_default().merge(o);
+        open.add(id.trace_id, keys).map_err(Refusal::TooManyOpen)?;
         Ok(protocol::Ok {
             trace_id: Some(ids::to_hex(&id.trace_id)),
             pids,
@@ -382,26 +431,27 @@ impl Registry {
         })
     }
 
-    fn end(
-        &self,
-        reg: &Registration,
+    async fn end(
+        self: &Arc<Self>,
+        reg: Registration,
         peer: Peer,
-        open: &mut HashMap<[u8; 16], Open>,
+        open: &mut Ledger,
     ) -> Result<protocol::Ok, Refusal> {
-        let id = Self::identity(reg)?;
-        let o = match open.remove(&id.trace_id) {
+        let id = Self::identity(&reg)?;
+        let flows = parse_flows(&reg)?;
+        let keys = both_ways(peer.cookie, &flows);
+        let o = match open.end(&id.trace_id, &keys) {
             Some(o) => o,
             // END from another connection (e.g. the CLI): resolve again.
             None => {
-                let flows = parse_flows(reg)?;
-                let pids = self.resolver.processes(&reg.target, &flows, peer)?;
+                let pids = self.processes(reg, flows.clone(), peer).await?;
                 Open {
                     release_on_close: false,
                     pids: pids
                         .iter()
                         .map(|p| TraceKey::new(*p, peer.cookie))
                         .collect(),
-                    flows: both_ways(peer.cookie, &flows),
+                    flows: keys,
                 }
             }
         };
@@ -410,7 +460,7 @@ impl Registry {
         Ok(protocol::Ok {
             trace_id: Some(ids::to_hex(&id.trace_id)),
             pids,
-            flows: o.flows.len() / 2,
+            flows: flows.len(),
             overlaps: 0,
             version: None,
         })
@@ -421,8 +471,11 @@ impl Registry {
     }
 }
 
-fn needs_proc_walk(req: &Request) -> bool {
-    matches!(req, Request::Begin(r) | Request::End(r) if matches!(r.target, Target::Port { .. }))
+fn full_msg(f: &Full) -> String {
+    match f {
+        Full::Records(n) => format!("{n} open registrations"),
+        Full::Keys(n) => format!("{n} keys held by open registrations"),
+    }
 }
 
 fn error_response(code: Code, message: String) -> Response {

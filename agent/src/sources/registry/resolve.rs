@@ -51,7 +51,17 @@ impl Default for Resolver {
 }
 
 impl Resolver {
-    /// The processes `target` names, all in the peer's namespace.
+    /// Whether resolving `target` walks /proc (or may sleep waiting for an
+    /// accept): a port, or a pid the peer sees in a pid namespace of its own.
+    pub fn walks_proc(&self, target: &Target, peer: Peer) -> bool {
+        match target {
+            Target::Pid(_) => !peer.shares_pids,
+            Target::Port { .. } => true,
+        }
+    }
+
+    /// The processes `target` names, all in the peer's namespace. A pid is
+    /// the one the peer sees (its own pid namespace).
     pub fn processes(
         &self,
         target: &Target,
@@ -59,11 +69,17 @@ impl Resolver {
         peer: Peer,
     ) -> Result<Vec<u32>, Refusal> {
         match target {
-            Target::Pid(pid) => match targets::netns_id_of(*pid) {
-                Some(ns) if ns == peer.ns => Ok(vec![*pid]),
-                Some(_) => Err(Refusal::NotYourNetns(*pid)),
-                None => Err(Refusal::NoProcess(*pid)),
-            },
+            Target::Pid(pid) => {
+                let host = match peer.shares_pids {
+                    true => *pid,
+                    false => targets::host_pid(peer.pid, *pid).ok_or(Refusal::NoProcess(*pid))?,
+                };
+                match targets::netns_id_of(host) {
+                    Some(ns) if ns == peer.ns => Ok(vec![host]),
+                    Some(_) => Err(Refusal::NotYourNetns(*pid)),
+                    None => Err(Refusal::NoProcess(*pid)),
+                }
+            }
             Target::Port { port, proto } => {
                 let p = proto_num(*proto);
                 // The exact server-side sockets of the given connections
@@ -151,13 +167,26 @@ pub fn parse_flows(reg: &Registration) -> Result<Vec<FlowSpec>, Refusal> {
                 s.parse::<SocketAddr>()
                     .map_err(|e| Refusal::BadFlowAddress(s.to_string(), e))
             };
-            let (l, r) = (parse(&f.local)?, parse(&f.remote)?);
+            let (l, r) = (wire(parse(&f.local)?), wire(parse(&f.remote)?));
             if l.is_ipv4() != r.is_ipv4() {
                 return Err(Refusal::MixedFamilies);
             }
             Ok((l, r, proto_num(f.proto)))
         })
         .collect()
+}
+
+/// The address as the packet carries it: a dual-stack socket (`[::]`)
+/// reports IPv4 peers as `::ffff:a.b.c.d`, but the wire (and the datapath's
+/// key) is IPv4.
+fn wire(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
 }
 
 /// Keys for both ends of each flow: the caller's, and the peer's for when
@@ -185,6 +214,7 @@ mod tests {
             pid,
             ns: targets::netns_id_of(pid).expect("own netns"),
             cookie: 1,
+            shares_pids: true,
         }
     }
 
@@ -245,6 +275,9 @@ mod tests {
             release_on_close: false,
         };
         let ok = parse_flows(&reg(vec![("10.0.0.1:1", "10.0.0.2:80")])).unwrap();
+        // A dual-stack listener's view of an IPv4 connection keys as IPv4.
+        let mapped = parse_flows(&reg(vec![("[::ffff:10.0.0.1]:1", "10.0.0.2:80")])).unwrap();
+        assert_eq!(mapped, ok);
         assert_eq!(both_ways(7, &ok).len(), 2, "both ends of the connection");
         let bad = parse_flows(&reg(vec![("10.0.0.1:1", "nowhere")])).unwrap_err();
         assert!(matches!(bad, Refusal::BadFlowAddress(..)), "{bad}");
