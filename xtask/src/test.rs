@@ -52,6 +52,8 @@ pub fn all(o: Opts) -> Result<()> {
     // The object's variant for kernels before 6.14 uses nothing newer than
     // 5.15 has (read from the object itself).
     run(cargo().args(["test", "--package", "tagflow", "--test", "old_kernels"]))?;
+    // OTLP over TLS and mTLS against receivers with a test CA.
+    run(cargo().args(["test", "--package", "tagflow", "--test", "otlp_tls"]))?;
     // Fuzz targets: a short smoke run each (the long runs:
     // `cargo xtask fuzz <target> --time <s>`).
     bootstrap::cargo_fuzz()?;

@@ -430,3 +430,72 @@ print(json.dumps({"me": os.getpid(), "code": code, "reply": ok}))
     assert_eq!(r["reply"]["flows"], 1);
     b.neighbour_is_traced("pidns");
 }
+
+/// Item 6: ten connections sending registrations that make the agent walk
+/// /proc and wait for an accept that never comes. The walks run on the
+/// blocking pool, two at a time for the pod: health checks, export and
+/// the neighbour's tracing do not wait for them.
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn slow_registrations_do_not_stall_the_agent() {
+    let _g = common::lock();
+    let b = bed("walks", &[]);
+    let script = format!(
+        "{PROTOCOL}{}",
+        r#"
+import threading
+codes = collections.Counter(); lock = threading.Lock()
+def worker(k):
+    c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])
+    for i in range(20):
+        # A connection to port 9 that nobody accepted: the agent polls for
+        # its server, then finds no listener.
+        f = [{"local": "10.0.0.1:%d" % (3000 + 100 * k + i), "remote": "10.0.0.2:9"}]
+        body = json.dumps({"headers": {"x-request-id": "w"}, "target": {"port": 9}, "flows": f}).encode()
+        c.sendall(struct.pack('>I', 4 + len(body)) + bytes([1, 1, 0, 0]) + body)
+        n = struct.unpack('>I', c.recv(4, socket.MSG_WAITALL))[0]
+        b = c.recv(n, socket.MSG_WAITALL)
+        with lock: codes['ok' if b[1] == 0x81 else json.loads(b[4:])['code']] += 1
+ts = [threading.Thread(target=worker, args=(k,)) for k in range(10)]
+t0 = time.time()
+[t.start() for t in ts]; [t.join() for t in ts]
+codes['seconds'] = time.time() - t0
+print(json.dumps(codes))
+"#
+    );
+    let hostile = {
+        let pod = b.hostile().name.clone();
+        let socket = b.agent.socket.clone();
+        std::thread::spawn(move || {
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &pod, "setpriv", "--reuid", NOBODY])
+                .args(["--regid", NOBODY, "--clear-groups", PYTHON, "-c", &script])
+                .arg(socket)
+                .output()
+                .unwrap()
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let mut worst = Duration::ZERO;
+    while !hostile.is_finished() {
+        let t0 = Instant::now();
+        assert!(procs::http_get(b.agent.metrics, "/healthz").is_some());
+        worst = worst.max(t0.elapsed());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = hostile.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = json(&out);
+    eprintln!("slow registrations: {r}; worst /healthz {worst:?}");
+    assert_eq!(r["no_listener"], 200, "{r}");
+    assert!(
+        worst < Duration::from_millis(250),
+        "/healthz took {worst:?}"
+    );
+    assert!(b.total("tagflow_registration_proc_walks_total") >= 200.0);
+    b.neighbour_is_traced("walks");
+}

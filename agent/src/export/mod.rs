@@ -5,6 +5,7 @@
 //! the agent's event loop.
 pub mod otlp;
 pub mod stdout;
+pub mod tls;
 
 use std::{
     sync::{
@@ -25,7 +26,12 @@ pub enum SendError {
     #[error("exporter configuration: {0}")]
     Config(String),
     #[error("collector: {message}")]
-    Remote { retry: bool, message: String },
+    Remote {
+        retry: bool,
+        /// How long the collector asked us to wait (Retry-After).
+        after: Option<Duration>,
+        message: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -54,6 +60,10 @@ pub struct ExportConfig {
     pub batch_delay_ms: u64,
     /// How long shutdown waits for the queue to drain.
     pub shutdown_ms: u64,
+    /// CA and client identity for `https://` endpoints.
+    pub tls: tls::TlsFiles,
+    /// An endpoint given without a scheme is plain http (gRPC), not https.
+    pub insecure: bool,
 }
 
 impl Default for ExportConfig {
@@ -68,6 +78,8 @@ impl Default for ExportConfig {
             batch: 512,
             batch_delay_ms: 1000,
             shutdown_ms: 15_000,
+            tls: tls::TlsFiles::default(),
+            insecure: false,
         }
     }
 }
@@ -107,6 +119,18 @@ impl ExportConfig {
         }
         if let Some(t) = var("TIMEOUT").and_then(|t| t.trim().parse().ok()) {
             self.timeout_ms = t;
+        }
+        if let Some(p) = var("CERTIFICATE") {
+            self.tls.certificate = Some(p.into());
+        }
+        if let Some(p) = var("CLIENT_CERTIFICATE") {
+            self.tls.client_certificate = Some(p.into());
+        }
+        if let Some(p) = var("CLIENT_KEY") {
+            self.tls.client_key = Some(p.into());
+        }
+        if let Some(v) = var("INSECURE") {
+            self.insecure = v.trim().eq_ignore_ascii_case("true");
         }
     }
 }
@@ -151,17 +175,17 @@ pub enum Sink {
 
 impl Sink {
     pub fn from_config(cfg: &ExportConfig) -> Result<Self, SendError> {
-        let t = Duration::from_millis(cfg.timeout_ms);
         Ok(match (&cfg.endpoint, cfg.protocol) {
             (None, _) => Sink::Stdout,
-            (Some(e), Protocol::Grpc) => Sink::Grpc(otlp::Grpc::new(e, &cfg.headers, cfg.gzip, t)?),
-            (Some(e), Protocol::HttpProtobuf) => {
-                Sink::Http(otlp::Http::new(e, &cfg.headers, cfg.gzip, t)?)
+            (Some(e), Protocol::Grpc) => {
+                Sink::Grpc(otlp::Grpc::new(&tls::with_scheme(e, cfg.insecure), cfg)?)
             }
+            (Some(e), Protocol::HttpProtobuf) => Sink::Http(otlp::Http::new(e, cfg)?),
         })
     }
 
-    async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
+    /// Sends one batch, once (the exporter task retries).
+    pub async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
         match self {
             Sink::Stdout => {
                 stdout::write(spans);
@@ -354,17 +378,35 @@ async fn work(
     }
 }
 
-/// Sends one batch; retries retryable failures with backoff (100 ms
-/// doubling to 5 s) until it succeeds, the error is permanent, or the queue
-/// is closed and a last attempt failed.
+/// Attempts per batch: with the backoff below a batch is given up after
+/// about 25 s of failures (counted as failed); the queue behind it keeps
+/// its spans for the next batches.
+const ATTEMPTS: u32 = 10;
+
+/// The wait before retry `n` (1-based): 100 ms doubling to 5 s, spread
+/// over ±50 % so a node's agents do not retry in step; a collector's
+/// Retry-After wins when longer.
+fn backoff(n: u32, after: Option<Duration>) -> Duration {
+    let base = Duration::from_millis(100) * 2u32.saturating_pow(n.saturating_sub(1).min(6));
+    let base = base.min(Duration::from_secs(5));
+    let mut r = [0u8; 2];
+    let _ = getrandom::fill(&mut r);
+    let spread = 0.5 + f64::from(u16::from_le_bytes(r)) / f64::from(u16::MAX);
+    base.mul_f64(spread).max(after.unwrap_or_default())
+}
+
+/// Sends one batch; retries retryable failures with `backoff` until it
+/// succeeds, the error is permanent, `ATTEMPTS` ran out, or the queue is
+/// closed and a last attempt failed.
 async fn export(
     sink: &mut Sink,
     buf: &mut Vec<SpanRecord>,
     stats: &ExportStats,
     rx: &mpsc::Receiver<SpanRecord>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut attempt = 0;
     loop {
+        attempt += 1;
         let t0 = Instant::now();
         match sink.send(buf).await {
             Ok(()) => {
@@ -379,17 +421,20 @@ async fn export(
             }
             Err(e) => {
                 stats.last_err.store(unix_now(), Ordering::Relaxed);
-                let retry = matches!(e, SendError::Remote { retry: true, .. });
-                if !retry || rx.is_closed() {
+                let (retry, after) = match &e {
+                    SendError::Remote { retry, after, .. } => (*retry, *after),
+                    SendError::Config(_) => (false, None),
+                };
+                if !retry || rx.is_closed() || attempt >= ATTEMPTS {
                     warn!(spans = buf.len(), "export failed, spans dropped: {e}");
                     stats.failed.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     buf.clear();
                     return;
                 }
-                debug!("export failed, retrying in {backoff:?}: {e}");
+                let wait = backoff(attempt, after);
+                debug!("export failed, retrying in {wait:?}: {e}");
                 stats.retries.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(wait).await;
             }
         }
     }
@@ -398,6 +443,21 @@ async fn export(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_back_off_with_jitter_and_honour_retry_after() {
+        for n in 1..=ATTEMPTS {
+            let base = Duration::from_millis(100 * 2u64.pow(n - 1)).min(Duration::from_secs(5));
+            let w = backoff(n, None);
+            assert!(w >= base / 2 && w <= base * 3 / 2, "try {n}: {w:?}");
+        }
+        let waits: std::collections::HashSet<_> = (0..20).map(|_| backoff(3, None)).collect();
+        assert!(waits.len() > 1, "jittered");
+        assert_eq!(
+            backoff(1, Some(Duration::from_secs(9))),
+            Duration::from_secs(9)
+        );
+    }
 
     #[test]
     fn env_variables_are_honoured() {

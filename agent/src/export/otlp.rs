@@ -10,9 +10,13 @@ use opentelemetry_proto::tonic::{
     trace::v1::{span::SpanKind as PSpanKind, ResourceSpans, ScopeSpans, Span},
 };
 use prost::Message;
-use tonic::{codec::CompressionEncoding, metadata::MetadataValue, transport::Channel};
+use tonic::{
+    codec::CompressionEncoding,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Identity},
+};
 
-use super::SendError;
+use super::{ExportConfig, SendError};
 use crate::spans::{KeyValue, Resource, SpanKind, SpanRecord, Value};
 
 /// W3C trace-flags "sampled" and OTLP's "has remote parent" flag bits.
@@ -114,17 +118,29 @@ pub struct Grpc {
 }
 
 impl Grpc {
-    pub fn new(
-        endpoint: &str,
-        headers: &[(String, String)],
-        gzip: bool,
-        timeout: Duration,
-    ) -> Result<Self, SendError> {
-        let ch = Channel::from_shared(endpoint.to_string())
-            .map_err(|e| SendError::Config(format!("endpoint {endpoint}: {e}")))?
+    pub fn new(endpoint: &str, cfg: &ExportConfig) -> Result<Self, SendError> {
+        let (headers, gzip) = (&cfg.headers, cfg.gzip);
+        let timeout = Duration::from_millis(cfg.timeout_ms);
+        let bad = |e: &dyn std::error::Error| {
+            SendError::Config(format!("endpoint {endpoint}: {}", crate::report(e)))
+        };
+        let mut ep = Channel::from_shared(endpoint.to_string())
+            .map_err(|e| bad(&e))?
             .connect_timeout(timeout)
-            .timeout(timeout)
-            .connect_lazy();
+            .timeout(timeout);
+        if endpoint.starts_with("https://") {
+            let (ca, identity) = cfg.tls.read().map_err(|e| bad(&e))?;
+            let mut t = ClientTlsConfig::new();
+            t = match ca {
+                Some(pem) => t.ca_certificate(Certificate::from_pem(pem)),
+                None => t.with_native_roots(),
+            };
+            if let Some((cert, key)) = identity {
+                t = t.identity(Identity::from_pem(cert, key));
+            }
+            ep = ep.tls_config(t).map_err(|e| bad(&e))?;
+        }
+        let ch = ep.connect_lazy();
         let mut client = TraceServiceClient::new(ch);
         if gzip {
             client = client.send_compressed(CompressionEncoding::Gzip);
@@ -158,6 +174,7 @@ impl Grpc {
                 );
                 Err(SendError::Remote {
                     retry,
+                    after: None,
                     message: format!("gRPC {:?}: {}", st.code(), st.message()),
                 })
             }
@@ -168,6 +185,11 @@ impl Grpc {
 pub struct Http {
     uri: hyper::Uri,
     authority: String,
+    /// For `https://`: the connector and the name the certificate must have.
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
     headers: Vec<(String, String)>,
     gzip: bool,
     timeout: Duration,
@@ -175,30 +197,35 @@ pub struct Http {
 }
 
 impl Http {
-    pub fn new(
-        endpoint: &str,
-        headers: &[(String, String)],
-        gzip: bool,
-        timeout: Duration,
-    ) -> Result<Self, SendError> {
-        let uri: hyper::Uri = endpoint
-            .parse()
-            .map_err(|e| SendError::Config(format!("endpoint {endpoint}: {e}")))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(SendError::Config(format!(
-                "endpoint {endpoint}: only http:// is supported for OTLP/HTTP (no TLS in this build); use a local collector"
-            )));
-        }
-        let authority = uri
+    pub fn new(endpoint: &str, cfg: &ExportConfig) -> Result<Self, SendError> {
+        let bad = |e: String| SendError::Config(format!("endpoint {endpoint}: {e}"));
+        let uri: hyper::Uri = endpoint.parse().map_err(|e| bad(format!("{e}")))?;
+        let a = uri
             .authority()
-            .map(|a| a.to_string())
-            .ok_or_else(|| SendError::Config("endpoint without host".into()))?;
+            .ok_or_else(|| bad("no host".into()))?
+            .clone();
+        let tls = match uri.scheme_str() {
+            Some("http") => None,
+            Some("https") => {
+                let c = cfg
+                    .tls
+                    .client_config(&[b"http/1.1"])
+                    .map_err(|e| bad(crate::report(&e)))?;
+                let host = a.host().trim_start_matches('[').trim_end_matches(']');
+                let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| bad(e.to_string()))?;
+                Some((tokio_rustls::TlsConnector::from(c), name))
+            }
+            _ => return Err(bad("the scheme must be http:// or https://".into())),
+        };
+        let port = a.port_u16().unwrap_or(if tls.is_some() { 443 } else { 80 });
         Ok(Self {
+            authority: format!("{}:{port}", a.host()),
             uri,
-            authority,
-            headers: headers.to_vec(),
-            gzip,
-            timeout,
+            tls,
+            headers: cfg.headers.clone(),
+            gzip: cfg.gzip,
+            timeout: Duration::from_millis(cfg.timeout_ms),
             conn: None,
         })
     }
@@ -218,6 +245,7 @@ impl Http {
             .unwrap_or_else(|_| {
                 Err(SendError::Remote {
                     retry: true,
+                    after: None,
                     message: format!("timed out after {t:?}"),
                 })
             })
@@ -226,23 +254,43 @@ impl Http {
     async fn post(&mut self, body: Vec<u8>) -> Result<(), SendError> {
         let net = |e: String| SendError::Remote {
             retry: true,
+            after: None,
             message: e,
         };
         if !self.conn.as_ref().is_some_and(|c| c.is_ready()) {
             let stream = tokio::net::TcpStream::connect(&self.authority)
                 .await
                 .map_err(|e| net(e.to_string()))?;
-            let (send, conn) =
-                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
-                    .await
-                    .map_err(|e| net(e.to_string()))?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            use hyper::client::conn::http1::handshake;
+            use hyper_util::rt::TokioIo;
+            let send = match &self.tls {
+                None => {
+                    let (send, conn) = handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| net(e.to_string()))?;
+                    tokio::spawn(conn);
+                    send
+                }
+                Some((tls, name)) => {
+                    // A certificate the CA did not sign is not retried
+                    // any sooner: still a network-level failure.
+                    let stream = tls
+                        .connect(name.clone(), stream)
+                        .await
+                        .map_err(|e| net(format!("TLS: {e}")))?;
+                    let (send, conn) = handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| net(e.to_string()))?;
+                    tokio::spawn(conn);
+                    send
+                }
+            };
             self.conn = Some(send);
         }
-        let mut req = hyper::Request::post(self.uri.clone())
-            .header("host", &self.authority)
+        let host = self.uri.authority().map_or("", |a| a.as_str());
+        let path = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut req = hyper::Request::post(path)
+            .header("host", host)
             .header("content-type", "application/x-protobuf");
         if self.gzip {
             req = req.header("content-encoding", "gzip");
@@ -259,21 +307,45 @@ impl Http {
             net(e.to_string())
         })?;
         let status = resp.status();
+        let after = retry_after(resp.headers());
         let _ = resp.into_body().collect().await;
         if status.is_success() {
             return Ok(());
         }
         Err(SendError::Remote {
             retry: matches!(status.as_u16(), 429 | 502 | 503 | 504),
+            after,
             message: format!("HTTP {status}"),
         })
     }
+}
+
+/// A collector's `Retry-After: <seconds>` (the HTTP-date form is not used
+/// by collectors); at most a minute is honoured.
+fn retry_after(h: &hyper::HeaderMap) -> Option<Duration> {
+    let s: u64 = h.get("retry-after")?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(s.min(60)))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spans::kv;
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let mut h = hyper::HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "7".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert("retry-after", "86400".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(60)));
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
+    }
 
     fn rec(service: &str, id: u8, parent: Option<[u8; 8]>, remote: bool) -> SpanRecord {
         SpanRecord {
