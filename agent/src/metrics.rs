@@ -91,6 +91,31 @@ fn gauge(out: &mut String, name: &str, help: &str, v: u64) {
     );
 }
 
+/// The allocator's view (glibc): bytes in live allocations, and bytes
+/// free inside its arenas (held, not returned: fragmentation). Tells a
+/// leak (in use grows) from an allocator holding on (free grows).
+fn heap(out: &mut String) {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's statistics.
+        let m = unsafe { libc::mallinfo2() };
+        gauge(
+            out,
+            "heap_in_use_bytes",
+            "Bytes in live heap allocations (glibc mallinfo2 uordblks + hblkhd).",
+            (m.uordblks + m.hblkhd) as u64,
+        );
+        gauge(
+            out,
+            "heap_free_bytes",
+            "Bytes free inside the allocator's arenas, not returned to the system (fordblks).",
+            m.fordblks as u64,
+        );
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = out;
+}
+
 impl Ops {
     pub fn render(&self) -> String {
         let s = self.snapshot.lock().expect("snapshot lock").clone();
@@ -126,6 +151,7 @@ impl Ops {
                 "tagflow_table_quota_refusals_total{{netns=\"{ns}\"}} {n}"
             );
         }
+        heap(&mut out);
         gauge(
             &mut out,
             "attached_interfaces",
@@ -390,6 +416,23 @@ mod tests {
             text.contains("tagflow_feature{name=\"ring_buffer\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    #[cfg(target_env = "gnu")]
+    fn the_heap_is_reported_as_live_and_free_bytes() {
+        let held = vec![7u8; 1 << 20];
+        let mut out = String::new();
+        heap(&mut out);
+        let value = |name: &str| -> u64 {
+            out.lines()
+                .find_map(|l| l.strip_prefix(&format!("tagflow_{name} ")))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in {out}"))
+        };
+        assert!(value("heap_in_use_bytes") >= held.len() as u64, "{out}");
+        value("heap_free_bytes");
+        drop(held);
     }
 
     #[test]

@@ -129,10 +129,17 @@ fn sample(t0: Instant, agent: &AgentProc, lab: &Lab, c: &Collector) -> Sample {
         }
     }
     let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
-    let working = ["spans_open", "spans_held", "capture_heads_cached"]
+    let mut working: BTreeMap<String, u64> = ["spans_open", "spans_held", "capture_heads_cached"]
         .iter()
         .map(|k| (k.to_string(), get(&format!("tagflow_{k}"))))
         .collect();
+    // Live heap vs free-but-held: a leak grows the first.
+    for k in ["heap_in_use", "heap_free"] {
+        working.insert(
+            format!("{k}_kib"),
+            get(&format!("tagflow_{k}_bytes")) / 1024,
+        );
+    }
     Sample {
         t_s: t0.elapsed().as_secs(),
         rss_kib: agent.usage().1,
@@ -255,7 +262,7 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
     let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
     let col = Collector::start(&rt, otlp, Wire::Http, false);
     let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/tagflow-soak-{}", std::process::id()));
-    let endpoint = format!("http://{otlp}");
+    let endpoint = format!("http://{otlp}/v1/traces");
     let agent = AgentProc::start_pinned(
         &lab,
         &[
@@ -363,6 +370,11 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
         }
     }
     problems.extend(failures);
+    // The collector is up half the time: spans must reach it (an export
+    // path that fails every batch would otherwise look like a calm agent).
+    if let Some(p) = export_problem(&samples) {
+        problems.push(p);
+    }
     if cli_refused != tick / 10 {
         problems.push(format!(
             "{} forbidden registrations were accepted",
@@ -380,9 +392,30 @@ pub fn soak(minutes: f64, sample_s: u64) -> Result<Report, SoakError> {
     })
 }
 
+/// Why the samples show export not working: nothing received, or a
+/// collector-up period after warm-up in which nothing arrived.
+fn export_problem(samples: &[Sample]) -> Option<String> {
+    let last = samples.last()?;
+    if last.spans_received == 0 {
+        return Some(format!(
+            "the collector received no span ({} exported)",
+            last.spans_exported
+        ));
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_soak_whose_collector_received_nothing_fails() {
+        let mut a = s(10, 1000, 5);
+        assert!(export_problem(&[a.clone()]).is_some());
+        a.spans_received = 3;
+        assert_eq!(export_problem(&[a]), None);
+    }
 
     fn s(t_s: u64, rss_kib: u64, flows: u64) -> Sample {
         Sample {

@@ -10,6 +10,7 @@ use std::{
 mod follow;
 mod pipeline;
 mod relearn;
+mod sampling;
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;

@@ -74,6 +74,9 @@ pub struct AgentStats {
 }
 
 /// Datapath events → spans → exporter.
+/// Unsampled traces remembered, at most (the oldest decisions go first).
+const UNSAMPLED_TRACES: usize = 16384;
+
 pub struct Pipeline {
     pub capture: Capture,
     /// Where the host sends calls to Service addresses (off until the
@@ -97,6 +100,8 @@ pub struct Pipeline {
     /// (counted with the exporter's drops).
     pending: VecDeque<SpanRecord>,
     pending_cap: usize,
+    /// Traces their caller did not sample: not exported.
+    pub unsampled: super::sampling::Unsampled,
     /// Connections re-attributed to their reader's trace, until the
     /// datapath switches them: (trace they were tagged with, right context).
     reattributed: HashMap<FlowKey, ([u8; 16], TraceContext)>,
@@ -137,6 +142,7 @@ impl Pipeline {
             closing_cap: cfg.maps.flow_traces as usize / 4,
             pending: Default::default(),
             pending_cap: cfg.export.queue,
+            unsampled: super::sampling::Unsampled::new(UNSAMPLED_TRACES),
             reattributed: HashMap::new(),
             reattributed_cap: cfg.max_open_spans,
             span_idle_ns: cfg.span_idle_ms * 1_000_000,
@@ -270,6 +276,7 @@ impl Pipeline {
                                 );
                             }
                         }
+                        self.unsampled.note(info.trace_id, info.sampled);
                         self.assembler.head(&h.key, *info)
                     }
                     // Anything else is copied again on the connection's
@@ -475,7 +482,10 @@ impl Pipeline {
             }
         }
         drop(t);
-        self.pending.extend(self.assembler.ready(&self.clock, now));
+        let ready = self.assembler.ready(&self.clock, now);
+        let unsampled = &mut self.unsampled;
+        self.pending
+            .extend(ready.into_iter().filter(|s| unsampled.keep(s)));
         while let Some(s) = self.pending.pop_front() {
             if let Err(s) = exporter.offer(s) {
                 self.pending.push_front(s);
@@ -498,7 +508,8 @@ impl Pipeline {
     /// Everything still in the pipeline, for the exporter at shutdown.
     pub fn drain_all(&mut self) -> Vec<SpanRecord> {
         let mut out: Vec<_> = self.pending.drain(..).collect();
-        out.extend(self.assembler.flush_all(&self.clock, monotonic_ns()));
+        let rest = self.assembler.flush_all(&self.clock, monotonic_ns());
+        out.extend(rest.into_iter().filter(|s| self.unsampled.keep(s)));
         out
     }
 
@@ -506,6 +517,11 @@ impl Pipeline {
         let s = &self.stats;
         [
             ("events_flow_new_total", "FLOW_NEW events read.", s.flow_new),
+            (
+                "spans_unsampled_total",
+                "Spans not exported: their trace's traceparent said not sampled.",
+                self.unsampled.spans_skipped,
+            ),
             ("events_flow_end_total", "FLOW_END events read.", s.flow_end),
             (
                 "events_http_heads_total",

@@ -22,6 +22,8 @@ pub struct HeadInfo {
     pub request_id: Option<String>,
     pub trace_id: [u8; 16],
     pub parent_span_id: Option<[u8; 8]>,
+    /// The caller's sampling decision (`traceparent` flags; true without).
+    pub sampled: bool,
     pub pid: u32,
     pub ts_ns: u64,
     /// The connection as its receiver sees it, when the host translated
@@ -104,6 +106,7 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
             request_id: id.request_id.clone(),
             trace_id: id.trace_id,
             parent_span_id: id.parent_span_id,
+            sampled: id.sampled,
             pid: 0,
             ts_ns: 0,
             via: None,
