@@ -321,8 +321,10 @@ pub struct TraceTables<P, F, G, A> {
     by_pid: Table<TraceKey, P>,
     by_flow: Table<FlowKey, F>,
     gate: Gate<G, A>,
-    /// Entries one namespace may hold in both tables together: one pod
-    /// cannot fill the node's tables for the others.
+    /// Entries one namespace may hold in both tables together once a table
+    /// is three quarters full: below that a busy pod may use the room
+    /// nobody needs, above it no pod can take the last quarter from the
+    /// rest.
     quota: usize,
     /// Refusals by quota, per namespace (bounded: see `refuse`).
     refused: HashMap<u64, u64>,
@@ -394,9 +396,16 @@ where
         &self.refused
     }
 
-    /// Refuses a new entry for `netns` when it holds its quota.
-    fn admit(&mut self, netns: u64, exists: bool) -> Result<(), TableError> {
-        if exists || self.gate.entries_of(netns) < self.quota {
+    /// Refuses a new entry for `netns` when it holds its quota and the
+    /// table it goes into (`len` of `capacity`) is at least 3/4 full.
+    fn admit(
+        &mut self,
+        netns: u64,
+        exists: bool,
+        len: usize,
+        capacity: usize,
+    ) -> Result<(), TableError> {
+        if exists || self.gate.entries_of(netns) < self.quota || len < capacity / 4 * 3 {
             return Ok(());
         }
         let slot = match self.refused.len() < REFUSED_NAMESPACES {
@@ -431,7 +440,8 @@ where
         key: TraceKey,
         ctx: &TraceContext,
     ) -> Result<SetOutcome, TableError> {
-        self.admit(key.netns, self.by_pid.get(&key).is_some())?;
+        let (len, cap) = (self.by_pid.len(), self.by_pid.capacity());
+        self.admit(key.netns, self.by_pid.get(&key).is_some(), len, cap)?;
         let o = self.by_pid.set(key, ctx, Instant::now())?;
         if let Some(d) = delta(&o) {
             self.gate.changed(key.netns, d)?;
@@ -450,7 +460,8 @@ where
         Ok(removed)
     }
     pub fn set_flow(&mut self, key: FlowKey, ctx: &TraceContext) -> Result<SetOutcome, TableError> {
-        self.admit(key.netns, self.by_flow.get(&key).is_some())?;
+        let (len, cap) = (self.by_flow.len(), self.by_flow.capacity());
+        self.admit(key.netns, self.by_flow.get(&key).is_some(), len, cap)?;
         let o = self.by_flow.set(key, ctx, Instant::now())?;
         if let Some(d) = delta(&o) {
             self.gate.changed(key.netns, d)?;
@@ -709,29 +720,37 @@ mod tests {
 
     #[test]
     fn one_namespace_cannot_fill_the_tables_for_the_others() {
-        let mut t = MemoryTables::in_memory(100, Duration::from_secs(30)).with_quota(3);
+        // 8 slots per table, a quota of 2 once a table is 3/4 full.
+        let mut t = MemoryTables::in_memory(8, Duration::from_secs(30)).with_quota(2);
         let (hostile, neighbour) = (7, 8);
-        t.set_process(TraceKey::new(1, hostile), &ctx(1)).unwrap();
-        for port in 0..2 {
-            let k = FlowKey {
-                netns: hostile,
-                local_port: port,
-                ..Default::default()
-            };
-            t.set_flow(k, &ctx(1)).unwrap();
+        let flow = |netns, port| FlowKey {
+            netns,
+            local_port: port,
+            ..Default::default()
+        };
+        // While the table has room a busy namespace may use it...
+        for port in 0..6 {
+            t.set_flow(flow(hostile, port), &ctx(1)).unwrap();
         }
-        let e = t
-            .set_process(TraceKey::new(2, hostile), &ctx(1))
-            .unwrap_err();
-        assert!(matches!(e, TableError::Quota { netns: 7, quota: 3 }), "{e}");
-        // Its existing entries can still be refreshed or taken over.
-        t.set_process(TraceKey::new(1, hostile), &ctx(2)).unwrap();
-        assert!(t.set_process(TraceKey::new(1, neighbour), &ctx(3)).is_ok());
+        // ...not beyond 3/4 of it.
+        let e = t.set_flow(flow(hostile, 6), &ctx(1)).unwrap_err();
+        assert!(matches!(e, TableError::Quota { netns: 7, quota: 2 }), "{e}");
         assert_eq!(t.quota_refusals().get(&hostile), Some(&1));
-        // Entries it frees make room again.
-        assert!(t
-            .clear_process(&TraceKey::new(1, hostile), &[2; 16])
-            .unwrap());
-        assert!(t.set_process(TraceKey::new(2, hostile), &ctx(1)).is_ok());
+        // Its own entries can still be refreshed or taken over; the other
+        // namespaces get the last quarter.
+        t.set_flow(flow(hostile, 0), &ctx(2)).unwrap();
+        t.set_flow(flow(neighbour, 0), &ctx(3)).unwrap();
+        t.set_flow(flow(neighbour, 1), &ctx(3)).unwrap();
+        // The other table has its own room.
+        t.set_process(TraceKey::new(1, hostile), &ctx(1)).unwrap();
+        // Once the table is below 3/4 full again, it may grow again.
+        assert!(t.clear_flow(&flow(hostile, 0), &[2; 16]).unwrap());
+        assert!(
+            t.set_flow(flow(hostile, 6), &ctx(1)).is_err(),
+            "still 3/4 full"
+        );
+        assert!(t.clear_flow(&flow(neighbour, 0), &[3; 16]).unwrap());
+        assert!(t.clear_flow(&flow(neighbour, 1), &[3; 16]).unwrap());
+        assert!(t.set_flow(flow(hostile, 6), &ctx(1)).is_ok());
     }
 }

@@ -450,7 +450,10 @@ fn closed_connections_release_their_trace_entries() {
         agent.metrics().map(|m| m
             .into_iter()
             .filter(|(k, v)| *v != 0.0
-                && (k.contains("ringbuf") || k.contains("linking") || k.contains("capture")))
+                && (k.contains("ringbuf")
+                    || k.contains("linking")
+                    || k.contains("capture")
+                    || k.contains("quota")))
             .collect::<Vec<_>>())
     );
 }
