@@ -125,16 +125,19 @@ impl Bed {
         });
     }
 
-    /// `python3 -c script args` in the hostile pod as nobody.
-    fn unprivileged(&self, script: &str, args: &[&str]) -> Output {
-        let out = self
-            .hostile()
-            .command("setpriv")
-            .args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
+    /// `python3 -c script args` in the hostile pod as nobody, in the
+    /// background.
+    fn spawn_unprivileged(&self, script: &str, args: &[&str]) -> std::thread::JoinHandle<Output> {
+        let mut cmd = self.hostile().command("setpriv");
+        cmd.args(["--reuid", NOBODY, "--regid", NOBODY, "--clear-groups"])
             .args([PYTHON, "-c", script])
-            .args(args)
-            .output()
-            .unwrap();
+            .args(args);
+        std::thread::spawn(move || cmd.output().unwrap())
+    }
+
+    /// `python3 -c script args` in the hostile pod as nobody; must succeed.
+    fn unprivileged(&self, script: &str, args: &[&str]) -> Output {
+        let out = self.spawn_unprivileged(script, args).join().unwrap();
         assert!(
             out.status.success(),
             "hostile script: {}",
@@ -255,18 +258,7 @@ while time.time() - t0 < 9 and len(closed) < len(held):
         except OSError: closed[i] = time.time() - t0
 print(json.dumps({"opened": len(held), "closed": len(closed), "last": max(closed.values(), default=0)}))
 "#;
-    let hostile = {
-        let (script, gw, port) = (script.to_string(), gw.clone(), port.clone());
-        let pod = b.hostile().name.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &pod, "setpriv", "--reuid", NOBODY])
-                .args(["--regid", NOBODY, "--clear-groups", PYTHON, "-c", &script])
-                .args([&gw, &port])
-                .output()
-                .unwrap()
-        })
-    };
+    let hostile = b.spawn_unprivileged(script, &[&gw, &port]);
     std::thread::sleep(Duration::from_secs(1));
     // Prometheus, from the node, while the pod holds its connections.
     let t0 = Instant::now();
@@ -469,18 +461,8 @@ codes['seconds'] = time.time() - t0
 print(json.dumps(codes))
 "#
     );
-    let hostile = {
-        let pod = b.hostile().name.clone();
-        let socket = b.agent.socket.clone();
-        std::thread::spawn(move || {
-            std::process::Command::new("ip")
-                .args(["netns", "exec", &pod, "setpriv", "--reuid", NOBODY])
-                .args(["--regid", NOBODY, "--clear-groups", PYTHON, "-c", &script])
-                .arg(socket)
-                .output()
-                .unwrap()
-        })
-    };
+    let socket = b.agent.socket.to_str().unwrap().to_string();
+    let hostile = b.spawn_unprivileged(&script, &[&socket]);
     std::thread::sleep(Duration::from_millis(300));
     let mut worst = Duration::ZERO;
     while !hostile.is_finished() {
