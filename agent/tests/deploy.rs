@@ -180,13 +180,7 @@ fn check_daemonset(docs: &[Value], cfg: &AgentConfig) {
         .unwrap();
     assert_eq!(vol["hostPath"]["path"], socket_dir.as_str());
     // The config file argument is the mounted ConfigMap.
-    let args: Vec<&str> = c["args"]
-        .as_sequence()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let cfg_path = args[args.iter().position(|a| *a == "--config").unwrap() + 1];
+    let cfg_path = arg_list[arg_list.iter().position(|a| *a == "--config").unwrap() + 1];
     let cm_mount = mounts
         .iter()
         .find(|m| cfg_path.starts_with(m["mountPath"].as_str().unwrap()))
