@@ -53,10 +53,18 @@ pub enum Counter {
     /// yet (the head's round trip was slower than the app): handed to
     /// userspace with the connection (`FlowEvent::via`).
     ThreadPending = 16,
+    /// HTTP/2 connections whose client preface was seen (followed from
+    /// their first frame).
+    H2Started = 17,
+    /// Runs of HTTP/2 header-frame bytes copied to userspace.
+    H2Copied = 18,
+    /// HTTP/2 connections given up: a gap in their stream, a full ring or
+    /// more frames in one segment than the walk takes.
+    H2Lost = 19,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 20;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Self::Seen,
         Self::Tagged,
@@ -75,6 +83,9 @@ impl Counter {
         Self::HeadSkipped,
         Self::ThreadMatched,
         Self::ThreadPending,
+        Self::H2Started,
+        Self::H2Copied,
+        Self::H2Lost,
     ];
 
     /// The outcomes: each packet increments exactly one of these.
@@ -107,6 +118,9 @@ impl Counter {
             Self::HeadSkipped => "head_skipped",
             Self::ThreadMatched => "thread_matched",
             Self::ThreadPending => "thread_pending",
+            Self::H2Started => "h2_started",
+            Self::H2Copied => "h2_copied",
+            Self::H2Lost => "h2_lost",
         }
     }
 }

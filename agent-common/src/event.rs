@@ -14,6 +14,11 @@ pub const EVENT_FLOW_END: u32 = 2;
 /// head ([`HttpHeadEvent`]).
 pub const EVENT_HTTP_HEAD: u32 = 3;
 
+/// `EventHeader.kind`: bytes of an HTTP/2 connection's HEADERS,
+/// CONTINUATION or PUSH_PROMISE frames, or its start or loss
+/// ([`H2FramesEvent`]).
+pub const EVENT_H2_FRAMES: u32 = 4;
+
 /// First field of every record, so readers can dispatch on `kind`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -66,3 +71,66 @@ pub struct HttpHeadEvent {
 }
 
 const _: () = assert!(core::mem::size_of::<HttpHeadEvent>() == 8 + 48 + 16 + 1024);
+
+/// `H2FramesEvent.flags`: the connection's client preface was seen (no data
+/// follows): whatever was known about this flow is from another connection.
+pub const H2_PREFACE: u32 = 1;
+/// The data starts at a frame header; without it, it continues the
+/// previous record's bytes (the same frame, at `seq`).
+pub const H2_FRAME_START: u32 = 2;
+/// Bytes of header frames were missed (a gap in the stream, a full ring,
+/// too many frames in a segment): the connection is no longer followed.
+pub const H2_LOST: u32 = 4;
+
+/// `EVENT_H2_FRAMES`: a run of an HTTP/2 connection's bytes that belong to
+/// header-carrying frames, found by the datapath's frame walk (the bytes in
+/// between were other frames). `seq` is the TCP sequence number of `data[0]`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct H2FramesEvent {
+    pub header: EventHeader,
+    pub key: FlowKey,
+    pub ts_ns: u64,
+    pub pid: u32,
+    /// Bytes of `data` that are valid.
+    pub len: u32,
+    pub seq: u32,
+    pub flags: u32,
+    pub data: [u8; crate::config::MAX_CAPTURE],
+}
+
+const _: () = assert!(core::mem::size_of::<H2FramesEvent>() == 8 + 48 + 24 + 1024);
+
+/// The datapath's position in one HTTP/2 connection's client stream (TCP
+/// sequence numbers). Written by the datapath only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Flow {
+    /// Everything before this was looked at.
+    pub seen: u32,
+    /// Where the next frame header starts.
+    pub next: u32,
+    /// The header frame being copied ends here (`copied` == `copy_to`
+    /// when none is).
+    pub copy_to: u32,
+    /// Bytes up to here were sent to userspace.
+    pub copied: u32,
+    /// Where that header frame starts.
+    pub frame_start: u32,
+    /// The first `part_len` bytes of the frame header at `next`, when it
+    /// was cut by the end of a segment; the whole header once read.
+    pub part_len: u32,
+    pub part: [u8; 24],
+}
+
+/// Where the HTTP/2 walk is in the current packet: written by the ingress
+/// program in its CPU's slot, read by the tail-called walk.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct H2Walk {
+    pub key: FlowKey,
+    pub off: u32,
+    pub seq: u32,
+    pub local: u32,
+    pub _pad: u32,
+}

@@ -50,6 +50,8 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     pub const SOCK_FLOW: &str = "SOCK_FLOW";
     pub const THREAD_VIA: &str = "THREAD_VIA";
+    pub const H2_FLOWS: &str = "H2_FLOWS";
+    pub const H2_WALK: &str = "H2_WALK";
 
     /// Default `max_entries` (bytes for `EVENTS`): the eBPF object declares
     /// these and the agent's `MapSizes` starts from them; most can be
@@ -68,6 +70,8 @@ pub mod maps {
         pub const SOCK_FLOW: u32 = 65536;
         /// Threads that read a connection (one entry per thread).
         pub const THREAD_VIA: u32 = 32768;
+        /// HTTP/2 connections followed by the frame walk (LRU).
+        pub const H2_FLOWS: u32 = 8192;
         /// ≈ 1900 request heads (1.1 KB each): enough to ride out the agent
         /// being off-CPU for a while on a saturated node.
         pub const EVENTS_BYTES: u32 = 2 << 20;
@@ -83,6 +87,11 @@ pub mod programs {
     /// (names are cut at 15 bytes).
     pub const INGRESS_IFNS: &str = "tagflow_ingress_ifns";
     pub const UPLINK: &str = "tagflow_uplink";
+    /// The HTTP/2 frame walk, tail-called by the ingress programs; its
+    /// index in `H2_WALK` is 1 for this variant (the skb's clock), 0 for
+    /// `H2_IFNS` (the kernel's).
+    pub const H2: &str = "tagflow_h2";
+    pub const H2_IFNS: &str = "tagflow_h2_ifns";
     pub const CONNECT4: &str = "tagflow_connect4";
     pub const CONNECT6: &str = "tagflow_connect6";
     pub const BIND4: &str = "tagflow_bind4";

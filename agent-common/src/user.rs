@@ -14,3 +14,6 @@ unsafe impl aya::Pod for DatapathConfig {}
 unsafe impl aya::Pod for TaskOffsets {}
 unsafe impl aya::Pod for NetnsSlot {}
 unsafe impl aya::Pod for HttpHeadEvent {}
+unsafe impl aya::Pod for H2FramesEvent {}
+unsafe impl aya::Pod for H2Flow {}
+unsafe impl aya::Pod for H2Walk {}

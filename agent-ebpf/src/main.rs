@@ -17,6 +17,7 @@
 #![allow(internal_features)]
 
 mod capture;
+mod h2;
 mod maps;
 mod owners;
 mod parse;
@@ -31,7 +32,7 @@ use aya_ebpf::{
     Global,
 };
 use maps::{count, FLOW_STATS, FLOW_TRACES, TRACES};
-use parse::Skip;
+use parse::{Payload, Skip};
 
 /// Load-time configuration (see `agent_common::config`).
 #[unsafe(no_mangle)]
@@ -81,16 +82,30 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
 
     // Passive capture runs before the gate: heads from trace-free pods are
     // how traces start.
-    if cfg.capture_len != 0 && parse::looks_like_http_request(&ctx, parsed.payload_off) {
-        capture::maybe_head::<NETNS_HELPER>(&ctx, &cfg, &key, parsed.payload_off, true);
+    let walk =
+        cfg.capture_len != 0 && capture_payload::<NETNS_HELPER>(&ctx, &cfg, &key, &parsed, true);
+    tag_packet::<NETNS_HELPER>(&mut ctx, &cfg, key, &parsed);
+    // Last: a tail call does not come back.
+    if walk {
+        h2::walk_on::<NETNS_HELPER>(&ctx);
     }
+    TCX_NEXT
+}
 
+/// The gate, the flow cache, then resolution: the packet gets its trace.
+#[inline(always)]
+fn tag_packet<const NETNS_HELPER: bool>(
+    ctx: &mut TcContext,
+    cfg: &DatapathConfig,
+    key: FlowKey,
+    parsed: &parse::Parsed,
+) {
     // Gate: a namespace without trace entries stops here, after one lookup.
     let gen = match maps::netns_gen(key.netns) {
         Some(g) => g,
         None => {
             count(Counter::NoTrace);
-            return TCX_NEXT;
+            return;
         }
     };
 
@@ -101,21 +116,21 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
         if s.gen == gen {
             if s.is_negative() {
                 if s.matched == MATCH_WATCHED {
-                    tag::account::<NETNS_HELPER>(&ctx, s, parsed.tcp_flags);
+                    tag::account::<NETNS_HELPER>(ctx, s, parsed.tcp_flags);
                 }
                 count(Counter::NoTrace);
             } else {
-                tag::mark_packet(&mut ctx, &cfg, &s.trace_id, s.cb_meta);
-                tag::account::<NETNS_HELPER>(&ctx, s, parsed.tcp_flags);
+                tag::mark_packet(ctx, cfg, &s.trace_id, s.cb_meta);
+                tag::account::<NETNS_HELPER>(ctx, s, parsed.tcp_flags);
             }
-            return TCX_NEXT;
+            return;
         }
     }
 
     // Slow path: the exact connection first, then the request the
     // connecting thread was serving, then the owning process.
     count(Counter::Resolved);
-    let owner = resolve::owner(&ctx, &key);
+    let owner = resolve::owner(ctx, &key);
     let by_thread = match owner.via {
         Some(v) => unsafe { FLOW_TRACES.get(v) },
         None => None,
@@ -130,8 +145,8 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
         None => (None, 0),
     };
     tag::resolved::<NETNS_HELPER>(
-        &mut ctx,
-        &cfg,
+        ctx,
+        cfg,
         &key,
         old,
         gen,
@@ -140,7 +155,6 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
         matched,
         parsed.tcp_flags,
     );
-    TCX_NEXT
 }
 
 /// TC ingress of the node's uplink: requests from other nodes, on their
@@ -153,16 +167,53 @@ pub fn tagflow_uplink(ctx: TcContext) -> i32 {
     if cfg.capture_len == 0 {
         return TCX_NEXT;
     }
-    if let Ok(parsed) = parse::parse(&ctx) {
-        if parse::looks_like_http_request(&ctx, parsed.payload_off) {
-            let mut key = parsed.key;
-            key.netns = NETNS_WIRE;
-            // Heads only (a few per connection): the kernel's clock, which
-            // every kernel offers, costs little here.
-            capture::maybe_head::<false>(&ctx, &cfg, &key, parsed.payload_off, false);
+    if let Ok(mut parsed) = parse::parse(&ctx) {
+        parsed.key.netns = NETNS_WIRE;
+        // Heads only (a few per connection): the kernel's clock, which
+        // every kernel offers, costs little here.
+        let key = parsed.key;
+        if capture_payload::<false>(&ctx, &cfg, &key, &parsed, false) {
+            h2::walk_on::<false>(&ctx);
         }
     }
     TCX_NEXT
+}
+
+/// The HTTP/2 frame walk, in its own program: the ingress programs tail-
+/// call it when a segment has frames to look at, and it calls itself
+/// while there are more (`h2.rs`). The clock as in the ingress variant.
+#[classifier]
+pub fn tagflow_h2(ctx: TcContext) -> i32 {
+    h2::resume::<true>(&ctx);
+    TCX_NEXT
+}
+
+#[classifier]
+pub fn tagflow_h2_ifns(ctx: TcContext) -> i32 {
+    h2::resume::<false>(&ctx);
+    TCX_NEXT
+}
+
+/// An HTTP/1.x request head is copied; an HTTP/2 connection is followed
+/// from its preface (`h2.rs`). True when the segment has HTTP/2 frames to
+/// walk (after the packet is tagged: `h2::walk_on`).
+#[inline(always)]
+fn capture_payload<const STAMP: bool>(
+    ctx: &TcContext,
+    cfg: &DatapathConfig,
+    key: &FlowKey,
+    parsed: &parse::Parsed,
+    local: bool,
+) -> bool {
+    match parse::payload_kind(ctx, parsed.payload_off) {
+        Payload::Http1 => {
+            capture::maybe_head::<STAMP>(ctx, cfg, key, parsed.payload_off, local);
+            false
+        }
+        Payload::H2Preface => h2::preface::<STAMP>(ctx, key, parsed.payload_off, parsed.seq, local),
+        Payload::Other => h2::segment::<STAMP>(ctx, key, parsed.payload_off, parsed.seq, local),
+        Payload::None => false,
+    }
 }
 
 #[cgroup_sock_addr(connect4)]

@@ -2,11 +2,12 @@
 //! `agent_common::maps::size`; the loader may override `max_entries` at
 //! load time (the config file's `[maps]`).
 use agent_common::{
-    maps::size, FlowKey, FlowStats, NetnsSlot, PortKey, SockOwner, TraceContext, TraceKey,
+    maps::size, FlowKey, FlowStats, H2Flow, H2Walk, NetnsSlot, PortKey, SockOwner, TraceContext,
+    TraceKey,
 };
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray, RingBuf},
 };
 
 /// Trace context per (pid, netns cookie). Written by userspace only.
@@ -80,6 +81,20 @@ pub static NETNS_GEN: HashMap<u64, u64> = HashMap::with_max_entries(size::NETNS_
 #[map(name = "CAPTURE_SKIP")]
 pub static CAPTURE_SKIP: LruHashMap<FlowKey, u64> =
     LruHashMap::with_max_entries(size::CAPTURE_SKIP, 0);
+
+/// HTTP/2 connections followed from their preface (see `h2.rs`). Written
+/// by the datapath only; LRU.
+#[map(name = "H2_FLOWS")]
+pub static H2_FLOWS: LruHashMap<FlowKey, H2Flow> = LruHashMap::with_max_entries(size::H2_FLOWS, 0);
+
+/// The HTTP/2 walk programs (see `agent_common::programs::H2`). Written by
+/// the loader.
+#[map(name = "H2_WALK")]
+pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
+
+/// Per CPU: the packet the walk is for (see `agent_common::H2Walk`).
+#[map(name = "WALK_AT")]
+pub static WALK_AT: PerCpuArray<H2Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// The fast front of `NETNS_GEN` (see `agent_common::NetnsSlot`).
 #[map(name = "NETNS_SLOTS")]

@@ -34,26 +34,46 @@ pub struct Parsed {
     pub tcp_flags: u8,
     /// Offset of the L4 payload (TCP only; 0 for UDP).
     pub payload_off: usize,
+    /// TCP sequence number of the payload's first byte (0 for UDP).
+    pub seq: u32,
 }
 
 /// Whether the TCP payload at `off` starts with an HTTP/1.x method token
-/// and a space (the first 4 bytes decide; userspace parses the rest).
+/// and a space, or the HTTP/2 client preface (the first 4 bytes decide;
+/// userspace parses the rest).
 ///
 /// Payload sent from a socket usually sits in page fragments, outside the
 /// linear area direct packet access can see: read it with the helper, and
 /// only when there are payload bytes at all (pure ACKs skip the call).
 #[inline(always)]
-pub fn looks_like_http_request(ctx: &TcContext, off: usize) -> bool {
+pub fn payload_kind(ctx: &TcContext, off: usize) -> Payload {
     if off == 0 || off > MAX_L4_OFF || (ctx.len() as usize) < off + 4 {
-        return false;
+        return if off != 0 && (ctx.len() as usize) > off {
+            Payload::Other
+        } else {
+            Payload::None
+        };
     }
     let Ok(p) = ctx.load::<[u8; 4]>(off) else {
-        return false;
+        return Payload::Other;
     };
-    matches!(
-        &p,
-        b"GET " | b"PUT " | b"POST" | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC"
-    )
+    match &p {
+        b"GET " | b"PUT " | b"POST" | b"HEAD" | b"DELE" | b"PATC" | b"OPTI" | b"CONN" | b"TRAC" => {
+            Payload::Http1
+        }
+        // The HTTP/2 client preface (the rest is checked by the walk).
+        b"PRI " => Payload::H2Preface,
+        _ => Payload::Other,
+    }
+}
+
+/// What a TCP segment's payload starts with.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Payload {
+    None,
+    Http1,
+    H2Preface,
+    Other,
 }
 
 #[inline(always)]
@@ -161,7 +181,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         return Err(Skip::Malformed);
     }
     key.proto = l4_proto;
-    let (tcp_flags, payload_off) = match l4_proto {
+    let (tcp_flags, payload_off, seq) = match l4_proto {
         PROTO_TCP => {
             let th = ptr_at::<[u8; 20]>(ctx, off)?;
             let th = unsafe { &*th };
@@ -171,14 +191,18 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
             }
             key.local_port = u16::from_be_bytes([th[0], th[1]]);
             key.remote_port = u16::from_be_bytes([th[2], th[3]]);
-            (th[13], off + doff * 4)
+            (
+                th[13],
+                off + doff * 4,
+                u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+            )
         }
         PROTO_UDP => {
             let uh = ptr_at::<[u8; 8]>(ctx, off)?;
             let uh = unsafe { &*uh };
             key.local_port = u16::from_be_bytes([uh[0], uh[1]]);
             key.remote_port = u16::from_be_bytes([uh[2], uh[3]]);
-            (0, 0)
+            (0, 0, 0)
         }
         _ => return Err(Skip::OtherL4),
     };
@@ -186,5 +210,6 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         key,
         tcp_flags,
         payload_off,
+        seq,
     })
 }

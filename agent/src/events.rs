@@ -1,6 +1,7 @@
 //! Reading the `EVENTS` ring buffer.
 use agent_common::{
-    EventHeader, FlowEvent, HttpHeadEvent, EVENT_FLOW_END, EVENT_FLOW_NEW, EVENT_HTTP_HEAD,
+    EventHeader, FlowEvent, H2FramesEvent, HttpHeadEvent, EVENT_FLOW_END, EVENT_FLOW_NEW,
+    EVENT_H2_FRAMES, EVENT_HTTP_HEAD,
 };
 
 /// A decoded ring-buffer record.
@@ -12,6 +13,8 @@ pub enum Event {
     FlowEnd(FlowEvent),
     /// The start of an HTTP request head (passive capture).
     HttpHead(Box<HttpHeadEvent>),
+    /// Header-frame bytes of an HTTP/2 connection (passive capture).
+    H2Frames(Box<H2FramesEvent>),
     /// A kind this agent does not know (a newer datapath); skipped, counted.
     Unknown(u32),
     /// Shorter than its header says: dropped, counted.
@@ -35,6 +38,11 @@ pub fn decode(buf: &[u8]) -> Event {
         EVENT_HTTP_HEAD => Event::HttpHead(Box::new(unsafe {
             std::ptr::read_unaligned(buf.as_ptr().cast())
         })),
+        EVENT_H2_FRAMES if buf.len() < size_of::<H2FramesEvent>() => Event::Truncated,
+        // SAFETY: length checked above.
+        EVENT_H2_FRAMES => Event::H2Frames(Box::new(unsafe {
+            std::ptr::read_unaligned(buf.as_ptr().cast())
+        })),
         k => Event::Unknown(k),
     }
 }
@@ -45,6 +53,11 @@ impl std::fmt::Debug for Event {
             Self::FlowNew(e) => f.debug_tuple("FlowNew").field(e).finish(),
             Self::FlowEnd(e) => f.debug_tuple("FlowEnd").field(e).finish(),
             Self::HttpHead(h) => write!(f, "HttpHead({:?}, pid {}, {} bytes)", h.key, h.pid, h.len),
+            Self::H2Frames(h) => write!(
+                f,
+                "H2Frames({:?}, seq {}, flags {}, {} bytes)",
+                h.key, h.seq, h.flags, h.len
+            ),
             Self::Unknown(k) => write!(f, "Unknown({k})"),
             Self::Truncated => write!(f, "Truncated"),
         }

@@ -166,20 +166,19 @@ pub fn identify(
     request_id: Option<&str>,
     traceparent: Option<&str>,
 ) -> Result<TraceIdentity, IdError> {
-    let rid = match request_id {
-        Some(v) => Some(validate_request_id(v)?.to_string()),
-        None => None,
-    };
+    let rid = request_id.map(|v| validate_request_id(v).map(str::to_string));
     if let Some((trace_id, parent, flags)) = traceparent.and_then(parse_traceparent) {
+        // A valid traceparent stands on its own: an unusable request id
+        // beside it is left out, not a reason to lose the trace.
         return Ok(TraceIdentity {
             trace_id,
             parent_span_id: Some(parent),
             sampled: flags & 1 == 1,
             kind: IdKind::Traceparent,
-            request_id: rid,
+            request_id: rid.and_then(Result::ok),
         });
     }
-    let rid = rid.ok_or(IdError::Missing)?;
+    let rid = rid.ok_or(IdError::Missing)??;
     let (trace_id, kind) = map_request_id(&rid)?;
     Ok(TraceIdentity {
         trace_id,

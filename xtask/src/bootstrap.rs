@@ -67,7 +67,8 @@ fn which(tool: &str) -> bool {
 fn manual_steps() -> String {
     format!(
         "  rustup toolchain install nightly --component rust-src\n  \
-         sudo apt-get update && sudo apt-get install -y {} iproute2 python3 nginx wrk iperf3 tcpdump kubernetes-client\n  \
+         sudo apt-get update && sudo apt-get install -y {} iproute2 python3 nginx wrk iperf3 tcpdump kubernetes-client nghttp2-client nghttp2-server\n  \
+         python3 -m pip install grpcio\n  \
          LLVM_PREFIX={LLVM_PREFIX} cargo install bpf-linker --no-default-features --features llvm-{LLVM_MAJOR}\n",
         APT_LLVM.join(" ")
     )
@@ -193,7 +194,27 @@ pub fn lab_tools() -> Result<()> {
         ("curl", "curl"),
         // Service addresses (DNAT, as kube-proxy writes them).
         ("iptables", "iptables"),
-    ])
+        // HTTP/2: h2load drives the sidecar and nginx in the bench, nghttpd
+        // is their upstream.
+        ("h2load", "nghttp2-client"),
+        ("nghttpd", "nghttp2-server"),
+    ])?;
+    // gRPC apps and clients in the lab (tests/grpc.rs, the bench).
+    python_module("grpc", "grpcio")
+}
+
+/// A Python module for the `python3` the lab runs, from PyPI when missing.
+fn python_module(module: &str, package: &str) -> Result<()> {
+    let import = |m: &str| ok(Command::new("python3").args(["-c", &format!("import {m}")]));
+    if import(module) {
+        return Ok(());
+    }
+    run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))
+        .with_context(|| format!("installing {package} (python3 -m pip install {package})"))?;
+    if !import(module) {
+        bail!("{package} installed but `python3 -c 'import {module}'` fails");
+    }
+    Ok(())
 }
 
 /// What the VM leg of the tests needs: qemu, a static busybox for the

@@ -30,6 +30,11 @@ const VM_TESTS: &[(&str, &[&str])] = &[
     // Behind the sidecar and behind nginx: pod loopbacks on clsact, the
     // namespace from the socket's record.
     ("concurrency", &[]),
+    // HTTP/2 frame walk (tail calls) on real traffic over a pod loopback.
+    (
+        "grpc",
+        &["calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped"],
+    ),
 ];
 /// The VM leg's budget (software emulation included).
 const VM_LIMIT: Duration = Duration::from_secs(600);

@@ -42,6 +42,8 @@ pub struct Frame {
     /// IPv4 fragment offset in 8-byte units (non-zero = non-first fragment).
     pub ip4_frag_offset: u16,
     pub ext6: Vec<Ext6>,
+    /// TCP sequence number of the payload's first byte.
+    pub seq: u32,
     pub payload: Vec<u8>,
 }
 
@@ -57,6 +59,7 @@ impl Frame {
             ip4_options: Vec::new(),
             ip4_frag_offset: 0,
             ext6: Vec::new(),
+            seq: 1,
             payload: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         }
     }
@@ -96,7 +99,7 @@ impl Frame {
             L4::Tcp { flags } => {
                 l4.extend_from_slice(&self.sport.to_be_bytes());
                 l4.extend_from_slice(&self.dport.to_be_bytes());
-                l4.extend_from_slice(&1u32.to_be_bytes()); // seq
+                l4.extend_from_slice(&self.seq.to_be_bytes());
                 l4.extend_from_slice(&0u32.to_be_bytes()); // ack
                 l4.push(5 << 4); // data offset
                 l4.push(flags);

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod collector;
 pub mod demo;
 pub mod frames;
+pub mod grpc;
 pub mod node;
 pub mod procs;
 pub mod service;

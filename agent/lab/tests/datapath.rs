@@ -542,3 +542,112 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
     assert_eq!(b.dp.counter(Counter::Resolved), before + 1);
     assert_eq!(b.dp.flow_stats().len(), 1);
 }
+
+/// An HTTP/2 frame (9-byte header + payload).
+fn h2_frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let n = payload.len() as u32;
+    let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
+    use tagflow::sources::h2::H2Conns;
+    let _g = lock();
+    let cfg = AgentConfig {
+        capture_len: 64,
+        ..Default::default()
+    };
+    let mut b = bed(&cfg);
+    let mut events = b.dp.take_events().unwrap();
+    let mut enc = loona_hpack::Encoder::new();
+    let mut request = |stream: u32| {
+        let rid = format!("{stream:08}-1111-4222-8333-444455556666");
+        let block = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":path", b"/shop.Cart/Add"),
+            (b":authority", b"cart:50051"),
+            (b"content-type", b"application/grpc"),
+            (b"x-request-id", rid.as_bytes()),
+        ]);
+        h2_frame(1, 0x4, stream, &block)
+    };
+    // The client's stream as it goes out: the preface, SETTINGS, a request
+    // with its message, a 300-byte message cut over two segments, a request
+    // whose frame header the segment boundary cuts, then 30 requests in
+    // one segment (more frames than one run of the walk takes).
+    let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    stream.extend(h2_frame(4, 0, 0, &[0, 3, 0, 0, 0, 100]));
+    stream.extend(request(1));
+    stream.extend(h2_frame(0, 0x1, 1, &[7; 10]));
+    stream.extend(h2_frame(0, 0x1, 1, &[8; 300]));
+    let cut1 = stream.len() - 200;
+    let cut2 = stream.len() + 4;
+    stream.extend(request(3));
+    let mut n = 5;
+    let cut3 = stream.len();
+    while n < 5 + 60 {
+        stream.extend(request(n));
+        n += 2;
+    }
+    let seq0 = 1_000_000u32;
+    let mut f = tcp4();
+    for (from, to) in [(0, cut1), (cut1, cut2), (cut2, cut3), (cut3, stream.len())] {
+        f.seq = seq0 + from as u32;
+        f.payload = stream[from..to].to_vec();
+        b.expect(&f.build(), Counter::NoTrace, "h2 segment");
+    }
+    // A retransmission changes nothing.
+    f.seq = seq0 + cut1 as u32;
+    f.payload = stream[cut1..cut2].to_vec();
+    b.expect(&f.build(), Counter::NoTrace, "retransmitted segment");
+    let records: Vec<_> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i)))
+        .map(|e| match e {
+            Event::H2Frames(h) => h,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(records[0].flags, H2_PREFACE);
+    assert_eq!(b.dp.counter(Counter::H2Started), 1);
+    assert_eq!(b.dp.counter(Counter::H2Lost), 0);
+    // Every byte sent is a header frame's, at its place in the stream.
+    for r in &records[1..] {
+        let at = r.seq.wrapping_sub(seq0) as usize;
+        assert_eq!(&r.data[..r.len as usize], &stream[at..at + r.len as usize]);
+        assert_eq!(r.key, f.flow_key(b.pod_ns));
+    }
+    // The decoder reads every request's id with the connection's table.
+    let mut conns = H2Conns::new(4);
+    let ids = vec!["x-request-id".to_string()];
+    let heads: Vec<_> = records.iter().flat_map(|r| conns.event(r, &ids)).collect();
+    let want: Vec<String> = std::iter::once(1)
+        .chain(std::iter::once(3))
+        .chain((5..65).step_by(2))
+        .map(|s| format!("{s:08}-1111-4222-8333-444455556666"))
+        .collect();
+    let got: Vec<String> = heads
+        .iter()
+        .map(|h| {
+            let (info, _) = h.head.as_ref().expect("a request with an id");
+            info.request_id.clone().unwrap()
+        })
+        .collect();
+    assert_eq!(got, want, "{:?}", conns.stats);
+    // A gap (a segment the datapath never saw) gives the connection up.
+    f.seq = seq0 + stream.len() as u32 + 100;
+    f.payload = request(201);
+    b.expect(&f.build(), Counter::NoTrace, "after a gap");
+    let lost = events.next().map(|i| events::decode(&i));
+    assert!(
+        matches!(&lost, Some(Event::H2Frames(h)) if h.flags == H2_LOST),
+        "{lost:?}"
+    );
+    assert_eq!(b.dp.counter(Counter::H2Lost), 1);
+    f.seq += f.payload.len() as u32;
+    b.expect(&f.build(), Counter::NoTrace, "given up");
+    assert!(events.next().is_none());
+}

@@ -20,7 +20,10 @@ use crate::{
     export::Exporter,
     loader::Datapath,
     podnet::{Reader, Unresolved},
-    sources::capture::{Capture, Check, HeadOutcome},
+    sources::{
+        capture::{Capture, Check, HeadInfo, HeadOutcome, Sent},
+        h2::H2Conns,
+    },
     spans::{
         assemble::{Assembler, AssemblerConfig, End},
         resource::Resources,
@@ -79,6 +82,8 @@ const UNSAMPLED_TRACES: usize = 16384;
 
 pub struct Pipeline {
     pub capture: Capture,
+    /// HTTP/2 connections followed by passive capture.
+    pub h2: H2Conns,
     /// Where the host sends calls to Service addresses (off until the
     /// daemon opens it).
     pub services: Services,
@@ -109,6 +114,10 @@ pub struct Pipeline {
     span_idle_ns: u64,
 }
 
+/// HTTP/2 connections decoded at once (each holds an HPACK table of
+/// usually 4 KiB, at most `h2::MAX_TABLE`).
+const H2_CONNECTIONS: usize = 2048;
+
 /// How long a closed connection keeps its FLOW_TRACES entry.
 const CLOSED_FLOW_GRACE_NS: u64 = 2_000_000_000;
 
@@ -121,6 +130,7 @@ impl Pipeline {
     pub fn with_pods(cfg: &AgentConfig, pods: Option<Arc<crate::k8s::pods::PodCache>>) -> Self {
         Self {
             capture: Capture::new(cfg.capture_headers.clone(), 16384),
+            h2: H2Conns::new(H2_CONNECTIONS),
             services: Services::disabled(),
             assembler: Assembler::new(
                 AssemblerConfig {
@@ -237,48 +247,7 @@ impl Pipeline {
                     |k| services.translate(k),
                 );
                 match out {
-                    HeadOutcome::Applied(info) => {
-                        // What the sender sent on this connection before
-                        // the agent got the head went out under its
-                        // process's previous trace: it is this request's.
-                        if let Some((previous, ctx)) = info.sender_previous {
-                            if self
-                                .assembler
-                                .retrace(&h.key, &previous, &ctx, End::Sender, now)
-                            {
-                                self.stats.reattributed_flows += 1;
-                                self.remember_reattributed(h.key, previous, ctx);
-                            }
-                        }
-                        if let Some(r) = info.reader_end {
-                            // The reader's handshake went out under its
-                            // process's previous trace: it is this request's.
-                            if let Some(previous) = r.previous {
-                                if self.assembler.retrace(
-                                    &r.conn,
-                                    &previous,
-                                    &r.ctx,
-                                    End::Reader,
-                                    now,
-                                ) {
-                                    self.stats.reattributed_flows += 1;
-                                    self.remember_reattributed(r.conn, previous, r.ctx);
-                                }
-                            }
-                            // From another node: its caller's span id is
-                            // one both agents compute.
-                            if h.key.netns == agent_common::NETNS_WIRE {
-                                let conn = info.via.unwrap_or(h.key);
-                                self.assembler.expect_caller(
-                                    r.conn,
-                                    info.trace_id,
-                                    crate::ids::call_span_id(&info.trace_id, &conn),
-                                );
-                            }
-                        }
-                        self.unsampled.note(info.trace_id, info.sampled);
-                        self.assembler.head(&h.key, *info)
-                    }
+                    HeadOutcome::Applied(info) => self.applied(&h.key, *info, now),
                     // Anything else is copied again on the connection's
                     // next segment that looks like a request: skipped for a
                     // while, so no pod can fill the shared ring with heads
@@ -286,10 +255,78 @@ impl Pipeline {
                     _ => return Some(h.key),
                 }
             }
+            Event::H2Frames(h) => {
+                let mut receiver = receiver;
+                let heads = self.h2.event(&h, self.capture.id_headers());
+                for s in heads {
+                    self.stats.heads += 1;
+                    let sent = Sent {
+                        key: h.key,
+                        pid: h.pid,
+                        ts_ns: h.ts_ns,
+                    };
+                    let services = &mut self.services;
+                    let out = self.capture.apply(
+                        sent,
+                        s.head,
+                        &mut table.lock().expect("table lock"),
+                        &mut receiver,
+                        |k| services.translate(k),
+                    );
+                    // A stream without an id skips nothing: the next one
+                    // on the connection may have one, and its table must
+                    // see every block.
+                    if let HeadOutcome::Applied(info) = out {
+                        self.applied(&h.key, *info, now);
+                    }
+                }
+            }
             Event::Unknown(_) => self.stats.events_unknown += 1,
             Event::Truncated => self.stats.events_truncated += 1,
         }
         None
+    }
+
+    /// What a head that set a trace changes for spans.
+    fn applied(&mut self, key: &FlowKey, info: HeadInfo, now: u64) {
+        let key = *key;
+        // What the sender sent on this connection before the agent got the
+        // head went out under its process's previous trace: it is this
+        // request's.
+        if let Some((previous, ctx)) = info.sender_previous {
+            if self
+                .assembler
+                .retrace(&key, &previous, &ctx, End::Sender, now)
+            {
+                self.stats.reattributed_flows += 1;
+                self.remember_reattributed(key, previous, ctx);
+            }
+        }
+        if let Some(r) = info.reader_end {
+            // The reader's handshake went out under its process's previous
+            // trace: it is this request's.
+            if let Some(previous) = r.previous {
+                if self
+                    .assembler
+                    .retrace(&r.conn, &previous, &r.ctx, End::Reader, now)
+                {
+                    self.stats.reattributed_flows += 1;
+                    self.remember_reattributed(r.conn, previous, r.ctx);
+                }
+            }
+            // From another node: its caller's span id is one both agents
+            // compute.
+            if key.netns == agent_common::NETNS_WIRE {
+                let conn = info.via.unwrap_or(key);
+                self.assembler.expect_caller(
+                    r.conn,
+                    info.trace_id,
+                    crate::ids::call_span_id(&info.trace_id, &conn),
+                );
+            }
+        }
+        self.unsampled.note(info.trace_id, info.sampled);
+        self.assembler.head(&key, info)
     }
 
     /// A flow the datapath tagged before the agent had written what it
@@ -616,6 +653,7 @@ impl Pipeline {
         ]
         .into_iter()
         .chain(self.capture.counters())
+        .chain(self.h2.stats.counters())
         .chain(self.assembler.stats.counters())
         .chain(self.services.stats.counters())
         .map(|(n, h, v)| (n.to_string(), h.to_string(), v))

@@ -14,7 +14,7 @@ use std::{collections::HashMap, io, path::PathBuf, time::Duration};
 use agent_common::{programs as prog, FlowKey, FlowStats, PortKey, SockOwner};
 use aya::{
     include_bytes_aligned,
-    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray, ProgramArray, RingBuf},
     programs::{ProgramError, SchedClassifier},
     Ebpf, EbpfError, EbpfLoader,
 };
@@ -96,6 +96,9 @@ pub struct Datapath {
     thread_via: BpfHashMap<MapData, u32, FlowKey>,
     events: Option<RingBuf<MapData>>,
     capture_skip: BpfHashMap<MapData, FlowKey, u64>,
+    /// Held open: the kernel empties a program array when its last user
+    /// file descriptor closes.
+    _h2_walk: ProgramArray<MapData>,
     table: Option<TraceTable>,
     pub owner_hooks: Vec<&'static str>,
     /// The hooks that follow a request from a connection to the thread
@@ -124,6 +127,31 @@ fn take<T: TryFrom<aya::maps::Map, Error = MapError>>(
 ) -> Result<T, LoaderError> {
     let map = ebpf.take_map(name).ok_or(LoaderError::MissingMap(name))?;
     T::try_from(map).map_err(|source| LoaderError::Map { name, source })
+}
+
+/// Loads the HTTP/2 walk and puts it where the ingress programs tail-call
+/// it: index 0 the variant on the kernel's clock (the uplink, the ingress
+/// for kernels without the netns helper), 1 the one on the skb's clock.
+fn load_h2_walk(ebpf: &mut Ebpf, skb_clock: bool) -> Result<ProgramArray<MapData>, LoaderError> {
+    let mut walk: ProgramArray<MapData> = take(ebpf, agent_common::maps::H2_WALK)?;
+    let variants: &[(&'static str, u32)] = if skb_clock {
+        &[(prog::H2_IFNS, 0), (prog::H2, 1)]
+    } else {
+        &[(prog::H2_IFNS, 0)]
+    };
+    for &(name, index) in variants {
+        let p: &mut SchedClassifier = program(ebpf, name)?;
+        p.load()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        let fd = p
+            .fd()
+            .map_err(|source| LoaderError::Program { name, source })?;
+        walk.set(index, fd, 0).map_err(|source| LoaderError::Map {
+            name: agent_common::maps::H2_WALK,
+            source,
+        })?;
+    }
+    Ok(walk)
 }
 
 impl Datapath {
@@ -191,6 +219,7 @@ impl Datapath {
             p.load()
                 .map_err(|source| LoaderError::Program { name, source })?;
         }
+        let h2_walk = load_h2_walk(&mut ebpf, ingress == prog::INGRESS)?;
 
         let idle = Duration::from_secs(cfg.trace_idle_secs);
         let traces = take(&mut ebpf, m::TRACES)?;
@@ -231,6 +260,7 @@ impl Datapath {
             thread_via: take(&mut ebpf, m::THREAD_VIA)?,
             events: Some(take(&mut ebpf, m::EVENTS)?),
             capture_skip: take(&mut ebpf, m::CAPTURE_SKIP)?,
+            _h2_walk: h2_walk,
             table: Some(table),
             ebpf,
             _logger: logger,

@@ -19,6 +19,7 @@ pub struct HeadInfo {
     pub method: String,
     pub target: String,
     pub host: Option<String>,
+    pub protocol: Protocol,
     pub request_id: Option<String>,
     pub trace_id: [u8; 16],
     pub parent_span_id: Option<[u8; 8]>,
@@ -91,18 +92,50 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
             .find(|h| h.name.eq_ignore_ascii_case(name))
             .and_then(|h| std::str::from_utf8(h.value).ok())
     };
-    let rid = id_headers.iter().find_map(|h| get(h));
-    let tp = get("traceparent");
-    let id = match ids::identify(rid, tp) {
+    let request = Request {
+        method: req.method.unwrap_or(""),
+        target: req.path.unwrap_or(""),
+        host: get("host"),
+        protocol: Protocol::Http1,
+    };
+    head_info(
+        request,
+        id_headers.iter().find_map(|h| get(h)),
+        get("traceparent"),
+    )
+    .map_err(|e| match e {
+        HeadOutcome::NoId { .. } => HeadOutcome::NoId { truncated },
+        e => e,
+    })
+}
+
+/// What a request says about itself, whatever its HTTP version.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub method: &'a str,
+    pub target: &'a str,
+    /// `Host`, or HTTP/2's `:authority`.
+    pub host: Option<&'a str>,
+    pub protocol: Protocol,
+}
+
+/// The request's details and ids, or why it sets no trace.
+pub fn head_info(
+    r: Request<'_>,
+    request_id: Option<&str>,
+    traceparent: Option<&str>,
+) -> Result<(HeadInfo, bool), HeadOutcome> {
+    let id = match ids::identify(request_id, traceparent) {
         Ok(id) => id,
-        Err(ids::IdError::Missing) => return Err(HeadOutcome::NoId { truncated }),
+        Err(ids::IdError::Missing) => return Err(HeadOutcome::NoId { truncated: false }),
         Err(_) => return Err(HeadOutcome::BadId),
     };
     Ok((
         HeadInfo {
-            method: req.method.unwrap_or("").to_string(),
-            target: req.path.unwrap_or("").to_string(),
-            host: get("host").map(str::to_string),
+            method: r.method.to_string(),
+            target: r.target.to_string(),
+            host: r.host.map(str::to_string),
+            protocol: r.protocol,
             request_id: id.request_id.clone(),
             trace_id: id.trace_id,
             parent_span_id: id.parent_span_id,
@@ -115,6 +148,24 @@ pub fn parse_head(data: &[u8], id_headers: &[String]) -> Result<(HeadInfo, bool)
         },
         id.sampled,
     ))
+}
+
+/// The protocol a head was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    /// gRPC over HTTP/2 (`content-type: application/grpc…`).
+    Grpc,
+}
+
+/// Where a head was seen: its connection (as its sender's end), its
+/// sender and when.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub key: FlowKey,
+    pub pid: u32,
+    pub ts_ns: u64,
 }
 
 /// Applies captured heads to the trace tables and remembers the request
@@ -272,7 +323,7 @@ impl Capture {
         &mut self,
         ev: &HttpHeadEvent,
         table: &mut TraceTables<P, F, G, A>,
-        mut receiver: impl FnMut(&FlowKey) -> Result<Reader, Unresolved>,
+        receiver: impl FnMut(&FlowKey) -> Result<Reader, Unresolved>,
         translate: impl FnOnce(&FlowKey) -> Option<FlowKey>,
     ) -> HeadOutcome
     where
@@ -282,7 +333,37 @@ impl Capture {
         A: Store<u32, agent_common::NetnsSlot>,
     {
         let data = &ev.data[..(ev.len as usize).min(ev.data.len())];
-        let (mut info, sampled) = match parse_head(data, &self.id_headers) {
+        let sent = Sent {
+            key: ev.key,
+            pid: ev.pid,
+            ts_ns: ev.ts_ns,
+        };
+        let parsed = parse_head(data, &self.id_headers);
+        self.apply(sent, parsed, table, receiver, translate)
+    }
+
+    /// The id headers heads are read for, in order of preference.
+    pub fn id_headers(&self) -> &[String] {
+        &self.id_headers
+    }
+
+    /// Applies a parsed head (HTTP/1.x or one HTTP/2 stream's headers),
+    /// counting the ones that do not apply.
+    pub fn apply<P, F, G, A>(
+        &mut self,
+        ev: Sent,
+        parsed: Result<(HeadInfo, bool), HeadOutcome>,
+        table: &mut TraceTables<P, F, G, A>,
+        mut receiver: impl FnMut(&FlowKey) -> Result<Reader, Unresolved>,
+        translate: impl FnOnce(&FlowKey) -> Option<FlowKey>,
+    ) -> HeadOutcome
+    where
+        P: Store<TraceKey, TraceContext>,
+        F: Store<FlowKey, TraceContext>,
+        G: Store<u64, u64>,
+        A: Store<u32, agent_common::NetnsSlot>,
+    {
+        let (mut info, sampled) = match parsed {
             Ok(x) => x,
             Err(o) => {
                 match o {
@@ -374,9 +455,28 @@ impl Capture {
             Err(Unresolved::NotLocal) => self.receivers_not_local += 1,
             Err(Unresolved::NoListener) => self.receivers_no_listener += 1,
         }
-        let k = (ev.key, info.trace_id);
+        // The reader's span (its end of the connection) is named by the
+        // request as well.
+        if let Some(r) = info.reader_end {
+            self.keep_head((r.conn, info.trace_id), &info, ev.ts_ns);
+        }
+        if self.keep_head((ev.key, info.trace_id), &info, ev.ts_ns) && !from_wire {
+            self.check_later(Check {
+                due: ev.ts_ns + CHECK_AFTER_NS,
+                ts_ns: ev.ts_ns,
+                key: ev.key,
+                ctx,
+            });
+        }
+        self.applied += 1;
+        HeadOutcome::Applied(Box::new(info))
+    }
+
+    /// Keeps a head's details for the span its pair will open; false when
+    /// the pair already had some.
+    fn keep_head(&mut self, k: (FlowKey, [u8; 16]), info: &HeadInfo, ts_ns: u64) -> bool {
         while let Some((ts, old)) = self.order.front().copied() {
-            if ev.ts_ns.saturating_sub(ts) < UNCLAIMED_NS {
+            if ts_ns.saturating_sub(ts) < UNCLAIMED_NS {
                 break;
             }
             self.order.pop_front();
@@ -384,28 +484,20 @@ impl Capture {
                 self.unclaimed += 1;
             }
         }
-        if self.heads.insert(k, info.clone()).is_none() {
-            self.order.push_back((ev.ts_ns, k));
-            if !from_wire {
-                self.check_later(Check {
-                    due: ev.ts_ns + CHECK_AFTER_NS,
-                    ts_ns: ev.ts_ns,
-                    key: ev.key,
-                    ctx,
-                });
-            }
-            // `order` may name pairs already taken: those cost nothing to
-            // drop; only details never used count as evicted.
-            while self.order.len() > self.cap {
-                if let Some((_, old)) = self.order.pop_front() {
-                    if self.heads.remove(&old).is_some() {
-                        self.evicted += 1;
-                    }
+        if self.heads.insert(k, info.clone()).is_some() {
+            return false;
+        }
+        self.order.push_back((ts_ns, k));
+        // `order` may name pairs already taken: those cost nothing to drop;
+        // only details never used count as evicted.
+        while self.order.len() > self.cap {
+            if let Some((_, old)) = self.order.pop_front() {
+                if self.heads.remove(&old).is_some() {
+                    self.evicted += 1;
                 }
             }
         }
-        self.applied += 1;
-        HeadOutcome::Applied(Box::new(info))
+        true
     }
 
     /// The request details for a (connection, trace) pair, handed over

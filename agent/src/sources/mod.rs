@@ -2,6 +2,7 @@
 //! CLI) and HTTP request heads captured in the datapath.
 pub mod capture;
 pub mod client;
+pub mod h2;
 pub mod peer;
 pub mod permissions;
 pub mod protocol;

@@ -4,7 +4,10 @@ use std::net::IpAddr;
 use agent_common::*;
 
 use super::{Assembler, Open};
-use crate::spans::{kv, KeyValue, SpanKind, SpanRecord, Value};
+use crate::{
+    sources::capture::{HeadInfo, Protocol},
+    spans::{kv, KeyValue, SpanKind, SpanRecord, Value},
+};
 
 impl Assembler {
     fn ifname(&mut self, ifindex: u32) -> String {
@@ -47,9 +50,13 @@ impl Assembler {
             _ if key.local_port < key.remote_port => SpanKind::Server,
             _ => SpanKind::Client,
         };
-        let name = match &o.head {
-            Some(h) => format!("HTTP {}", h.method),
-            None => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
+        // OTel names: `{method}` for HTTP (no route is known here),
+        // `{service}/{method}` for gRPC.
+        let rpc = o.head.as_ref().and_then(grpc_method);
+        let name = match (&o.head, rpc) {
+            (Some(_), Some((service, method))) => format!("{service}/{method}"),
+            (Some(h), None) => h.method.clone(),
+            (None, _) => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
         };
         let mut a: Vec<KeyValue> = vec![
             kv("network.transport", Value::Str(transport.into())),
@@ -102,6 +109,24 @@ impl Assembler {
             a.push(kv("http.request.method", Value::Str(h.method.clone())));
             let path = h.target.split('?').next().unwrap_or("");
             a.push(kv("url.path", Value::Str(path.into())));
+            a.push(kv("network.protocol.name", Value::Str("http".into())));
+            let version = match h.protocol {
+                Protocol::Http1 => "1.1",
+                Protocol::Http2 | Protocol::Grpc => "2",
+            };
+            a.push(kv("network.protocol.version", Value::Str(version.into())));
+            if let Some((service, method)) = rpc {
+                a.push(kv("rpc.system", Value::Str("grpc".into())));
+                a.push(kv("rpc.service", Value::Str(service.into())));
+                a.push(kv("rpc.method", Value::Str(method.into())));
+            }
+            // The server's port: the one dialled (a client's remote port, a
+            // server's local one) unless the Host names another.
+            let port = if kind == SpanKind::Server {
+                key.local_port
+            } else {
+                key.remote_port
+            };
             match (&h.host, via) {
                 // The Service address: what the caller dialled.
                 (host, Some(_)) => {
@@ -115,8 +140,9 @@ impl Assembler {
                     }
                 }
                 (Some(host), None) => {
-                    let host = host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host);
+                    let (host, named) = split_host(host);
                     a.push(kv("server.address", Value::Str(host.into())));
+                    a.push(kv("server.port", Value::Int(named.unwrap_or(port) as i64)));
                 }
                 (None, None) => {}
             }
@@ -167,5 +193,47 @@ fn fmt_hostport(ip: IpAddr, port: u16) -> String {
     match ip {
         IpAddr::V6(v6) => format!("[{v6}]:{port}"),
         v4 => format!("{v4}:{port}"),
+    }
+}
+
+/// A gRPC request's service and method, from its path
+/// (`/package.Service/Method`).
+fn grpc_method(h: &HeadInfo) -> Option<(&str, &str)> {
+    if h.protocol != Protocol::Grpc {
+        return None;
+    }
+    let (service, method) = h.target.strip_prefix('/')?.split_once('/')?;
+    (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+        .then_some((service, method))
+}
+
+/// A `Host` or `:authority` value as (host, port): `[::1]:8080` gives
+/// `::1` and 8080; a port that is not a number is left out.
+fn split_host(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((h, tail)) => (h, tail.strip_prefix(':').and_then(|p| p.parse().ok())),
+            None => (host, None),
+        };
+    }
+    match host.rsplit_once(':') {
+        // One colon: host:port. More: a bare IPv6 address.
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        _ => (host, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_keep_ipv6_addresses_whole() {
+        assert_eq!(split_host("[::1]:8080"), ("::1", Some(8080)));
+        assert_eq!(split_host("[::1]"), ("::1", None));
+        assert_eq!(split_host("::1"), ("::1", None));
+        assert_eq!(split_host("example.com:443"), ("example.com", Some(443)));
+        assert_eq!(split_host("example.com"), ("example.com", None));
+        assert_eq!(split_host("example.com:x"), ("example.com", None));
     }
 }

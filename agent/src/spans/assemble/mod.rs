@@ -970,6 +970,7 @@ mod tests {
             method: "POST".into(),
             target: "/orders?id=1".into(),
             host: Some("shop:80".into()),
+            protocol: crate::sources::capture::Protocol::Http1,
             request_id: Some("req-9".into()),
             trace_id: T1,
             parent_span_id: None,
@@ -984,7 +985,7 @@ mod tests {
         a.head(&k, head);
         a.flow_end(&ev(k, T1, OWNER_CONNECTED, 100, 200, 2), 200);
         let s = &a.ready(&CLOCK(), 1_000)[0];
-        assert_eq!(s.name, "HTTP POST");
+        assert_eq!(s.name, "POST");
         assert_eq!(s.attr("url.path"), Some(&Value::Str("/orders".into())));
         assert_eq!(s.attr("server.address"), Some(&Value::Str("shop".into())));
         assert_eq!(
@@ -1009,6 +1010,7 @@ mod tests {
             method: "GET".into(),
             target: "/".into(),
             host: Some("shop".into()),
+            protocol: crate::sources::capture::Protocol::Http1,
             request_id: None,
             trace_id: T1,
             parent_span_id: None,

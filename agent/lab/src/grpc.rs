@@ -1,0 +1,60 @@
+//! gRPC processes for the lab, on Python's `grpcio` (PyPI; `cargo xtask
+//! test` installs it): a server app that calls a downstream while serving
+//! and forwards nothing, and a client that sends calls over one channel
+//! (one HTTP/2 connection), several at once. Raw bytes: no stubs needed.
+
+/// `python3 -c GRPC_APP LISTEN DOWNSTREAM` where LISTEN is `host:port` and
+/// DOWNSTREAM the `host:port` of an echo server. Serves `/shop.Cart/Add`
+/// from a pool of 8 threads: sleeps 5 ms, calls the downstream (4 bytes
+/// and their echo), answers the request's bytes. Prints `ready <pid>`,
+/// then per call `<x-request-id or -> <local port of its downstream call>`.
+pub const GRPC_APP: &str = r#"
+import os, socket, sys, threading, time, grpc
+from concurrent import futures
+listen, down = sys.argv[1], sys.argv[2]
+out = threading.Lock()
+dhost, dport = down.rsplit(":", 1)
+def add(req, ctx):
+    rid = dict(ctx.invocation_metadata()).get("x-request-id", "-")
+    time.sleep(0.005)
+    with socket.create_connection((dhost, int(dport)), timeout=5) as s:
+        port = s.getsockname()[1]
+        s.sendall(b"ping")
+        s.recv(16)
+    with out:
+        sys.stdout.write(f"{rid} {port}\n")
+        sys.stdout.flush()
+    return req
+h = grpc.method_handlers_generic_handler(
+    "shop.Cart", {"Add": grpc.unary_unary_rpc_method_handler(add)})
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+server.add_generic_rpc_handlers((h,))
+server.add_insecure_port(listen)
+server.start()
+print("ready", os.getpid(), flush=True)
+server.wait_for_termination()
+"#;
+
+/// `python3 -c GRPC_CLIENT TARGET N CONCURRENCY PREFIX`: prints `ready
+/// <pid>`, waits for a line, makes N calls to `/shop.Cart/Add` on one
+/// channel, CONCURRENCY at a time, each with `x-request-id: PREFIX-<i>`
+/// (none when PREFIX is `-`), prints `ok <i>` per answered call, then
+/// `done`.
+pub const GRPC_CLIENT: &str = r#"
+import os, sys, grpc
+from concurrent import futures
+target, n, conc, prefix = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ch = grpc.insecure_channel(target)
+call = ch.unary_unary("/shop.Cart/Add")
+print("ready", os.getpid(), flush=True)
+sys.stdin.readline()
+def one(i):
+    md = [] if prefix == "-" else [("x-request-id", f"{prefix}-{i}")]
+    call(b"hello", metadata=md, timeout=10)
+    return i
+with futures.ThreadPoolExecutor(conc) as ex:
+    for i in ex.map(one, range(n)):
+        print("ok", i, flush=True)
+print("done", flush=True)
+sys.stdin.readline()
+"#;

@@ -1,0 +1,622 @@
+//! Passive capture of HTTP/2, userspace half. The datapath follows each
+//! connection from its client preface and sends the bytes of its header
+//! frames (agent-ebpf `h2.rs`); here they become frames again and their
+//! header blocks are decoded with one HPACK table per connection. Each
+//! request's headers then make a head like an HTTP/1.x one.
+//!
+//! A connection is decoded only from its preface on and only while its
+//! bytes arrive without a gap: a table that missed one header block would
+//! read every later id wrong. Anything else is counted and the connection
+//! left alone.
+use std::collections::{HashMap, VecDeque};
+
+use agent_common::{FlowKey, H2FramesEvent, H2_FRAME_START, H2_LOST, H2_PREFACE};
+use loona_hpack::Decoder;
+
+use super::capture::{head_info, HeadInfo, HeadOutcome, Protocol, Request};
+
+const FRAME_HEADER: usize = 9;
+const HEADERS: u8 = 0x1;
+const PUSH_PROMISE: u8 = 0x5;
+const CONTINUATION: u8 = 0x9;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// A header block (all its frames) larger than this is not decoded: the
+/// connection is given up (HTTP/2 lets a peer cap it; 16 KiB is what most
+/// servers accept by default).
+pub const MAX_BLOCK: usize = 16 * 1024;
+/// The largest HPACK table a sender may ask for (4 KiB is the default).
+pub const MAX_TABLE: usize = 16 * 1024;
+
+/// Why a connection stopped being decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// The datapath lost its place (gap, full ring, a crowded segment).
+    Lost,
+    /// Bytes did not continue where the last ones ended.
+    Gap,
+    /// A header block over `MAX_BLOCK`, or frames out of order.
+    Malformed,
+    /// HPACK said no (bad encoding, a table over `MAX_TABLE`).
+    Hpack,
+}
+
+/// One connection's decoding state.
+struct Conn {
+    hpack: Decoder<'static>,
+    /// Bytes not yet made into frames, starting at `seq`.
+    buf: Vec<u8>,
+    seq: u32,
+    /// The header block being gathered (HEADERS then CONTINUATIONs).
+    block: Vec<u8>,
+    /// Its stream, 0 when no block is open; whether it opened with a
+    /// PUSH_PROMISE (a response-side block: decoded, not a request).
+    stream: u32,
+    promise: bool,
+    serial: u64,
+}
+
+impl Conn {
+    fn new(serial: u64) -> Self {
+        let mut hpack = Decoder::new();
+        hpack.set_max_allowed_table_size(MAX_TABLE);
+        Self {
+            hpack,
+            buf: Vec::new(),
+            seq: 0,
+            block: Vec::new(),
+            stream: 0,
+            promise: false,
+            serial,
+        }
+    }
+}
+
+/// A request's headers, with its stream.
+#[derive(Debug)]
+pub struct StreamHead {
+    pub stream: u32,
+    pub head: Result<(HeadInfo, bool), HeadOutcome>,
+}
+
+/// Every followed connection, bounded (the oldest go first).
+pub struct H2Conns {
+    conns: HashMap<FlowKey, Option<Conn>>,
+    order: VecDeque<(FlowKey, u64)>,
+    serial: u64,
+    cap: usize,
+    pub stats: H2Stats,
+}
+
+/// Counters, exported as `tagflow_capture_h2_*`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct H2Stats {
+    pub connections: u64,
+    pub requests: u64,
+    /// Header blocks that were not a request (trailers, pushes).
+    pub other_blocks: u64,
+    pub lost: u64,
+    pub gaps: u64,
+    pub malformed: u64,
+    pub hpack_errors: u64,
+    /// Records for a connection whose start this agent did not see.
+    pub unknown: u64,
+    /// Records for a connection already given up.
+    pub ignored: u64,
+    pub evicted: u64,
+}
+
+impl H2Stats {
+    /// As metrics: (name, help, value).
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "capture_h2_connections_total",
+                "HTTP/2 connections followed from their client preface.",
+                self.connections,
+            ),
+            (
+                "capture_h2_requests_total",
+                "HTTP/2 request header blocks decoded (with or without an id).",
+                self.requests,
+            ),
+            (
+                "capture_h2_other_blocks_total",
+                "HTTP/2 header blocks that were no request (trailers, pushes).",
+                self.other_blocks,
+            ),
+            (
+                "capture_h2_lost_total",
+                "HTTP/2 connections the datapath gave up (gap, full ring, crowded segment).",
+                self.lost,
+            ),
+            (
+                "capture_h2_gaps_total",
+                "HTTP/2 connections given up: their bytes did not continue where they ended.",
+                self.gaps,
+            ),
+            (
+                "capture_h2_malformed_total",
+                "HTTP/2 connections given up: a header block too large or frames out of order.",
+                self.malformed,
+            ),
+            (
+                "capture_h2_hpack_errors_total",
+                "HTTP/2 connections given up: HPACK refused a block (bad encoding, missing table entries, table too large).",
+                self.hpack_errors,
+            ),
+            (
+                "capture_h2_unknown_total",
+                "HTTP/2 records of a connection whose start this agent did not see (skipped).",
+                self.unknown,
+            ),
+            (
+                "capture_h2_ignored_total",
+                "HTTP/2 records of a connection already given up.",
+                self.ignored,
+            ),
+            (
+                "capture_h2_evicted_total",
+                "HTTP/2 connections dropped to stay within the bound (oldest first).",
+                self.evicted,
+            ),
+        ]
+    }
+}
+
+impl H2Conns {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            conns: HashMap::new(),
+            order: VecDeque::new(),
+            serial: 0,
+            cap,
+            stats: H2Stats::default(),
+        }
+    }
+
+    /// Connections followed (given up ones included until evicted).
+    pub fn len(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.conns.is_empty()
+    }
+
+    /// Takes one datapath record; returns the request heads it completed.
+    pub fn event(&mut self, ev: &H2FramesEvent, id_headers: &[String]) -> Vec<StreamHead> {
+        let mut out = Vec::new();
+        if ev.flags & H2_PREFACE != 0 {
+            self.start(ev.key);
+            return out;
+        }
+        if ev.flags & H2_LOST != 0 {
+            if let Some(slot) = self.conns.get_mut(&ev.key) {
+                if slot.take().is_some() {
+                    self.stats.lost += 1;
+                }
+            }
+            return out;
+        }
+        let Some(slot) = self.conns.get_mut(&ev.key) else {
+            self.stats.unknown += 1;
+            return out;
+        };
+        let Some(conn) = slot.as_mut() else {
+            self.stats.ignored += 1;
+            return out;
+        };
+        let data = &ev.data[..(ev.len as usize).min(ev.data.len())];
+        let r = feed(
+            conn,
+            ev.seq,
+            ev.flags & H2_FRAME_START != 0,
+            data,
+            |stream, promise, block, hpack| {
+                decode(stream, promise, block, hpack, id_headers, &mut out)
+            },
+        );
+        if let Err(why) = r {
+            *slot = None;
+            match why {
+                GiveUp::Lost => self.stats.lost += 1,
+                GiveUp::Gap => self.stats.gaps += 1,
+                GiveUp::Malformed => self.stats.malformed += 1,
+                GiveUp::Hpack => self.stats.hpack_errors += 1,
+            }
+        }
+        for h in &out {
+            match h.head {
+                Err(HeadOutcome::NotHttp) => self.stats.other_blocks += 1,
+                _ => self.stats.requests += 1,
+            }
+        }
+        out
+    }
+
+    fn start(&mut self, key: FlowKey) {
+        self.serial += 1;
+        self.stats.connections += 1;
+        self.conns.insert(key, Some(Conn::new(self.serial)));
+        self.order.push_back((key, self.serial));
+        while self.conns.len() > self.cap {
+            let Some((old, serial)) = self.order.pop_front() else {
+                break;
+            };
+            // A key started again has a newer serial: not this entry's.
+            if let Some(Some(c)) = self.conns.get(&old) {
+                if c.serial != serial {
+                    continue;
+                }
+            }
+            self.conns.remove(&old);
+            self.stats.evicted += 1;
+        }
+        // Entries of restarted keys pile up in `order` only up to its
+        // bound: drop the stale ones once it is twice the map.
+        if self.order.len() > 2 * self.cap.max(1) {
+            let conns = &self.conns;
+            self.order.retain(|(k, s)| match conns.get(k) {
+                Some(Some(c)) => c.serial == *s,
+                Some(None) => true,
+                None => false,
+            });
+        }
+    }
+}
+
+/// Puts a run of bytes into frames; calls `block` with each complete
+/// header block.
+fn feed(
+    c: &mut Conn,
+    seq: u32,
+    frame_start: bool,
+    data: &[u8],
+    mut block: impl FnMut(u32, bool, &[u8], &mut Decoder<'static>) -> Result<(), GiveUp>,
+) -> Result<(), GiveUp> {
+    if frame_start {
+        // What was left over is the start of a frame the datapath stepped
+        // over (it sends every byte of header frames): drop it.
+        c.buf.clear();
+        c.seq = seq;
+    } else if seq != c.seq.wrapping_add(c.buf.len() as u32) {
+        return Err(GiveUp::Gap);
+    }
+    c.buf.extend_from_slice(data);
+    let mut at = 0;
+    while c.buf.len() - at >= FRAME_HEADER {
+        let h = &c.buf[at..at + FRAME_HEADER];
+        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
+        let (ty, flags) = (h[3], h[4]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        let header_frame = matches!(ty, HEADERS | CONTINUATION | PUSH_PROMISE);
+        if !header_frame {
+            // Not ours (the datapath sends only header frames, so this is
+            // the fuzzer or a bug): step over what of it is here; the next
+            // record starts a frame.
+            at = c.buf.len().min(at + FRAME_HEADER + len);
+            continue;
+        }
+        if len > MAX_BLOCK {
+            return Err(GiveUp::Malformed);
+        }
+        if c.buf.len() - at < FRAME_HEADER + len {
+            break; // the rest follows
+        }
+        let payload = &c.buf[at + FRAME_HEADER..at + FRAME_HEADER + len];
+        let fragment = fragment(ty, flags, payload).ok_or(GiveUp::Malformed)?;
+        match ty {
+            HEADERS | PUSH_PROMISE if c.stream == 0 => {
+                c.stream = stream;
+                c.promise = ty == PUSH_PROMISE;
+                c.block.clear();
+            }
+            CONTINUATION if c.stream == stream && stream != 0 => {}
+            _ => return Err(GiveUp::Malformed),
+        }
+        if c.block.len() + fragment.len() > MAX_BLOCK {
+            return Err(GiveUp::Malformed);
+        }
+        c.block.extend_from_slice(fragment);
+        if flags & END_HEADERS != 0 {
+            let blk = std::mem::take(&mut c.block);
+            block(c.stream, c.promise, &blk, &mut c.hpack)?;
+            c.block = blk;
+            c.block.clear();
+            c.stream = 0;
+        }
+        at += FRAME_HEADER + len;
+    }
+    c.buf.drain(..at.min(c.buf.len()));
+    c.seq = c.seq.wrapping_add(at as u32);
+    Ok(())
+}
+
+/// The header block fragment of a HEADERS, PUSH_PROMISE or CONTINUATION
+/// payload (padding, priority and the promised stream taken off).
+fn fragment(ty: u8, flags: u8, p: &[u8]) -> Option<&[u8]> {
+    if ty == CONTINUATION {
+        return Some(p);
+    }
+    let (pad, mut start) = if flags & PADDED != 0 {
+        (*p.first()? as usize, 1)
+    } else {
+        (0, 0)
+    };
+    if ty == HEADERS && flags & PRIORITY != 0 {
+        start += 5;
+    }
+    if ty == PUSH_PROMISE {
+        start += 4;
+    }
+    let end = p.len().checked_sub(pad)?;
+    p.get(start..end)
+}
+
+/// Decodes one header block and, for a request, reads its head.
+fn decode(
+    stream: u32,
+    promise: bool,
+    block: &[u8],
+    hpack: &mut Decoder<'static>,
+    id_headers: &[String],
+    out: &mut Vec<StreamHead>,
+) -> Result<(), GiveUp> {
+    let mut fields: Vec<(String, String)> = Vec::new();
+    hpack
+        .decode_with_cb(block, |n, v| {
+            // Only what a head needs is kept (names are lower case in
+            // HTTP/2).
+            let n = String::from_utf8_lossy(&n);
+            let wanted = n.starts_with(':')
+                || n == "traceparent"
+                || n == "content-type"
+                || id_headers.iter().any(|h| h.eq_ignore_ascii_case(&n));
+            if wanted {
+                fields.push((n.into_owned(), String::from_utf8_lossy(&v).into_owned()));
+            }
+        })
+        .map_err(|_| GiveUp::Hpack)?;
+    let get = |name: &str| {
+        fields
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    };
+    let head = match (promise, get(":method")) {
+        (false, Some(method)) => {
+            let grpc = get("content-type").is_some_and(|t| t.starts_with("application/grpc"));
+            let request = Request {
+                method,
+                target: get(":path").unwrap_or(""),
+                host: get(":authority"),
+                protocol: if grpc {
+                    Protocol::Grpc
+                } else {
+                    Protocol::Http2
+                },
+            };
+            head_info(
+                request,
+                id_headers.iter().find_map(|h| get(h)),
+                get("traceparent"),
+            )
+        }
+        // Trailers, or a push: no request of this connection.
+        _ => Err(HeadOutcome::NotHttp),
+    };
+    out.push(StreamHead { stream, head });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_common::MAX_CAPTURE;
+
+    fn ids() -> Vec<String> {
+        vec!["x-request-id".into(), "custom-key".into()]
+    }
+
+    fn key() -> FlowKey {
+        FlowKey {
+            local_port: 40000,
+            remote_port: 50051,
+            netns: 7,
+            ..Default::default()
+        }
+    }
+
+    fn record(seq: u32, flags: u32, data: &[u8]) -> H2FramesEvent {
+        let mut ev = H2FramesEvent {
+            header: Default::default(),
+            key: key(),
+            ts_ns: 1,
+            pid: 42,
+            len: data.len() as u32,
+            seq,
+            flags,
+            data: [0; MAX_CAPTURE],
+        };
+        ev.data[..data.len()].copy_from_slice(data);
+        ev
+    }
+
+    fn frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let n = payload.len() as u32;
+        let mut f = vec![(n >> 16) as u8, (n >> 8) as u8, n as u8, ty, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len() / 2)
+            .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
+            .collect()
+    }
+
+    // RFC 7541 C.4: three requests, Huffman-coded, the later ones naming
+    // entries the earlier ones put in the dynamic table.
+    const C41: &str = "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff";
+    const C42: &str = "8286 84be 5886 a8eb 1064 9cbf";
+    const C43: &str = "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf";
+
+    fn started() -> H2Conns {
+        let mut c = H2Conns::new(16);
+        assert!(c.event(&record(100, H2_PREFACE, &[]), &ids()).is_empty());
+        c
+    }
+
+    #[test]
+    fn huffman_coded_requests_are_read_with_the_connections_table() {
+        let mut c = started();
+        let mut seq = 124;
+        let mut heads = Vec::new();
+        for (stream, block) in [(1, C41), (3, C42), (5, C43)] {
+            let f = frame(HEADERS, END_HEADERS, stream, &hex(block));
+            heads.extend(c.event(&record(seq, H2_FRAME_START, &f), &ids()));
+            // DATA frames in between are stepped over by the datapath.
+            seq += f.len() as u32 + 100;
+        }
+        assert_eq!(heads.len(), 3);
+        assert_eq!(heads[0].head, Err(HeadOutcome::NoId { truncated: false }));
+        assert_eq!(heads[1].head, Err(HeadOutcome::NoId { truncated: false }));
+        let (info, _) = heads[2].head.as_ref().expect("third request has an id");
+        assert_eq!(heads[2].stream, 5);
+        assert_eq!(info.method, "GET");
+        assert_eq!(info.target, "/index.html");
+        // From the dynamic table, put there by the first request.
+        assert_eq!(info.host.as_deref(), Some("www.example.com"));
+        assert_eq!(info.request_id.as_deref(), Some("custom-value"));
+        assert_eq!(info.protocol, Protocol::Http2);
+        assert_eq!(c.stats.requests, 3);
+    }
+
+    #[test]
+    fn a_connection_met_after_its_start_is_never_decoded() {
+        // The agent started late: no preface, so no table.
+        let mut c = H2Conns::new(16);
+        let f = frame(HEADERS, END_HEADERS, 5, &hex(C43));
+        assert!(c.event(&record(1, H2_FRAME_START, &f), &ids()).is_empty());
+        assert_eq!(c.stats.unknown, 1);
+        // Started, but the first block went missing: the table lacks its
+        // entries and the block that names them is refused, not misread.
+        let mut c = started();
+        let f = frame(HEADERS, END_HEADERS, 3, &hex(C42));
+        assert!(c.event(&record(500, H2_FRAME_START, &f), &ids()).is_empty());
+        assert_eq!(c.stats.hpack_errors, 1);
+        let f = frame(HEADERS, END_HEADERS, 5, &hex(C43));
+        assert!(c.event(&record(600, H2_FRAME_START, &f), &ids()).is_empty());
+        assert_eq!(c.stats.ignored, 1);
+    }
+
+    #[test]
+    fn a_block_split_over_frames_and_records_is_put_back_together() {
+        let mut enc = loona_hpack::Encoder::new();
+        let block = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":scheme", b"http"),
+            (b":path", b"/shop.Cart/Add"),
+            (b":authority", b"[::1]:50051"),
+            (b"content-type", b"application/grpc"),
+            (b"x-request-id", b"9f1c2d3e-0000-4000-8000-00000000abcd"),
+            (b"te", b"trailers"),
+        ]);
+        // HEADERS (padded, with priority) + CONTINUATION.
+        let (a, b) = block.split_at(block.len() / 2);
+        let mut p = vec![3u8];
+        p.extend_from_slice(&[0, 0, 0, 1, 16]);
+        p.extend_from_slice(a);
+        p.extend_from_slice(&[0, 0, 0]);
+        let mut bytes = frame(HEADERS, PADDED | PRIORITY, 1, &p);
+        bytes.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        let mut c = started();
+        let cut = 20;
+        let first = c.event(&record(124, H2_FRAME_START, &bytes[..cut]), &ids());
+        assert!(first.is_empty(), "block not complete yet");
+        let heads = c.event(&record(124 + cut as u32, 0, &bytes[cut..]), &ids());
+        assert_eq!(heads.len(), 1);
+        let (info, sampled) = heads[0].head.as_ref().expect("a request with an id");
+        assert!(sampled);
+        assert_eq!(info.protocol, Protocol::Grpc);
+        assert_eq!(info.target, "/shop.Cart/Add");
+        assert_eq!(info.host.as_deref(), Some("[::1]:50051"));
+        assert_eq!(
+            info.request_id.as_deref(),
+            Some("9f1c2d3e-0000-4000-8000-00000000abcd")
+        );
+    }
+
+    #[test]
+    fn a_gap_or_a_datapath_loss_gives_the_connection_up() {
+        let mut c = started();
+        let f = frame(HEADERS, END_HEADERS, 1, &hex(C41));
+        // A continuation that does not start where the last bytes ended.
+        assert!(c
+            .event(&record(124, H2_FRAME_START, &f[..5]), &ids())
+            .is_empty());
+        assert!(c.event(&record(124 + 6, 0, &f[6..]), &ids()).is_empty());
+        assert_eq!(c.stats.gaps, 1);
+        let mut c = started();
+        assert!(c.event(&record(124, H2_LOST, &[]), &ids()).is_empty());
+        assert!(c.event(&record(124, H2_FRAME_START, &f), &ids()).is_empty());
+        assert_eq!((c.stats.lost, c.stats.ignored), (1, 1));
+    }
+
+    #[test]
+    fn trailers_are_no_request_and_frames_out_of_order_are_malformed() {
+        let mut enc = loona_hpack::Encoder::new();
+        let trailers = enc.encode([(&b"grpc-status"[..], &b"0"[..])]);
+        let mut c = started();
+        let f = frame(HEADERS, END_HEADERS | 0x1, 1, &trailers);
+        let heads = c.event(&record(124, H2_FRAME_START, &f), &ids());
+        assert_eq!(heads.len(), 1);
+        assert_eq!(heads[0].head, Err(HeadOutcome::NotHttp));
+        assert_eq!((c.stats.other_blocks, c.stats.requests), (1, 0));
+        // A CONTINUATION with no HEADERS before it.
+        let f = frame(CONTINUATION, END_HEADERS, 3, &trailers);
+        let seq = 124 + 9 + trailers.len() as u32;
+        assert!(c.event(&record(seq, H2_FRAME_START, &f), &ids()).is_empty());
+        assert_eq!(c.stats.malformed, 1);
+    }
+
+    #[test]
+    fn connections_are_bounded_oldest_first() {
+        let mut c = H2Conns::new(2);
+        for port in 1..=5u16 {
+            let mut ev = record(0, H2_PREFACE, &[]);
+            ev.key.local_port = port;
+            c.event(&ev, &ids());
+        }
+        // The same connection started again replaces itself.
+        c.event(&record(0, H2_PREFACE, &[]), &ids());
+        c.event(&record(0, H2_PREFACE, &[]), &ids());
+        assert_eq!(c.len(), 2);
+        assert_eq!(c.stats.evicted, 4);
+    }
+
+    #[test]
+    fn any_bytes_are_an_answer_never_a_panic() {
+        let mut c = started();
+        let mut x: u32 = 12345;
+        for i in 0..2000u32 {
+            let mut buf = [0u8; 64];
+            for b in buf.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                *b = x as u8;
+            }
+            let n = (x % 64) as usize;
+            c.event(&record(i * 64, x & H2_FRAME_START, &buf[..n]), &ids());
+            if i % 50 == 0 {
+                c.event(&record(0, H2_PREFACE, &[]), &ids());
+            }
+        }
+    }
+}
