@@ -400,6 +400,12 @@ mod tests {
             t.request_id.as_deref(),
             Some("3f2b6a1e-8c4d-4e5f-9a0b-1c2d3e4f5a6b")
         );
+        // An unusable request id beside a valid traceparent: the trace
+        // stands, the id is left out. Alone, it is an error.
+        let t = identify(Some("caf\u{e9}"), Some(tp)).unwrap();
+        assert_eq!(to_hex(&t.trace_id), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(t.request_id, None);
+        assert_eq!(identify(Some("caf\u{e9}"), None), Err(IdError::NotAscii));
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",

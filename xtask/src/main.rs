@@ -52,7 +52,7 @@ enum Cmd {
     /// Benchmarks: each figure is a ratio to a baseline run alongside.
     /// `cargo xtask bench linking` runs only the linking-accuracy rows.
     Bench {
-        /// One group only (`linking`, `node`, `datapath`, `registration`).
+        /// One group only (`linking`, `node`, `h2`, `datapath`, `registration`).
         what: Option<String>,
         /// Fewer repetitions.
         #[arg(long)]
@@ -128,7 +128,7 @@ fn build_lab(release: bool) -> Result<String> {
 const EBPF_CRATES: [&str; 2] = ["agent-ebpf", "tagflow-lab-ebpf"];
 
 /// The cargo-fuzz targets (agent/fuzz).
-const FUZZ_TARGETS: [&str; 4] = ["protocol", "http_head", "ids", "config"];
+const FUZZ_TARGETS: [&str; 5] = ["protocol", "http_head", "ids", "config", "h2_frames"];
 
 /// `cargo +nightly fuzz run <target>` for `secs` seconds.
 fn fuzz(target: &str, secs: u64) -> Result<()> {
@@ -181,7 +181,7 @@ fn main() -> Result<()> {
             c.args(["bench", what.as_deref().unwrap_or("all")]);
             if quick {
                 match what.as_deref() {
-                    None | Some("all") | Some("node") => c.arg("--quick"),
+                    None | Some("all") | Some("node") | Some("h2") => c.arg("--quick"),
                     Some("linking") => c.args(["--requests", "60"]),
                     // datapath and registration take their own flags.
                     Some(_) => &mut c,

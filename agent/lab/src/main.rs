@@ -64,6 +64,13 @@ enum BenchCmd {
         #[arg(long)]
         quick: bool,
     },
+    /// HTTP/2: the sidecar against nginx grpc_pass (h2load).
+    H2 {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long)]
+        quick: bool,
+    },
     /// Linking accuracy: app → downstream calls under the right trace,
     /// per shape, app model and concurrency (correct / wrong / missing).
     Linking {
@@ -139,6 +146,7 @@ fn main() -> anyhow::Result<()> {
                     clients,
                 } => (bench::registration(messages, clients)?, json),
                 BenchCmd::Node { json, quick } => (bench::node::node(quick)?, json),
+                BenchCmd::H2 { json, quick } => (bench::h2::proxies(quick)?, json),
                 BenchCmd::Linking { json, requests } => (bench::linking::linking(requests)?, json),
                 BenchCmd::All { json, quick } => (bench::all(quick)?, json),
             };

@@ -1,5 +1,6 @@
 //! Benchmarks (`tagflow-lab bench`, run by `cargo xtask bench`). Every figure is a ratio against a baseline measured in the same run, with
 //! the scenarios alternated round by round and medians reported.
+pub mod h2;
 pub mod linking;
 pub mod node;
 pub mod pipeline;
@@ -57,6 +58,7 @@ pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
     rows.extend(pipeline::pipeline(spans)?);
     rows.extend(startup::startup(if quick { 3 } else { 5 })?);
     rows.extend(node::node(quick)?);
+    rows.extend(h2::proxies(quick)?);
     rows.extend(linking::linking(if quick { 60 } else { 200 })?);
     Ok(rows)
 }
@@ -176,6 +178,11 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
         f.build()
     };
     let head = Frame::tcp(v4([10, 1, 0, 9]), 40009, v4([10, 2, 0, 1]), 80).build();
+    let h2_start = {
+        let mut f = Frame::tcp(v4([10, 1, 0, 10]), 40010, v4([10, 2, 0, 1]), 50051);
+        f.payload = h2_connection_start();
+        f.build()
+    };
     let untagged = frame(1, 40000);
     let by_flow = frame(2, 40001);
     table.set_flow(
@@ -211,6 +218,7 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
         "tagged by flow",
         "tagged by (pid, netns)",
         "request head captured",
+        "HTTP/2 connection start: preface, SETTINGS, HEADERS copied",
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..rounds.max(1) {
@@ -233,6 +241,15 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
             while events.next().is_some() {}
         }
         let h = median(&mut hs);
+        // Each run is a new connection (its preface resets the walk).
+        let mut h2 = Vec::new();
+        for _ in 0..20 {
+            h2.push(netns::in_netns_file(&quiet_pod, || {
+                ns_per_run(ing, &h2_start, &skb, 50)
+            })??);
+            while events.next().is_some() {}
+        }
+        let h2 = median(&mut h2);
         dp.set_iface_netns(1, traced)?;
         let ing = dp.ingress()?;
         let t = netns::in_netns_file(&traced_pod, || -> Result<[f64; 3], BenchError> {
@@ -242,7 +259,7 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
                 ns_per_run(ing, &by_pid, &tcp_skb, repeat)?,
             ])
         })??;
-        for (i, v) in r.iter().chain(t.iter()).chain([h].iter()).enumerate() {
+        for (i, v) in r.iter().chain(t.iter()).chain([h, h2].iter()).enumerate() {
             samples[i].push(*v);
         }
     }
@@ -266,7 +283,8 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
                 0 => (None, None, String::new()),
                 1 | 2 => (Some(base), Some(value / base), "<= 2".into()),
                 3 | 4 => (Some(base), Some(value / base), "<= 3".into()),
-                // Once per request, not per packet: shown, no target.
+                // Once per request or connection, not per packet: shown,
+                // no target.
                 _ => (Some(base), Some(value / base), String::new()),
             };
             Row {
@@ -281,6 +299,29 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
             }
         })
         .collect())
+}
+
+/// A gRPC client's first segment: the preface, an empty SETTINGS, and a
+/// request's HEADERS (HPACK: indexed and literal fields, a new id).
+fn h2_connection_start() -> Vec<u8> {
+    let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+    for (name, value) in [
+        (&b":path"[..], &b"/shop.Cart/Add"[..]),
+        (b":authority", b"cart:50051"),
+        (b"content-type", b"application/grpc"),
+        (b"x-request-id", b"0af76519-16cd-43dd-8448-eb211c80319c"),
+    ] {
+        block.extend([0x00, name.len() as u8]);
+        block.extend_from_slice(name);
+        block.push(value.len() as u8);
+        block.extend_from_slice(value);
+    }
+    let mut p = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    p.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    let n = block.len();
+    p.extend([(n >> 16) as u8, (n >> 8) as u8, n as u8, 1, 0x4, 0, 0, 0, 1]);
+    p.extend(block);
+    p
 }
 
 /// The registration path: begin/end pairs over the Unix socket from several

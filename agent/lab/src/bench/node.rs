@@ -76,7 +76,7 @@ fn wrk(client: &Pod, url: &str, secs: u32) -> Result<(f64, f64, f64, f64), Bench
     Ok((rps, p50, p99, total))
 }
 
-fn row(
+pub(super) fn row(
     scenario: &str,
     metric: &str,
     unit: &str,

@@ -1053,4 +1053,69 @@ mod tests {
         );
         assert_eq!(str_attr(client, "server.port"), Some(Value::Int(80)));
     }
+
+    #[test]
+    fn spans_are_named_as_otel_says_and_grpc_calls_carry_rpc_attributes() {
+        let mut a = asm(1_000_000);
+        let caller = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 3], 50051);
+        let head = |method: &str, target: &str, host: &str, protocol| HeadInfo {
+            method: method.into(),
+            target: target.into(),
+            host: Some(host.into()),
+            protocol,
+            request_id: None,
+            trace_id: T1,
+            parent_span_id: None,
+            sampled: true,
+            pid: 0,
+            ts_ns: 0,
+            via: None,
+            reader_end: None,
+            sender_previous: None,
+        };
+        use crate::sources::capture::Protocol;
+        a.flow_new(
+            &ev(caller, T1, OWNER_CONNECTED, 100, 100, 1),
+            Some(head(
+                "POST",
+                "/shop.Cart/Add",
+                "[::1]:50051",
+                Protocol::Grpc,
+            )),
+            100,
+        );
+        a.flow_end(&ev(caller, T1, OWNER_CONNECTED, 100, 160, 3), 160);
+        let plain = key(1, [10, 0, 0, 1], 40001, [10, 0, 0, 4], 8080);
+        a.flow_new(
+            &ev(plain, T1, OWNER_CONNECTED, 100, 100, 1),
+            Some(head("GET", "/a?b=c", "[::1]", Protocol::Http1)),
+            100,
+        );
+        a.flow_end(&ev(plain, T1, OWNER_CONNECTED, 100, 160, 3), 160);
+        let out = a.ready(&CLOCK(), 1_000);
+        let at = |s: &crate::spans::SpanRecord, k: &str| s.attr(k).cloned();
+        let grpc = out.iter().find(|s| s.name == "shop.Cart/Add").unwrap();
+        assert_eq!(at(grpc, "rpc.system"), Some(Value::Str("grpc".into())));
+        assert_eq!(
+            at(grpc, "rpc.service"),
+            Some(Value::Str("shop.Cart".into()))
+        );
+        assert_eq!(at(grpc, "rpc.method"), Some(Value::Str("Add".into())));
+        assert_eq!(
+            at(grpc, "network.protocol.version"),
+            Some(Value::Str("2".into()))
+        );
+        assert_eq!(at(grpc, "server.address"), Some(Value::Str("::1".into())));
+        assert_eq!(at(grpc, "server.port"), Some(Value::Int(50051)));
+        let get = out.iter().find(|s| s.name == "GET").unwrap();
+        assert_eq!(at(get, "url.path"), Some(Value::Str("/a".into())));
+        assert_eq!(at(get, "server.address"), Some(Value::Str("::1".into())));
+        // No port in the Host: the one dialled.
+        assert_eq!(at(get, "server.port"), Some(Value::Int(8080)));
+        assert_eq!(
+            at(get, "network.protocol.version"),
+            Some(Value::Str("1.1".into()))
+        );
+        assert_eq!(at(get, "rpc.system"), None);
+    }
 }
