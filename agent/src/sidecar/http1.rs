@@ -7,8 +7,12 @@ use std::{
 };
 
 use hyper::{
-    body::Incoming, client::conn::http1::SendRequest, header::HeaderValue, server::conn::http1,
-    service::service_fn, Request, Response,
+    body::Incoming,
+    client::conn::http1::SendRequest,
+    header::{HeaderValue, CONNECTION, UPGRADE},
+    server::conn::http1,
+    service::service_fn,
+    Request, Response,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -75,12 +79,54 @@ async fn handle(
             return unavailable(rid, "upstream unavailable\n");
         }
     };
+    decline_h2c_upgrade(&s, &mut req);
     let st = stamp(&s, &mut req, up_local, (local, peer)).await;
     let result = sender.send_request(req).await;
     // The next request on this connection reuses it (`ready` waits until
     // this response's body is through).
     *slot.lock().expect("slot lock") = Some((sender, up_local));
     respond(&s, st, result)
+}
+
+/// An `Upgrade: h2c` request goes on as HTTP/1.1: the upgrade is taken off
+/// (a server may ignore it, RFC 9110 §7.8; RFC 9113 deprecates h2c
+/// upgrades). Clients that want HTTP/2 without TLS speak it from the
+/// first byte, which `http2.rs` serves.
+fn decline_h2c_upgrade(s: &Shared, req: &mut Request<Incoming>) {
+    let h2c = req
+        .headers()
+        .get_all(UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+    if !h2c {
+        return;
+    }
+    s.stats
+        .h2c_upgrades_declined
+        .fetch_add(1, Ordering::Relaxed);
+    let h = req.headers_mut();
+    h.remove(UPGRADE);
+    h.remove("http2-settings");
+    let rest: Vec<String> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case("upgrade")
+                && !t.eq_ignore_ascii_case("http2-settings")
+        })
+        .map(str::to_string)
+        .collect();
+    h.remove(CONNECTION);
+    if !rest.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&rest.join(", ")) {
+            h.insert(CONNECTION, v);
+        }
+    }
 }
 
 /// The connection's own upstream connection, an idle pooled one, or a new

@@ -84,6 +84,9 @@ pub struct SidecarStats {
     pub traceparents_created: AtomicU64,
     pub registrations_failed: AtomicU64,
     pub upstream_errors: AtomicU64,
+    /// HTTP/1.1 requests that asked to upgrade to h2c and went on as
+    /// HTTP/1.1.
+    pub h2c_upgrades_declined: AtomicU64,
 }
 
 type Out = BoxBody<Bytes, hyper::Error>;
