@@ -9,12 +9,12 @@
 //! (what the verifier takes without blowing up); the walk is its own
 //! program, which tail-calls itself for more, up to the kernel's 33 calls.
 use crate::{
-    maps::{count, EVENTS, H2_FLOWS, H2_WALK, WALK_AT},
+    maps::{count, EVENTS, H2_FLOWS, H2_NETNS, H2_WALK, WALK_AT},
     resolve,
 };
 use agent_common::{
-    Counter, EventHeader, FlowKey, H2Flow, H2FramesEvent, H2Walk, EVENT_H2_FRAMES, H2_FRAME_START,
-    H2_LOST, H2_PREFACE, MAX_CAPTURE,
+    Counter, EventHeader, FlowKey, H2Flow, H2FramesEvent, H2Walk, NetnsSlot, EVENT_H2_FRAMES,
+    H2_FRAME_START, H2_LOST, H2_PREFACE, MAX_CAPTURE,
 };
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
 use core::ffi::c_void;
@@ -63,6 +63,10 @@ pub fn preface<const STAMP: bool>(
         count(Counter::H2Lost);
         return false;
     }
+    if let Some(seen) = H2_NETNS.get_ptr_mut(NetnsSlot::index(key.netns)) {
+        // SAFETY: an element of our own array; racing writers store 1.
+        unsafe { *seen = 1 };
+    }
     count(Counter::H2Started);
     if !notice::<STAMP>(ctx, key, seq, H2_PREFACE, local) {
         let _ = H2_FLOWS.remove(key);
@@ -82,6 +86,11 @@ pub fn segment<const STAMP: bool>(
     seq: u32,
     local: bool,
 ) -> bool {
+    // Pods that never spoke HTTP/2: one array read, no hash lookup.
+    match H2_NETNS.get(NetnsSlot::index(key.netns)) {
+        Some(seen) if *seen != 0 => {}
+        _ => return false,
+    }
     let Some(st) = H2_FLOWS.get_ptr_mut(key) else {
         return false;
     };

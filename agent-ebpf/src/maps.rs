@@ -87,6 +87,13 @@ pub static CAPTURE_SKIP: LruHashMap<FlowKey, u64> =
 #[map(name = "H2_FLOWS")]
 pub static H2_FLOWS: LruHashMap<FlowKey, H2Flow> = LruHashMap::with_max_entries(size::H2_FLOWS, 0);
 
+/// Per namespace slot (`NetnsSlot::index`): non-zero once an HTTP/2
+/// preface was seen there. Segments of pods that never spoke HTTP/2 skip
+/// the `H2_FLOWS` lookup after this inlined array read. Never cleared
+/// (a slot shared or kept costs a lookup, not a loss).
+#[map(name = "H2_NETNS")]
+pub static H2_NETNS: Array<u32> = Array::with_max_entries(agent_common::NETNS_SLOTS, 0);
+
 /// The HTTP/2 walk programs (see `agent_common::programs::H2`). Written by
 /// the loader.
 #[map(name = "H2_WALK")]

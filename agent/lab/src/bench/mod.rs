@@ -144,6 +144,10 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
 
     let quiet_pod = netns::anonymous()?;
     let traced_pod = netns::anonymous()?;
+    // HTTP/2 connections start here: a pod that speaks it pays for
+    // following it; the others must not.
+    let h2_pod = netns::anonymous()?;
+    let h2ns = netns::in_netns_file(&h2_pod, netns::current_cookie)??;
     let traced = netns::in_netns_file(&traced_pod, netns::current_cookie)??;
     let quiet = netns::in_netns_file(&quiet_pod, netns::current_cookie)??;
     // Runs are on ifindex 1 as if on the pod's veth: the program without the
@@ -242,9 +246,11 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
         }
         let h = median(&mut hs);
         // Each run is a new connection (its preface resets the walk).
+        dp.set_iface_netns(1, h2ns)?;
+        let ing = dp.ingress()?;
         let mut h2 = Vec::new();
         for _ in 0..20 {
-            h2.push(netns::in_netns_file(&quiet_pod, || {
+            h2.push(netns::in_netns_file(&h2_pod, || {
                 ns_per_run(ing, &h2_start, &skb, 50)
             })??);
             while events.next().is_some() {}
