@@ -2,6 +2,70 @@
 //! test` installs it): a server app that calls a downstream while serving
 //! and forwards nothing, and a client that sends calls over one channel
 //! (one HTTP/2 connection), several at once. Raw bytes: no stubs needed.
+//! The app says which request it served and from which port it called:
+//! `linking` holds the spans to that.
+use std::collections::HashMap;
+
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+
+use crate::{
+    collector::{attr_str, Collector},
+    topo::{Proc, TopoError},
+};
+
+/// The downstream port `GRPC_APP` calls.
+pub const DOWN_PORT: u16 = 9000;
+
+/// What the app served: (x-request-id, local port of its downstream call),
+/// `n` lines of its output.
+pub fn served(app: &mut Proc, n: usize) -> Result<Vec<(String, u16)>, TopoError> {
+    (0..n)
+        .map(|_| {
+            let l = app.line()?;
+            l.split_once(' ')
+                .and_then(|(rid, port)| Some((rid.to_string(), port.parse().ok()?)))
+                .ok_or(TopoError::NotReady(format!("the app said {l:?}")))
+        })
+        .collect()
+}
+
+/// The app's downstream calls against what it served: correct (under the
+/// served request's trace), wrong (another trace) or missing (no span).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Linking {
+    pub correct: usize,
+    pub wrong: usize,
+    pub missing: usize,
+}
+
+pub fn linking(got: &Collector, app_pid: u32, served: &[(String, u16)]) -> Linking {
+    let attr = |s: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+        s.attributes
+            .iter()
+            .find(|a| a.key == key)
+            .map(|a| attr_str(&a.value))
+    };
+    let by_port: HashMap<String, Vec<u8>> = got
+        .spans()
+        .iter()
+        .filter(|(_, s)| {
+            s.kind == SpanKind::Client as i32
+                && attr(s, "process.pid") == Some(app_pid.to_string())
+                && attr(s, "network.peer.port") == Some(DOWN_PORT.to_string())
+        })
+        .filter_map(|(_, s)| Some((attr(s, "network.local.port")?, s.trace_id.clone())))
+        .collect();
+    let mut l = Linking::default();
+    for (rid, port) in served {
+        let want = tagflow::ids::map_request_id(rid).map(|m| m.0.to_vec());
+        match (by_port.get(&port.to_string()), want) {
+            (Some(t), Ok(w)) if *t == w => l.correct += 1,
+            (Some(_), _) => l.wrong += 1,
+            (None, _) => l.missing += 1,
+        }
+    }
+    l
+}
 
 /// `python3 -c GRPC_APP LISTEN DOWNSTREAM` where LISTEN is `host:port` and
 /// DOWNSTREAM the `host:port` of an echo server. Serves `/shop.Cart/Add`

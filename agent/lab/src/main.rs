@@ -64,7 +64,7 @@ enum BenchCmd {
         #[arg(long)]
         quick: bool,
     },
-    /// HTTP/2: the sidecar against nginx grpc_pass (h2load).
+    /// HTTP/2: the sidecar against nginx grpc_pass (h2load), gRPC linking.
     H2 {
         #[arg(long)]
         json: Option<PathBuf>,
@@ -146,7 +146,11 @@ fn main() -> anyhow::Result<()> {
                     clients,
                 } => (bench::registration(messages, clients)?, json),
                 BenchCmd::Node { json, quick } => (bench::node::node(quick)?, json),
-                BenchCmd::H2 { json, quick } => (bench::h2::proxies(quick)?, json),
+                BenchCmd::H2 { json, quick } => {
+                    let mut rows = bench::h2::proxies(quick)?;
+                    rows.extend(bench::h2::linking(if quick { 60 } else { 200 })?);
+                    (rows, json)
+                }
                 BenchCmd::Linking { json, requests } => (bench::linking::linking(requests)?, json),
                 BenchCmd::All { json, quick } => (bench::all(quick)?, json),
             };

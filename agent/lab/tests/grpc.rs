@@ -14,7 +14,7 @@ use opentelemetry_proto::tonic::trace::v1::{span::SpanKind, Span};
 use tagflow::ids;
 use tagflow_lab::{
     collector::{attr_str, Collector, Wire},
-    grpc::{GRPC_APP, GRPC_CLIENT},
+    grpc::{self, linking, GRPC_APP, GRPC_CLIENT},
     procs,
     topo::{free_port, Lab, Pod, Proc, SidecarProc, ECHO_SERVER},
 };
@@ -26,48 +26,8 @@ fn attr(s: &Span, key: &str) -> Option<String> {
         .map(|a| attr_str(&a.value))
 }
 
-/// What the app served: (x-request-id, local port of its downstream call).
 fn served(app: &mut Proc, n: usize) -> Vec<(String, u16)> {
-    (0..n)
-        .map(|_| {
-            let l = app.line().unwrap();
-            let (rid, port) = l
-                .split_once(' ')
-                .unwrap_or_else(|| panic!("app said {l:?}"));
-            (rid.to_string(), port.parse().unwrap())
-        })
-        .collect()
-}
-
-/// Linking of the app's downstream calls against what it served.
-#[derive(Debug, Default)]
-struct Linking {
-    correct: usize,
-    wrong: usize,
-    missing: usize,
-}
-
-fn linking(got: &Collector, app_pid: u32, served: &[(String, u16)]) -> Linking {
-    let spans = got.spans();
-    let by_port: HashMap<String, Vec<u8>> = spans
-        .iter()
-        .filter(|(_, s)| {
-            s.kind == SpanKind::Client as i32
-                && attr(s, "process.pid") == Some(app_pid.to_string())
-                && attr(s, "network.peer.port").as_deref() == Some("9000")
-        })
-        .filter_map(|(_, s)| Some((attr(s, "network.local.port")?, s.trace_id.clone())))
-        .collect();
-    let mut l = Linking::default();
-    for (rid, port) in served {
-        let want = ids::map_request_id(rid).unwrap().0.to_vec();
-        match by_port.get(&port.to_string()) {
-            Some(t) if *t == want => l.correct += 1,
-            Some(_) => l.wrong += 1,
-            None => l.missing += 1,
-        }
-    }
-    l
+    grpc::served(app, n).unwrap()
 }
 
 /// The gRPC app in `app` on `listen`, calling the echo server in `down`.

@@ -1,13 +1,17 @@
 //! HTTP/2 proxies on a real (throw-away) node: `tagflow sidecar` against
 //! nginx's `grpc_pass` doing the same job (stamp `X-Request-ID`, forward
 //! h2c), both in front of `nghttpd`, driven by `h2load` from another pod
-//! with the agent running. Rounds alternate the two.
+//! with the agent running. Rounds alternate the two. And linking for gRPC
+//! (`linking`): a grpcio app behind nginx `grpc_pass` in its pod and behind
+//! the sidecar, calls one at a time and 8 in flight on one connection.
 use std::{path::Path, process::Command, time::Duration};
 
 use super::{node::row, BenchError, Row};
 use crate::{
+    collector::{Collector, Wire},
+    grpc::{linking as score, served, DOWN_PORT, GRPC_APP, GRPC_CLIENT},
     procs::{nginx, spawn, AgentProc},
-    topo::{Lab, Pod, SidecarProc},
+    topo::{free_port, Lab, Pod, Proc, SidecarProc, ECHO_SERVER},
 };
 
 /// (requests/s, p99 ms) of `h2load` against `url` for `secs` seconds: 16
@@ -103,4 +107,95 @@ pub fn proxies(quick: bool) -> Result<Vec<Row>, BenchError> {
             "<= 1.0",
         ),
     ])
+}
+
+/// gRPC linking: each call the app makes while serving, under the request
+/// it served? (correct / wrong / missing, `requests` calls per row.)
+pub fn linking(requests: usize) -> Result<Vec<Row>, BenchError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| BenchError::Other(e.to_string()))?;
+    let otlp_port = free_port();
+    let got = Collector::start(&rt, ([127, 0, 0, 1], otlp_port).into(), Wire::Grpc, true);
+    let mut rows = Vec::new();
+    for via_nginx in [true, false] {
+        let lab = Lab::new(3)?;
+        let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+        let endpoint = format!("http://127.0.0.1:{otlp_port}");
+        let agent = AgentProc::start(&lab, &["--otlp-endpoint", &endpoint])?;
+        let _echo = Proc::python(down, ECHO_SERVER, &[&DOWN_PORT.to_string()])?;
+        let downstream = format!("{}:{DOWN_PORT}", down.ip);
+        let mut app = Proc::python(ap, GRPC_APP, &["127.0.0.1:50051", &downstream])?;
+        let dir = std::env::temp_dir().join(format!("tagflow-bench-grpc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| BenchError::Other(e.to_string()))?;
+        let (_front, target, name) = if via_nginx {
+            let n = nginx(
+                ap,
+                &dir,
+                "upstream grpcapp { server 127.0.0.1:50051; keepalive 8; }
+  server { listen 8080 http2; location / {
+    grpc_set_header X-Request-ID $request_id; grpc_pass grpc://grpcapp; } }",
+            )?;
+            (
+                Some(n),
+                format!("{}:8080", ap.ip),
+                "nginx grpc_pass in the app's pod (lo)",
+            )
+        } else {
+            (None, format!("{}:15080", ap.ip), "tagflow sidecar (h2c)")
+        };
+        let _sidecar = if via_nginx {
+            None
+        } else {
+            Some(SidecarProc::start(ap, "127.0.0.1:50051", &agent.socket)?)
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        for conc in [1usize, 8] {
+            let n = requests.to_string();
+            let c = conc.to_string();
+            let mut client = Proc::python(cl, GRPC_CLIENT, &[&target, &n, &c, "-"])?;
+            let out = client
+                .run_until_done()
+                .map_err(|e| BenchError::Other(e.to_string()))?;
+            if out.len() != requests {
+                return Err(BenchError::Other(format!(
+                    "{name}: {} of {requests} calls answered",
+                    out.len()
+                )));
+            }
+            let calls = served(&mut app, requests)?;
+            // Spans leave the agent once their trace is quiet.
+            let t0 = std::time::Instant::now();
+            let mut l = score(&got, app.pid, &calls);
+            while l.missing > 0 && t0.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(500));
+                l = score(&got, app.pid, &calls);
+            }
+            let pct = l.correct as f64 * 100.0 / requests.max(1) as f64;
+            rows.push(Row {
+                scenario: format!("linking: gRPC, {name}, {conc} in flight on one connection"),
+                metric: format!(
+                    "correct (wrong {}, missing {} of {requests})",
+                    l.wrong, l.missing
+                ),
+                unit: "%".into(),
+                value: pct,
+                baseline: None,
+                ratio: None,
+                // One at a time must be exact; with streams in flight the
+                // serving worker is not visible on the wire: reported.
+                target: if conc == 1 {
+                    "== 100".into()
+                } else {
+                    "-".into()
+                },
+                spread: (pct, pct),
+            });
+        }
+        drop(agent);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(rows)
 }
