@@ -118,11 +118,35 @@ impl Bed {
             .iter()
             .map(|i| ids::map_request_id(i).unwrap().0)
             .collect();
-        wait_for("the neighbour's traces", 20, || {
+        let missing = || {
             let spans = self.got.spans();
-            want.iter()
-                .all(|t| spans.iter().any(|(_, s)| s.trace_id.as_slice() == t))
-        });
+            ids.iter()
+                .zip(&want)
+                .filter(|(_, t)| !spans.iter().any(|(_, s)| s.trace_id.as_slice() == *t))
+                .map(|(i, _)| i.clone())
+                .collect::<Vec<_>>()
+        };
+        let t0 = std::time::Instant::now();
+        while !missing().is_empty() {
+            if t0.elapsed() > Duration::from_secs(20) {
+                let m = self.metrics();
+                let pick = |k: &str| {
+                    m.iter()
+                        .filter(|(n, _)| n.starts_with(k))
+                        .map(|(n, v)| format!("{n}={v}"))
+                        .collect::<Vec<_>>()
+                };
+                panic!(
+                    "no trace for {:?} after 20 s; {} spans received; agent: {:?} {:?} {:?}",
+                    missing(),
+                    self.got.spans().len(),
+                    pick("tagflow_spans_"),
+                    pick("tagflow_capture_applied"),
+                    pick("tagflow_events_http_heads"),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// `python3 -c script args` in the hostile pod as nobody, in the
