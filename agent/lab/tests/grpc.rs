@@ -30,6 +30,29 @@ fn served(app: &mut Proc, n: usize) -> Vec<(String, u16)> {
     grpc::served(app, n).unwrap()
 }
 
+/// Three pods (client, app, downstream), the agent exporting to a
+/// collector. Dropped in field order: the agent before its pods.
+struct Bed {
+    agent: Agent,
+    got: Collector,
+    lab: Lab,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn bed() -> Bed {
+    let rt = common::runtime();
+    let lab = Lab::new(3).unwrap();
+    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
+    let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
+    Bed {
+        agent,
+        got,
+        lab,
+        _rt: rt,
+    }
+}
+
 /// The gRPC app in `app` on `listen`, calling the echo server in `down`.
 fn app(app: &Pod, down: &Pod, listen: &str) -> (Proc, Proc) {
     let echo = Proc::python(down, ECHO_SERVER, &["9000"]).unwrap();
@@ -71,12 +94,8 @@ fn no_h2_losses(agent: &Agent) -> HashMap<String, f64> {
 fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     const N: usize = 20;
     let _g = common::lock();
-    let rt = common::runtime();
-    let lab = Lab::new(3).unwrap();
+    let Bed { agent, got, lab, .. } = &bed();
     let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
-    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
-    let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
     let (_echo, mut app_proc) = app(ap, down, "127.0.0.1:50051");
     let dir = std::env::temp_dir().join(format!("tagflow-grpc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -94,13 +113,13 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     client(cl, &format!("{}:8080", ap.ip), N, 1, "-");
     let served = served(&mut app_proc, N);
     wait_for("the app's calls as spans", 20, || {
-        let l = linking(&got, app_proc.pid, &served);
+        let l = linking(got, app_proc.pid, &served);
         l.correct + l.wrong >= N - 1
     });
     std::thread::sleep(Duration::from_millis(1500));
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
-    let l = linking(&got, app_proc.pid, &served);
+    let l = linking(got, app_proc.pid, &served);
     eprintln!("nginx grpc_pass, one call at a time: {l:?}");
     // As for HTTP/1.x behind nginx (tests/shapes.rs): the very first call
     // may beat an agent that has not keyed the app yet, and go untraced.
@@ -123,7 +142,7 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     }
     let kinds = |k: SpanKind| rpc.iter().filter(|(_, s)| s.kind == k as i32).count();
     assert!(kinds(SpanKind::Client) >= N - 1 && kinds(SpanKind::Server) >= N - 1);
-    let m = no_h2_losses(&agent);
+    let m = no_h2_losses(agent);
     assert!(
         m["tagflow_capture_h2_connections_total"] >= 2.0,
         "client→nginx and nginx→app"
@@ -141,12 +160,8 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
 fn calls_through_the_sidecar_carry_its_ids_over_http2() {
     const N: usize = 20;
     let _g = common::lock();
-    let rt = common::runtime();
-    let lab = Lab::new(3).unwrap();
+    let Bed { agent, got, lab, .. } = &bed();
     let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
-    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
-    let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
     let (_echo, mut app_proc) = app(ap, down, "127.0.0.1:50051");
     let sidecar = SidecarProc::start(ap, "127.0.0.1:50051", &agent.socket).unwrap();
     let target = format!("{}:15080", ap.ip);
@@ -165,15 +180,15 @@ fn calls_through_the_sidecar_carry_its_ids_over_http2() {
         "the sidecar gave the others one: {served:?}"
     );
     wait_for("the app's calls as spans", 20, || {
-        let l = linking(&got, app_proc.pid, &served);
+        let l = linking(got, app_proc.pid, &served);
         l.correct + l.wrong >= 2 * N - 1
     });
     std::thread::sleep(Duration::from_millis(1500));
-    let l = linking(&got, app_proc.pid, &served);
+    let l = linking(got, app_proc.pid, &served);
     eprintln!("sidecar over h2c, one call at a time: {l:?}");
     assert_eq!(l.wrong, 0, "{l:?}");
     assert!(l.missing <= 1, "{l:?}");
-    no_h2_losses(&agent);
+    no_h2_losses(agent);
     drop(sidecar);
 }
 
@@ -188,12 +203,8 @@ fn calls_through_the_sidecar_carry_its_ids_over_http2() {
 fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
     const N: usize = 64;
     let _g = common::lock();
-    let rt = common::runtime();
-    let lab = Lab::new(3).unwrap();
+    let Bed { agent, got, lab, .. } = &bed();
     let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
-    let otlp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let got = Collector::start(&rt, otlp, Wire::Grpc, true);
-    let agent = Agent::start(&lab, &["--otlp-endpoint", &format!("http://{otlp}")]);
     let (_echo, mut app_proc) = app(ap, down, "0.0.0.0:50051");
     client(cl, &format!("{}:50051", ap.ip), N, 16, "conc");
     let served = served(&mut app_proc, N);
@@ -203,7 +214,7 @@ fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
             .map(|m| m["tagflow_capture_applied_total"] >= N as f64)
             .unwrap_or(false)
     });
-    let m = no_h2_losses(&agent);
+    let m = no_h2_losses(agent);
     assert_eq!(m["tagflow_capture_h2_connections_total"], 1.0);
     assert_eq!(m["tagflow_capture_h2_requests_total"], N as f64);
     std::thread::sleep(Duration::from_millis(1500));
@@ -226,7 +237,7 @@ fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
         .iter()
         .filter_map(|(_, s)| attr(s, "tagflow.request_id"))
         .collect();
-    let l = linking(&got, app_proc.pid, &served);
+    let l = linking(got, app_proc.pid, &served);
     eprintln!(
         "{N} calls, 16 at a time on one connection: {} ids on spans, app's calls {l:?}",
         named.len()

@@ -16,10 +16,10 @@ use hyper::{
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
-    request::{request_id, respond, stamp, unavailable},
+    request::{no_upstream, respond, stamp},
     Out, Shared, HEADER_TIMEOUT,
 };
 
@@ -71,13 +71,7 @@ async fn handle(
     let kept = slot.lock().expect("slot lock").take();
     let (mut sender, up_local) = match upstream(&s, kept).await {
         Ok(x) => x,
-        Err(e) => {
-            s.stats.requests.fetch_add(1, Ordering::Relaxed);
-            s.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!("upstream {}: {e}", s.cfg.upstream);
-            let rid = HeaderValue::from_str(&request_id(&s, &req)).expect("printable ASCII");
-            return unavailable(rid, "upstream unavailable\n");
-        }
+        Err(e) => return no_upstream(&s, &req, &e),
     };
     decline_h2c_upgrade(&s, &mut req);
     let st = stamp(&s, &mut req, up_local, (local, peer)).await;

@@ -6,15 +6,15 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use hyper::{
-    body::Incoming, client::conn::http2::SendRequest, header::HeaderValue, server::conn::http2,
-    service::service_fn, Request, Response,
+    body::Incoming, client::conn::http2::SendRequest, server::conn::http2, service::service_fn,
+    Request, Response,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::{net::TcpStream, sync::Mutex};
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::{
-    request::{request_id, respond, stamp, unavailable},
+    request::{no_upstream, respond, stamp},
     Out, Shared,
 };
 
@@ -51,14 +51,7 @@ async fn handle(
 ) -> Response<Out> {
     let (mut sender, up_local) = match upstream(&s, up).await {
         Ok(x) => x,
-        Err(e) => {
-            use std::sync::atomic::Ordering;
-            s.stats.requests.fetch_add(1, Ordering::Relaxed);
-            s.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-            warn!("upstream {}: {e}", s.cfg.upstream);
-            let rid = HeaderValue::from_str(&request_id(&s, &req)).expect("printable ASCII");
-            return unavailable(rid, "upstream unavailable\n");
-        }
+        Err(e) => return no_upstream(&s, &req, &e),
     };
     let st = stamp(&s, &mut req, up_local, (local, peer)).await;
     // A stream slot on the upstream connection (its concurrency limit).

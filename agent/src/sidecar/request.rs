@@ -73,7 +73,7 @@ pub(super) async fn stamp(
 }
 
 /// A request id that was refused or never sent is replaced.
-pub(super) fn request_id(s: &Shared, req: &Request<Incoming>) -> String {
+fn request_id(s: &Shared, req: &Request<Incoming>) -> String {
     match req
         .headers()
         .get(&X_REQUEST_ID)
@@ -176,8 +176,18 @@ pub(super) fn respond(
     }
 }
 
+/// No upstream connection: a 502 with the request id (counted as a
+/// request and an upstream error).
+pub(super) fn no_upstream(s: &Shared, req: &Request<Incoming>, e: &str) -> Response<Out> {
+    s.stats.requests.fetch_add(1, Ordering::Relaxed);
+    s.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+    warn!("upstream {}: {e}", s.cfg.upstream);
+    let rid = HeaderValue::from_str(&request_id(s, req)).expect("printable ASCII");
+    unavailable(rid, "upstream unavailable\n")
+}
+
 /// A 502 that still carries the request id.
-pub(super) fn unavailable(rid: HeaderValue, msg: &'static str) -> Response<Out> {
+fn unavailable(rid: HeaderValue, msg: &'static str) -> Response<Out> {
     let mut r = full(StatusCode::BAD_GATEWAY, msg);
     r.headers_mut().insert(X_REQUEST_ID, rid);
     r
