@@ -132,5 +132,7 @@ pub struct H2Walk {
     pub off: u32,
     pub seq: u32,
     pub local: u32,
-    pub _pad: u32,
+    /// The segment starts with "PRI ": the walk checks the preface and
+    /// starts the connection first.
+    pub preface: u32,
 }

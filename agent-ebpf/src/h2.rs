@@ -13,7 +13,7 @@ use crate::{
     resolve,
 };
 use agent_common::{
-    Counter, EventHeader, FlowKey, H2Flow, H2FramesEvent, H2Walk, NetnsSlot, EVENT_H2_FRAMES,
+    Counter, EventHeader, FlowKey, H2Flow, H2FramesEvent, NetnsSlot, EVENT_H2_FRAMES,
     H2_FRAME_START, H2_LOST, H2_PREFACE, MAX_CAPTURE,
 };
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
@@ -36,19 +36,130 @@ fn before(a: u32, b: u32) -> bool {
     (a.wrapping_sub(b) as i32) < 0
 }
 
-/// A segment whose payload starts with "PRI ": a new connection when the
-/// whole preface is there. True: walk its frames (`walk_on`).
+/// A segment whose payload starts with "PRI ": the walk program checks the
+/// rest of the preface and starts the connection. The ingress programs do
+/// as little as they can here: their stack is near the verifier's limit.
 #[inline(always)]
-pub fn preface<const STAMP: bool>(
+pub fn preface(key: &FlowKey, off: usize, seq: u32, local: bool) -> bool {
+    schedule(key, off, seq, local, true)
+}
+
+/// Any other segment with payload of a followed connection. Segments
+/// inside a frame that is not copied (DATA) only move the mark; true when
+/// the segment has frame headers or header-frame bytes, or a gap
+/// (`walk_on`).
+#[inline(always)]
+pub fn segment(ctx: &TcContext, key: &FlowKey, off: usize, seq: u32, local: bool) -> bool {
+    // Pods that never spoke HTTP/2: one array read, no hash lookup.
+    match H2_NETNS.get(NetnsSlot::index(key.netns)) {
+        Some(seen) if *seen != 0 => {}
+        _ => return false,
+    }
+    let Some(st) = H2_FLOWS.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: a live entry of our own map. Two CPUs on one connection at
+    // once is not something TCP's sender does.
+    let st = unsafe { &mut *st };
+    let total = (ctx.len() as usize).saturating_sub(off) as u32;
+    let end = seq.wrapping_add(total);
+    if total == 0 || !before(st.seen, end) {
+        return false; // nothing new (a retransmission)
+    }
+    if !before(st.seen, seq) && !before(st.copied, st.copy_to) && !before(st.next, end) {
+        st.seen = end;
+        return false;
+    }
+    schedule(key, off, seq, local, false)
+}
+
+/// Leaves the packet's place for the walk program in this CPU's slot.
+#[inline(always)]
+fn schedule(key: &FlowKey, off: usize, seq: u32, local: bool, preface: bool) -> bool {
+    let Some(at) = WALK_AT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot, read by the tail call that follows; written
+    // field by field (no copy on the ingress program's stack).
+    unsafe {
+        (*at).key = *key;
+        (*at).off = off as u32;
+        (*at).seq = seq;
+        (*at).local = local as u32;
+        (*at).preface = preface as u32;
+    }
+    true
+}
+
+/// From an ingress program, after the packet was tagged: tail-calls the
+/// walk. It comes back only if the program array is empty (never, once
+/// loaded); the connection is then dropped, counted.
+#[inline(always)]
+pub fn walk_on<const STAMP: bool>(ctx: &TcContext) {
+    // SAFETY: a tail call into our own program array.
+    unsafe { H2_WALK.tail_call(ctx, STAMP as u32) };
+    count(Counter::H2Lost);
+    if let Some(at) = WALK_AT.get_ptr(0) {
+        // SAFETY: this CPU's slot. By reference: no 48-byte copy on the
+        // ingress program's stack.
+        #[allow(clippy::needless_borrows_for_generic_args)]
+        let _ = H2_FLOWS.remove(unsafe { &(*at).key });
+    }
+}
+
+/// The walk program's body: a new connection's start, then `MAX_STEPS`
+/// steps, then itself again while the segment has more (the kernel allows
+/// 33 calls in a chain; past that the connection is given up).
+#[inline(always)]
+pub fn resume<const STAMP: bool>(ctx: &TcContext) {
+    let Some(at) = WALK_AT.get(0) else {
+        return;
+    };
+    let at = *at;
+    let local = at.local != 0;
+    let (off, seq) = (at.off as usize, at.seq);
+    if at.preface != 0 {
+        if !start::<STAMP>(ctx, &at.key, off, seq, local) {
+            return;
+        }
+        if let Some(a) = WALK_AT.get_ptr_mut(0) {
+            // SAFETY: this CPU's slot; the next run goes on walking.
+            unsafe { (*a).preface = 0 };
+        }
+    }
+    let Some(st) = H2_FLOWS.get_ptr_mut(at.key) else {
+        return;
+    };
+    // SAFETY: as in `segment`.
+    let st = unsafe { &mut *st };
+    if before(st.seen, seq) {
+        return lose::<STAMP>(ctx, &at.key, seq, local); // bytes never seen
+    }
+    if walk::<STAMP>(ctx, &at.key, st, off, seq, local) {
+        // SAFETY: a tail call into our own program array.
+        unsafe { H2_WALK.tail_call(ctx, STAMP as u32) };
+        lose::<STAMP>(ctx, &at.key, seq, local);
+    }
+}
+
+/// The whole preface: the connection is followed from its first frame.
+#[inline(always)]
+fn start<const STAMP: bool>(
     ctx: &TcContext,
     key: &FlowKey,
     off: usize,
     seq: u32,
     local: bool,
 ) -> bool {
-    match ctx.load::<[u8; 24]>(off) {
-        Ok(p) if p == *PREFACE => {}
-        _ => return false,
+    // Three words, not a 24-byte compare (which would be a call to bcmp).
+    for (i, want) in PREFACE.chunks_exact(8).enumerate() {
+        let want = u64::from_ne_bytes([
+            want[0], want[1], want[2], want[3], want[4], want[5], want[6], want[7],
+        ]);
+        match ctx.load::<u64>(off + 8 * i) {
+            Ok(w) if w == want => {}
+            _ => return false,
+        }
     }
     let st = H2Flow {
         seen: seq,
@@ -72,89 +183,7 @@ pub fn preface<const STAMP: bool>(
         let _ = H2_FLOWS.remove(key);
         return false;
     }
-    segment::<STAMP>(ctx, key, off, seq, local)
-}
-
-/// Any other segment with payload of a followed connection. Segments
-/// inside a frame that is not copied (DATA) only move the mark; true when
-/// the segment has frame headers or header-frame bytes (`walk_on`).
-#[inline(always)]
-pub fn segment<const STAMP: bool>(
-    ctx: &TcContext,
-    key: &FlowKey,
-    off: usize,
-    seq: u32,
-    local: bool,
-) -> bool {
-    // Pods that never spoke HTTP/2: one array read, no hash lookup.
-    match H2_NETNS.get(NetnsSlot::index(key.netns)) {
-        Some(seen) if *seen != 0 => {}
-        _ => return false,
-    }
-    let Some(st) = H2_FLOWS.get_ptr_mut(key) else {
-        return false;
-    };
-    // SAFETY: a live entry of our own map. Two CPUs on one connection at
-    // once is not something TCP's sender does.
-    let st = unsafe { &mut *st };
-    let total = (ctx.len() as usize).saturating_sub(off) as u32;
-    let end = seq.wrapping_add(total);
-    if total == 0 || !before(st.seen, end) {
-        return false; // nothing new (a retransmission)
-    }
-    if before(st.seen, seq) {
-        lose::<STAMP>(ctx, key, seq, local); // bytes never seen
-        return false;
-    }
-    if !before(st.copied, st.copy_to) && !before(st.next, end) {
-        st.seen = end;
-        return false;
-    }
-    let Some(at) = WALK_AT.get_ptr_mut(0) else {
-        return false;
-    };
-    // SAFETY: this CPU's slot, read by the tail call that follows.
-    unsafe {
-        *at = H2Walk {
-            key: *key,
-            off: off as u32,
-            seq,
-            local: local as u32,
-            _pad: 0,
-        }
-    };
     true
-}
-
-/// Tail-calls the walk (after the packet was tagged); does not come back
-/// unless the call failed, which gives the connection up.
-#[inline(always)]
-pub fn walk_on<const STAMP: bool>(ctx: &TcContext) {
-    // SAFETY: a tail call into our own program array.
-    unsafe { H2_WALK.tail_call(ctx, STAMP as u32) };
-    if let Some(at) = WALK_AT.get(0) {
-        let at = *at;
-        lose::<STAMP>(ctx, &at.key, at.seq, at.local != 0);
-    }
-}
-
-/// The walk program's body: `MAX_STEPS` steps, then itself again while the
-/// segment has more (the kernel allows 33 calls in a chain).
-#[inline(always)]
-pub fn resume<const STAMP: bool>(ctx: &TcContext) {
-    let Some(at) = WALK_AT.get(0) else {
-        return;
-    };
-    let at = *at;
-    let local = at.local != 0;
-    let Some(st) = H2_FLOWS.get_ptr_mut(at.key) else {
-        return;
-    };
-    // SAFETY: as in `segment`.
-    let st = unsafe { &mut *st };
-    if walk::<STAMP>(ctx, &at.key, st, at.off as usize, at.seq, local) {
-        walk_on::<STAMP>(ctx);
-    }
 }
 
 /// Steps through the segment from where the connection's mark is. True

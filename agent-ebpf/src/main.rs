@@ -84,7 +84,7 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
     // how traces start.
     let walk =
         cfg.capture_len != 0 && capture_payload::<NETNS_HELPER>(&ctx, &cfg, &key, &parsed, true);
-    tag_packet::<NETNS_HELPER>(&mut ctx, &cfg, key, &parsed);
+    tag_packet::<NETNS_HELPER>(&mut ctx, &cfg, &key, &parsed);
     // Last: a tail call does not come back.
     if walk {
         h2::walk_on::<NETNS_HELPER>(&ctx);
@@ -97,7 +97,7 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
 fn tag_packet<const NETNS_HELPER: bool>(
     ctx: &mut TcContext,
     cfg: &DatapathConfig,
-    key: FlowKey,
+    key: &FlowKey,
     parsed: &parse::Parsed,
 ) {
     // Gate: a namespace without trace entries stops here, after one lookup.
@@ -130,7 +130,7 @@ fn tag_packet<const NETNS_HELPER: bool>(
     // Slow path: the exact connection first, then the request the
     // connecting thread was serving, then the owning process.
     count(Counter::Resolved);
-    let owner = resolve::owner(ctx, &key);
+    let owner = resolve::owner(ctx, key);
     let by_thread = match owner.via {
         Some(v) => unsafe { FLOW_TRACES.get(v) },
         None => None,
@@ -147,7 +147,7 @@ fn tag_packet<const NETNS_HELPER: bool>(
     tag::resolved::<NETNS_HELPER>(
         ctx,
         cfg,
-        &key,
+        key,
         old,
         gen,
         trace,
@@ -210,8 +210,8 @@ fn capture_payload<const STAMP: bool>(
             capture::maybe_head::<STAMP>(ctx, cfg, key, parsed.payload_off, local);
             false
         }
-        Payload::H2Preface => h2::preface::<STAMP>(ctx, key, parsed.payload_off, parsed.seq, local),
-        Payload::Other => h2::segment::<STAMP>(ctx, key, parsed.payload_off, parsed.seq, local),
+        Payload::H2Preface => h2::preface(key, parsed.payload_off, parsed.seq, local),
+        Payload::Other => h2::segment(ctx, key, parsed.payload_off, parsed.seq, local),
         Payload::None => false,
     }
 }

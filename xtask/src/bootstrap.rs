@@ -200,7 +200,17 @@ pub fn lab_tools() -> Result<()> {
         ("nghttpd", "nghttp2-server"),
     ])?;
     // gRPC apps and clients in the lab (tests/grpc.rs, the bench).
-    python_module("grpc", "grpcio")
+    python_module("grpc", "grpcio")?;
+    // The lab runs this interpreter, wherever it runs (the VM's PATH is
+    // not this shell's): the one grpcio went into.
+    if std::env::var_os("TAGFLOW_PYTHON").is_none() {
+        let exe = output(Command::new("python3").args(["-c", "import sys; print(sys.executable)"]))
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .context("python3 does not say where it is")?;
+        std::env::set_var("TAGFLOW_PYTHON", exe);
+    }
+    Ok(())
 }
 
 /// A Python module for the `python3` the lab runs, from PyPI when missing.

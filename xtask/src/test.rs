@@ -121,9 +121,10 @@ fn vm_leg(k: &vm::Kernel) -> Result<()> {
     let bins = test_binaries()?;
     let root = std::env::current_dir()?;
     let mut script = format!(
-        "set -e\nuname -r\ncd {}/agent/lab\nexport TAGFLOW_BIN={} RUST_BACKTRACE=1\n",
+        "set -e\nuname -r\ncd {}/agent/lab\nexport TAGFLOW_BIN={} RUST_BACKTRACE=1 TAGFLOW_PYTHON={}\n",
         root.display(),
-        agent.display()
+        agent.display(),
+        std::env::var("TAGFLOW_PYTHON").unwrap_or_else(|_| "python3".into()),
     );
     for (name, tests) in VM_TESTS {
         let exe = bins

@@ -272,6 +272,12 @@ sys.stdin.readline()
 s.close()
 "#;
 
+/// The Python the lab runs: `TAGFLOW_PYTHON` (set by `cargo xtask` to the
+/// interpreter its packages were installed for), else `python3` on PATH.
+pub fn python() -> String {
+    std::env::var("TAGFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
 /// A process in a pod that talks over stdin/stdout.
 pub struct Proc {
     pub pid: u32,
@@ -283,14 +289,14 @@ pub struct Proc {
 impl Proc {
     /// Starts `python3 -c script args...` in `pod` and waits for `ready <pid>`.
     pub fn python(pod: &Pod, script: &str, args: &[&str]) -> Result<Self, TopoError> {
-        let mut cmd = pod.command("python3");
+        let mut cmd = pod.command(&python());
         cmd.arg("-c").arg(script).args(args);
         Self::spawn(cmd)
     }
 
     /// Like [`Proc::python`], in the host's namespace.
     pub fn host_python(script: &str, args: &[&str]) -> Result<Self, TopoError> {
-        let mut cmd = Command::new("python3");
+        let mut cmd = Command::new(python());
         cmd.arg("-c").arg(script).args(args);
         Self::spawn(cmd)
     }

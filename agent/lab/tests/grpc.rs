@@ -94,7 +94,9 @@ fn no_h2_losses(agent: &Agent) -> HashMap<String, f64> {
 fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     const N: usize = 20;
     let _g = common::lock();
-    let Bed { agent, got, lab, .. } = &bed();
+    let Bed {
+        agent, got, lab, ..
+    } = &bed();
     let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
     let (_echo, mut app_proc) = app(ap, down, "127.0.0.1:50051");
     let dir = std::env::temp_dir().join(format!("tagflow-grpc-{}", std::process::id()));
@@ -160,7 +162,9 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
 fn calls_through_the_sidecar_carry_its_ids_over_http2() {
     const N: usize = 20;
     let _g = common::lock();
-    let Bed { agent, got, lab, .. } = &bed();
+    let Bed {
+        agent, got, lab, ..
+    } = &bed();
     let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
     let (_echo, mut app_proc) = app(ap, down, "127.0.0.1:50051");
     let sidecar = SidecarProc::start(ap, "127.0.0.1:50051", &agent.socket).unwrap();
@@ -203,7 +207,9 @@ fn calls_through_the_sidecar_carry_its_ids_over_http2() {
 fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
     const N: usize = 64;
     let _g = common::lock();
-    let Bed { agent, got, lab, .. } = &bed();
+    let Bed {
+        agent, got, lab, ..
+    } = &bed();
     let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
     let (_echo, mut app_proc) = app(ap, down, "0.0.0.0:50051");
     client(cl, &format!("{}:50051", ap.ip), N, 16, "conc");
