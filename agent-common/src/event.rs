@@ -81,6 +81,11 @@ pub const H2_FRAME_START: u32 = 2;
 /// Bytes of header frames were missed (a gap in the stream, a full ring,
 /// too many frames in a segment): the connection is no longer followed.
 pub const H2_LOST: u32 = 4;
+/// With `H2_PREFACE`: the key is the server's side of a connection whose
+/// client preface was just seen; its replies are followed from `seq` (the
+/// preface's acknowledgment number: before it the server can only have
+/// sent settings, never a header block).
+pub const H2_REPLIES: u32 = 8;
 
 /// `EVENT_H2_FRAMES`: a run of an HTTP/2 connection's bytes that belong to
 /// header-carrying frames, found by the datapath's frame walk (the bytes in
@@ -135,4 +140,8 @@ pub struct H2Walk {
     /// The segment starts with "PRI ": the walk checks the preface and
     /// starts the connection first.
     pub preface: u32,
+    /// The segment's acknowledgment number: where, at the preface, the
+    /// server's stream is (its replies are followed from there).
+    pub ack: u32,
+    pub _pad: u32,
 }

@@ -14,7 +14,7 @@ use crate::{
 };
 use agent_common::{
     Counter, EventHeader, FlowKey, H2Flow, H2FramesEvent, NetnsSlot, EVENT_H2_FRAMES,
-    H2_FRAME_START, H2_LOST, H2_PREFACE, MAX_CAPTURE,
+    H2_FRAME_START, H2_LOST, H2_PREFACE, H2_REPLIES, MAX_CAPTURE,
 };
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
 use core::ffi::c_void;
@@ -40,8 +40,8 @@ fn before(a: u32, b: u32) -> bool {
 /// rest of the preface and starts the connection. The ingress programs do
 /// as little as they can here: their stack is near the verifier's limit.
 #[inline(always)]
-pub fn preface(key: &FlowKey, off: usize, seq: u32, local: bool) -> bool {
-    schedule(key, off, seq, local, true)
+pub fn preface(key: &FlowKey, off: usize, seq: u32, ack: u32, local: bool) -> bool {
+    schedule(key, off, seq, ack, local, true)
 }
 
 /// Any other segment with payload of a followed connection. Segments
@@ -70,12 +70,12 @@ pub fn segment(ctx: &TcContext, key: &FlowKey, off: usize, seq: u32, local: bool
         st.seen = end;
         return false;
     }
-    schedule(key, off, seq, local, false)
+    schedule(key, off, seq, 0, local, false)
 }
 
 /// Leaves the packet's place for the walk program in this CPU's slot.
 #[inline(always)]
-fn schedule(key: &FlowKey, off: usize, seq: u32, local: bool, preface: bool) -> bool {
+fn schedule(key: &FlowKey, off: usize, seq: u32, ack: u32, local: bool, preface: bool) -> bool {
     let Some(at) = WALK_AT.get_ptr_mut(0) else {
         return false;
     };
@@ -87,6 +87,7 @@ fn schedule(key: &FlowKey, off: usize, seq: u32, local: bool, preface: bool) -> 
         (*at).seq = seq;
         (*at).local = local as u32;
         (*at).preface = preface as u32;
+        (*at).ack = ack;
     }
     true
 }
@@ -122,6 +123,7 @@ pub fn resume<const STAMP: bool>(ctx: &TcContext) {
         if !start::<STAMP>(ctx, &at.key, off, seq, local) {
             return;
         }
+        replies::<STAMP>(ctx, &at.key, at.ack);
         if let Some(a) = WALK_AT.get_ptr_mut(0) {
             // SAFETY: this CPU's slot; the next run goes on walking.
             unsafe { (*a).preface = 0 };
@@ -184,6 +186,46 @@ fn start<const STAMP: bool>(
         return false;
     }
     true
+}
+
+/// On a pod's loopback (ifindex 1 in every namespace), the server's side
+/// of the connection passes the same hook under the same namespace: it is
+/// followed too, from the preface's acknowledgment number (before it the
+/// server can only have sent settings: no request had reached it). Its
+/// header blocks are the responses and their trailers. Elsewhere the
+/// replies leave another pod's veth, under a key not known here.
+#[inline(always)]
+fn replies<const STAMP: bool>(ctx: &TcContext, key: &FlowKey, ack: u32) {
+    // SAFETY: reading the context's own field.
+    if unsafe { (*ctx.skb.skb).ifindex } != 1 {
+        return;
+    }
+    let rev = FlowKey {
+        netns: key.netns,
+        local_addr: key.remote_addr,
+        remote_addr: key.local_addr,
+        local_port: key.remote_port,
+        remote_port: key.local_port,
+        family: key.family,
+        proto: key.proto,
+        _pad: [0; 2],
+    };
+    let st = H2Flow {
+        seen: ack,
+        next: ack,
+        copy_to: ack,
+        copied: ack,
+        frame_start: ack,
+        part_len: 0,
+        part: [0; 24],
+    };
+    if H2_FLOWS.insert(&rev, st, 0).is_err() {
+        count(Counter::H2Lost);
+        return;
+    }
+    if !notice::<STAMP>(ctx, &rev, ack, H2_PREFACE | H2_REPLIES, false) {
+        let _ = H2_FLOWS.remove(&rev);
+    }
 }
 
 /// Steps through the segment from where the connection's mark is. True

@@ -210,7 +210,7 @@ fn capture_payload<const STAMP: bool>(
             capture::maybe_head::<STAMP>(ctx, cfg, key, parsed.payload_off, local);
             false
         }
-        Payload::H2Preface => h2::preface(key, parsed.payload_off, parsed.seq, local),
+        Payload::H2Preface => h2::preface(key, parsed.payload_off, parsed.seq, parsed.ack, local),
         Payload::Other => h2::segment(ctx, key, parsed.payload_off, parsed.seq, local),
         Payload::None => false,
     }

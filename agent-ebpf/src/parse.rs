@@ -36,6 +36,8 @@ pub struct Parsed {
     pub payload_off: usize,
     /// TCP sequence number of the payload's first byte (0 for UDP).
     pub seq: u32,
+    /// TCP acknowledgment number (0 for UDP): where the peer's stream is.
+    pub ack: u32,
 }
 
 /// Whether the TCP payload at `off` starts with an HTTP/1.x method token
@@ -181,7 +183,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         return Err(Skip::Malformed);
     }
     key.proto = l4_proto;
-    let (tcp_flags, payload_off, seq) = match l4_proto {
+    let (tcp_flags, payload_off, seq, ack) = match l4_proto {
         PROTO_TCP => {
             let th = ptr_at::<[u8; 20]>(ctx, off)?;
             let th = unsafe { &*th };
@@ -195,6 +197,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
                 th[13],
                 off + doff * 4,
                 u32::from_be_bytes([th[4], th[5], th[6], th[7]]),
+                u32::from_be_bytes([th[8], th[9], th[10], th[11]]),
             )
         }
         PROTO_UDP => {
@@ -202,7 +205,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
             let uh = unsafe { &*uh };
             key.local_port = u16::from_be_bytes([uh[0], uh[1]]);
             key.remote_port = u16::from_be_bytes([uh[2], uh[3]]);
-            (0, 0, 0)
+            (0, 0, 0, 0)
         }
         _ => return Err(Skip::OtherL4),
     };
@@ -211,5 +214,6 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, Skip> {
         tcp_flags,
         payload_off,
         seq,
+        ack,
     })
 }

@@ -2,7 +2,9 @@
 //! anywhere, flags in any order, HPACK of any bytes) gives heads, counts or
 //! a given-up connection, never a panic, and memory stays bounded.
 #![no_main]
-use agent_common::{FlowKey, H2FramesEvent, H2_FRAME_START, H2_PREFACE, MAX_CAPTURE};
+use agent_common::{
+    FlowKey, H2FramesEvent, H2_FRAME_START, H2_PREFACE, H2_REPLIES, MAX_CAPTURE,
+};
 use libfuzzer_sys::fuzz_target;
 use tagflow::sources::h2::{H2Conns, MAX_BLOCK};
 
@@ -11,7 +13,8 @@ fuzz_target!(|data: &[u8]| {
     let mut conns = H2Conns::new(2);
     let mut seq = 0u32;
     let mut rest = data;
-    // Each record: a control byte (flags; which of 3 connections), a
+    // Each record: a control byte (flags; which of 3 connections, server
+    // side or not), a
     // length byte, then that many bytes (up to what is left).
     while rest.len() >= 2 {
         let (ctl, n) = (rest[0], rest[1] as usize * 4);
@@ -33,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
         };
         ev.data[..n].copy_from_slice(body);
         ev.flags = match ctl & 3 {
+            0 if ctl & 8 != 0 => H2_PREFACE | H2_REPLIES,
             0 => H2_PREFACE,
             1 => H2_FRAME_START,
             _ => 0,
@@ -43,11 +47,19 @@ fuzz_target!(|data: &[u8]| {
         } else {
             seq = seq.wrapping_add(n as u32 + 1);
         }
-        for h in conns.event(&ev, &ids) {
+        let decoded = conns.event(&ev, &ids);
+        for (i, h) in decoded.requests.into_iter().enumerate() {
             if let Ok((info, _)) = h.head {
                 assert_ne!(info.trace_id, [0; 16]);
                 assert!(info.target.len() <= MAX_BLOCK * 2);
+                // Some requests wait for their replies.
+                if i % 2 == 0 {
+                    conns.traced(&ev.key, h.stream, info.trace_id);
+                }
             }
+        }
+        for r in decoded.replies {
+            assert_eq!(r.request.local_port, ev.key.remote_port);
         }
         assert!(conns.len() <= 2);
     }

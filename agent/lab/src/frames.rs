@@ -44,6 +44,8 @@ pub struct Frame {
     pub ext6: Vec<Ext6>,
     /// TCP sequence number of the payload's first byte.
     pub seq: u32,
+    /// TCP acknowledgment number.
+    pub ack: u32,
     pub payload: Vec<u8>,
 }
 
@@ -60,6 +62,7 @@ impl Frame {
             ip4_frag_offset: 0,
             ext6: Vec::new(),
             seq: 1,
+            ack: 0,
             payload: b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
         }
     }
@@ -100,7 +103,7 @@ impl Frame {
                 l4.extend_from_slice(&self.sport.to_be_bytes());
                 l4.extend_from_slice(&self.dport.to_be_bytes());
                 l4.extend_from_slice(&self.seq.to_be_bytes());
-                l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+                l4.extend_from_slice(&self.ack.to_be_bytes());
                 l4.push(5 << 4); // data offset
                 l4.push(flags);
                 l4.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]); // window, csum, urg

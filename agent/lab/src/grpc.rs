@@ -70,7 +70,8 @@ pub fn linking(got: &Collector, app_pid: u32, served: &[(String, u16)]) -> Linki
 /// `python3 -c GRPC_APP LISTEN DOWNSTREAM` where LISTEN is `host:port` and
 /// DOWNSTREAM the `host:port` of an echo server. Serves `/shop.Cart/Add`
 /// from a pool of 8 threads: sleeps 5 ms, calls the downstream (4 bytes
-/// and their echo), answers the request's bytes. Prints `ready <pid>`,
+/// and their echo), answers the request's bytes, or fails with NOT_FOUND
+/// (gRPC status 5) when they are `fail`. Prints `ready <pid>`,
 /// then per call `<x-request-id or -> <local port of its downstream call>`.
 pub const GRPC_APP: &str = r#"
 import os, socket, sys, threading, time, grpc
@@ -88,6 +89,8 @@ def add(req, ctx):
     with out:
         sys.stdout.write(f"{rid} {port}\n")
         sys.stdout.flush()
+    if req == b"fail":
+        ctx.abort(grpc.StatusCode.NOT_FOUND, "no such cart")
     return req
 h = grpc.method_handlers_generic_handler(
     "shop.Cart", {"Add": grpc.unary_unary_rpc_method_handler(add)})
@@ -99,21 +102,31 @@ print("ready", os.getpid(), flush=True)
 server.wait_for_termination()
 "#;
 
-/// `python3 -c GRPC_CLIENT TARGET N CONCURRENCY PREFIX`: prints `ready
-/// <pid>`, waits for a line, makes N calls to `/shop.Cart/Add` on one
-/// channel, CONCURRENCY at a time, each with `x-request-id: PREFIX-<i>`
-/// (none when PREFIX is `-`), prints `ok <i>` per answered call, then
-/// `done`.
+/// `python3 -c GRPC_CLIENT TARGET N CONCURRENCY PREFIX [FAIL_EVERY]`:
+/// prints `ready <pid>`, waits for a line, makes N calls to
+/// `/shop.Cart/Add` on one channel, CONCURRENCY at a time, each with
+/// `x-request-id: PREFIX-<i>` (none when PREFIX is `-`); every
+/// FAIL_EVERY-th call (i % FAIL_EVERY == FAIL_EVERY - 1) asks the app to
+/// fail. Prints `ok <i>` per call answered as asked, then `done`.
 pub const GRPC_CLIENT: &str = r#"
 import os, sys, grpc
 from concurrent import futures
 target, n, conc, prefix = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+every = int(sys.argv[5]) if len(sys.argv) > 5 else 0
 ch = grpc.insecure_channel(target)
 call = ch.unary_unary("/shop.Cart/Add")
 print("ready", os.getpid(), flush=True)
 sys.stdin.readline()
 def one(i):
     md = [] if prefix == "-" else [("x-request-id", f"{prefix}-{i}")]
+    if every and i % every == every - 1:
+        try:
+            call(b"fail", metadata=md, timeout=10)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return i
+            raise
+        raise SystemExit(f"call {i} should have failed")
     call(b"hello", metadata=md, timeout=10)
     return i
 with futures.ThreadPoolExecutor(conc) as ex:

@@ -595,7 +595,10 @@ fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
         n += 2;
     }
     let seq0 = 1_000_000u32;
+    // The server's stream: where its settings ended when the preface left.
+    let ack0 = 7_000_000u32;
     let mut f = tcp4();
+    f.ack = ack0;
     for (from, to) in [(0, cut1), (cut1, cut2), (cut2, cut3), (cut3, stream.len())] {
         f.seq = seq0 + from as u32;
         f.payload = stream[from..to].to_vec();
@@ -612,10 +615,15 @@ fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
         })
         .collect();
     assert_eq!(records[0].flags, H2_PREFACE);
+    // On a loopback (test runs are on ifindex 1), the server's side is
+    // followed too, from the preface's acknowledgment number.
+    let server_key = tagflow::sources::h2::reversed(&f.flow_key(b.pod_ns));
+    assert_eq!(records[1].flags, H2_PREFACE | H2_REPLIES);
+    assert_eq!((records[1].key, records[1].seq), (server_key, ack0));
     assert_eq!(b.dp.counter(Counter::H2Started), 1);
     assert_eq!(b.dp.counter(Counter::H2Lost), 0);
     // Every byte sent is a header frame's, at its place in the stream.
-    for r in &records[1..] {
+    for r in &records[2..] {
         let at = r.seq.wrapping_sub(seq0) as usize;
         assert_eq!(&r.data[..r.len as usize], &stream[at..at + r.len as usize]);
         assert_eq!(r.key, f.flow_key(b.pod_ns));
@@ -623,7 +631,10 @@ fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
     // The decoder reads every request's id with the connection's table.
     let mut conns = H2Conns::new(4);
     let ids = vec!["x-request-id".to_string()];
-    let heads: Vec<_> = records.iter().flat_map(|r| conns.event(r, &ids)).collect();
+    let heads: Vec<_> = records
+        .iter()
+        .flat_map(|r| conns.event(r, &ids).requests)
+        .collect();
     let want: Vec<String> = std::iter::once(1)
         .chain(std::iter::once(3))
         .chain((5..65).step_by(2))
@@ -637,6 +648,45 @@ fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
         })
         .collect();
     assert_eq!(got, want, "{:?}", conns.stats);
+    // The server answers stream 3 (a response, a message, its trailers,
+    // in one segment after its SETTINGS ACK): the walk copies the two
+    // header blocks of the server's side, decoded with the server's table.
+    let mut enc = loona_hpack::Encoder::new();
+    let mut answer = h2_frame(4, 0x1, 0, &[]);
+    let block = enc.encode([
+        (&b":status"[..], &b"200"[..]),
+        (b"content-type", b"application/grpc"),
+    ]);
+    answer.extend(h2_frame(1, 0x4, 3, &block));
+    answer.extend(h2_frame(0, 0, 3, &[5; 40]));
+    let block = enc.encode([(&b"grpc-status"[..], &b"7"[..])]);
+    answer.extend(h2_frame(1, 0x4 | 0x1, 3, &block));
+    let mut s = tcp4();
+    (s.src, s.dst, s.sport, s.dport) = (f.dst, f.src, f.dport, f.sport);
+    s.seq = ack0;
+    s.payload = answer;
+    b.expect(&s.build(), Counter::NoTrace, "the server's answer");
+    let replies: Vec<_> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i)))
+        .map(|e| match e {
+            Event::H2Frames(h) => h,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(replies.len(), 2, "two header frames copied");
+    assert!(replies.iter().all(|r| r.key == server_key));
+    conns.traced(&f.flow_key(b.pod_ns), 3, [3; 16]);
+    let got: Vec<_> = replies
+        .iter()
+        .flat_map(|r| conns.event(r, &ids).replies)
+        .map(|r| (r.stream, r.trace, r.status, r.grpc_status))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (3, Some([3; 16]), Some(200), None),
+            (3, Some([3; 16]), None, Some(7))
+        ]
+    );
     // A gap (a segment the datapath never saw) gives the connection up.
     f.seq = seq0 + stream.len() as u32 + 100;
     f.payload = request(201);

@@ -62,10 +62,21 @@ fn app(app: &Pod, down: &Pod, listen: &str) -> (Proc, Proc) {
 }
 
 fn client(pod: &Pod, target: &str, n: usize, conc: usize, prefix: &str) {
+    failing_client(pod, target, n, conc, prefix, 0)
+}
+
+/// Every `fail_every`-th call fails with gRPC status 5 (0: none).
+fn failing_client(pod: &Pod, target: &str, n: usize, conc: usize, prefix: &str, fail_every: usize) {
     let mut c = Proc::python(
         pod,
         GRPC_CLIENT,
-        &[target, &n.to_string(), &conc.to_string(), prefix],
+        &[
+            target,
+            &n.to_string(),
+            &conc.to_string(),
+            prefix,
+            &fail_every.to_string(),
+        ],
     )
     .unwrap();
     let out = c.run_until_done().unwrap();
@@ -88,7 +99,8 @@ fn no_h2_losses(agent: &Agent) -> HashMap<String, f64> {
 
 /// nginx in the app's pod stamps `X-Request-ID` (`grpc_set_header`) and
 /// hands each call to the app over 127.0.0.1 with HTTP/2 keep-alive (the
-/// sidecar-proxy shape); the app forwards nothing. Calls one at a time.
+/// sidecar-proxy shape); the app forwards nothing. Calls one at a time;
+/// every fourth fails (NOT_FOUND), and the loopback hop's spans say so.
 #[test]
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
@@ -112,7 +124,8 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     let nginx = procs::nginx(ap, &dir, body).unwrap();
     wait_for("nginx", 10, || dir.join("nginx.pid").exists());
 
-    client(cl, &format!("{}:8080", ap.ip), N, 1, "-");
+    const FAIL_EVERY: usize = 4;
+    failing_client(cl, &format!("{}:8080", ap.ip), N, 1, "-", FAIL_EVERY);
     let served = served(&mut app_proc, N);
     wait_for("the app's calls as spans", 20, || {
         let l = linking(got, app_proc.pid, &served);
@@ -144,6 +157,36 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     }
     let kinds = |k: SpanKind| rpc.iter().filter(|(_, s)| s.kind == k as i32).count();
     assert!(kinds(SpanKind::Client) >= N - 1 && kinds(SpanKind::Server) >= N - 1);
+    // The loopback hop (nginx → app): the server's side passes the same
+    // hook, so each call's response and trailers are read too. Both ends
+    // of a call carry its status: 0, or 5 for every fourth.
+    let mut codes: HashMap<Vec<u8>, Vec<(String, String)>> = HashMap::new();
+    for (_, s) in rpc.iter().filter(|(_, s)| {
+        [attr(s, "network.peer.port"), attr(s, "network.local.port")]
+            .contains(&Some("50051".into()))
+    }) {
+        let code = attr(s, "rpc.grpc.status_code").unwrap_or_default();
+        let http = attr(s, "http.response.status_code").unwrap_or_default();
+        codes
+            .entry(s.trace_id.clone())
+            .or_default()
+            .push((code, http));
+    }
+    let calls = |code: &str| {
+        codes
+            .values()
+            .filter(|v| v.iter().all(|(c, h)| c == code && h == "200"))
+            .count()
+    };
+    let (failed, ok) = (N / FAIL_EVERY, N - N / FAIL_EVERY);
+    // The first call may go untraced (above); nothing may be mixed up.
+    assert!(
+        calls("5") + calls("0") == codes.len()
+            && (failed - 1..=failed).contains(&calls("5"))
+            && (ok - 1..=ok).contains(&calls("0"))
+            && codes.len() >= N - 1,
+        "status per call on the loopback hop: {codes:?}"
+    );
     let m = no_h2_losses(agent);
     assert!(
         m["tagflow_capture_h2_connections_total"] >= 2.0,

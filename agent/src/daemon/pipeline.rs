@@ -25,7 +25,7 @@ use crate::{
         h2::H2Conns,
     },
     spans::{
-        assemble::{Assembler, AssemblerConfig, End},
+        assemble::{Assembler, AssemblerConfig, End, Reply},
         resource::Resources,
         SpanRecord,
     },
@@ -257,8 +257,8 @@ impl Pipeline {
             }
             Event::H2Frames(h) => {
                 let mut receiver = receiver;
-                let heads = self.h2.event(&h, self.capture.id_headers());
-                for s in heads {
+                let decoded = self.h2.event(&h, self.capture.id_headers());
+                for s in decoded.requests {
                     self.stats.heads += 1;
                     let sent = Sent {
                         key: h.key,
@@ -277,8 +277,19 @@ impl Pipeline {
                     // on the connection may have one, and its table must
                     // see every block.
                     if let HeadOutcome::Applied(info) = out {
+                        self.h2.traced(&h.key, s.stream, info.trace_id);
                         self.applied(&h.key, *info, now);
                     }
+                }
+                // A status goes to its request's spans: the client's side
+                // and the server's (this record's key).
+                for r in decoded.replies {
+                    let Some(trace) = r.trace else { continue };
+                    let reply = Reply {
+                        status: r.status,
+                        grpc_status: r.grpc_status,
+                    };
+                    self.assembler.reply(&r.request, &h.key, &trace, reply);
                 }
             }
             Event::Unknown(_) => self.stats.events_unknown += 1,

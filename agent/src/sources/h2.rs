@@ -2,15 +2,18 @@
 //! connection from its client preface and sends the bytes of its header
 //! frames (agent-ebpf `h2.rs`); here they become frames again and their
 //! header blocks are decoded with one HPACK table per connection. Each
-//! request's headers then make a head like an HTTP/1.x one.
+//! request's headers then make a head like an HTTP/1.x one. Where the
+//! server's side passes the same hook (a pod's loopback), its header
+//! blocks are decoded with their own table: each response's `:status` and
+//! `grpc-status` goes to the request of the same stream.
 //!
 //! A connection is decoded only from its preface on and only while its
 //! bytes arrive without a gap: a table that missed one header block would
 //! read every later id wrong. Anything else is counted and the connection
 //! left alone.
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use agent_common::{FlowKey, H2FramesEvent, H2_FRAME_START, H2_LOST, H2_PREFACE};
+use agent_common::{FlowKey, H2FramesEvent, H2_FRAME_START, H2_LOST, H2_PREFACE, H2_REPLIES};
 use loona_hpack::Decoder;
 
 use super::capture::{head_info, HeadInfo, HeadOutcome, Protocol, Request};
@@ -19,6 +22,7 @@ const FRAME_HEADER: usize = 9;
 const HEADERS: u8 = 0x1;
 const PUSH_PROMISE: u8 = 0x5;
 const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
@@ -29,6 +33,9 @@ const PRIORITY: u8 = 0x20;
 pub const MAX_BLOCK: usize = 16 * 1024;
 /// The largest HPACK table a sender may ask for (4 KiB is the default).
 pub const MAX_TABLE: usize = 16 * 1024;
+/// Requests per connection whose trace waits for their response (a
+/// server's concurrent streams, 100 by default; the oldest go first).
+pub const MAX_PENDING: usize = 1024;
 
 /// Why a connection stopped being decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,11 +62,18 @@ struct Conn {
     /// PUSH_PROMISE (a response-side block: decoded, not a request).
     stream: u32,
     promise: bool,
+    /// The open block's HEADERS frame ended its stream.
+    end_stream: bool,
+    /// The server's side: its blocks are responses, not requests.
+    replies: bool,
+    /// Client side: the trace each stream's request applied, until its
+    /// response ends the stream.
+    pending: BTreeMap<u32, [u8; 16]>,
     serial: u64,
 }
 
 impl Conn {
-    fn new(serial: u64) -> Self {
+    fn new(serial: u64, replies: bool) -> Self {
         let mut hpack = Decoder::new();
         hpack.set_max_allowed_table_size(MAX_TABLE);
         Self {
@@ -69,6 +83,9 @@ impl Conn {
             block: Vec::new(),
             stream: 0,
             promise: false,
+            end_stream: false,
+            replies,
+            pending: BTreeMap::new(),
             serial,
         }
     }
@@ -79,6 +96,28 @@ impl Conn {
 pub struct StreamHead {
     pub stream: u32,
     pub head: Result<(HeadInfo, bool), HeadOutcome>,
+}
+
+/// A response's status, or its trailers', on the server's side of a
+/// connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// The request's connection, as its client's side is keyed.
+    pub request: FlowKey,
+    pub stream: u32,
+    /// The trace the stream's request applied, when it had one.
+    pub trace: Option<[u8; 16]>,
+    /// `:status` (absent in trailers).
+    pub status: Option<u16>,
+    /// `grpc-status` (in trailers, or in a trailers-only response).
+    pub grpc_status: Option<u32>,
+}
+
+/// What one record completed.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    pub requests: Vec<StreamHead>,
+    pub replies: Vec<Reply>,
 }
 
 /// Every followed connection, bounded (the oldest go first).
@@ -94,7 +133,14 @@ pub struct H2Conns {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct H2Stats {
     pub connections: u64,
+    /// Server sides followed (a pod's loopback).
+    pub reply_connections: u64,
     pub requests: u64,
+    /// Response and trailer blocks decoded on a server's side.
+    pub replies: u64,
+    /// Requests whose response was not waited for any longer: the
+    /// connection had `MAX_PENDING` open.
+    pub pending_dropped: u64,
     /// Header blocks that were not a request (trailers, pushes).
     pub other_blocks: u64,
     pub lost: u64,
@@ -116,6 +162,21 @@ impl H2Stats {
                 "capture_h2_connections_total",
                 "HTTP/2 connections followed from their client preface.",
                 self.connections,
+            ),
+            (
+                "capture_h2_reply_connections_total",
+                "HTTP/2 server sides followed from the client preface (a pod's loopback).",
+                self.reply_connections,
+            ),
+            (
+                "capture_h2_replies_total",
+                "HTTP/2 response and trailer blocks decoded on a server's side.",
+                self.replies,
+            ),
+            (
+                "capture_h2_pending_dropped_total",
+                "HTTP/2 requests whose response status was no longer waited for (too many open on one connection).",
+                self.pending_dropped,
             ),
             (
                 "capture_h2_requests_total",
@@ -186,11 +247,12 @@ impl H2Conns {
         self.conns.is_empty()
     }
 
-    /// Takes one datapath record; returns the request heads it completed.
-    pub fn event(&mut self, ev: &H2FramesEvent, id_headers: &[String]) -> Vec<StreamHead> {
-        let mut out = Vec::new();
+    /// Takes one datapath record; returns the request heads and replies
+    /// it completed.
+    pub fn event(&mut self, ev: &H2FramesEvent, id_headers: &[String]) -> Decoded {
+        let mut out = Decoded::default();
         if ev.flags & H2_PREFACE != 0 {
-            self.start(ev.key);
+            self.start(ev.key, ev.flags & H2_REPLIES != 0);
             return out;
         }
         if ev.flags & H2_LOST != 0 {
@@ -210,13 +272,22 @@ impl H2Conns {
             return out;
         };
         let data = &ev.data[..(ev.len as usize).min(ev.data.len())];
+        let replies = conn.replies;
+        let mut answers = Vec::new();
         let r = feed(
             conn,
             ev.seq,
             ev.flags & H2_FRAME_START != 0,
             data,
-            |stream, promise, block, hpack| {
-                decode(stream, promise, block, hpack, id_headers, &mut out)
+            |b, hpack| {
+                decode(
+                    b,
+                    hpack,
+                    replies,
+                    id_headers,
+                    &mut out.requests,
+                    &mut answers,
+                )
             },
         );
         if let Err(why) = r {
@@ -228,19 +299,60 @@ impl H2Conns {
                 GiveUp::Hpack => self.stats.hpack_errors += 1,
             }
         }
-        for h in &out {
+        for h in &out.requests {
             match h.head {
                 Err(HeadOutcome::NotHttp) => self.stats.other_blocks += 1,
                 _ => self.stats.requests += 1,
             }
         }
+        for r in answers {
+            self.stats.replies += 1;
+            let reply = self.answer(&ev.key, r);
+            out.replies.push(reply);
+        }
         out
     }
 
-    fn start(&mut self, key: FlowKey) {
+    /// The request on `key`'s `stream` applied `trace`: its response's
+    /// status goes to that trace's spans.
+    pub fn traced(&mut self, key: &FlowKey, stream: u32, trace: [u8; 16]) {
+        let Some(Some(c)) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.pending.insert(stream, trace);
+        if c.pending.len() > MAX_PENDING {
+            c.pending.pop_first();
+            self.stats.pending_dropped += 1;
+        }
+    }
+
+    /// A server side's reply, with the trace of the request it answers
+    /// (the client side is the same connection the other way round).
+    fn answer(&mut self, key: &FlowKey, r: StreamReply) -> Reply {
+        let request = reversed(key);
+        let trace = match self.conns.get_mut(&request) {
+            Some(Some(c)) if r.end_stream => c.pending.remove(&r.stream),
+            Some(Some(c)) => c.pending.get(&r.stream).copied(),
+            _ => None,
+        };
+        Reply {
+            request,
+            stream: r.stream,
+            trace,
+            status: r.status,
+            grpc_status: r.grpc_status,
+        }
+    }
+
+    fn start(&mut self, key: FlowKey, replies: bool) {
         self.serial += 1;
-        self.stats.connections += 1;
-        self.conns.insert(key, Some(Conn::new(self.serial)));
+        if replies {
+            self.stats.reply_connections += 1;
+        } else {
+            self.stats.connections += 1;
+        }
+        self.conns
+            .insert(key, Some(Conn::new(self.serial, replies)));
         self.order.push_back((key, self.serial));
         while self.conns.len() > self.cap {
             let Some((old, serial)) = self.order.pop_front() else {
@@ -268,6 +380,26 @@ impl H2Conns {
     }
 }
 
+/// The same connection seen from its other end (same namespace: a pod's
+/// loopback).
+pub fn reversed(k: &FlowKey) -> FlowKey {
+    FlowKey {
+        local_addr: k.remote_addr,
+        remote_addr: k.local_addr,
+        local_port: k.remote_port,
+        remote_port: k.local_port,
+        ..*k
+    }
+}
+
+/// One complete header block with where it came from.
+struct RawBlock<'a> {
+    stream: u32,
+    promise: bool,
+    end_stream: bool,
+    bytes: &'a [u8],
+}
+
 /// Puts a run of bytes into frames; calls `block` with each complete
 /// header block.
 fn feed(
@@ -275,7 +407,7 @@ fn feed(
     seq: u32,
     frame_start: bool,
     data: &[u8],
-    mut block: impl FnMut(u32, bool, &[u8], &mut Decoder<'static>) -> Result<(), GiveUp>,
+    mut block: impl FnMut(RawBlock<'_>, &mut Decoder<'static>) -> Result<(), GiveUp>,
 ) -> Result<(), GiveUp> {
     if frame_start {
         // What was left over is the start of a frame the datapath stepped
@@ -312,6 +444,7 @@ fn feed(
             HEADERS | PUSH_PROMISE if c.stream == 0 => {
                 c.stream = stream;
                 c.promise = ty == PUSH_PROMISE;
+                c.end_stream = ty == HEADERS && flags & END_STREAM != 0;
                 c.block.clear();
             }
             CONTINUATION if c.stream == stream && stream != 0 => {}
@@ -323,7 +456,13 @@ fn feed(
         c.block.extend_from_slice(fragment);
         if flags & END_HEADERS != 0 {
             let blk = std::mem::take(&mut c.block);
-            block(c.stream, c.promise, &blk, &mut c.hpack)?;
+            let raw = RawBlock {
+                stream: c.stream,
+                promise: c.promise,
+                end_stream: c.end_stream,
+                bytes: &blk,
+            };
+            block(raw, &mut c.hpack)?;
             c.block = blk;
             c.block.clear();
             c.stream = 0;
@@ -356,24 +495,35 @@ fn fragment(ty: u8, flags: u8, p: &[u8]) -> Option<&[u8]> {
     p.get(start..end)
 }
 
-/// Decodes one header block and, for a request, reads its head.
-fn decode(
+/// A server side's block: a response's status or its trailers'.
+struct StreamReply {
     stream: u32,
-    promise: bool,
-    block: &[u8],
+    end_stream: bool,
+    status: Option<u16>,
+    grpc_status: Option<u32>,
+}
+
+/// Decodes one header block: on a client side, a request's head; on a
+/// server's, a response's status. Every block goes through the table.
+fn decode(
+    b: RawBlock<'_>,
     hpack: &mut Decoder<'static>,
+    server: bool,
     id_headers: &[String],
-    out: &mut Vec<StreamHead>,
+    requests: &mut Vec<StreamHead>,
+    replies: &mut Vec<StreamReply>,
 ) -> Result<(), GiveUp> {
+    let (stream, promise) = (b.stream, b.promise);
     let mut fields: Vec<(String, String)> = Vec::new();
     hpack
-        .decode_with_cb(block, |n, v| {
-            // Only what a head needs is kept (names are lower case in
-            // HTTP/2).
+        .decode_with_cb(b.bytes, |n, v| {
+            // Only what a head or a status needs is kept (names are lower
+            // case in HTTP/2).
             let n = String::from_utf8_lossy(&n);
             let wanted = n.starts_with(':')
                 || n == "traceparent"
                 || n == "content-type"
+                || n == "grpc-status"
                 || id_headers.iter().any(|h| h.eq_ignore_ascii_case(&n));
             if wanted {
                 fields.push((n.into_owned(), String::from_utf8_lossy(&v).into_owned()));
@@ -386,6 +536,18 @@ fn decode(
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     };
+    if server {
+        // A push's promised request is the server's, not a reply.
+        if !promise {
+            replies.push(StreamReply {
+                stream,
+                end_stream: b.end_stream,
+                status: get(":status").and_then(|s| s.parse().ok()),
+                grpc_status: get("grpc-status").and_then(|s| s.parse().ok()),
+            });
+        }
+        return Ok(());
+    }
     let head = match (promise, get(":method")) {
         (false, Some(method)) => {
             let grpc = get("content-type").is_some_and(|t| t.starts_with("application/grpc"));
@@ -408,7 +570,7 @@ fn decode(
         // Trailers, or a push: no request of this connection.
         _ => Err(HeadOutcome::NotHttp),
     };
-    out.push(StreamHead { stream, head });
+    requests.push(StreamHead { stream, head });
     Ok(())
 }
 
@@ -468,7 +630,10 @@ mod tests {
 
     fn started() -> H2Conns {
         let mut c = H2Conns::new(16);
-        assert!(c.event(&record(100, H2_PREFACE, &[]), &ids()).is_empty());
+        assert!(c
+            .event(&record(100, H2_PREFACE, &[]), &ids())
+            .requests
+            .is_empty());
         c
     }
 
@@ -479,7 +644,7 @@ mod tests {
         let mut heads = Vec::new();
         for (stream, block) in [(1, C41), (3, C42), (5, C43)] {
             let f = frame(HEADERS, END_HEADERS, stream, &hex(block));
-            heads.extend(c.event(&record(seq, H2_FRAME_START, &f), &ids()));
+            heads.extend(c.event(&record(seq, H2_FRAME_START, &f), &ids()).requests);
             // DATA frames in between are stepped over by the datapath.
             seq += f.len() as u32 + 100;
         }
@@ -502,16 +667,25 @@ mod tests {
         // The agent started late: no preface, so no table.
         let mut c = H2Conns::new(16);
         let f = frame(HEADERS, END_HEADERS, 5, &hex(C43));
-        assert!(c.event(&record(1, H2_FRAME_START, &f), &ids()).is_empty());
+        assert!(c
+            .event(&record(1, H2_FRAME_START, &f), &ids())
+            .requests
+            .is_empty());
         assert_eq!(c.stats.unknown, 1);
         // Started, but the first block went missing: the table lacks its
         // entries and the block that names them is refused, not misread.
         let mut c = started();
         let f = frame(HEADERS, END_HEADERS, 3, &hex(C42));
-        assert!(c.event(&record(500, H2_FRAME_START, &f), &ids()).is_empty());
+        assert!(c
+            .event(&record(500, H2_FRAME_START, &f), &ids())
+            .requests
+            .is_empty());
         assert_eq!(c.stats.hpack_errors, 1);
         let f = frame(HEADERS, END_HEADERS, 5, &hex(C43));
-        assert!(c.event(&record(600, H2_FRAME_START, &f), &ids()).is_empty());
+        assert!(c
+            .event(&record(600, H2_FRAME_START, &f), &ids())
+            .requests
+            .is_empty());
         assert_eq!(c.stats.ignored, 1);
     }
 
@@ -537,9 +711,13 @@ mod tests {
         bytes.extend(frame(CONTINUATION, END_HEADERS, 1, b));
         let mut c = started();
         let cut = 20;
-        let first = c.event(&record(124, H2_FRAME_START, &bytes[..cut]), &ids());
+        let first = c
+            .event(&record(124, H2_FRAME_START, &bytes[..cut]), &ids())
+            .requests;
         assert!(first.is_empty(), "block not complete yet");
-        let heads = c.event(&record(124 + cut as u32, 0, &bytes[cut..]), &ids());
+        let heads = c
+            .event(&record(124 + cut as u32, 0, &bytes[cut..]), &ids())
+            .requests;
         assert_eq!(heads.len(), 1);
         let (info, sampled) = heads[0].head.as_ref().expect("a request with an id");
         assert!(sampled);
@@ -559,12 +737,22 @@ mod tests {
         // A continuation that does not start where the last bytes ended.
         assert!(c
             .event(&record(124, H2_FRAME_START, &f[..5]), &ids())
+            .requests
             .is_empty());
-        assert!(c.event(&record(124 + 6, 0, &f[6..]), &ids()).is_empty());
+        assert!(c
+            .event(&record(124 + 6, 0, &f[6..]), &ids())
+            .requests
+            .is_empty());
         assert_eq!(c.stats.gaps, 1);
         let mut c = started();
-        assert!(c.event(&record(124, H2_LOST, &[]), &ids()).is_empty());
-        assert!(c.event(&record(124, H2_FRAME_START, &f), &ids()).is_empty());
+        assert!(c
+            .event(&record(124, H2_LOST, &[]), &ids())
+            .requests
+            .is_empty());
+        assert!(c
+            .event(&record(124, H2_FRAME_START, &f), &ids())
+            .requests
+            .is_empty());
         assert_eq!((c.stats.lost, c.stats.ignored), (1, 1));
     }
 
@@ -574,15 +762,84 @@ mod tests {
         let trailers = enc.encode([(&b"grpc-status"[..], &b"0"[..])]);
         let mut c = started();
         let f = frame(HEADERS, END_HEADERS | 0x1, 1, &trailers);
-        let heads = c.event(&record(124, H2_FRAME_START, &f), &ids());
+        let heads = c.event(&record(124, H2_FRAME_START, &f), &ids()).requests;
         assert_eq!(heads.len(), 1);
         assert_eq!(heads[0].head, Err(HeadOutcome::NotHttp));
         assert_eq!((c.stats.other_blocks, c.stats.requests), (1, 0));
         // A CONTINUATION with no HEADERS before it.
         let f = frame(CONTINUATION, END_HEADERS, 3, &trailers);
         let seq = 124 + 9 + trailers.len() as u32;
-        assert!(c.event(&record(seq, H2_FRAME_START, &f), &ids()).is_empty());
+        assert!(c
+            .event(&record(seq, H2_FRAME_START, &f), &ids())
+            .requests
+            .is_empty());
         assert_eq!(c.stats.malformed, 1);
+    }
+
+    #[test]
+    fn a_servers_replies_carry_the_status_to_the_request_of_their_stream() {
+        let mut c = started();
+        let mut server = record(7000, H2_PREFACE | H2_REPLIES, &[]);
+        server.key = reversed(&key());
+        let reply = |seq: u32, f: &[u8]| {
+            let mut r = record(seq, H2_FRAME_START, f);
+            r.key = reversed(&key());
+            r
+        };
+        c.event(&server, &ids());
+        assert_eq!((c.stats.connections, c.stats.reply_connections), (1, 1));
+        // The client's request on stream 1 applied a trace.
+        let mut enc = loona_hpack::Encoder::new();
+        let req = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":path", b"/shop.Cart/Add"),
+            (b"content-type", b"application/grpc"),
+            (b"x-request-id", b"r-1"),
+        ]);
+        let heads = c
+            .event(
+                &record(124, H2_FRAME_START, &frame(HEADERS, END_HEADERS, 1, &req)),
+                &ids(),
+            )
+            .requests;
+        assert_eq!(heads.len(), 1);
+        c.traced(&key(), 1, [9; 16]);
+        // The server's own table: a response, then its trailers.
+        let mut enc = loona_hpack::Encoder::new();
+        let head = enc.encode([
+            (&b":status"[..], &b"200"[..]),
+            (b"content-type", b"application/grpc"),
+        ]);
+        let trailers = enc.encode([(&b"grpc-status"[..], &b"5"[..])]);
+        let f = frame(HEADERS, END_HEADERS, 1, &head);
+        let got = c.event(&reply(7000, &f), &ids());
+        assert!(got.requests.is_empty());
+        let want = Reply {
+            request: key(),
+            stream: 1,
+            trace: Some([9; 16]),
+            status: Some(200),
+            grpc_status: None,
+        };
+        assert_eq!(got.replies, vec![want.clone()]);
+        let seq = 7000 + f.len() as u32 + 30; // a DATA frame between
+        let f = frame(HEADERS, END_HEADERS | END_STREAM, 1, &trailers);
+        let got = c.event(&reply(seq, &f), &ids());
+        let end = Reply {
+            status: None,
+            grpc_status: Some(5),
+            ..want
+        };
+        assert_eq!(got.replies, vec![end]);
+        // The stream ended: nothing waits for it any more.
+        let got = c.event(&reply(seq + f.len() as u32, &f), &ids());
+        assert_eq!(got.replies[0].trace, None);
+        assert_eq!(c.stats.replies, 3);
+        // Requests waiting for a reply are bounded.
+        for s in 0..MAX_PENDING as u32 + 5 {
+            c.traced(&key(), 2 * s + 3, [1; 16]);
+        }
+        assert_eq!(c.stats.pending_dropped, 5);
     }
 
     #[test]

@@ -146,6 +146,12 @@ impl Assembler {
                 }
                 (None, None) => {}
             }
+            if let Some(code) = o.reply.status {
+                a.push(kv("http.response.status_code", Value::Int(code as i64)));
+            }
+            if let (Some(code), Some(_)) = (o.reply.grpc_status, rpc) {
+                a.push(kv("rpc.grpc.status_code", Value::Int(code as i64)));
+            }
             if let Some(rid) = &h.request_id {
                 a.push(kv(
                     "http.request.header.x-request-id",

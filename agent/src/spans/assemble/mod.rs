@@ -64,6 +64,9 @@ pub struct AssemblerStats {
     pub calls_by_flow: u64,
     pub calls_by_process: u64,
     pub calls_by_thread: u64,
+    /// Response statuses forgotten before a span of their request opened
+    /// on their side (`MAX_WAITING_REPLIES` wait).
+    pub replies_unmatched: u64,
 }
 
 impl AssemblerStats {
@@ -112,9 +115,34 @@ impl AssemblerStats {
                 self.released_early,
             ),
             ("spans_created_total", "Spans handed to export.", self.emitted),
+            (
+                "spans_replies_unmatched_total",
+                "Response statuses (HTTP/2) forgotten before a span of their request opened on their side.",
+                self.replies_unmatched,
+            ),
         ]
     }
 }
+
+/// What a response said (HTTP/2 response headers and trailers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// `:status`.
+    pub status: Option<u16>,
+    /// `grpc-status`.
+    pub grpc_status: Option<u32>,
+}
+
+impl Reply {
+    /// A later block (trailers) adds to what an earlier one said.
+    fn add(&mut self, later: Reply) {
+        self.status = later.status.or(self.status);
+        self.grpc_status = later.grpc_status.or(self.grpc_status);
+    }
+}
+
+/// Statuses waiting for a span of their request to open.
+const MAX_WAITING_REPLIES: usize = 4096;
 
 struct Open {
     span_id: [u8; 8],
@@ -127,6 +155,8 @@ struct Open {
     /// The caller's span from this request's own `traceparent`.
     remote_parent: Option<[u8; 8]>,
     head: Option<HeadInfo>,
+    /// The response's status, as far as it was seen.
+    reply: Reply,
     /// The connection as its callee sees it, when the host translated it
     /// (a call through a Service address).
     via: Option<FlowKey>,
@@ -173,6 +203,9 @@ pub struct Assembler {
     /// Call span ids computed from (trace, connection) lately: a second
     /// span of the same pair gets a random id instead of a duplicate.
     issued: Bounded<[u8; 8], ()>,
+    /// Statuses that came before a span of their request opened on that
+    /// side (a request's own packets left before its head was read).
+    replies: Bounded<(FlowKey, [u8; 16]), Reply>,
     pub stats: AssemblerStats,
 }
 
@@ -192,15 +225,18 @@ impl<K: std::hash::Hash + Eq + Copy, V> Bounded<K, V> {
         }
     }
 
-    fn insert(&mut self, k: K, v: V) {
+    /// How many entries it forgot to make room.
+    fn insert(&mut self, k: K, v: V) -> usize {
+        let mut forgot = 0;
         if self.map.insert(k, v).is_none() {
             self.order.push_back(k);
             while self.order.len() > self.cap {
                 if let Some(old) = self.order.pop_front() {
-                    self.map.remove(&old);
+                    forgot += self.map.remove(&old).is_some() as usize;
                 }
             }
         }
+        forgot
     }
 }
 
@@ -229,6 +265,7 @@ impl Assembler {
             ifnames: HashMap::new(),
             callers: Bounded::new(cfg.max_open),
             issued: Bounded::new(cfg.max_open),
+            replies: Bounded::new(MAX_WAITING_REPLIES),
             stats: AssemblerStats::default(),
         }
     }
@@ -277,6 +314,7 @@ impl Assembler {
                 remote_parent,
                 via: head.as_ref().and_then(|h| h.via),
                 head,
+                reply: self.replies.map.remove(&k).unwrap_or_default(),
                 resource: self.resources.for_pid(ev.stats.pid),
             },
         );
@@ -395,6 +433,24 @@ impl Assembler {
         if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
             o.via = o.via.or(info.via);
             o.head = Some(info);
+        }
+    }
+
+    /// The response to the request of `trace` said this, on the
+    /// connection its client side keys as `client` and its server side as
+    /// `server`: both spans carry it. A later block (trailers) adds to what
+    /// an earlier one said.
+    /// A side whose span is not open yet gets it when it opens.
+    pub fn reply(&mut self, client: &FlowKey, server: &FlowKey, trace: &[u8; 16], reply: Reply) {
+        for key in [*client, *server] {
+            let k = (key, *trace);
+            if let Some(o) = self.open.get_mut(&k) {
+                o.reply.add(reply);
+            } else if let Some(r) = self.replies.map.get_mut(&k) {
+                r.add(reply);
+            } else {
+                self.stats.replies_unmatched += self.replies.insert(k, reply) as u64;
+            }
         }
     }
 
@@ -1074,6 +1130,14 @@ mod tests {
             sender_previous: None,
         };
         use crate::sources::capture::Protocol;
+        // The response's headers are read before the call's span opens
+        // (its request left before its head was read); trailers after.
+        let server = crate::sources::h2::reversed(&caller);
+        let status = |status, grpc_status| Reply {
+            status,
+            grpc_status,
+        };
+        a.reply(&caller, &server, &T1, status(Some(200), None));
         a.flow_new(
             &ev(caller, T1, OWNER_CONNECTED, 100, 100, 1),
             Some(head(
@@ -1084,6 +1148,7 @@ mod tests {
             )),
             100,
         );
+        a.reply(&caller, &server, &T1, status(None, Some(5)));
         a.flow_end(&ev(caller, T1, OWNER_CONNECTED, 100, 160, 3), 160);
         let plain = key(1, [10, 0, 0, 1], 40001, [10, 0, 0, 4], 8080);
         a.flow_new(
@@ -1107,6 +1172,8 @@ mod tests {
         );
         assert_eq!(at(grpc, "server.address"), Some(Value::Str("::1".into())));
         assert_eq!(at(grpc, "server.port"), Some(Value::Int(50051)));
+        assert_eq!(at(grpc, "http.response.status_code"), Some(Value::Int(200)));
+        assert_eq!(at(grpc, "rpc.grpc.status_code"), Some(Value::Int(5)));
         let get = out.iter().find(|s| s.name == "GET").unwrap();
         assert_eq!(at(get, "url.path"), Some(Value::Str("/a".into())));
         assert_eq!(at(get, "server.address"), Some(Value::Str("::1".into())));
@@ -1117,5 +1184,15 @@ mod tests {
             Some(Value::Str("1.1".into()))
         );
         assert_eq!(at(get, "rpc.system"), None);
+        assert_eq!(at(get, "http.response.status_code"), None);
+        // The server's side never opened: its status waits, bounded; what
+        // the bound forgets is counted.
+        assert_eq!(a.stats.replies_unmatched, 0);
+        for i in 0..MAX_WAITING_REPLIES as u16 {
+            let c = key(1, [10, 0, 0, 1], i, [10, 0, 0, 3], 50051);
+            let r = crate::sources::h2::reversed(&c);
+            a.reply(&c, &r, &T2, status(Some(200), Some(0)));
+        }
+        assert_eq!(a.stats.replies_unmatched, MAX_WAITING_REPLIES as u64 + 1);
     }
 }
