@@ -167,6 +167,10 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     }) {
         let code = attr(s, "rpc.grpc.status_code").unwrap_or_default();
         let http = attr(s, "http.response.status_code").unwrap_or_default();
+        // NOT_FOUND fails the call for nginx, its client; not for the app.
+        let error = s.status.as_ref().is_some_and(|st| st.code == 2);
+        let client = s.kind == SpanKind::Client as i32;
+        assert_eq!(error, client && code == "5", "span status of {s:?}");
         codes
             .entry(s.trace_id.clone())
             .or_default()

@@ -65,6 +65,7 @@ mod tests {
             end_unix_ns: 1,
             attributes: Vec::new(),
             resource: std::sync::Arc::new(Resource::default()),
+            error: false,
         }
     }
 

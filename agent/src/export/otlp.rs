@@ -7,7 +7,9 @@ use opentelemetry_proto::tonic::{
     collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
     common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue as PKeyValue},
     resource::v1::Resource as PResource,
-    trace::v1::{span::SpanKind as PSpanKind, ResourceSpans, ScopeSpans, Span},
+    trace::v1::{
+        span::SpanKind as PSpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status,
+    },
 };
 use prost::Message;
 use tonic::{
@@ -72,6 +74,10 @@ fn span(s: &SpanRecord) -> Span {
         start_time_unix_nano: s.start_unix_ns,
         end_time_unix_nano: s.end_unix_ns,
         attributes: attrs(&s.attributes),
+        status: s.error.then(|| Status {
+            code: StatusCode::Error as i32,
+            message: String::new(),
+        }),
         ..Default::default()
     }
 }
@@ -367,6 +373,7 @@ mod tests {
             resource: Arc::new(Resource {
                 attributes: vec![kv("service.name", Value::Str(service.into()))],
             }),
+            error: id == 2,
         }
     }
 
@@ -418,6 +425,10 @@ mod tests {
             local_parent.flags,
             FLAG_SAMPLED | FLAG_CONTEXT_HAS_IS_REMOTE
         );
+        // A failed call's status is Error; others leave it unset.
+        let error = local_parent.status.as_ref().map(|s| s.code);
+        assert_eq!(error, Some(StatusCode::Error as i32));
+        assert_eq!(s.status, None);
         // Round trip through protobuf bytes.
         let back = ExportTraceServiceRequest::decode(&req.encode_to_vec()[..]).unwrap();
         assert_eq!(back, req);

@@ -33,6 +33,7 @@ pub fn line(s: &SpanRecord) -> String {
         "start_unix_nano": s.start_unix_ns,
         "end_unix_nano": s.end_unix_ns,
         "duration_ns": s.end_unix_ns.saturating_sub(s.start_unix_ns),
+        "status": if s.error { "error" } else { "unset" },
         "service": s.resource.service_name(),
         "attributes": attrs(&s.attributes),
         "resource": attrs(&s.resource.attributes),

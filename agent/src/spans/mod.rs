@@ -79,6 +79,9 @@ pub struct SpanRecord {
     pub end_unix_ns: u64,
     pub attributes: Vec<KeyValue>,
     pub resource: Arc<Resource>,
+    /// Span status Error (the response said the call failed, as the
+    /// semantic conventions read its status code); unset otherwise.
+    pub error: bool,
 }
 
 impl SpanRecord {

@@ -160,6 +160,7 @@ impl Assembler {
                 a.push(kv("tagflow.request_id", Value::Str(rid.clone())));
             }
         }
+        let error = failed(kind, o.reply.status, rpc.and(o.reply.grpc_status));
         SpanRecord {
             trace_id,
             span_id: o.span_id,
@@ -171,7 +172,25 @@ impl Assembler {
             end_unix_ns: 0,
             attributes: a,
             resource: o.resource.clone(),
+            error,
         }
+    }
+}
+
+/// Whether a call failed as the semantic conventions read its status: a
+/// gRPC call on any code but OK for its client, on the codes that mean the
+/// server failed for its server; HTTP from 400 for a client, from 500 for
+/// a server.
+fn failed(kind: SpanKind, http: Option<u16>, grpc: Option<u32>) -> bool {
+    // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE,
+    // DATA_LOSS.
+    const SERVER_FAULTS: [u32; 6] = [2, 4, 12, 13, 14, 15];
+    match (kind, grpc, http) {
+        (SpanKind::Server, Some(g), _) => SERVER_FAULTS.contains(&g),
+        (_, Some(g), _) => g != 0,
+        (SpanKind::Server, None, Some(h)) => h >= 500,
+        (_, None, Some(h)) => h >= 400,
+        _ => false,
     }
 }
 
@@ -232,6 +251,22 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_read_as_the_semantic_conventions_say() {
+        use SpanKind::{Client, Server};
+        // gRPC: any code but OK for a client; NOT_FOUND is the caller's
+        // problem, not the server's; INTERNAL is the server's.
+        assert!(!failed(Client, Some(200), Some(0)));
+        assert!(failed(Client, Some(200), Some(5)));
+        assert!(!failed(Server, Some(200), Some(5)));
+        assert!(failed(Server, Some(200), Some(13)));
+        // HTTP: 4xx fails a client, not a server; 5xx both.
+        assert!(failed(Client, Some(404), None));
+        assert!(!failed(Server, Some(404), None));
+        assert!(failed(Server, Some(503), None));
+        assert!(!failed(Client, None, None));
+    }
 
     #[test]
     fn hosts_keep_ipv6_addresses_whole() {

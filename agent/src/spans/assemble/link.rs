@@ -275,6 +275,7 @@ mod tests {
                 end_unix_ns: 0,
                 attributes: vec![],
                 resource: Arc::new(Resource { attributes: vec![] }),
+                error: false,
             },
         };
         // A proxy's server span that inherited its own call's id as remote
@@ -326,6 +327,7 @@ mod tests {
                             end_unix_ns: 0,
                             attributes: vec![],
                             resource: Arc::new(Resource { attributes: vec![] }),
+                            error: false,
                         },
                     }
                 })

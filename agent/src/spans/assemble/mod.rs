@@ -1174,6 +1174,8 @@ mod tests {
         assert_eq!(at(grpc, "server.port"), Some(Value::Int(50051)));
         assert_eq!(at(grpc, "http.response.status_code"), Some(Value::Int(200)));
         assert_eq!(at(grpc, "rpc.grpc.status_code"), Some(Value::Int(5)));
+        // NOT_FOUND fails the call for its client.
+        assert!(grpc.error);
         let get = out.iter().find(|s| s.name == "GET").unwrap();
         assert_eq!(at(get, "url.path"), Some(Value::Str("/a".into())));
         assert_eq!(at(get, "server.address"), Some(Value::Str("::1".into())));
