@@ -78,9 +78,9 @@ fn span() -> SpanRecord {
         kind: SpanKind::Server,
         start_unix_ns: 1,
         end_unix_ns: 2,
+        attributes: Vec::new(),
         resource: Arc::new(Resource::default()),
         error: false,
-        resource: Arc::new(Resource::default()),
     }
 }
 
