@@ -212,3 +212,77 @@ async fn an_h2c_upgrade_goes_on_as_http_1_1() {
     assert_eq!(h["connection"], "keep-alive");
     assert_eq!(stats.h2c_upgrades_declined.load(Ordering::Relaxed), 1);
 }
+
+/// The `tagflow sidecar` binary serves its counters: a request the app
+/// cannot take (nothing listens upstream) is answered 502 and counted.
+#[tokio::test]
+async fn the_binary_serves_its_counters_for_prometheus() {
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, metrics, dead) = (free(), free(), free());
+    /// Killed however the test ends.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Killed(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tagflow"))
+            .args(["sidecar", "--listen", &listen.to_string()])
+            .args(["--upstream", &dead.to_string()])
+            .args(["--metrics", &metrics.to_string()])
+            .args(["--agent-socket", "/nonexistent/tagflow.sock"])
+            .spawn()
+            .unwrap(),
+    );
+    let get = |addr: SocketAddr, path: &'static str| async move {
+        let s = tokio::net::TcpStream::connect(addr).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", "svc")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, std::io::Error>((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    let mut tries = 0;
+    let (status, _) = loop {
+        match get(listen, "/").await {
+            Ok(r) => break r,
+            Err(_) if tries < 100 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("the sidecar never answered: {e}"),
+        }
+    };
+    assert_eq!(status, 502);
+    let (status, text) = get(metrics, "/metrics").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("\ntagflow_sidecar_upstream_errors_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\ntagflow_sidecar_requests_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\ntagflow_sidecar_ids_generated_total 1\n"),
+        "{text}"
+    );
+}

@@ -21,6 +21,9 @@
 mod http1;
 mod http2;
 mod request;
+mod stats;
+
+pub use stats::{serve as serve_metrics, SidecarStats};
 
 use std::{
     net::SocketAddr,
@@ -74,19 +77,6 @@ impl SidecarConfig {
             register: false,
         }
     }
-}
-
-#[derive(Default, Debug)]
-pub struct SidecarStats {
-    pub requests: AtomicU64,
-    pub ids_kept: AtomicU64,
-    pub ids_generated: AtomicU64,
-    pub traceparents_created: AtomicU64,
-    pub registrations_failed: AtomicU64,
-    pub upstream_errors: AtomicU64,
-    /// HTTP/1.1 requests that asked to upgrade to h2c and went on as
-    /// HTTP/1.1.
-    pub h2c_upgrades_declined: AtomicU64,
 }
 
 type Out = BoxBody<Bytes, hyper::Error>;

@@ -1,7 +1,7 @@
 //! `tagflow sidecar`: the in-pod proxy.
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
-use tagflow::sidecar::{self, SidecarConfig};
+use tagflow::sidecar::{self, SidecarConfig, SidecarStats};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -24,6 +24,13 @@ pub struct Args {
     /// whose proxy is the bottleneck.
     #[arg(long, env = "TAGFLOW_SIDECAR_THREADS", default_value_t = 1)]
     threads: usize,
+    /// Serve the sidecar's counters (`tagflow_sidecar_*`) for Prometheus at
+    /// http://ADDR/metrics.
+    #[arg(long, env = "TAGFLOW_SIDECAR_METRICS", default_value = "0.0.0.0:15091")]
+    metrics: SocketAddr,
+    /// Serve no metrics (the port is the app's, or nothing scrapes it).
+    #[arg(long, env = "TAGFLOW_SIDECAR_NO_METRICS")]
+    no_metrics: bool,
 }
 
 /// The name spans' resources use for this process (15 bytes at most).
@@ -48,11 +55,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             .enable_all()
             .build()?
     };
-    rt.block_on(sidecar::run(
-        cfg,
-        Default::default(),
-        None,
-        crate::shutdown_signal(),
-    ))?;
+    let stats = Arc::new(SidecarStats::default());
+    rt.block_on(async {
+        if !a.no_metrics {
+            // Bound before serving: a taken port is an error at start, not
+            // counters silently missing.
+            let listener = std::net::TcpListener::bind(a.metrics)?;
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tokio::spawn(sidecar::serve_metrics(listener, stats.clone()));
+        }
+        sidecar::run(cfg, stats, None, crate::shutdown_signal()).await
+    })?;
     Ok(())
 }
