@@ -84,7 +84,8 @@ pub const H2_LOST: u32 = 4;
 /// With `H2_PREFACE`: the key is the server's side of a connection whose
 /// client preface was just seen; its replies are followed from `seq` (the
 /// preface's acknowledgment number: before it the server can only have
-/// sent settings, never a header block).
+/// sent settings, never a header block) or later. `data[..8]` holds the
+/// client side's namespace cookie (native endian).
 pub const H2_REPLIES: u32 = 8;
 
 /// `EVENT_H2_FRAMES`: a run of an HTTP/2 connection's bytes that belong to
@@ -126,6 +127,12 @@ pub struct H2Flow {
     /// was cut by the end of a segment; the whole header once read.
     pub part_len: u32,
     pub part: [u8; 24],
+    /// A server's side nothing of which was seen yet: its first segment
+    /// may start after the mark (what it skips passed the hook before the
+    /// preface did, so before any request reached the server: settings,
+    /// never a header block).
+    pub fresh: u32,
+    pub _pad: u32,
 }
 
 /// Where the HTTP/2 walk is in the current packet: written by the ingress

@@ -52,6 +52,7 @@ pub mod maps {
     pub const THREAD_VIA: &str = "THREAD_VIA";
     pub const H2_FLOWS: &str = "H2_FLOWS";
     pub const H2_WALK: &str = "H2_WALK";
+    pub const POD_ADDRS: &str = "POD_ADDRS";
 
     /// Default `max_entries` (bytes for `EVENTS`): the eBPF object declares
     /// these and the agent's `MapSizes` starts from them; most can be
@@ -72,6 +73,8 @@ pub mod maps {
         pub const THREAD_VIA: u32 = 32768;
         /// HTTP/2 connections followed by the frame walk (LRU).
         pub const H2_FLOWS: u32 = 8192;
+        /// Addresses of the node's pods (a few per pod).
+        pub const POD_ADDRS: u32 = 4096;
         /// ≈ 1900 request heads (1.1 KB each): enough to ride out the agent
         /// being off-CPU for a while on a saturated node.
         pub const EVENTS_BYTES: u32 = 2 << 20;

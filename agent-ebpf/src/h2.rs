@@ -9,7 +9,7 @@
 //! (what the verifier takes without blowing up); the walk is its own
 //! program, which tail-calls itself for more, up to the kernel's 33 calls.
 use crate::{
-    maps::{count, EVENTS, H2_FLOWS, H2_NETNS, H2_WALK, WALK_AT},
+    maps::{count, EVENTS, H2_FLOWS, H2_NETNS, H2_WALK, POD_ADDRS, WALK_AT},
     resolve,
 };
 use agent_common::{
@@ -135,8 +135,17 @@ pub fn resume<const STAMP: bool>(ctx: &TcContext) {
     // SAFETY: as in `segment`.
     let st = unsafe { &mut *st };
     if before(st.seen, seq) {
-        return lose::<STAMP>(ctx, &at.key, seq, local); // bytes never seen
+        if st.fresh == 0 {
+            return lose::<STAMP>(ctx, &at.key, seq, local); // bytes never seen
+        }
+        // A server's side, met after what it sent before the preface.
+        st.seen = seq;
+        st.next = seq;
+        st.copy_to = seq;
+        st.copied = seq;
+        st.frame_start = seq;
     }
+    st.fresh = 0;
     if walk::<STAMP>(ctx, &at.key, st, off, seq, local) {
         // SAFETY: a tail call into our own program array.
         unsafe { H2_WALK.tail_call(ctx, STAMP as u32) };
@@ -171,6 +180,8 @@ fn start<const STAMP: bool>(
         frame_start: seq,
         part_len: 0,
         part: [0; 24],
+        fresh: 0,
+        _pad: 0,
     };
     if H2_FLOWS.insert(key, st, 0).is_err() {
         count(Counter::H2Lost);
@@ -188,28 +199,28 @@ fn start<const STAMP: bool>(
     true
 }
 
-/// On a pod's loopback (ifindex 1 in every namespace), the server's side
-/// of the connection passes the same hook under the same namespace: it is
-/// followed too, from the preface's acknowledgment number (before it the
-/// server can only have sent settings: no request had reached it). Its
-/// header blocks are the responses and their trailers. Elsewhere the
-/// replies leave another pod's veth, under a key not known here.
+/// The server's side of the connection is followed too when its replies
+/// pass a hook of this node: on a pod's loopback (ifindex 1 in every
+/// namespace) under the same namespace, to a pod of this node out of that
+/// pod's veth (`POD_ADDRS`). It starts at the preface's acknowledgment
+/// number, or at the server's first segment seen if that is later (the
+/// bytes in between passed before the preface did: the server had no
+/// request yet, so they hold settings, never a header block). Its header
+/// blocks are the responses and their trailers. Replies from other nodes
+/// or through a Service address are not followed (no key for them here).
 #[inline(always)]
 fn replies<const STAMP: bool>(ctx: &TcContext, key: &FlowKey, ack: u32) {
     // SAFETY: reading the context's own field.
-    if unsafe { (*ctx.skb.skb).ifindex } != 1 {
-        return;
-    }
-    let rev = FlowKey {
-        netns: key.netns,
-        local_addr: key.remote_addr,
-        remote_addr: key.local_addr,
-        local_port: key.remote_port,
-        remote_port: key.local_port,
-        family: key.family,
-        proto: key.proto,
-        _pad: [0; 2],
+    let netns = if unsafe { (*ctx.skb.skb).ifindex } == 1 {
+        key.netns
+    } else {
+        // SAFETY: a value of our own map, copied out.
+        match unsafe { POD_ADDRS.get(key.remote_addr) } {
+            Some(netns) => *netns,
+            None => return,
+        }
     };
+    let rev = key.reversed_in(netns);
     let st = H2Flow {
         seen: ack,
         next: ack,
@@ -218,14 +229,36 @@ fn replies<const STAMP: bool>(ctx: &TcContext, key: &FlowKey, ack: u32) {
         frame_start: ack,
         part_len: 0,
         part: [0; 24],
+        fresh: 1,
+        _pad: 0,
     };
-    if H2_FLOWS.insert(&rev, st, 0).is_err() {
+    if H2_FLOWS.insert(rev, st, 0).is_err() {
         count(Counter::H2Lost);
         return;
     }
-    if !notice::<STAMP>(ctx, &rev, ack, H2_PREFACE | H2_REPLIES, false) {
-        let _ = H2_FLOWS.remove(&rev);
+    if netns != key.netns {
+        if let Some(seen) = H2_NETNS.get_ptr_mut(NetnsSlot::index(netns)) {
+            // SAFETY: an element of our own array; racing writers store 1.
+            unsafe { *seen = 1 };
+        }
     }
+    // The notice names the client's side (its namespace in `data`): the
+    // two are paired in userspace by it.
+    let Some(mut entry) = EVENTS.reserve::<H2FramesEvent>(0) else {
+        count(Counter::RingbufFull);
+        let _ = H2_FLOWS.remove(rev);
+        return;
+    };
+    let e = entry.as_mut_ptr();
+    // SAFETY: e points at a reservation of size_of::<H2FramesEvent>().
+    unsafe {
+        let n = key.netns.to_ne_bytes();
+        for (i, b) in n.iter().enumerate() {
+            (*e).data[i] = *b;
+        }
+        fill::<STAMP>(ctx, e, &rev, ack, 8, H2_PREFACE | H2_REPLIES, false);
+    }
+    entry.submit(0);
 }
 
 /// Steps through the segment from where the connection's mark is. True

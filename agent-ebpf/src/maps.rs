@@ -99,6 +99,12 @@ pub static H2_NETNS: Array<u32> = Array::with_max_entries(agent_common::NETNS_SL
 #[map(name = "H2_WALK")]
 pub static H2_WALK: ProgramArray = ProgramArray::with_max_entries(2, 0);
 
+/// A pod's address (as `FlowKey` holds it: IPv4 in the first 4 bytes) →
+/// its namespace cookie: where a connection's server side leaves the
+/// node's pods (`h2::replies`). Written by userspace (`podnet`).
+#[map(name = "POD_ADDRS")]
+pub static POD_ADDRS: HashMap<[u8; 16], u64> = HashMap::with_max_entries(size::POD_ADDRS, 0);
+
 /// Per CPU: the packet the walk is for (see `agent_common::H2Walk`).
 #[map(name = "WALK_AT")]
 pub static WALK_AT: PerCpuArray<H2Walk> = PerCpuArray::with_max_entries(1, 0);

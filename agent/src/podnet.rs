@@ -17,6 +17,9 @@ use crate::netns;
 /// set after its veth appears, and a miss for a foreign address must not
 /// cost a walk of every namespace per request head.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// For this long after a pod appears its addresses are re-read every
+/// `REFRESH_EVERY` (`refresh_recent`): they are set after its veth appears.
+const NEW_POD_WINDOW: Duration = Duration::from_secs(30);
 
 /// Why no receiving process was found for a request head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +52,8 @@ pub struct PodNets {
     pods: HashMap<u32, Pod>,
     addrs: HashMap<IpAddr, u64>,
     refreshed: Option<Instant>,
+    /// When the last pod appeared.
+    added: Option<Instant>,
     /// Address re-reads done (a miss after the last one was older than
     /// `REFRESH_EVERY`).
     refreshes: u64,
@@ -59,6 +64,39 @@ impl PodNets {
     pub fn add(&mut self, ifindex: u32, cookie: u64, ns: File) {
         self.pods.insert(ifindex, Pod { cookie, ns });
         self.learn(cookie);
+        self.added = Some(Instant::now());
+    }
+
+    /// Every pod address known, with its namespace.
+    pub fn addrs(&self) -> &HashMap<IpAddr, u64> {
+        &self.addrs
+    }
+
+    /// Re-reads the addresses while a pod appeared lately (at most once per
+    /// `REFRESH_EVERY`).
+    pub fn refresh_recent(&mut self) {
+        let now = Instant::now();
+        let recent = self
+            .added
+            .is_some_and(|t| now.duration_since(t) < NEW_POD_WINDOW);
+        if recent && !self.refreshed_lately(now) {
+            self.refresh(now);
+        }
+    }
+
+    fn refreshed_lately(&self, now: Instant) -> bool {
+        self.refreshed
+            .is_some_and(|t| now.duration_since(t) < REFRESH_EVERY)
+    }
+
+    fn refresh(&mut self, now: Instant) {
+        self.refreshed = Some(now);
+        self.refreshes += 1;
+        let cookies: Vec<u64> = self.pods.values().map(|p| p.cookie).collect();
+        self.addrs.clear();
+        for c in cookies {
+            self.learn(c);
+        }
     }
 
     /// The veth `ifindex` is gone. When no other veth leads to its
@@ -85,19 +123,10 @@ impl PodNets {
             return Some(*c);
         }
         let now = Instant::now();
-        if self
-            .refreshed
-            .is_some_and(|t| now.duration_since(t) < REFRESH_EVERY)
-        {
+        if self.refreshed_lately(now) {
             return None;
         }
-        self.refreshed = Some(now);
-        self.refreshes += 1;
-        let cookies: Vec<u64> = self.pods.values().map(|p| p.cookie).collect();
-        self.addrs.clear();
-        for c in cookies {
-            self.learn(c);
-        }
+        self.refresh(now);
         self.addrs.get(&ip).copied()
     }
 

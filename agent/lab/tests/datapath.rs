@@ -617,7 +617,7 @@ fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
     assert_eq!(records[0].flags, H2_PREFACE);
     // On a loopback (test runs are on ifindex 1), the server's side is
     // followed too, from the preface's acknowledgment number.
-    let server_key = tagflow::sources::h2::reversed(&f.flow_key(b.pod_ns));
+    let server_key = f.flow_key(b.pod_ns).reversed_in(b.pod_ns);
     assert_eq!(records[1].flags, H2_PREFACE | H2_REPLIES);
     assert_eq!((records[1].key, records[1].seq), (server_key, ack0));
     assert_eq!(b.dp.counter(Counter::H2Started), 1);

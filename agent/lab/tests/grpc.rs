@@ -270,6 +270,17 @@ fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
     let m = no_h2_losses(agent);
     assert_eq!(m["tagflow_capture_h2_connections_total"], 1.0);
     assert_eq!(m["tagflow_capture_h2_requests_total"], N as f64);
+    // The app's side leaves its own pod's veth (POD_ADDRS names it): each
+    // call's response headers and trailers are read with the app's table.
+    wait_for("every reply decoded", 10, || {
+        agent
+            .metrics()
+            .map(|m| m["tagflow_capture_h2_replies_total"] >= 2.0 * N as f64)
+            .unwrap_or(false)
+    });
+    let m = no_h2_losses(agent);
+    assert_eq!(m["tagflow_capture_h2_reply_connections_total"], 1.0);
+    assert_eq!(m["tagflow_capture_h2_replies_total"], 2.0 * N as f64);
     std::thread::sleep(Duration::from_millis(1500));
     let sent: Vec<Vec<u8>> = (0..N)
         .map(|i| {
@@ -286,6 +297,16 @@ fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
         .map(|(_, s)| s.name.clone())
         .collect();
     assert!(foreign.is_empty(), "spans under no sent id: {foreign:?}");
+    // Every call succeeded: no span says otherwise.
+    let codes: Vec<_> = spans
+        .iter()
+        .filter_map(|(_, s)| attr(s, "rpc.grpc.status_code"))
+        .collect();
+    assert!(codes.iter().all(|c| c == "0"), "{codes:?}");
+    assert!(
+        !codes.is_empty(),
+        "some spans of the calls carry their status"
+    );
     let named: std::collections::HashSet<_> = spans
         .iter()
         .filter_map(|(_, s)| attr(s, "tagflow.request_id"))

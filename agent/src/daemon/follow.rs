@@ -2,6 +2,8 @@
 //! configured as they appear, forgets them as they go, records the
 //! namespace at each veth's other end, and re-reads every link when
 //! notifications were lost.
+use std::{collections::HashMap, net::IpAddr};
+
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
@@ -36,6 +38,8 @@ pub struct Follower<'a> {
     cfg: &'a AgentConfig,
     peers: PeerResolver,
     pods: PodNets,
+    /// What `POD_ADDRS` holds (one writer: `sync_addrs`).
+    written: HashMap<IpAddr, u64>,
 }
 
 impl<'a> Follower<'a> {
@@ -44,6 +48,38 @@ impl<'a> Follower<'a> {
             cfg,
             peers: PeerResolver::default(),
             pods: PodNets::default(),
+            written: HashMap::new(),
+        }
+    }
+
+    /// Brings `POD_ADDRS` to the pod addresses known now (re-read while a
+    /// pod appeared lately): the HTTP/2 walk finds a server's side by it.
+    pub fn sync_addrs(&mut self, dp: &mut Datapath, stats: &mut AgentStats) {
+        self.pods.refresh_recent();
+        let now = self.pods.addrs();
+        let gone: Vec<IpAddr> = self
+            .written
+            .keys()
+            .filter(|ip| !now.contains_key(ip))
+            .copied()
+            .collect();
+        for ip in gone {
+            dp.remove_pod_addr(ip);
+            self.written.remove(&ip);
+        }
+        for (ip, netns) in now {
+            if self.written.get(ip) == Some(netns) {
+                continue;
+            }
+            match dp.set_pod_addr(*ip, *netns) {
+                Ok(()) => {
+                    self.written.insert(*ip, *netns);
+                }
+                Err(e) => {
+                    stats.pod_addr_failures += 1;
+                    debug!(%ip, "{}", crate::report(&e));
+                }
+            }
         }
     }
 

@@ -308,6 +308,7 @@ pub async fn run_with(
                 pipe.stats.bound_ports_relearned += n as u64;
             }
             _ = second.tick() => {
+                follower.sync_addrs(&mut dp, &mut pipe.stats);
                 match table.lock().expect("table lock").expire() {
                     Ok(n) => pipe.stats.expired += n as u64,
                     Err(e) => warn!("expiring trace entries: {}", crate::report(&e)),

@@ -45,6 +45,9 @@ pub struct AgentStats {
     pub events_unknown: u64,
     pub events_truncated: u64,
     pub attach_failures: u64,
+    /// Pod addresses the datapath could not be told (`POD_ADDRS` full):
+    /// HTTP/2 replies to that pod are not followed.
+    pub pod_addr_failures: u64,
     /// Full link re-dumps after lost notifications (ENOBUFS).
     pub link_resyncs: u64,
     pub expired: u64,
@@ -590,6 +593,11 @@ impl Pipeline {
                 "link_resyncs_total",
                 "Link notifications lost (ENOBUFS) and re-read with a full dump.",
                 s.link_resyncs,
+            ),
+            (
+                "pod_addr_failures_total",
+                "Pod addresses the datapath could not be told (POD_ADDRS full): HTTP/2 replies of those pods go unread.",
+                s.pod_addr_failures,
             ),
             (
                 "attach_failures_total",

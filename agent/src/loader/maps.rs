@@ -6,6 +6,16 @@ use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use super::{Datapath, LoaderError};
 
+/// An address as `FlowKey` holds it: IPv4 in the first 4 bytes.
+fn pod_addr_key(ip: std::net::IpAddr) -> [u8; 16] {
+    let mut k = [0u8; 16];
+    match ip {
+        std::net::IpAddr::V4(v4) => k[..4].copy_from_slice(&v4.octets()),
+        std::net::IpAddr::V6(v6) => k = v6.octets(),
+    }
+    k
+}
+
 impl Datapath {
     /// Records the namespace at the other end of an interface, for packets
     /// that carry no socket.
@@ -16,6 +26,21 @@ impl Datapath {
                 name: "IFACE_NETNS",
                 source,
             })
+    }
+
+    /// A pod's address and its namespace (`FlowKey`'s form of the address:
+    /// see `pod_addr_key`), for the HTTP/2 walk to find a server's side.
+    pub fn set_pod_addr(&mut self, ip: std::net::IpAddr, netns: u64) -> Result<(), LoaderError> {
+        self.pod_addrs
+            .insert(pod_addr_key(ip), netns, 0)
+            .map_err(|source| LoaderError::Map {
+                name: "POD_ADDRS",
+                source,
+            })
+    }
+
+    pub fn remove_pod_addr(&mut self, ip: std::net::IpAddr) {
+        let _ = self.pod_addrs.remove(&pod_addr_key(ip));
     }
 
     pub fn set_bound_port(&mut self, key: PortKey, pid: u32) -> Result<(), LoaderError> {
@@ -108,6 +133,11 @@ impl Datapath {
                 "IFACE_NETNS".into(),
                 self.iface_netns.keys().count() as u64,
                 cap(self.iface_netns.map()),
+            ),
+            (
+                "POD_ADDRS".into(),
+                self.pod_addrs.keys().count() as u64,
+                cap(self.pod_addrs.map()),
             ),
             (
                 "CAPTURE_SKIP".into(),

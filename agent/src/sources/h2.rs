@@ -64,8 +64,9 @@ struct Conn {
     promise: bool,
     /// The open block's HEADERS frame ended its stream.
     end_stream: bool,
-    /// The server's side: its blocks are responses, not requests.
-    replies: bool,
+    /// The server's side: its blocks are responses, not requests, to the
+    /// client side keyed so.
+    replies: Option<FlowKey>,
     /// Client side: the trace each stream's request applied, until its
     /// response ends the stream.
     pending: BTreeMap<u32, [u8; 16]>,
@@ -73,7 +74,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(serial: u64, replies: bool) -> Self {
+    fn new(serial: u64, replies: Option<FlowKey>) -> Self {
         let mut hpack = Decoder::new();
         hpack.set_max_allowed_table_size(MAX_TABLE);
         Self {
@@ -252,7 +253,13 @@ impl H2Conns {
     pub fn event(&mut self, ev: &H2FramesEvent, id_headers: &[String]) -> Decoded {
         let mut out = Decoded::default();
         if ev.flags & H2_PREFACE != 0 {
-            self.start(ev.key, ev.flags & H2_REPLIES != 0);
+            // A server's side names its client's namespace.
+            let client = (ev.flags & H2_REPLIES != 0).then(|| {
+                let mut ns = [0u8; 8];
+                ns.copy_from_slice(&ev.data[..8]);
+                ev.key.reversed_in(u64::from_ne_bytes(ns))
+            });
+            self.start(ev.key, client);
             return out;
         }
         if ev.flags & H2_LOST != 0 {
@@ -272,7 +279,7 @@ impl H2Conns {
             return out;
         };
         let data = &ev.data[..(ev.len as usize).min(ev.data.len())];
-        let replies = conn.replies;
+        let client = conn.replies;
         let mut answers = Vec::new();
         let r = feed(
             conn,
@@ -283,7 +290,7 @@ impl H2Conns {
                 decode(
                     b,
                     hpack,
-                    replies,
+                    client.is_some(),
                     id_headers,
                     &mut out.requests,
                     &mut answers,
@@ -305,10 +312,12 @@ impl H2Conns {
                 _ => self.stats.requests += 1,
             }
         }
-        for r in answers {
-            self.stats.replies += 1;
-            let reply = self.answer(&ev.key, r);
-            out.replies.push(reply);
+        if let Some(client) = client {
+            for r in answers {
+                self.stats.replies += 1;
+                let reply = self.answer(client, r);
+                out.replies.push(reply);
+            }
         }
         out
     }
@@ -326,10 +335,9 @@ impl H2Conns {
         }
     }
 
-    /// A server side's reply, with the trace of the request it answers
-    /// (the client side is the same connection the other way round).
-    fn answer(&mut self, key: &FlowKey, r: StreamReply) -> Reply {
-        let request = reversed(key);
+    /// A server side's reply, with the trace of the request it answers on
+    /// the client side `request`.
+    fn answer(&mut self, request: FlowKey, r: StreamReply) -> Reply {
         let trace = match self.conns.get_mut(&request) {
             Some(Some(c)) if r.end_stream => c.pending.remove(&r.stream),
             Some(Some(c)) => c.pending.get(&r.stream).copied(),
@@ -344,9 +352,9 @@ impl H2Conns {
         }
     }
 
-    fn start(&mut self, key: FlowKey, replies: bool) {
+    fn start(&mut self, key: FlowKey, replies: Option<FlowKey>) {
         self.serial += 1;
-        if replies {
+        if replies.is_some() {
             self.stats.reply_connections += 1;
         } else {
             self.stats.connections += 1;
@@ -377,18 +385,6 @@ impl H2Conns {
                 None => false,
             });
         }
-    }
-}
-
-/// The same connection seen from its other end (same namespace: a pod's
-/// loopback).
-pub fn reversed(k: &FlowKey) -> FlowKey {
-    FlowKey {
-        local_addr: k.remote_addr,
-        remote_addr: k.local_addr,
-        local_port: k.remote_port,
-        remote_port: k.local_port,
-        ..*k
     }
 }
 
@@ -779,11 +775,14 @@ mod tests {
     #[test]
     fn a_servers_replies_carry_the_status_to_the_request_of_their_stream() {
         let mut c = started();
-        let mut server = record(7000, H2_PREFACE | H2_REPLIES, &[]);
-        server.key = reversed(&key());
+        // The server's side is in another pod; its notice names the
+        // client's namespace.
+        let server_key = key().reversed_in(9);
+        let mut server = record(7000, H2_PREFACE | H2_REPLIES, &key().netns.to_ne_bytes());
+        server.key = server_key;
         let reply = |seq: u32, f: &[u8]| {
             let mut r = record(seq, H2_FRAME_START, f);
-            r.key = reversed(&key());
+            r.key = server_key;
             r
         };
         c.event(&server, &ids());

@@ -1132,7 +1132,7 @@ mod tests {
         use crate::sources::capture::Protocol;
         // The response's headers are read before the call's span opens
         // (its request left before its head was read); trailers after.
-        let server = crate::sources::h2::reversed(&caller);
+        let server = caller.reversed_in(2);
         let status = |status, grpc_status| Reply {
             status,
             grpc_status,
@@ -1192,7 +1192,7 @@ mod tests {
         assert_eq!(a.stats.replies_unmatched, 0);
         for i in 0..MAX_WAITING_REPLIES as u16 {
             let c = key(1, [10, 0, 0, 1], i, [10, 0, 0, 3], 50051);
-            let r = crate::sources::h2::reversed(&c);
+            let r = c.reversed_in(2);
             a.reply(&c, &r, &T2, status(Some(200), Some(0)));
         }
         assert_eq!(a.stats.replies_unmatched, MAX_WAITING_REPLIES as u64 + 1);
