@@ -223,7 +223,7 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
         "tagged by flow",
         "tagged by (pid, netns)",
         "request head captured",
-        "HTTP/2 connection start: preface, SETTINGS, HEADERS copied",
+        "HTTP/2 connection start: preface, SETTINGS, HEADERS copied, server side started",
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..rounds.max(1) {
