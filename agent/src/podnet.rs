@@ -52,8 +52,10 @@ pub struct PodNets {
     pods: HashMap<u32, Pod>,
     addrs: HashMap<IpAddr, u64>,
     refreshed: Option<Instant>,
-    /// When the last pod appeared.
-    added: Option<Instant>,
+    /// Pods that appeared within `NEW_POD_WINDOW`, and when; with when
+    /// their addresses were last re-read.
+    recent: Vec<(u64, Instant)>,
+    recent_read: Option<Instant>,
     /// Address re-reads done (a miss after the last one was older than
     /// `REFRESH_EVERY`).
     refreshes: u64,
@@ -64,7 +66,7 @@ impl PodNets {
     pub fn add(&mut self, ifindex: u32, cookie: u64, ns: File) {
         self.pods.insert(ifindex, Pod { cookie, ns });
         self.learn(cookie);
-        self.added = Some(Instant::now());
+        self.recent.push((cookie, Instant::now()));
     }
 
     /// Every pod address known, with its namespace.
@@ -72,15 +74,23 @@ impl PodNets {
         &self.addrs
     }
 
-    /// Re-reads the addresses while a pod appeared lately (at most once per
-    /// `REFRESH_EVERY`).
+    /// Re-reads the addresses of the pods that appeared lately (each at
+    /// most once per `REFRESH_EVERY`; the others' are known).
     pub fn refresh_recent(&mut self) {
         let now = Instant::now();
-        let recent = self
-            .added
-            .is_some_and(|t| now.duration_since(t) < NEW_POD_WINDOW);
-        if recent && !self.refreshed_lately(now) {
-            self.refresh(now);
+        self.recent
+            .retain(|(_, t)| now.duration_since(*t) < NEW_POD_WINDOW);
+        if self.recent.is_empty()
+            || self
+                .recent_read
+                .is_some_and(|t| now.duration_since(t) < REFRESH_EVERY)
+        {
+            return;
+        }
+        self.recent_read = Some(now);
+        let cookies: Vec<u64> = self.recent.iter().map(|(c, _)| *c).collect();
+        for c in cookies {
+            self.learn(c);
         }
     }
 

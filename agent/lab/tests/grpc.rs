@@ -318,3 +318,45 @@ fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
     );
     assert!(!named.is_empty());
 }
+
+/// A pod address set after the agent started (as a CNI sets it after the
+/// veth appears) is learnt: calls to it soon have their replies read.
+/// Each try is a new connection (a new client process); the first ones may
+/// precede the agent's re-read of the pod's addresses.
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn replies_to_a_pod_address_set_after_the_agent_started_are_read() {
+    let _g = common::lock();
+    let Bed { agent, lab, .. } = &bed();
+    let (cl, ap, down) = (&lab.pods[0], &lab.pods[1], &lab.pods[2]);
+    let (_echo, _app) = app(ap, down, "0.0.0.0:50051");
+    let [a, b, c, _] = ap.ip.octets();
+    let late = std::net::Ipv4Addr::new(a, b, c, 200);
+    let st = ap
+        .command("ip")
+        .args(["addr", "add", &format!("{late}/24"), "dev", "eth0"])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ip addr add");
+    let replies = || {
+        agent
+            .metrics()
+            .map(|m| m["tagflow_capture_h2_reply_connections_total"])
+            .unwrap_or(0.0)
+    };
+    let mut tries = 0;
+    while replies() < 1.0 {
+        tries += 1;
+        assert!(tries <= 40, "no reply read in 40 connections to {late}");
+        client(cl, &format!("{late}:50051"), 1, 1, "late");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!("replies read from connection {tries} on");
+    wait_for("the call's response and trailers", 10, || {
+        agent
+            .metrics()
+            .map(|m| m["tagflow_capture_h2_replies_total"] >= 2.0)
+            .unwrap_or(false)
+    });
+    no_h2_losses(agent);
+}

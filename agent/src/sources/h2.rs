@@ -134,7 +134,7 @@ pub struct H2Conns {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct H2Stats {
     pub connections: u64,
-    /// Server sides followed (a pod's loopback).
+    /// Server sides followed (servers in a pod of this node).
     pub reply_connections: u64,
     pub requests: u64,
     /// Response and trailer blocks decoded on a server's side.
@@ -166,7 +166,7 @@ impl H2Stats {
             ),
             (
                 "capture_h2_reply_connections_total",
-                "HTTP/2 server sides followed from the client preface (a pod's loopback).",
+                "HTTP/2 server sides followed from the client preface (servers in a pod of this node). Connections minus these: replies not read (another node, a Service address, a pod address not yet known).",
                 self.reply_connections,
             ),
             (
