@@ -3,6 +3,7 @@
 pub mod h2;
 pub mod linking;
 pub mod node;
+mod pin;
 pub mod pipeline;
 pub mod startup;
 pub mod threads;
@@ -123,9 +124,16 @@ pub(crate) fn ns_per_run(
 /// Both variants: `tagflow_ingress` where this kernel allows it, and
 /// `tagflow_ingress_ifns` (what kernels before 6.14 run), each against an
 /// empty program measured in the same run.
+/// Pinned to one CPU where the kernel allows (see `pin.rs`).
 pub fn datapath(repeat: u32, rounds: usize) -> Result<Vec<Row>, BenchError> {
+    let pinned = pin::Pinned::new();
     let mut rows = datapath_of(NetnsSource::Auto, repeat, rounds)?;
     rows.extend(datapath_of(NetnsSource::Interface, repeat, rounds)?);
+    if let Some(p) = &pinned {
+        for r in &mut rows {
+            r.metric = format!("{} on CPU {}", r.metric, p.cpu);
+        }
+    }
     Ok(rows)
 }
 
