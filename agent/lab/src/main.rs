@@ -80,6 +80,13 @@ enum BenchCmd {
         #[arg(long, default_value_t = 200)]
         requests: usize,
     },
+    /// Load + attach to 1 and to 100 interfaces (wall time).
+    Startup {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Registration throughput and begin → map-visible latency.
     Registration {
         #[arg(long)]
@@ -146,6 +153,7 @@ fn main() -> anyhow::Result<()> {
                     clients,
                 } => (bench::registration(messages, clients)?, json),
                 BenchCmd::Node { json, quick } => (bench::node::node(quick)?, json),
+                BenchCmd::Startup { json, rounds } => (bench::startup::startup(rounds)?, json),
                 BenchCmd::H2 { json, quick } => {
                     let mut rows = bench::h2::proxies(quick)?;
                     rows.extend(bench::h2::linking(if quick { 60 } else { 200 })?);
