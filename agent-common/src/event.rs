@@ -135,6 +135,23 @@ pub struct H2Flow {
     pub _pad: u32,
 }
 
+impl H2Flow {
+    /// A side followed from `seq`, where its next frame header starts.
+    pub const fn at(seq: u32) -> Self {
+        Self {
+            seen: seq,
+            next: seq,
+            copy_to: seq,
+            copied: seq,
+            frame_start: seq,
+            part_len: 0,
+            part: [0; 24],
+            fresh: 0,
+            _pad: 0,
+        }
+    }
+}
+
 /// Where the HTTP/2 walk is in the current packet: written by the ingress
 /// program in its CPU's slot, read by the tail-called walk.
 #[repr(C)]

@@ -139,11 +139,7 @@ pub fn resume<const STAMP: bool>(ctx: &TcContext) {
             return lose::<STAMP>(ctx, &at.key, seq, local); // bytes never seen
         }
         // A server's side, met after what it sent before the preface.
-        st.seen = seq;
-        st.next = seq;
-        st.copy_to = seq;
-        st.copied = seq;
-        st.frame_start = seq;
+        *st = H2Flow::at(seq);
     }
     st.fresh = 0;
     if walk::<STAMP>(ctx, &at.key, st, off, seq, local) {
@@ -173,15 +169,8 @@ fn start<const STAMP: bool>(
         }
     }
     let st = H2Flow {
-        seen: seq,
         next: seq.wrapping_add(PREFACE.len() as u32),
-        copy_to: seq,
-        copied: seq,
-        frame_start: seq,
-        part_len: 0,
-        part: [0; 24],
-        fresh: 0,
-        _pad: 0,
+        ..H2Flow::at(seq)
     };
     if H2_FLOWS.insert(key, st, 0).is_err() {
         count(Counter::H2Lost);
@@ -222,15 +211,8 @@ fn replies<const STAMP: bool>(ctx: &TcContext, key: &FlowKey, ack: u32) {
     };
     let rev = key.reversed_in(netns);
     let st = H2Flow {
-        seen: ack,
-        next: ack,
-        copy_to: ack,
-        copied: ack,
-        frame_start: ack,
-        part_len: 0,
-        part: [0; 24],
         fresh: 1,
-        _pad: 0,
+        ..H2Flow::at(ack)
     };
     if H2_FLOWS.insert(rev, st, 0).is_err() {
         count(Counter::H2Lost);
