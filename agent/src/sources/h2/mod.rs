@@ -16,16 +16,14 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use agent_common::{FlowKey, H2FramesEvent, H2_FRAME_START, H2_LOST, H2_PREFACE, H2_REPLIES};
 use loona_hpack::Decoder;
 
-use super::capture::{head_info, HeadInfo, HeadOutcome, Protocol, Request};
+use super::capture::{HeadInfo, HeadOutcome};
 
-const FRAME_HEADER: usize = 9;
-const HEADERS: u8 = 0x1;
-const PUSH_PROMISE: u8 = 0x5;
-const CONTINUATION: u8 = 0x9;
-const END_STREAM: u8 = 0x1;
-const END_HEADERS: u8 = 0x4;
-const PADDED: u8 = 0x8;
-const PRIORITY: u8 = 0x20;
+mod decode;
+mod frames;
+
+use decode::{decode, StreamReply};
+use frames::feed;
+
 
 /// A header block (all its frames) larger than this is not decoded: the
 /// connection is given up (HTTP/2 lets a peer cap it; 16 KiB is what most
@@ -389,190 +387,13 @@ impl H2Conns {
 }
 
 /// One complete header block with where it came from.
-struct RawBlock<'a> {
-    stream: u32,
-    promise: bool,
-    end_stream: bool,
-    bytes: &'a [u8],
-}
-
-/// Puts a run of bytes into frames; calls `block` with each complete
-/// header block.
-fn feed(
-    c: &mut Conn,
-    seq: u32,
-    frame_start: bool,
-    data: &[u8],
-    mut block: impl FnMut(RawBlock<'_>, &mut Decoder<'static>) -> Result<(), GiveUp>,
-) -> Result<(), GiveUp> {
-    if frame_start {
-        // What was left over is the start of a frame the datapath stepped
-        // over (it sends every byte of header frames): drop it.
-        c.buf.clear();
-        c.seq = seq;
-    } else if seq != c.seq.wrapping_add(c.buf.len() as u32) {
-        return Err(GiveUp::Gap);
-    }
-    c.buf.extend_from_slice(data);
-    let mut at = 0;
-    while c.buf.len() - at >= FRAME_HEADER {
-        let h = &c.buf[at..at + FRAME_HEADER];
-        let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
-        let (ty, flags) = (h[3], h[4]);
-        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-        let header_frame = matches!(ty, HEADERS | CONTINUATION | PUSH_PROMISE);
-        if !header_frame {
-            // Not ours (the datapath sends only header frames, so this is
-            // the fuzzer or a bug): step over what of it is here; the next
-            // record starts a frame.
-            at = c.buf.len().min(at + FRAME_HEADER + len);
-            continue;
-        }
-        if len > MAX_BLOCK {
-            return Err(GiveUp::Malformed);
-        }
-        if c.buf.len() - at < FRAME_HEADER + len {
-            break; // the rest follows
-        }
-        let payload = &c.buf[at + FRAME_HEADER..at + FRAME_HEADER + len];
-        let fragment = fragment(ty, flags, payload).ok_or(GiveUp::Malformed)?;
-        match ty {
-            HEADERS | PUSH_PROMISE if c.stream == 0 => {
-                c.stream = stream;
-                c.promise = ty == PUSH_PROMISE;
-                c.end_stream = ty == HEADERS && flags & END_STREAM != 0;
-                c.block.clear();
-            }
-            CONTINUATION if c.stream == stream && stream != 0 => {}
-            _ => return Err(GiveUp::Malformed),
-        }
-        if c.block.len() + fragment.len() > MAX_BLOCK {
-            return Err(GiveUp::Malformed);
-        }
-        c.block.extend_from_slice(fragment);
-        if flags & END_HEADERS != 0 {
-            let blk = std::mem::take(&mut c.block);
-            let raw = RawBlock {
-                stream: c.stream,
-                promise: c.promise,
-                end_stream: c.end_stream,
-                bytes: &blk,
-            };
-            block(raw, &mut c.hpack)?;
-            c.block = blk;
-            c.block.clear();
-            c.stream = 0;
-        }
-        at += FRAME_HEADER + len;
-    }
-    c.buf.drain(..at.min(c.buf.len()));
-    c.seq = c.seq.wrapping_add(at as u32);
-    Ok(())
-}
-
-/// The header block fragment of a HEADERS, PUSH_PROMISE or CONTINUATION
-/// payload (padding, priority and the promised stream taken off).
-fn fragment(ty: u8, flags: u8, p: &[u8]) -> Option<&[u8]> {
-    if ty == CONTINUATION {
-        return Some(p);
-    }
-    let (pad, mut start) = if flags & PADDED != 0 {
-        (*p.first()? as usize, 1)
-    } else {
-        (0, 0)
-    };
-    if ty == HEADERS && flags & PRIORITY != 0 {
-        start += 5;
-    }
-    if ty == PUSH_PROMISE {
-        start += 4;
-    }
-    let end = p.len().checked_sub(pad)?;
-    p.get(start..end)
-}
-
-/// A server side's block: a response's status or its trailers'.
-struct StreamReply {
-    stream: u32,
-    end_stream: bool,
-    status: Option<u16>,
-    grpc_status: Option<u32>,
-}
-
-/// Decodes one header block: on a client side, a request's head; on a
-/// server's, a response's status. Every block goes through the table.
-fn decode(
-    b: RawBlock<'_>,
-    hpack: &mut Decoder<'static>,
-    server: bool,
-    id_headers: &[String],
-    requests: &mut Vec<StreamHead>,
-    replies: &mut Vec<StreamReply>,
-) -> Result<(), GiveUp> {
-    let (stream, promise) = (b.stream, b.promise);
-    let mut fields: Vec<(String, String)> = Vec::new();
-    hpack
-        .decode_with_cb(b.bytes, |n, v| {
-            // Only what a head or a status needs is kept (names are lower
-            // case in HTTP/2).
-            let n = String::from_utf8_lossy(&n);
-            let wanted = n.starts_with(':')
-                || n == "traceparent"
-                || n == "content-type"
-                || n == "grpc-status"
-                || id_headers.iter().any(|h| h.eq_ignore_ascii_case(&n));
-            if wanted {
-                fields.push((n.into_owned(), String::from_utf8_lossy(&v).into_owned()));
-            }
-        })
-        .map_err(|_| GiveUp::Hpack)?;
-    let get = |name: &str| {
-        fields
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    };
-    if server {
-        // A push's promised request is the server's, not a reply.
-        if !promise {
-            replies.push(StreamReply {
-                stream,
-                end_stream: b.end_stream,
-                status: get(":status").and_then(|s| s.parse().ok()),
-                grpc_status: get("grpc-status").and_then(|s| s.parse().ok()),
-            });
-        }
-        return Ok(());
-    }
-    let head = match (promise, get(":method")) {
-        (false, Some(method)) => {
-            let grpc = get("content-type").is_some_and(|t| t.starts_with("application/grpc"));
-            let request = Request {
-                method,
-                target: get(":path").unwrap_or(""),
-                host: get(":authority"),
-                protocol: if grpc {
-                    Protocol::Grpc
-                } else {
-                    Protocol::Http2
-                },
-            };
-            head_info(
-                request,
-                id_headers.iter().find_map(|h| get(h)),
-                get("traceparent"),
-            )
-        }
-        // Trailers, or a push: no request of this connection.
-        _ => Err(HeadOutcome::NotHttp),
-    };
-    requests.push(StreamHead { stream, head });
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{
+        frames::{CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PADDED, PRIORITY},
+        *,
+    };
+    use crate::sources::capture::Protocol;
     use agent_common::MAX_CAPTURE;
 
     fn ids() -> Vec<String> {
