@@ -5,7 +5,6 @@ use loona_hpack::Decoder;
 use super::{frames::RawBlock, GiveUp, StreamHead};
 use crate::sources::capture::{head_info, HeadOutcome, Protocol, Request};
 
-
 /// A server side's block: a response's status or its trailers'.
 pub(super) struct StreamReply {
     pub stream: u32,

@@ -24,7 +24,6 @@ mod frames;
 use decode::{decode, StreamReply};
 use frames::feed;
 
-
 /// A header block (all its frames) larger than this is not decoded: the
 /// connection is given up (HTTP/2 lets a peer cap it; 16 KiB is what most
 /// servers accept by default).
