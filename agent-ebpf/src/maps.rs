@@ -69,10 +69,10 @@ pub fn count(c: agent_common::Counter) {
     }
 }
 
-/// netns cookie → generation of that namespace's trace entries. Present only
-/// while the namespace has at least one entry in `TRACES`/`FLOW_TRACES`:
-/// absence lets every packet of a trace-free pod stop after one lookup.
-/// Userspace bumps the generation whenever the namespace's entries change.
+/// netns cookie → generation of that namespace's trace entries, for
+/// namespaces that share a `NETNS_SLOTS` slot (read only behind a shared
+/// slot; a namespace alone in its slot has its generation there). Userspace
+/// bumps the generation whenever the namespace's entries change.
 #[map(name = "NETNS_GEN")]
 pub static NETNS_GEN: HashMap<u64, u64> = HashMap::with_max_entries(size::NETNS_GEN, 0);
 

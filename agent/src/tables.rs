@@ -235,10 +235,10 @@ impl InNetns for FlowKey {
     }
 }
 
-/// Maintains `NETNS_GEN` and its array front `NETNS_SLOTS`: which
-/// namespaces have trace entries, and a generation that changes whenever one
-/// of their entries is added, replaced or removed (the datapath's per-flow
-/// cache is valid for one generation). The generation is global and only
+/// Maintains `NETNS_SLOTS` and, behind its shared slots, `NETNS_GEN`:
+/// which namespaces have trace entries, and a generation that changes
+/// whenever one of their entries is added, replaced or removed (the
+/// datapath's per-flow cache is valid for one generation). The generation is global and only
 /// grows, so a namespace that empties and fills again can never match a
 /// cache entry from its earlier life.
 pub struct Gate<G, A> {
@@ -247,6 +247,9 @@ pub struct Gate<G, A> {
     entries: HashMap<u64, (usize, u64)>,
     /// Active namespaces per slot index.
     occupants: HashMap<u32, Vec<u64>>,
+    /// What the hash holds: the generations written for namespaces that
+    /// shared a slot (kept after the slot is theirs alone again).
+    hashed: HashMap<u64, u64>,
     gen: u64,
 }
 
@@ -257,6 +260,7 @@ impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
             slots,
             entries: HashMap::new(),
             occupants: HashMap::new(),
+            hashed: HashMap::new(),
             gen: 0,
         }
     }
@@ -287,18 +291,37 @@ impl<G: Store<u64, u64>, A: Store<u32, NetnsSlot>> Gate<G, A> {
                 gen: 0,
             },
         };
+        let sharers = match slot.cookie == SLOT_SHARED {
+            true => occ.clone(),
+            false => Vec::new(),
+        };
         if occ.is_empty() {
             self.occupants.remove(&idx);
         }
         // Opening: hash first, then the slot that points readers at it.
         // Closing: the slot first, then the hash.
         if live {
-            self.gens.put(&netns, &self.gen)?;
+            // The datapath reads the hash only behind a shared slot; a
+            // namespace alone in its slot has its generation there, so a
+            // change costs one map write instead of two. When the slot is
+            // shared, each sharer's current generation goes to the hash
+            // first (the one that just changed, or all of them when the
+            // slot has just become shared).
+            for ns in sharers {
+                let gen = self.entries[&ns].1;
+                if self.hashed.get(&ns) != Some(&gen) {
+                    self.gens.put(&ns, &gen)?;
+                    self.hashed.insert(ns, gen);
+                }
+            }
             self.slots.put(&idx, &slot)
         } else {
             self.entries.remove(&netns);
             self.slots.put(&idx, &slot)?;
-            self.gens.delete(&netns)
+            match self.hashed.remove(&netns) {
+                Some(_) => self.gens.delete(&netns),
+                None => Ok(()),
+            }
         }
     }
 
@@ -578,39 +601,47 @@ mod tests {
         MemoryTables::in_memory(100, Duration::from_secs(30))
     }
 
+    /// The generation the datapath reads for `ns` (`maps::netns_gen`).
+    fn seen(t: &MemoryTables, ns: u64) -> Option<u64> {
+        let slot = t.gate.slots.get(&NetnsSlot::index(ns)).copied()?;
+        match slot.cookie {
+            c if c == ns => Some(slot.gen),
+            SLOT_SHARED => t.gate.gens.get(&ns).copied(),
+            _ => None,
+        }
+    }
+
     #[test]
     fn gate_opens_with_the_first_entry_and_closes_with_the_last() {
         let mut t = tables();
         let (ns1, ns2) = (11, 22);
         t.set_process(TraceKey::new(1, ns1), &ctx(1)).unwrap();
-        let g1 = t.gate.gens[&ns1];
+        let g1 = seen(&t, ns1).unwrap();
         let flow = FlowKey {
             netns: ns1,
             local_port: 5,
             ..Default::default()
         };
         t.set_flow(flow, &ctx(2)).unwrap();
-        let g2 = t.gate.gens[&ns1];
+        let g2 = seen(&t, ns1).unwrap();
         assert!(g2 > g1, "a new entry invalidates cached flow results");
         // A refresh of the same trace keeps the generation.
         t.set_process(TraceKey::new(1, ns1), &ctx(1)).unwrap();
-        assert_eq!(t.gate.gens[&ns1], g2);
+        assert_eq!(seen(&t, ns1), Some(g2));
         // A replaced trace bumps it.
         t.set_process(TraceKey::new(1, ns1), &ctx(3)).unwrap();
-        assert!(t.gate.gens[&ns1] > g2);
-        assert!(!t.gate.gens.contains_key(&ns2));
+        assert!(seen(&t, ns1).unwrap() > g2);
+        assert_eq!(seen(&t, ns2), None);
         // A compare-and-delete that does not match changes nothing.
-        let g3 = t.gate.gens[&ns1];
+        let g3 = seen(&t, ns1).unwrap();
         assert!(!t.clear_process(&TraceKey::new(1, ns1), &[1; 16]).unwrap());
-        assert_eq!(t.gate.gens[&ns1], g3);
+        assert_eq!(seen(&t, ns1), Some(g3));
         assert!(t.clear_process(&TraceKey::new(1, ns1), &[3; 16]).unwrap());
-        assert!(t.gate.gens.contains_key(&ns1), "the flow entry remains");
+        assert!(seen(&t, ns1).unwrap() > g3, "the flow entry remains");
         assert!(t.clear_flow(&flow, &[2; 16]).unwrap());
-        assert!(
-            !t.gate.gens.contains_key(&ns1),
-            "gate closed with the last entry"
-        );
+        assert_eq!(seen(&t, ns1), None, "gate closed with the last entry");
         assert_eq!(t.gate.active_namespaces(), 0);
+        assert!(t.gate.gens.is_empty(), "alone in its slot: never hashed");
     }
 
     #[test]
@@ -626,29 +657,39 @@ mod tests {
                 .unwrap_or_default()
         };
         t.set_process(TraceKey::new(1, a), &ctx(1)).unwrap();
-        assert_eq!(
-            slot(&t),
-            NetnsSlot {
-                cookie: a,
-                gen: t.gate.gens[&a]
-            }
-        );
+        t.set_process(TraceKey::new(2, a), &ctx(2)).unwrap();
+        let ga = seen(&t, a).unwrap();
+        assert_eq!(slot(&t), NetnsSlot { cookie: a, gen: ga });
+        assert!(t.gate.gens.is_empty(), "one namespace: the slot suffices");
         t.set_process(TraceKey::new(1, b), &ctx(1)).unwrap();
         assert_eq!(
             slot(&t).cookie,
             SLOT_SHARED,
             "two live namespaces share the slot"
         );
-        assert!(t.gate.gens.contains_key(&a) && t.gate.gens.contains_key(&b));
+        // The first one's generation, never hashed while it was alone,
+        // is there now that readers look it up.
+        assert_eq!(seen(&t, a), Some(ga));
+        assert!(seen(&t, b).unwrap() > ga);
+        // While shared, every change reaches the hash.
+        t.set_process(TraceKey::new(2, a), &ctx(3)).unwrap();
+        assert!(seen(&t, a).unwrap() > seen(&t, b).unwrap());
         t.clear_process(&TraceKey::new(1, a), &[1; 16]).unwrap();
-        assert_eq!(
-            slot(&t),
-            NetnsSlot {
-                cookie: b,
-                gen: t.gate.gens[&b]
-            }
-        );
+        t.clear_process(&TraceKey::new(2, a), &[3; 16]).unwrap();
+        let gb = seen(&t, b).unwrap();
+        assert_eq!(slot(&t), NetnsSlot { cookie: b, gen: gb });
+        assert_eq!(seen(&t, a), None);
+        // Alone again, b changes in its slot only; a later sharer brings
+        // b's current generation back to the hash.
+        t.set_process(TraceKey::new(2, b), &ctx(4)).unwrap();
+        let gb2 = seen(&t, b).unwrap();
+        assert!(gb2 > gb);
+        t.set_process(TraceKey::new(3, a), &ctx(5)).unwrap();
+        assert_eq!(slot(&t).cookie, SLOT_SHARED);
+        assert_eq!(seen(&t, b), Some(gb2), "not the stale hash entry");
+        t.clear_process(&TraceKey::new(3, a), &[5; 16]).unwrap();
         t.clear_process(&TraceKey::new(1, b), &[1; 16]).unwrap();
+        t.clear_process(&TraceKey::new(2, b), &[4; 16]).unwrap();
         assert_eq!(slot(&t), NetnsSlot::default());
         assert!(t.gate.gens.is_empty());
     }
@@ -667,7 +708,7 @@ mod tests {
         // Generations only grow: a namespace that fills again gets a new one.
         let before = t.gate.gen;
         t.set_process(TraceKey::new(1, 7), &ctx(1)).unwrap();
-        assert!(t.gate.gens[&7] > before);
+        assert!(seen(&t, 7).unwrap() > before);
     }
 
     #[test]
@@ -693,7 +734,7 @@ mod tests {
         assert_eq!(t.by_pid.get(&TraceKey::new(1, 7)), Some([1; 16]));
         assert_eq!(t.by_flow.get(&flow), Some([3; 16]));
         // The gate is open for both namespaces.
-        assert!(t.gate.gens.contains_key(&7) && t.gate.gens.contains_key(&8));
+        assert!(seen(&t, 7).is_some() && seen(&t, 8).is_some());
         // The flow entry was 20 s idle: it expires 10 s from now, the other
         // one later; then the gate closes.
         let now = Instant::now();

@@ -197,6 +197,7 @@ pub async fn run_with(
         dp.take_trace_table().expect("fresh datapath has its table"),
     ));
     let mut registry_stats: Option<Arc<RegistryStats>> = None;
+    let mut _registry: Option<registry::Serving> = None;
     if cfg.registration.enabled {
         let r = &cfg.registration;
         let listener = Registry::bind(&r.socket, r.group.as_deref()).await?;
@@ -209,7 +210,7 @@ pub async fn run_with(
         };
         let reg = Registry::new(table.clone(), limits);
         registry_stats = Some(reg.stats.clone());
-        tokio::spawn(reg.serve(listener));
+        _registry = Some(reg.serve_on_own_thread(listener)?);
     }
     let exporter = Exporter::start(&cfg.export, sink);
     let ops = Arc::new(Ops {

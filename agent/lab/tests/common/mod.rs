@@ -89,7 +89,7 @@ use tagflow::{
     netns,
     sources::{
         capture::Capture,
-        registry::{Limits, Registry, RegistryStats},
+        registry::{Limits, Registry, RegistryStats, Serving},
     },
     tables::TraceTable,
 };
@@ -106,6 +106,7 @@ pub struct LiveAgent {
     pub stats: Arc<RegistryStats>,
     pub flows: Arc<Mutex<Vec<(FlowKey, FlowStats)>>>,
     pub rt: tokio::runtime::Runtime,
+    _registry: Serving,
     stop: Arc<AtomicBool>,
     pump: Option<std::thread::JoinHandle<()>>,
 }
@@ -139,7 +140,10 @@ impl LiveAgent {
             .expect("bind registration socket");
         let reg = Registry::new(table.clone(), limits);
         let stats = reg.stats.clone();
-        rt.spawn(reg.serve(listener));
+        // As the daemon serves it: on a thread of its own.
+        let registry = reg
+            .serve_on_own_thread(listener)
+            .expect("registration thread");
         let stop = Arc::new(AtomicBool::new(false));
         let flows = Arc::new(Mutex::new(Vec::new()));
         let (t2, s2, f2) = (table.clone(), stop.clone(), flows.clone());
@@ -180,6 +184,7 @@ impl LiveAgent {
             stats,
             flows,
             rt,
+            _registry: registry,
             stop,
             pump: Some(pump),
         }

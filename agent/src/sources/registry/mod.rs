@@ -8,6 +8,7 @@
 //! bound what a pod can make the agent do.
 mod admission;
 mod resolve;
+mod serving;
 mod transaction;
 
 use std::{
@@ -31,6 +32,7 @@ use tracing::{debug, info, warn};
 use admission::Admission;
 pub use admission::{Crowded, Limits};
 use resolve::{both_ways, parse_flows, Resolver};
+pub use serving::Serving;
 use transaction::{Full, Ledger, Open};
 
 use super::{
@@ -57,6 +59,8 @@ pub enum RegistryError {
     NoGroup(String),
     #[error("registration socket refused")]
     Insecure(#[from] PermissionError),
+    #[error("registration thread")]
+    Thread(#[source] std::io::Error),
 }
 
 /// Why a registration was refused: answered with its code, counted, and
