@@ -218,7 +218,7 @@ pub fn render(spans: &[SpanRecord], lab: &Lab) -> String {
         let rid = list
             .iter()
             .find_map(|s| match s.attr("tagflow.request_id") {
-                Some(Value::Str(r)) => Some(r.clone()),
+                Some(Value::Str(r)) => Some(r.to_string()),
                 _ => None,
             });
         out += &format!(

@@ -184,7 +184,7 @@ fn processes_in_pods_get_pod_resources() {
         (U1, id.as_str())
     );
     let s = |k: &str| match r.get(k) {
-        Some(Value::Str(v)) => v.clone(),
+        Some(Value::Str(v)) => v.to_string(),
         other => panic!("{k}: {other:?}"),
     };
     assert_eq!(s("service.name"), "web", "from app.kubernetes.io/name");

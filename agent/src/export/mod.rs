@@ -1,6 +1,8 @@
 //! Span export: a bounded queue in front of one sink (stdout JSON lines,
-//! OTLP/gRPC or OTLP/HTTP-protobuf). When the collector is unreachable the
-//! current batch is retried with backoff while new spans queue up to the
+//! OTLP/gRPC or OTLP/HTTP-protobuf). Up to `IN_FLIGHT` batches are sent at
+//! once to a collector, so encoding and compressing one batch overlaps the
+//! collector's work on the last. When the collector is unreachable the
+//! batches are retried with backoff while new spans queue up to the
 //! bound; beyond it they are dropped and counted. Nothing here can block
 //! the agent's event loop.
 pub mod otlp;
@@ -9,14 +11,14 @@ pub mod tls;
 
 use std::{
     sync::{
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::{sync::mpsc, task::JoinSet};
 use tracing::{debug, warn};
 
 use crate::spans::SpanRecord;
@@ -74,7 +76,7 @@ impl Default for ExportConfig {
             headers: Vec::new(),
             gzip: true,
             timeout_ms: 10_000,
-            queue: 4096,
+            queue: 2048,
             batch: 512,
             batch_delay_ms: 1000,
             shutdown_ms: 15_000,
@@ -173,7 +175,21 @@ pub enum Sink {
     Tee(Vec<Sink>),
 }
 
+/// Batches sent to a collector at once.
+const IN_FLIGHT: usize = 2;
+
 impl Sink {
+    /// Another sender to the same place, usable while this one waits for
+    /// an answer; None where batches must go one by one (stdout lines,
+    /// the in-memory list keep their order).
+    fn lane(&self) -> Option<Sink> {
+        match self {
+            Sink::Grpc(g) => Some(Sink::Grpc(g.clone())),
+            Sink::Http(h) => Some(Sink::Http(h.lane())),
+            Sink::Stdout | Sink::Collect(_) | Sink::Tee(_) => None,
+        }
+    }
+
     pub fn from_config(cfg: &ExportConfig) -> Result<Self, SendError> {
         Ok(match (&cfg.endpoint, cfg.protocol) {
             (None, _) => Sink::Stdout,
@@ -263,6 +279,8 @@ fn unix_now() -> u64 {
 
 pub struct Exporter {
     tx: Option<mpsc::Sender<SpanRecord>>,
+    /// Set at shutdown: failing batches stop retrying.
+    closing: Arc<AtomicBool>,
     pub stats: Arc<ExportStats>,
     worker: Option<tokio::task::JoinHandle<()>>,
     shutdown: Duration,
@@ -273,15 +291,18 @@ impl Exporter {
     pub fn start(cfg: &ExportConfig, sink: Sink) -> Self {
         let (tx, rx) = mpsc::channel(cfg.queue.max(1));
         let stats = Arc::new(ExportStats::default());
+        let closing = Arc::new(AtomicBool::new(false));
         let worker = tokio::spawn(work(
             rx,
             sink,
             stats.clone(),
+            closing.clone(),
             cfg.batch.max(1),
             Duration::from_millis(cfg.batch_delay_ms),
         ));
         Self {
             tx: Some(tx),
+            closing,
             stats,
             worker: Some(worker),
             shutdown: Duration::from_millis(cfg.shutdown_ms),
@@ -333,6 +354,7 @@ impl Exporter {
     /// Closes the queue and waits (bounded) for it to drain.
     pub async fn shutdown(mut self) {
         self.tx = None;
+        self.closing.store(true, Ordering::Relaxed);
         if let Some(w) = self.worker.take() {
             let abort = w.abort_handle();
             if tokio::time::timeout(self.shutdown, w).await.is_err() {
@@ -345,11 +367,15 @@ impl Exporter {
 
 async fn work(
     mut rx: mpsc::Receiver<SpanRecord>,
-    mut sink: Sink,
+    sink: Sink,
     stats: Arc<ExportStats>,
+    closing: Arc<AtomicBool>,
     batch: usize,
     delay: Duration,
 ) {
+    let mut idle: Vec<Sink> = (1..IN_FLIGHT).filter_map(|_| sink.lane()).collect();
+    idle.push(sink);
+    let mut sending: JoinSet<Sink> = JoinSet::new();
     let mut buf: Vec<SpanRecord> = Vec::with_capacity(batch);
     loop {
         // Wait for the first span, then fill the batch for up to `delay`.
@@ -364,17 +390,43 @@ async fn work(
                 _ => break,
             }
         }
-        export(&mut sink, &mut buf, &stats, &rx).await;
+        // A free sender, or the first one to finish.
+        while idle.is_empty() {
+            match sending.join_next().await {
+                Some(Ok(s)) => idle.push(s),
+                Some(Err(e)) => warn!("span export task: {e}"),
+                None => break,
+            }
+        }
+        let Some(mut s) = idle.pop() else {
+            stats.failed.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            buf.clear();
+            continue;
+        };
+        let mut out = std::mem::replace(&mut buf, Vec::with_capacity(batch));
+        let (stats, closing) = (stats.clone(), closing.clone());
+        sending.spawn(async move {
+            export(&mut s, &mut out, &stats, &closing).await;
+            s
+        });
     }
-    // Queue closed (shutdown): whatever is left goes out too.
+    // Queue closed (shutdown): batches under way get a last attempt, and
+    // whatever is left goes out too.
+    closing.store(true, Ordering::Relaxed);
+    while let Some(r) = sending.join_next().await {
+        if let Ok(s) = r {
+            idle.push(s);
+        }
+    }
+    let Some(mut sink) = idle.pop() else { return };
     while let Ok(s) = rx.try_recv() {
         buf.push(s);
         if buf.len() >= batch {
-            export(&mut sink, &mut buf, &stats, &rx).await;
+            export(&mut sink, &mut buf, &stats, &closing).await;
         }
     }
     if !buf.is_empty() {
-        export(&mut sink, &mut buf, &stats, &rx).await;
+        export(&mut sink, &mut buf, &stats, &closing).await;
     }
 }
 
@@ -402,7 +454,7 @@ async fn export(
     sink: &mut Sink,
     buf: &mut Vec<SpanRecord>,
     stats: &ExportStats,
-    rx: &mpsc::Receiver<SpanRecord>,
+    closing: &AtomicBool,
 ) {
     let mut attempt = 0;
     loop {
@@ -425,7 +477,7 @@ async fn export(
                     SendError::Remote { retry, after, .. } => (*retry, *after),
                     SendError::Config(_) => (false, None),
                 };
-                if !retry || rx.is_closed() || attempt >= ATTEMPTS {
+                if !retry || closing.load(Ordering::Relaxed) || attempt >= ATTEMPTS {
                     warn!(spans = buf.len(), "export failed, spans dropped: {e}");
                     stats.failed.fetch_add(buf.len() as u64, Ordering::Relaxed);
                     buf.clear();

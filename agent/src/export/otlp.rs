@@ -28,7 +28,7 @@ const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
 
 fn value(v: &Value) -> AnyValue {
     let inner = match v {
-        Value::Str(s) => any_value::Value::StringValue(s.clone()),
+        Value::Str(s) => any_value::Value::StringValue(s.to_string()),
         Value::Int(i) => any_value::Value::IntValue(*i),
         Value::StrArray(a) => any_value::Value::ArrayValue(ArrayValue {
             values: a
@@ -115,6 +115,7 @@ pub fn request(spans: &[SpanRecord]) -> ExportTraceServiceRequest {
     ExportTraceServiceRequest { resource_spans }
 }
 
+#[derive(Clone)]
 pub struct Grpc {
     client: TraceServiceClient<Channel>,
     headers: Vec<(
@@ -203,6 +204,19 @@ pub struct Http {
 }
 
 impl Http {
+    /// A sender of its own to the same endpoint (its own connection).
+    pub fn lane(&self) -> Self {
+        Self {
+            uri: self.uri.clone(),
+            authority: self.authority.clone(),
+            tls: self.tls.clone(),
+            headers: self.headers.clone(),
+            gzip: self.gzip,
+            timeout: self.timeout,
+            conn: None,
+        }
+    }
+
     pub fn new(endpoint: &str, cfg: &ExportConfig) -> Result<Self, SendError> {
         let bad = |e: String| SendError::Config(format!("endpoint {endpoint}: {e}"));
         let uri: hyper::Uri = endpoint.parse().map_err(|e| bad(format!("{e}")))?;
@@ -371,7 +385,7 @@ mod tests {
                 ),
             ],
             resource: Arc::new(Resource {
-                attributes: vec![kv("service.name", Value::Str(service.into()))],
+                attributes: vec![kv("service.name", Value::Str(service.to_string().into()))],
             }),
             error: id == 2,
         }

@@ -13,7 +13,7 @@ fn attrs(a: &[KeyValue]) -> J {
     let mut m = Map::new();
     for kv in a {
         let v = match &kv.value {
-            Value::Str(s) => J::from(s.clone()),
+            Value::Str(s) => J::from(s.as_ref()),
             Value::Int(i) => J::from(*i),
             Value::StrArray(v) => J::from(v.clone()),
         };

@@ -3,7 +3,7 @@
 pub mod assemble;
 pub mod resource;
 
-use std::sync::Arc;
+use std::{borrow::Cow, sync::Arc};
 
 /// OTLP span kinds tagflow produces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,9 +23,11 @@ impl SpanKind {
     }
 }
 
+/// Attribute values. Many are fixed words ("tcp", "ipv4", "http"): those
+/// borrow a static string instead of allocating one per span.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
-    Str(String),
+    Str(Cow<'static, str>),
     Int(i64),
     StrArray(Vec<String>),
 }
@@ -60,7 +62,7 @@ impl Resource {
 
     pub fn service_name(&self) -> &str {
         match self.get("service.name") {
-            Some(Value::Str(s)) => s,
+            Some(Value::Str(s)) => s.as_ref(),
             _ => "unknown_service",
         }
     }

@@ -69,22 +69,28 @@ impl Resources {
             None => process.unwrap_or_else(|| self.fallback.clone()),
         };
         let mut attributes = vec![
-            kv("service.name", Value::Str(service)),
-            kv("host.name", Value::Str(self.host.clone())),
+            kv("service.name", Value::Str(service.into())),
+            kv("host.name", Value::Str(self.host.clone().into())),
         ];
         if pid != 0 {
             attributes.push(kv("process.pid", Value::Int(pid as i64)));
         }
         if let Some(p) = &pod {
-            attributes.push(kv("k8s.pod.name", Value::Str(p.name.clone())));
-            attributes.push(kv("k8s.pod.uid", Value::Str(p.uid.clone())));
-            attributes.push(kv("k8s.namespace.name", Value::Str(p.namespace.clone())));
+            attributes.push(kv("k8s.pod.name", Value::Str(p.name.clone().into())));
+            attributes.push(kv("k8s.pod.uid", Value::Str(p.uid.clone().into())));
+            attributes.push(kv(
+                "k8s.namespace.name",
+                Value::Str(p.namespace.clone().into()),
+            ));
             if let Some(n) = p.node.as_ref().or(self.node.as_ref()) {
-                attributes.push(kv("k8s.node.name", Value::Str(n.clone())));
+                attributes.push(kv("k8s.node.name", Value::Str(n.clone().into())));
             }
         }
         if let Some(c) = container.as_ref().filter(|c| !c.container_id.is_empty()) {
-            attributes.push(kv("container.id", Value::Str(c.container_id.clone())));
+            attributes.push(kv(
+                "container.id",
+                Value::Str(c.container_id.clone().into()),
+            ));
         }
         let ttl = if container.is_some() && pod.is_none() {
             TTL_POD_PENDING

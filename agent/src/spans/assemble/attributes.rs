@@ -1,5 +1,5 @@
 //! A closed flow as a span: kind, name and the OTel attributes.
-use std::net::IpAddr;
+use std::{borrow::Cow, net::IpAddr};
 
 use agent_common::*;
 
@@ -71,16 +71,28 @@ impl Assembler {
                     .into(),
                 ),
             ),
-            kv("network.peer.address", Value::Str(peer_ip.to_string())),
+            kv(
+                "network.peer.address",
+                Value::Str(peer_ip.to_string().into()),
+            ),
             kv("network.peer.port", Value::Int(peer_port as i64)),
-            kv("network.local.address", Value::Str(local.to_string())),
+            kv(
+                "network.local.address",
+                Value::Str(local.to_string().into()),
+            ),
             kv("network.local.port", Value::Int(key.local_port as i64)),
-            kv("network.interface.name", Value::Str(self.ifname(s.ifindex))),
+            kv(
+                "network.interface.name",
+                Value::Str(self.ifname(s.ifindex).into()),
+            ),
             kv("network.interface.direction", Value::Str("ingress".into())),
             kv("process.pid", Value::Int(s.pid as i64)),
             kv("tagflow.packets", Value::Int(s.packets as i64)),
             kv("tagflow.bytes", Value::Int(s.bytes as i64)),
-            kv("tagflow.tcp_flags", Value::Str(tcp_flags(s.tcp_flags))),
+            kv(
+                "tagflow.tcp_flags",
+                Value::Str(tcp_flags(s.tcp_flags).into()),
+            ),
             kv("tagflow.source", Value::Str(source(o.trace_flags).into())),
             kv(
                 "tagflow.match",
@@ -102,13 +114,13 @@ impl Assembler {
         if let (None, Some(_)) = (&o.head, via) {
             // Through a Service, no request head seen: the Service address
             // is what the caller dialled.
-            a.push(kv("server.address", Value::Str(peer.to_string())));
+            a.push(kv("server.address", Value::Str(peer.to_string().into())));
             a.push(kv("server.port", Value::Int(key.remote_port as i64)));
         }
         if let Some(h) = &o.head {
-            a.push(kv("http.request.method", Value::Str(h.method.clone())));
+            a.push(kv("http.request.method", Value::Str(method(&h.method))));
             let path = h.target.split('?').next().unwrap_or("");
-            a.push(kv("url.path", Value::Str(path.into())));
+            a.push(kv("url.path", Value::Str(path.to_string().into())));
             a.push(kv("network.protocol.name", Value::Str("http".into())));
             let version = match h.protocol {
                 Protocol::Http1 => "1.1",
@@ -117,8 +129,8 @@ impl Assembler {
             a.push(kv("network.protocol.version", Value::Str(version.into())));
             if let Some((service, method)) = rpc {
                 a.push(kv("rpc.system", Value::Str("grpc".into())));
-                a.push(kv("rpc.service", Value::Str(service.into())));
-                a.push(kv("rpc.method", Value::Str(method.into())));
+                a.push(kv("rpc.service", Value::Str(service.to_string().into())));
+                a.push(kv("rpc.method", Value::Str(method.to_string().into())));
             }
             // The server's port: the one dialled (a client's remote port, a
             // server's local one) unless the Host names another.
@@ -130,7 +142,7 @@ impl Assembler {
             match (&h.host, via) {
                 // The Service address: what the caller dialled.
                 (host, Some(_)) => {
-                    a.push(kv("server.address", Value::Str(peer.to_string())));
+                    a.push(kv("server.address", Value::Str(peer.to_string().into())));
                     a.push(kv("server.port", Value::Int(key.remote_port as i64)));
                     if let Some(host) = host {
                         a.push(kv(
@@ -141,7 +153,7 @@ impl Assembler {
                 }
                 (Some(host), None) => {
                     let (host, named) = split_host(host);
-                    a.push(kv("server.address", Value::Str(host.into())));
+                    a.push(kv("server.address", Value::Str(host.to_string().into())));
                     a.push(kv("server.port", Value::Int(named.unwrap_or(port) as i64)));
                 }
                 (None, None) => {}
@@ -157,9 +169,11 @@ impl Assembler {
                     "http.request.header.x-request-id",
                     Value::StrArray(vec![rid.clone()]),
                 ));
-                a.push(kv("tagflow.request_id", Value::Str(rid.clone())));
+                a.push(kv("tagflow.request_id", Value::Str(rid.clone().into())));
             }
         }
+        // Held and queued spans are what the agent's memory is made of.
+        a.shrink_to_fit();
         let error = failed(kind, o.reply.status, rpc.and(o.reply.grpc_status));
         SpanRecord {
             trace_id,
@@ -191,6 +205,17 @@ fn failed(kind: SpanKind, http: Option<u16>, grpc: Option<u32>) -> bool {
         (SpanKind::Server, None, Some(h)) => h >= 500,
         (_, None, Some(h)) => h >= 400,
         _ => false,
+    }
+}
+
+/// The standard methods as static words (no allocation per span).
+fn method(m: &str) -> Cow<'static, str> {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match KNOWN.iter().find(|k| **k == m) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(m.to_string()),
     }
 }
 

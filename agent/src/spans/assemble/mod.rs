@@ -641,7 +641,8 @@ mod tests {
             let s = spans
                 .iter()
                 .find(|s| {
-                    s.attr("network.local.address") == Some(&Value::Str(k.local_ip().to_string()))
+                    s.attr("network.local.address")
+                        == Some(&Value::Str(k.local_ip().to_string().into()))
                         && s.attr("network.local.port") == Some(&Value::Int(want as i64))
                 })
                 .unwrap();
@@ -811,7 +812,7 @@ mod tests {
             spans
                 .iter()
                 .find(|s| {
-                    s.attr("network.peer.address") == Some(&Value::Str(want.clone()))
+                    s.attr("network.peer.address") == Some(&Value::Str(want.clone().into()))
                         && s.attr("network.local.port") == Some(&Value::Int(k.local_port as i64))
                 })
                 .unwrap()
