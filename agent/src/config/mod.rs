@@ -187,7 +187,9 @@ pub struct AgentConfig {
     pub max_open_spans: usize,
     /// Finished spans held while their trace is still busy (for linking),
     /// at most; beyond it the busiest trace is sent early. With the export
-    /// queue this bounds the agent's memory for spans (≈ 2 KB each).
+    /// queue this bounds the agent's memory for spans (≈ 2.6 KB each,
+    /// `cargo xtask bench`'s span memory row): 4096 held and 2048 queued
+    /// (and as many waiting for the queue) keep it near 20 MiB.
     pub max_held_spans: usize,
     pub export: crate::export::ExportConfig,
     pub maps: MapSizes,
@@ -225,7 +227,7 @@ impl Default for AgentConfig {
             metrics_addr: Some(DEFAULT_METRICS_ADDR.parse().expect("valid")),
             span_idle_ms: 2000,
             max_open_spans: 16384,
-            max_held_spans: 16384,
+            max_held_spans: 4096,
             export: crate::export::ExportConfig::default(),
             maps: MapSizes::default(),
             pin_maps: true,
