@@ -87,6 +87,13 @@ enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
+    /// Span pipeline: flow events → assembly → OTLP/gRPC receiver.
+    Pipeline {
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long, default_value_t = 200_000)]
+        spans: usize,
+    },
     /// Registration throughput and begin → map-visible latency.
     Registration {
         #[arg(long)]
@@ -151,7 +158,12 @@ fn main() -> anyhow::Result<()> {
                     json,
                     messages,
                     clients,
-                } => (bench::registration(messages, clients)?, json),
+                } => (bench::registration::registration(messages, clients)?, json),
+                BenchCmd::Pipeline { json, spans } => {
+                    let mut rows = bench::pipeline::pipeline(spans)?;
+                    rows.extend(bench::pipeline::span_memory(20_000));
+                    (rows, json)
+                }
                 BenchCmd::Node { json, quick } => (bench::node::node(quick)?, json),
                 BenchCmd::Startup { json, rounds } => (bench::startup::startup(rounds)?, json),
                 BenchCmd::H2 { json, quick } => {

@@ -5,6 +5,7 @@ pub mod linking;
 pub mod node;
 mod pin;
 pub mod pipeline;
+pub mod registration;
 pub mod startup;
 pub mod threads;
 use std::net::{IpAddr, Ipv4Addr};
@@ -55,8 +56,9 @@ pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
     let mut rows = datapath(repeat, rounds)?;
     rows.extend(threads::recv_hook(repeat as usize / 20, rounds)?);
     rows.extend(startup::scaling(repeat / 2)?);
-    rows.extend(registration(messages, 4)?);
+    rows.extend(registration::registration(messages, 4)?);
     rows.extend(pipeline::pipeline(spans)?);
+    rows.extend(pipeline::span_memory(20_000));
     rows.extend(startup::startup(if quick { 3 } else { 5 })?);
     rows.extend(node::node(quick)?);
     rows.extend(h2::proxies(quick)?);
@@ -197,6 +199,14 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
         f.build()
     };
     let untagged = frame(1, 40000);
+    // The same connection's pure ACK: no payload to look at, so the
+    // difference to "untagged" is what the HTTP method check costs.
+    let ack = {
+        let mut f = Frame::tcp(v4([10, 1, 0, 1]), 40000, v4([10, 2, 0, 1]), 80);
+        f.l4 = frames::L4::Tcp { flags: 0x10 };
+        f.payload = Vec::new();
+        f.build()
+    };
     let by_flow = frame(2, 40001);
     table.set_flow(
         flow_key(traced, [10, 1, 0, 2], 40001, [10, 2, 0, 1], 80),
@@ -232,15 +242,17 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
         "tagged by (pid, netns)",
         "request head captured",
         "HTTP/2 connection start: preface, SETTINGS, HEADERS copied, server side started",
+        "untagged, pod without traces, pure ACK (no payload: no method check)",
     ];
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..rounds.max(1) {
         dp.set_iface_netns(1, quiet)?;
         let ing = dp.ingress()?;
-        let r = netns::in_netns_file(&quiet_pod, || -> Result<[f64; 2], BenchError> {
+        let r = netns::in_netns_file(&quiet_pod, || -> Result<[f64; 3], BenchError> {
             Ok([
                 ns_per_run(empty, &untagged, &skb, repeat)?,
                 ns_per_run(ing, &untagged, &skb, repeat)?,
+                ns_per_run(ing, &ack, &skb, repeat)?,
             ])
         })??;
         // Heads go to the ring buffer (256 KiB, ~1.1 KiB each): small
@@ -274,7 +286,9 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
                 ns_per_run(ing, &by_pid, &tcp_skb, repeat)?,
             ])
         })??;
-        for (i, v) in r.iter().chain(t.iter()).chain([h, h2].iter()).enumerate() {
+        let once = [h, h2, r[2]];
+        let order = r[..2].iter().chain(t.iter()).chain(once.iter());
+        for (i, v) in order.enumerate() {
             samples[i].push(*v);
         }
     }
@@ -296,7 +310,7 @@ fn datapath_of(source: NetnsSource, repeat: u32, rounds: usize) -> Result<Vec<Ro
             let value = median(s);
             let (baseline, ratio, target) = match i {
                 0 => (None, None, String::new()),
-                1 | 2 => (Some(base), Some(value / base), "<= 2".into()),
+                1 | 2 | 7 => (Some(base), Some(value / base), "<= 2".into()),
                 3 | 4 => (Some(base), Some(value / base), "<= 3".into()),
                 // Once per request or connection, not per packet: shown,
                 // no target.
@@ -337,153 +351,6 @@ fn h2_connection_start() -> Vec<u8> {
     p.extend([(n >> 16) as u8, (n >> 8) as u8, n as u8, 1, 0x4, 0, 0, 0, 1]);
     p.extend(block);
     p
-}
-
-/// The registration path: begin/end pairs over the Unix socket from several
-/// clients at once (messages/s), and begin → entry visible in the kernel's
-/// TRACES map, read through a second handle (p50/p99).
-pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchError> {
-    use aya::maps::{HashMap as BpfHashMap, IterableMap, Map, MapData};
-    use std::{
-        sync::{Arc, Mutex},
-        time::{Duration, Instant},
-    };
-    use tagflow::sources::{
-        client::Client,
-        protocol::{Registration, Target},
-        registry::{Limits, Registry},
-    };
-
-    let mut dp = Datapath::load(&AgentConfig::scratch(), false)?;
-    let table = dp.take_trace_table().expect("fresh datapath");
-    let id = table
-        .by_pid()
-        .store()
-        .map()
-        .info()
-        .map_err(|e| BenchError::Other(e.to_string()))?
-        .id();
-    let reader: BpfHashMap<MapData, TraceKey, TraceContext> = BpfHashMap::try_from(Map::HashMap(
-        MapData::from_id(id).map_err(|e| BenchError::Other(e.to_string()))?,
-    ))
-    .map_err(|e| BenchError::Other(e.to_string()))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| BenchError::Other(e.to_string()))?;
-    let dir = std::env::temp_dir().join(format!("tagflow-bench-{}", std::process::id()));
-    let socket = dir.join("agent.sock");
-    let listener = rt
-        .block_on(Registry::bind(&socket, None))
-        .map_err(|e| BenchError::Other(e.to_string()))?;
-    // Server capacity is measured: no rate limit in the way.
-    let limits = Limits {
-        rate_per_netns: u32::MAX,
-        ..Limits::default()
-    };
-    let reg = Registry::new(Arc::new(Mutex::new(table)), limits);
-    rt.spawn(reg.serve(listener));
-    let me = std::process::id();
-    let ns = netns::current_cookie()?;
-    let registration = move |i: usize| Registration {
-        headers: [("x-request-id".to_string(), format!("{i:032x}"))].into(),
-        target: Target::Pid(me),
-        flows: Vec::new(),
-        release_on_close: true,
-    };
-
-    // Throughput: every client its own connection, begin then end.
-    let per = messages / 2 / clients.max(1);
-    let t0 = Instant::now();
-    let results: Vec<Result<(), String>> = rt.block_on(async {
-        let tasks: Vec<_> = (0..clients.max(1))
-            .map(|c| {
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    let mut cl = Client::new(socket, Duration::from_secs(5));
-                    for i in 0..per {
-                        let r = registration(c * per + i + 1);
-                        cl.begin(r.clone()).await.map_err(|e| e.to_string())?;
-                        cl.end(r).await.map_err(|e| e.to_string())?;
-                    }
-                    Ok(())
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap_or_else(|e| Err(e.to_string())));
-        }
-        out
-    });
-    let elapsed = t0.elapsed().as_secs_f64();
-    if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-        return Err(BenchError::Other(format!("registration failed: {e}")));
-    }
-    let rate = (per * clients.max(1) * 2) as f64 / elapsed;
-
-    // Latency: begin sent → the kernel map holds the entry.
-    let key = TraceKey::new(me, ns);
-    let mut lat: Vec<f64> = rt.block_on(async {
-        let mut cl = Client::new(socket.clone(), Duration::from_secs(5));
-        let mut v = Vec::new();
-        for i in 0..2000usize {
-            let r = registration(1_000_000 + i);
-            let want = tagflow::ids::map_request_id(&format!("{:032x}", 1_000_000 + i))
-                .unwrap()
-                .0;
-            let t = Instant::now();
-            let _ = cl.begin(r.clone()).await;
-            while reader.get(&key, 0).ok().map(|c| c.trace_id) != Some(want) {
-                std::hint::spin_loop();
-                if t.elapsed() > Duration::from_secs(1) {
-                    break;
-                }
-            }
-            v.push(t.elapsed().as_secs_f64() * 1e6);
-            let _ = cl.end(r).await;
-        }
-        v
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    let p = |q: f64| {
-        let mut l = lat.clone();
-        l.sort_by(|a, b| a.total_cmp(b));
-        l[((l.len() - 1) as f64 * q) as usize]
-    };
-    let (p50, p99) = (p(0.5), p(0.99));
-    lat.sort_by(|a, b| a.total_cmp(b));
-    let row = |scenario: &str, metric: &str, unit: &str, value: f64, target: &str| Row {
-        scenario: scenario.into(),
-        metric: metric.into(),
-        unit: unit.into(),
-        value,
-        baseline: None,
-        ratio: None,
-        target: target.into(),
-        spread: (lat[0], lat[lat.len() - 1]),
-    };
-    Ok(vec![
-        Row {
-            spread: (rate, rate),
-            ..row(
-                &format!("registration: begin+end, {clients} clients"),
-                "throughput",
-                "msg/s",
-                rate,
-                ">= 200000",
-            )
-        },
-        row("registration: begin -> map visible", "p50", "us", p50, ""),
-        row(
-            "registration: begin -> map visible",
-            "p99",
-            "us",
-            p99,
-            "<= 50",
-        ),
-    ])
 }
 
 fn dp_ingress_probe(dp: &mut Datapath) -> Result<&mut SchedClassifier, BenchError> {

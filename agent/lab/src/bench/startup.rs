@@ -6,7 +6,11 @@ use agent_common::{FlowKey, PortKey, TraceContext, TraceKey, PROTO_TCP};
 
 use super::{median, BenchError, Row};
 use crate::{frames, topo::run};
-use tagflow::{config::AgentConfig, loader::Datapath, netns};
+use tagflow::{
+    config::{AgentConfig, AttachMode},
+    loader::Datapath,
+    netns,
+};
 
 struct Veths(Vec<String>);
 
@@ -48,9 +52,13 @@ fn ifindex(name: &str) -> u32 {
 }
 
 /// Load + attach wall time in ms for `n` interfaces.
-fn load_and_attach(ifaces: &[String]) -> Result<f64, BenchError> {
+fn load_and_attach(ifaces: &[String], mode: AttachMode) -> Result<f64, BenchError> {
+    let cfg = AgentConfig {
+        attach_mode: mode,
+        ..AgentConfig::scratch()
+    };
     let t0 = Instant::now();
-    let mut dp = Datapath::load(&AgentConfig::scratch(), true)?;
+    let mut dp = Datapath::load(&cfg, true)?;
     for name in ifaces {
         dp.attach(name, ifindex(name))?;
     }
@@ -61,12 +69,19 @@ fn load_and_attach(ifaces: &[String]) -> Result<f64, BenchError> {
 
 pub fn startup(rounds: usize) -> Result<Vec<Row>, BenchError> {
     let all = veths(100)?;
-    let (mut one, mut hundred) = (Vec::new(), Vec::new());
+    let (mut one, mut hundred, mut by_netlink) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
-        one.push(load_and_attach(&all.0[..1])?);
-        hundred.push(load_and_attach(&all.0)?);
+        one.push(load_and_attach(&all.0[..1], AttachMode::Auto)?);
+        hundred.push(load_and_attach(&all.0, AttachMode::Auto)?);
+        // The kernel's TCX attach waits out an RCU grace period per
+        // interface (docs/BENCHMARKS.md); clsact filters do not.
+        by_netlink.push(load_and_attach(&all.0, AttachMode::Netlink)?);
     }
-    let (o, h) = (median(&mut one), median(&mut hundred));
+    let (o, h, n) = (
+        median(&mut one),
+        median(&mut hundred),
+        median(&mut by_netlink),
+    );
     let spread = |v: &[f64]| {
         (
             v.iter().copied().fold(f64::INFINITY, f64::min),
@@ -94,6 +109,16 @@ pub fn startup(rounds: usize) -> Result<Vec<Row>, BenchError> {
             ratio: Some(h / o),
             target: "<= 100".into(),
             spread: spread(&hundred),
+        },
+        Row {
+            scenario: "start-up: load + attach 100 interfaces, attach_mode = netlink".into(),
+            metric: "wall time".into(),
+            unit: "ms".into(),
+            value: n,
+            baseline: Some(h),
+            ratio: Some(n / h),
+            target: String::new(),
+            spread: spread(&by_netlink),
         },
     ])
 }
