@@ -378,6 +378,16 @@ async fn work(
     let mut sending: JoinSet<Sink> = JoinSet::new();
     let mut buf: Vec<SpanRecord> = Vec::with_capacity(batch);
     loop {
+        // A free sender first (or the first one to finish): spans stay in
+        // the bounded queue, not in a batch waiting here, so what is held
+        // outside the queue is at most IN_FLIGHT batches.
+        while idle.is_empty() {
+            match sending.join_next().await {
+                Some(Ok(s)) => idle.push(s),
+                Some(Err(e)) => warn!("span export task: {e}"),
+                None => break,
+            }
+        }
         // Wait for the first span, then fill the batch for up to `delay`.
         match rx.recv().await {
             Some(s) => buf.push(s),
@@ -390,15 +400,8 @@ async fn work(
                 _ => break,
             }
         }
-        // A free sender, or the first one to finish.
-        while idle.is_empty() {
-            match sending.join_next().await {
-                Some(Ok(s)) => idle.push(s),
-                Some(Err(e)) => warn!("span export task: {e}"),
-                None => break,
-            }
-        }
         let Some(mut s) = idle.pop() else {
+            // Every sender's task panicked: nothing can send any more.
             stats.failed.fetch_add(buf.len() as u64, Ordering::Relaxed);
             buf.clear();
             continue;
