@@ -62,6 +62,9 @@ pub struct Snapshot {
     /// Captured request details waiting for their span.
     #[serde(default)]
     pub capture_cached: u64,
+    /// Captured heads sent from this node whose span has not opened.
+    #[serde(default)]
+    pub capture_awaited: u64,
     pub ready: bool,
     /// Pin directory in use (none: maps not pinned).
     #[serde(default)]
@@ -206,6 +209,12 @@ impl Ops {
             "capture_heads_cached",
             "Captured request details waiting for their span.",
             s.capture_cached,
+        );
+        gauge(
+            &mut out,
+            "capture_spans_awaited",
+            "Request heads sent from this node whose connection has opened no span yet (their traces wait for it before linking).",
+            s.capture_awaited,
         );
         let e = &self.export;
         let l = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);

@@ -26,6 +26,29 @@ fn attr(s: &Span, key: &str) -> Option<String> {
         .map(|a| attr_str(&a.value))
 }
 
+/// The spans of `trace`, one per line, for a failure message: a wrong
+/// link is diagnosed from which spans there were and what each saw.
+fn trace_spans(got: &Collector, trace: &[u8]) -> String {
+    let mut out = String::new();
+    for (_, s) in got.spans().iter().filter(|(_, s)| s.trace_id == trace) {
+        let attrs: Vec<String> = s
+            .attributes
+            .iter()
+            .map(|a| format!("{}={}", a.key, attr_str(&a.value)))
+            .collect();
+        out += &format!(
+            "\n  kind {} id {:02x?} parent {:02x?} {}..{} {}",
+            s.kind,
+            s.span_id,
+            s.parent_span_id,
+            s.start_time_unix_nano,
+            s.end_time_unix_nano,
+            attrs.join(" ")
+        );
+    }
+    out
+}
+
 /// Trace ids (hex) of the CLIENT spans that `pid` opened to port `port`.
 fn calls(got: &Collector, pid: u32, port: u16) -> Vec<String> {
     got.spans()
@@ -264,8 +287,10 @@ fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it
             .count();
         assert_eq!(servers, 1, "request {i}: server spans under its trace");
         assert_eq!(
-            s.parent_span_id, c.span_id,
-            "request {i}: server under client"
+            s.parent_span_id,
+            c.span_id,
+            "request {i}: server under client; the trace's spans:{}",
+            trace_spans(&got, &c.trace_id)
         );
         assert_eq!(attr(&c, "server.address"), Some(vip.to_string()));
         assert_eq!(attr(&c, "server.port").as_deref(), Some("80"));
@@ -378,8 +403,10 @@ fn a_request_served_on_another_node_links_both_agents_spans() {
             Some(callee.ip.to_string())
         );
         assert_eq!(
-            s.parent_span_id, c.span_id,
-            "request {i}: server under client"
+            s.parent_span_id,
+            c.span_id,
+            "request {i}: server under client; the trace's spans:{}",
+            trace_spans(&got, &c.trace_id)
         );
     }
     eprintln!("requests with a span missing on one side: {missing:?}");

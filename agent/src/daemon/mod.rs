@@ -121,6 +121,7 @@ fn snapshot(
         spans_open: pipe.assembler.open_spans() as u64,
         spans_held: pipe.held() as u64,
         capture_cached: pipe.capture.cached() as u64,
+        capture_awaited: pipe.capture.awaited_spans() as u64,
         ready: true,
         pin_dir: dp.pins.dir.as_ref().map(|d| d.display().to_string()),
         pinned: dp.pins.maps.clone(),

@@ -340,7 +340,10 @@ impl Pipeline {
             }
         }
         self.unsampled.note(info.trace_id, info.sampled);
-        self.assembler.head(&key, info)
+        let trace = info.trace_id;
+        if self.assembler.head(&key, info) {
+            self.capture.span_open(&key, &trace);
+        }
     }
 
     /// A flow the datapath tagged before the agent had written what it
@@ -533,7 +536,10 @@ impl Pipeline {
             }
         }
         drop(t);
-        let ready = self.assembler.ready(&self.clock, now);
+        let capture = &self.capture;
+        let ready = self
+            .assembler
+            .ready(&self.clock, now, |t| capture.awaits_span(t));
         let unsampled = &mut self.unsampled;
         self.pending
             .extend(ready.into_iter().filter(|s| unsampled.keep(s)));
@@ -1075,9 +1081,86 @@ mod tests {
             crate::ids::map_request_id("req-d").unwrap().0
         );
         assert_eq!(spans[0].kind, crate::spans::SpanKind::Client);
-        // The open one is looked at again.
+        // The open one is looked at again, and its trace waits for it ...
         let again = pipe.capture.overdue(now + 300_000_000);
         assert_eq!(again.iter().map(|c| c.key).collect::<Vec<_>>(), [open]);
+        let o = crate::ids::map_request_id("req-o").unwrap().0;
+        assert!(pipe.capture.awaits_span(&o));
+        // ... until it has one: it went idle (or its details would be
+        // given up, 3 s after the head).
+        let mut t = now + 300_000_000;
+        let mut due = again;
+        while !due.is_empty() {
+            assert!(pipe.capture.awaits_span(&o));
+            pipe.recover(due, &stats, t);
+            t += 300_000_000;
+            due = pipe.capture.overdue(t);
+        }
+        assert_eq!(pipe.stats.spans_recovered, 2, "recovered once idle");
+        assert!(!pipe.capture.awaits_span(&o));
+        assert_eq!(pipe.capture.awaited_spans(), 0);
+    }
+
+    /// The whole exchange fit in the head's round trip through userspace:
+    /// the callee's span (keyed by the head) closes at once, the caller's
+    /// comes only from `recover`. The trace must wait for it, or the
+    /// callee's span goes out without its parent.
+    #[test]
+    fn a_trace_waits_for_the_span_its_senders_head_promised() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let text = "GET / HTTP/1.1\r\nX-Request-Id: req-p\r\n\r\n";
+        let Event::HttpHead(mut h) = head(40001, text) else {
+            unreachable!()
+        };
+        h.key.remote_port = 8000;
+        (h.ts_ns, h.pid) = (1_000, 11);
+        let (caller, callee) = (h.key, h.key.reversed_in(2));
+        pipe.event(Event::HttpHead(h), &table, |_| {
+            Ok(Reader {
+                key: TraceKey::new(22, 2),
+                late: false,
+            })
+        });
+        let trace = crate::ids::map_request_id("req-p").unwrap().0;
+        let mut answer = flow(callee, 0, 3, 1_100, 1_900);
+        answer.stats.trace_id = trace;
+        answer.stats.owner = agent_common::OWNER_BOUND;
+        answer.stats.tcp_flags = 0x19;
+        pipe.event(Event::FlowNew(answer), &table, not_local);
+        pipe.event(Event::FlowEnd(answer), &table, not_local);
+        let t0 = monotonic_ns();
+        let settle = AssemblerConfig::default().settle_ns;
+        let capture = &pipe.capture;
+        let early = pipe
+            .assembler
+            .ready(&pipe.clock, t0 + settle, |t| capture.awaits_span(t));
+        assert!(early.is_empty(), "the caller's span is still to come");
+        // The caller's connection had ended when the agent got its head.
+        let due = pipe.capture.overdue(1_000 + 300_000_000);
+        let done = FlowStats {
+            packets: 5,
+            first_ns: 900,
+            last_ns: 2_000,
+            tcp_flags: 0x19,
+            matched: MATCH_WATCHED,
+            ..Default::default()
+        };
+        let now = t0 + 300_000_000;
+        pipe.recover(due, &HashMap::from([(caller, done)]), now);
+        assert_eq!(pipe.stats.spans_recovered, 1);
+        assert_eq!(pipe.capture.awaited_spans(), 0);
+        let capture = &pipe.capture;
+        let spans = pipe
+            .assembler
+            .ready(&pipe.clock, now + settle, |t| capture.awaits_span(t));
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        let of = |k| spans.iter().find(|s| s.kind == k).expect("both kinds");
+        let (client, server) = (
+            of(crate::spans::SpanKind::Client),
+            of(crate::spans::SpanKind::Server),
+        );
+        assert_eq!(server.parent_span_id, Some(client.span_id));
     }
 
     #[test]
@@ -1111,6 +1194,10 @@ mod tests {
         pipe.event(Event::FlowNew(early), &table, not_local);
         send(&mut pipe, 2, "req-2");
         assert_eq!(pipe.stats.reattributed_flows, 1);
+        // Its span was open when the head came: nothing waits on it (the
+        // head of req-1 still does, its connection never sent again).
+        assert!(!pipe.capture.awaits_span(&second));
+        assert!(pipe.capture.awaits_span(&first));
         pipe.event(Event::FlowEnd(early), &table, not_local);
         let mut rest = flow(conn, 0, 2, 120, 130);
         rest.stats.trace_id = second;

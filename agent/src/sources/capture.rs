@@ -7,6 +7,7 @@ use agent_common::{
     TRACE_FLAG_SAMPLED,
 };
 
+use super::promised::Promised;
 use crate::{
     ids,
     podnet::{Reader, Unresolved},
@@ -173,6 +174,8 @@ pub struct Sent {
 pub struct Capture {
     id_headers: Vec<String>,
     heads: HashMap<(FlowKey, [u8; 16]), HeadInfo>,
+    /// Those of `heads` sent from this node whose span has not opened.
+    promised: Promised,
     /// Insertion order with the head's (monotonic) time.
     order: VecDeque<(u64, (FlowKey, [u8; 16]))>,
     cap: usize,
@@ -234,6 +237,7 @@ impl Capture {
         Self {
             id_headers,
             heads: HashMap::new(),
+            promised: Promised::default(),
             order: VecDeque::new(),
             cap,
             applied: 0,
@@ -480,7 +484,7 @@ impl Capture {
                 break;
             }
             self.order.pop_front();
-            if self.heads.remove(&old).is_some() {
+            if self.forget(&old) {
                 self.unclaimed += 1;
             }
         }
@@ -492,7 +496,7 @@ impl Capture {
         // only details never used count as evicted.
         while self.order.len() > self.cap {
             if let Some((_, old)) = self.order.pop_front() {
-                if self.heads.remove(&old).is_some() {
+                if self.forget(&old) {
                     self.evicted += 1;
                 }
             }
@@ -503,13 +507,41 @@ impl Capture {
     /// The request details for a (connection, trace) pair, handed over
     /// once: the span that opens with the pair keeps them from then on.
     pub fn take_head(&mut self, key: &FlowKey, trace: &[u8; 16]) -> Option<HeadInfo> {
+        self.promised.settle(&(*key, *trace));
         self.heads.remove(&(*key, *trace))
     }
 
+    /// Drops a head's details; whether there were any.
+    fn forget(&mut self, pair: &(FlowKey, [u8; 16])) -> bool {
+        self.promised.settle(pair);
+        self.heads.remove(pair).is_some()
+    }
+
+    /// The span of a pair whose head was kept opened before the head came
+    /// (its details went straight to it): nothing waits on it.
+    pub fn span_open(&mut self, key: &FlowKey, trace: &[u8; 16]) {
+        self.promised.settle(&(*key, *trace));
+    }
+
+    /// Whether a head sent from this node for `trace` still waits for its
+    /// connection's span: the trace is not complete yet.
+    pub fn awaits_span(&self, trace: &[u8; 16]) -> bool {
+        self.promised.awaits(trace)
+    }
+
+    /// Heads sent from this node whose span has not opened yet.
+    pub fn awaited_spans(&self) -> usize {
+        self.promised.len()
+    }
+
     fn check_later(&mut self, c: Check) {
+        self.promised.add((c.key, c.ctx.trace_id));
         self.checks.push_back(c);
         while self.checks.len() > self.cap {
-            self.checks.pop_front();
+            // No look left for it: its trace no longer waits on it.
+            if let Some(old) = self.checks.pop_front() {
+                self.promised.settle(&(old.key, old.ctx.trace_id));
+            }
         }
     }
 
@@ -536,6 +568,8 @@ impl Capture {
                 due: now_ns + CHECK_AFTER_NS,
                 ..c
             });
+        } else {
+            self.promised.settle(&(c.key, c.ctx.trace_id));
         }
     }
 
@@ -739,6 +773,17 @@ mod tests {
             no_nat,
         );
         assert_eq!((c.cached(), c.unclaimed, c.evicted), (2, 1, 0));
+        // Their traces waited for their spans while the details were kept.
+        let id = |r: &str| ids::map_request_id(r).unwrap().0;
+        assert!(!c.awaits_span(&id("req-a")), "claimed");
+        assert!(!c.awaits_span(&id("req-b")), "aged out");
+        assert!(c.awaits_span(&id("req-c")) && c.awaits_span(&id("req-d")));
+        // A look at req-c 3 s after its head gives it up.
+        let due = c.overdue(103 * s);
+        assert_eq!(due.len(), 1);
+        c.again(due[0], 105 * s);
+        assert!(!c.awaits_span(&id("req-c")));
+        assert_eq!(c.awaited_spans(), 1);
     }
 }
 

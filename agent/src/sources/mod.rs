@@ -5,6 +5,7 @@ pub mod client;
 pub mod h2;
 pub mod peer;
 pub mod permissions;
+mod promised;
 pub mod protocol;
 pub mod registry;
 pub mod targets;

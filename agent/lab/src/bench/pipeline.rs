@@ -145,12 +145,12 @@ fn pipeline_of(spans: usize, heads: bool) -> Result<Vec<Row>, BenchError> {
             asm.flow_new(&ev, heads.then_some(head), now);
             asm.flow_end(&ev, now);
             if i % 1024 == 1023 {
-                for s in asm.ready(&clock, now + 1) {
+                for s in asm.ready(&clock, now + 1, |_| false) {
                     exporter.send(s);
                 }
             }
         }
-        for s in asm.ready(&clock, now + 1) {
+        for s in asm.ready(&clock, now + 1, |_| false) {
             exporter.send(s);
         }
         while (got.received() as usize) < spans && t0.elapsed() < Duration::from_secs(60) {

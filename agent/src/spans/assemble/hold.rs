@@ -9,16 +9,22 @@ impl Assembler {
         self.held
     }
 
-    /// Spans of traces that are complete (quiet for `settle`) or held too
-    /// long, linked and with wall-clock times.
-    pub fn ready(&mut self, clock: &WallClock, now: u64) -> Vec<SpanRecord> {
+    /// Spans of traces that are complete (quiet for `settle`, and no span
+    /// `awaited` by a captured head: see `Capture::awaits_span`) or held
+    /// too long, linked and with wall-clock times.
+    pub fn ready(
+        &mut self,
+        clock: &WallClock,
+        now: u64,
+        awaited: impl Fn(&[u8; 16]) -> bool,
+    ) -> Vec<SpanRecord> {
         let (settle, hold) = (self.cfg.settle_ns, self.cfg.max_hold_ns);
         let due: Vec<[u8; 16]> = self
             .groups
             .iter()
-            .filter(|(_, g)| {
+            .filter(|(t, g)| {
                 !g.closed.is_empty()
-                    && ((g.open == 0 && now.saturating_sub(g.last_change) >= settle)
+                    && ((g.open == 0 && now.saturating_sub(g.last_change) >= settle && !awaited(t))
                         || now.saturating_sub(g.first) >= hold)
             })
             .map(|(t, _)| *t)
@@ -80,6 +86,6 @@ impl Assembler {
         for k in keys {
             self.close(k, Why::Idle, now);
         }
-        self.ready(clock, u64::MAX / 2)
+        self.ready(clock, u64::MAX / 2, |_| false)
     }
 }

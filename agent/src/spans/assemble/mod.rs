@@ -428,12 +428,14 @@ impl Assembler {
         self.callers.insert((conn, trace), caller);
     }
 
-    /// A request head seen after its span opened.
-    pub fn head(&mut self, key: &FlowKey, info: HeadInfo) {
-        if let Some(o) = self.open.get_mut(&(*key, info.trace_id)) {
-            o.via = o.via.or(info.via);
-            o.head = Some(info);
-        }
+    /// A request head seen after its span opened. Whether it was.
+    pub fn head(&mut self, key: &FlowKey, info: HeadInfo) -> bool {
+        let Some(o) = self.open.get_mut(&(*key, info.trace_id)) else {
+            return false;
+        };
+        o.via = o.via.or(info.via);
+        o.head = Some(info);
+        true
     }
 
     /// The response to the request of `trace` said this, on the
@@ -635,7 +637,7 @@ mod tests {
         a.flow_end(&from_caller(k1, 0xa1, 100), 200);
         a.flow_new(&from_caller(k2, 0xb2, 300), None, 300);
         a.flow_end(&from_caller(k2, 0xb2, 300), 400);
-        let spans = a.ready(&CLOCK(), 1_000);
+        let spans = a.ready(&CLOCK(), 1_000, |_| false);
         let parent = |k: FlowKey| {
             let want = k.local_port;
             let s = spans
@@ -687,7 +689,7 @@ mod tests {
             a.flow_new(e, None, 500);
             a.flow_end(e, 600);
         }
-        let out = a.ready(&CLOCK(), 10_000);
+        let out = a.ready(&CLOCK(), 10_000, |_| false);
         let find = |port: u16| {
             out.iter()
                 .find(|s| s.attr("network.local.port") == Some(&Value::Int(port as i64)))
@@ -719,7 +721,7 @@ mod tests {
         a.flow_end(&ev(k, T1, OWNER_CONNECTED, 100, 400, 5), 400);
         a.flow_new(&ev(k, T2, OWNER_CONNECTED, 500, 500, 1), None, 500);
         a.flow_end(&ev(k, T2, OWNER_CONNECTED, 500, 900, 3), 900);
-        let spans = a.ready(&CLOCK(), 1_000);
+        let spans = a.ready(&CLOCK(), 1_000, |_| false);
         assert_eq!(spans.len(), 2);
         let s1 = spans.iter().find(|s| s.trace_id == T1).unwrap();
         assert_eq!(
@@ -762,7 +764,7 @@ mod tests {
             (1, 0),
             "idle after 1000 ns"
         );
-        let spans = a.ready(&CLOCK(), 2_000);
+        let spans = a.ready(&CLOCK(), 2_000, |_| false);
         let s = spans.iter().find(|s| s.trace_id == T1).unwrap();
         assert_eq!(s.attr("tagflow.packets"), Some(&Value::Int(9)));
         assert_eq!(
@@ -803,10 +805,10 @@ mod tests {
         );
         a.flow_end(&ev(b_call, T1, OWNER_CONNECTED, 120, 200, 4), 200);
         // The trace is not complete yet: nothing is emitted.
-        assert!(a.ready(&CLOCK(), 1_000).is_empty());
+        assert!(a.ready(&CLOCK(), 1_000, |_| false).is_empty());
         a.flow_end(&ev(b_serve, T1, OWNER_BOUND, 110, 250, 4), 250);
         a.flow_end(&ev(a_call, T1, OWNER_CONNECTED, 100, 260, 4), 260);
-        let spans = a.ready(&CLOCK(), 1_000);
+        let spans = a.ready(&CLOCK(), 1_000, |_| false);
         let by = |k: &FlowKey| {
             let want = k.remote_ip().to_string();
             spans
@@ -860,7 +862,7 @@ mod tests {
             350 * MS,
         );
         a.flow_end(&ev(serve, T1, OWNER_BOUND, 350 * MS, 400 * MS, 2), 400 * MS);
-        let spans = a.ready(&CLOCK(), 10_000 * MS);
+        let spans = a.ready(&CLOCK(), 10_000 * MS, |_| false);
         let s = spans.iter().find(|s| s.kind == SpanKind::Server).unwrap();
         let c = spans.iter().find(|s| s.kind == SpanKind::Client).unwrap();
         assert_eq!(c.parent_span_id, Some(s.span_id));
@@ -917,7 +919,7 @@ mod tests {
             &ev(c_call, T1, OWNER_CONNECTED, 950 * MS, 990 * MS, 2),
             1000 * MS,
         );
-        let spans = a.ready(&CLOCK(), 10_000 * MS);
+        let spans = a.ready(&CLOCK(), 10_000 * MS, |_| false);
         let by_port = |k: &FlowKey| {
             spans
                 .iter()
@@ -1008,12 +1010,15 @@ mod tests {
         span(&mut a, 2, false);
         assert_eq!(a.held_spans(), 6);
         // Before settle and max_hold: only the bound releases anything.
-        let out = a.ready(&CLOCK(), 101);
+        let out = a.ready(&CLOCK(), 101, |_| false);
         assert_eq!(out.len(), 2, "just enough of the busy trace went out early");
         assert!(out.iter().all(|s| s.trace_id == [1; 16]));
         assert_eq!(a.stats.released_early, 2);
         assert_eq!(a.held_spans(), 4);
-        assert!(a.ready(&CLOCK(), 102).is_empty(), "at the bound again");
+        assert!(
+            a.ready(&CLOCK(), 102, |_| false).is_empty(),
+            "at the bound again"
+        );
         // The rest of both traces still goes out whole once they are quiet.
         let rest = a.flush_all(&CLOCK(), 1_000_000_000);
         assert_eq!(rest.len(), 6);
@@ -1041,7 +1046,7 @@ mod tests {
         a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
         a.head(&k, head);
         a.flow_end(&ev(k, T1, OWNER_CONNECTED, 100, 200, 2), 200);
-        let s = &a.ready(&CLOCK(), 1_000)[0];
+        let s = &a.ready(&CLOCK(), 1_000, |_| false)[0];
         assert_eq!(s.name, "POST");
         assert_eq!(s.attr("url.path"), Some(&Value::Str("/orders".into())));
         assert_eq!(s.attr("server.address"), Some(&Value::Str("shop".into())));
@@ -1086,7 +1091,7 @@ mod tests {
         a.flow_new(&ev(callee, T1, OWNER_BOUND, 110, 110, 1), None, 110);
         a.flow_end(&ev(callee, T1, OWNER_BOUND, 110, 150, 2), 150);
         a.flow_end(&ev(caller, T1, OWNER_CONNECTED, 100, 160, 3), 160);
-        let out = a.ready(&CLOCK(), 1_000);
+        let out = a.ready(&CLOCK(), 1_000, |_| false);
         let client = out.iter().find(|s| s.kind == SpanKind::Client).unwrap();
         let server = out.iter().find(|s| s.kind == SpanKind::Server).unwrap();
         assert_eq!(server.parent_span_id, Some(client.span_id));
@@ -1158,7 +1163,7 @@ mod tests {
             100,
         );
         a.flow_end(&ev(plain, T1, OWNER_CONNECTED, 100, 160, 3), 160);
-        let out = a.ready(&CLOCK(), 1_000);
+        let out = a.ready(&CLOCK(), 1_000, |_| false);
         let at = |s: &crate::spans::SpanRecord, k: &str| s.attr(k).cloned();
         let grpc = out.iter().find(|s| s.name == "shop.Cart/Add").unwrap();
         assert_eq!(at(grpc, "rpc.system"), Some(Value::Str("grpc".into())));
