@@ -5,6 +5,7 @@
 //! batches are retried with backoff while new spans queue up to the
 //! bound; beyond it they are dropped and counted. Nothing here can block
 //! the agent's event loop.
+pub mod encode;
 pub mod otlp;
 pub mod stdout;
 pub mod tls;

@@ -1,123 +1,61 @@
-//! OTLP encoding of span records, and the gRPC and HTTP/protobuf senders.
-use std::{collections::HashMap, sync::Arc, time::Duration};
+//! The OTLP senders: gRPC and HTTP/protobuf.
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, BufMut, Bytes};
 use http_body_util::{BodyExt, Full};
-use opentelemetry_proto::tonic::{
-    collector::trace::v1::{trace_service_client::TraceServiceClient, ExportTraceServiceRequest},
-    common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue as PKeyValue},
-    resource::v1::Resource as PResource,
-    trace::v1::{
-        span::SpanKind as PSpanKind, status::StatusCode, ResourceSpans, ScopeSpans, Span, Status,
-    },
-};
-use prost::Message;
 use tonic::{
-    codec::CompressionEncoding,
+    client::Grpc as GrpcClient,
+    codec::{CompressionEncoding, DecodeBuf, EncodeBuf},
+    codegen::http::uri::PathAndQuery,
     metadata::MetadataValue,
     transport::{Certificate, Channel, ClientTlsConfig, Identity},
 };
 
-use super::{ExportConfig, SendError};
-use crate::spans::{KeyValue, Resource, SpanKind, SpanRecord, Value};
+use super::{encode, ExportConfig, SendError};
+use crate::spans::SpanRecord;
 
-/// W3C trace-flags "sampled" and OTLP's "has remote parent" flag bits.
-const FLAG_SAMPLED: u32 = 0x01;
-const FLAG_CONTEXT_HAS_IS_REMOTE: u32 = 0x100;
-const FLAG_CONTEXT_IS_REMOTE: u32 = 0x200;
+/// The Export method's path.
+const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
-fn value(v: &Value) -> AnyValue {
-    let inner = match v {
-        Value::Str(s) => any_value::Value::StringValue(s.to_string()),
-        Value::Int(i) => any_value::Value::IntValue(*i),
-        Value::StrArray(a) => any_value::Value::ArrayValue(ArrayValue {
-            values: a
-                .iter()
-                .map(|s| AnyValue {
-                    value: Some(any_value::Value::StringValue(s.clone())),
-                })
-                .collect(),
-        }),
-    };
-    AnyValue { value: Some(inner) }
-}
+/// gRPC messages as bytes: a request encoded by `encode::request`; the
+/// response's body is not read (a partial success is still a success).
+#[derive(Clone, Copy, Default)]
+struct Raw;
 
-fn attrs(a: &[KeyValue]) -> Vec<PKeyValue> {
-    a.iter()
-        .map(|kv| PKeyValue {
-            key: kv.key.to_string(),
-            value: Some(value(&kv.value)),
-            ..Default::default()
-        })
-        .collect()
-}
-
-fn span(s: &SpanRecord) -> Span {
-    let mut flags = FLAG_SAMPLED;
-    if s.parent_span_id.is_some() {
-        flags |= FLAG_CONTEXT_HAS_IS_REMOTE;
-        if s.parent_is_remote {
-            flags |= FLAG_CONTEXT_IS_REMOTE;
-        }
-    }
-    Span {
-        trace_id: s.trace_id.to_vec(),
-        span_id: s.span_id.to_vec(),
-        parent_span_id: s.parent_span_id.map(|p| p.to_vec()).unwrap_or_default(),
-        flags,
-        name: s.name.clone(),
-        kind: match s.kind {
-            SpanKind::Internal => PSpanKind::Internal,
-            SpanKind::Server => PSpanKind::Server,
-            SpanKind::Client => PSpanKind::Client,
-        } as i32,
-        start_time_unix_nano: s.start_unix_ns,
-        end_time_unix_nano: s.end_unix_ns,
-        attributes: attrs(&s.attributes),
-        status: s.error.then(|| Status {
-            code: StatusCode::Error as i32,
-            message: String::new(),
-        }),
-        ..Default::default()
+impl tonic::codec::Encoder for Raw {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
+        dst.put_slice(&item);
+        Ok(())
     }
 }
 
-/// One request, spans grouped by resource (each its own service).
-pub fn request(spans: &[SpanRecord]) -> ExportTraceServiceRequest {
-    let mut groups: HashMap<&Resource, Vec<Span>> = HashMap::new();
-    let mut order: Vec<&Arc<Resource>> = Vec::new();
-    for s in spans {
-        let e = groups.entry(&s.resource).or_default();
-        if e.is_empty() {
-            order.push(&s.resource);
-        }
-        e.push(span(s));
+impl tonic::codec::Decoder for Raw {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<()>, tonic::Status> {
+        src.advance(src.remaining());
+        Ok(Some(()))
     }
-    let resource_spans = order
-        .into_iter()
-        .map(|r| ResourceSpans {
-            resource: Some(PResource {
-                attributes: attrs(&r.attributes),
-                ..Default::default()
-            }),
-            scope_spans: vec![ScopeSpans {
-                scope: Some(InstrumentationScope {
-                    name: "tagflow".into(),
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    ..Default::default()
-                }),
-                spans: groups.remove(&**r).unwrap_or_default(),
-                ..Default::default()
-            }],
-            ..Default::default()
-        })
-        .collect();
-    ExportTraceServiceRequest { resource_spans }
+}
+
+impl tonic::codec::Codec for Raw {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = Raw;
+    type Decoder = Raw;
+    fn encoder(&mut self) -> Raw {
+        Raw
+    }
+    fn decoder(&mut self) -> Raw {
+        Raw
+    }
 }
 
 #[derive(Clone)]
 pub struct Grpc {
-    client: TraceServiceClient<Channel>,
+    client: GrpcClient<Channel>,
     headers: Vec<(
         tonic::metadata::MetadataKey<tonic::metadata::Ascii>,
         MetadataValue<tonic::metadata::Ascii>,
@@ -148,7 +86,7 @@ impl Grpc {
             ep = ep.tls_config(t).map_err(|e| bad(&e))?;
         }
         let ch = ep.connect_lazy();
-        let mut client = TraceServiceClient::new(ch);
+        let mut client = GrpcClient::new(ch);
         if gzip {
             client = client.send_compressed(CompressionEncoding::Gzip);
         }
@@ -167,11 +105,18 @@ impl Grpc {
     }
 
     pub async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
-        let mut req = tonic::Request::new(request(spans));
+        let mut req = tonic::Request::new(encode::request(spans));
         for (k, v) in &self.headers {
             req.metadata_mut().insert(k.clone(), v.clone());
         }
-        match self.client.export(req).await {
+        let sent = match self.client.ready().await {
+            Ok(()) => {
+                let path = PathAndQuery::from_static(EXPORT);
+                self.client.unary::<_, (), _>(req, path, Raw).await
+            }
+            Err(e) => Err(tonic::Status::unavailable(crate::report(&e))),
+        };
+        match sent {
             Ok(_) => Ok(()),
             Err(st) => {
                 use tonic::Code::*;
@@ -251,7 +196,7 @@ impl Http {
     }
 
     pub async fn send(&mut self, spans: &[SpanRecord]) -> Result<(), SendError> {
-        let mut body = request(spans).encode_to_vec();
+        let mut body = encode::request(spans);
         if self.gzip {
             use std::io::Write;
             let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -350,7 +295,6 @@ fn retry_after(h: &hyper::HeaderMap) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::kv;
 
     #[test]
     fn retry_after_is_read_in_seconds_and_capped() {
@@ -365,86 +309,5 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), None);
-    }
-
-    fn rec(service: &str, id: u8, parent: Option<[u8; 8]>, remote: bool) -> SpanRecord {
-        SpanRecord {
-            trace_id: [7; 16],
-            span_id: [id; 8],
-            parent_span_id: parent,
-            parent_is_remote: remote,
-            name: "tcp 10.0.0.2:80".into(),
-            kind: SpanKind::Client,
-            start_unix_ns: 10,
-            end_unix_ns: 20,
-            attributes: vec![
-                kv("tagflow.packets", Value::Int(3)),
-                kv(
-                    "http.request.header.x-request-id",
-                    Value::StrArray(vec!["r".into()]),
-                ),
-            ],
-            resource: Arc::new(Resource {
-                attributes: vec![kv("service.name", Value::Str(service.to_string().into()))],
-            }),
-            error: id == 2,
-        }
-    }
-
-    #[test]
-    fn spans_are_grouped_by_resource_and_encoded_faithfully() {
-        let a = rec("frontend", 1, Some([9; 8]), true);
-        let b = rec("backend", 2, Some([1; 8]), false);
-        let c = rec("frontend", 3, None, false);
-        let req = request(&[a, b, c]);
-        assert_eq!(req.resource_spans.len(), 2, "one ResourceSpans per service");
-        let names: Vec<String> = req
-            .resource_spans
-            .iter()
-            .map(|r| {
-                match &r.resource.as_ref().unwrap().attributes[0]
-                    .value
-                    .as_ref()
-                    .unwrap()
-                    .value
-                {
-                    Some(any_value::Value::StringValue(s)) => s.clone(),
-                    other => panic!("{other:?}"),
-                }
-            })
-            .collect();
-        assert_eq!(names, ["frontend", "backend"]);
-        let fe = &req.resource_spans[0].scope_spans[0];
-        assert_eq!(fe.scope.as_ref().unwrap().name, "tagflow");
-        assert_eq!(fe.spans.len(), 2);
-        let s = &fe.spans[0];
-        assert_eq!(
-            (s.trace_id.len(), s.span_id.as_slice()),
-            (16, &[1u8; 8][..])
-        );
-        assert_eq!(s.parent_span_id, vec![9; 8]);
-        assert_eq!(
-            s.flags,
-            FLAG_SAMPLED | FLAG_CONTEXT_HAS_IS_REMOTE | FLAG_CONTEXT_IS_REMOTE
-        );
-        assert_eq!(s.kind, PSpanKind::Client as i32);
-        assert_eq!((s.start_time_unix_nano, s.end_time_unix_nano), (10, 20));
-        assert!(
-            fe.spans[1].parent_span_id.is_empty(),
-            "a root has no parent"
-        );
-        assert_eq!(fe.spans[1].flags, FLAG_SAMPLED);
-        let local_parent = &req.resource_spans[1].scope_spans[0].spans[0];
-        assert_eq!(
-            local_parent.flags,
-            FLAG_SAMPLED | FLAG_CONTEXT_HAS_IS_REMOTE
-        );
-        // A failed call's status is Error; others leave it unset.
-        let error = local_parent.status.as_ref().map(|s| s.code);
-        assert_eq!(error, Some(StatusCode::Error as i32));
-        assert_eq!(s.status, None);
-        // Round trip through protobuf bytes.
-        let back = ExportTraceServiceRequest::decode(&req.encode_to_vec()[..]).unwrap();
-        assert_eq!(back, req);
     }
 }
