@@ -270,9 +270,22 @@ fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it
     // The first request may be answered and closed before the agent keys
     // nginx (nothing of it carries the trace, so it has no server span:
     // never a wrong one); the process key makes every later one exact.
-    wait_for("a client and a server span per request", 20, || {
-        (1..REQUESTS).all(|i| pair(i).is_some())
-    });
+    let t0 = std::time::Instant::now();
+    while !(1..REQUESTS).all(|i| pair(i).is_some()) {
+        if t0.elapsed() > Duration::from_secs(20) {
+            // Which requests, and what their trace and the one before got.
+            let mut spans = String::new();
+            for i in (1..REQUESTS).filter(|i| pair(*i).is_none()) {
+                spans += &format!("\nrequest {i}:{}", trace_spans(&got, &trace(i)));
+                spans += &format!("\nrequest {}:{}", i - 1, trace_spans(&got, &trace(i - 1)));
+            }
+            panic!(
+                "timed out waiting for a client and a server span per request{spans}\n{:?}",
+                agent.metrics()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     std::thread::sleep(Duration::from_millis(500));
     drop(nginx);
     for i in 0..REQUESTS {

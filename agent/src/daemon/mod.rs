@@ -128,6 +128,35 @@ fn snapshot(
     }
 }
 
+/// Handles up to `EVENTS_PER_TURN` ring-buffer records; whether the ring
+/// ran empty.
+fn drain(
+    rb: &mut RingBuf<MapData>,
+    pipe: &mut Pipeline,
+    dp: &mut Datapath,
+    follower: &mut Follower,
+    table: &Mutex<TraceTable>,
+) -> bool {
+    for _ in 0..EVENTS_PER_TURN {
+        let Some(item) = rb.next() else {
+            return true;
+        };
+        let ev = events::decode(&item);
+        drop(item);
+        let pods = follower.pods();
+        let receiver = |k: &agent_common::FlowKey| {
+            pods.receiver(k, |p| dp.bound_port(p), |f| dp.flow_finished(f))
+        };
+        if let Some(k) = pipe.event(ev, table, receiver) {
+            let until = monotonic_ns() + CAPTURE_SKIP_NS;
+            if dp.skip_capture(&k, until).is_ok() {
+                pipe.stats.capture_skips += 1;
+            }
+        }
+    }
+    false
+}
+
 /// Capture on the node's uplinks (never on a pod interface). A failure is
 /// counted and logged: requests from other nodes then go unkeyed, as
 /// before.
@@ -272,26 +301,7 @@ pub async fn run_with(
             Some(ev) = link_rx.recv() => follower.handle(&mut dp, ev, &mut pipe.stats),
             guard = events.readable_mut() => {
                 let mut guard = guard?;
-                let rb = guard.get_inner_mut();
-                let mut empty = false;
-                for _ in 0..EVENTS_PER_TURN {
-                    let Some(item) = rb.next() else {
-                        empty = true;
-                        break;
-                    };
-                    let ev = events::decode(&item);
-                    drop(item);
-                    let pods = follower.pods();
-                    let receiver = |k: &agent_common::FlowKey| {
-                        pods.receiver(k, |p| dp.bound_port(p), |f| dp.flow_finished(f))
-                    };
-                    if let Some(k) = pipe.event(ev, &table, receiver) {
-                        let until = monotonic_ns() + CAPTURE_SKIP_NS;
-                        if dp.skip_capture(&k, until).is_ok() {
-                            pipe.stats.capture_skips += 1;
-                        }
-                    }
-                }
+                let empty = drain(guard.get_inner_mut(), &mut pipe, &mut dp, &mut follower, &table);
                 // A full turn: more may be waiting, and the ring stays
                 // readable; the sweep, the link follower and the metrics
                 // get their turn before the next batch.
@@ -299,7 +309,15 @@ pub async fn run_with(
                     guard.clear_ready();
                 }
             }
-            _ = sweep.tick() => pipe.sweep(&mut dp, &exporter, &table),
+            _ = sweep.tick() => {
+                // The sweep reads counters (FLOW_STATS) the datapath keeps
+                // adding to: events written before them must be handled
+                // first. A reader's response counted there came after the
+                // head that keyed it, so the head is seen before the
+                // response (its span can still move to that request).
+                drain(events.get_mut(), &mut pipe, &mut dp, &mut follower, &table);
+                pipe.sweep(&mut dp, &exporter, &table)
+            }
             Some(owners) = relearn.next() => {
                 let mut n = 0;
                 for (k, pid) in owners {
