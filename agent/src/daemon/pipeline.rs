@@ -783,6 +783,15 @@ mod tests {
         }
     }
 
+    /// A server's answer on `key` under `trace`: data, then FIN.
+    fn answer(key: FlowKey, trace: [u8; 16], packets: u64, first: u64, last: u64) -> FlowEvent {
+        let mut f = flow(key, 0, packets, first, last);
+        f.stats.trace_id = trace;
+        f.stats.owner = agent_common::OWNER_BOUND;
+        f.stats.tcp_flags = 0x19;
+        f
+    }
+
     #[test]
     fn a_call_that_beat_the_agent_gets_its_readers_trace_in_one_span() {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
@@ -971,10 +980,7 @@ mod tests {
         assert_eq!(pipe.stats.reattributed_flows, 1);
         // The datapath switches to the connection's own entry.
         pipe.event(Event::FlowEnd(syn_ack), &table, not_local);
-        let mut rest = flow(conn, 0, 3, 310, 320);
-        rest.stats.trace_id = second;
-        rest.stats.owner = agent_common::OWNER_BOUND;
-        rest.stats.tcp_flags = 0x19;
+        let rest = answer(conn, second, 3, 310, 320);
         pipe.event(Event::FlowNew(rest), &table, not_local);
         pipe.event(Event::FlowEnd(rest), &table, not_local);
         let spans = pipe.drain_all();
@@ -1123,12 +1129,9 @@ mod tests {
             })
         });
         let trace = crate::ids::map_request_id("req-p").unwrap().0;
-        let mut answer = flow(callee, 0, 3, 1_100, 1_900);
-        answer.stats.trace_id = trace;
-        answer.stats.owner = agent_common::OWNER_BOUND;
-        answer.stats.tcp_flags = 0x19;
-        pipe.event(Event::FlowNew(answer), &table, not_local);
-        pipe.event(Event::FlowEnd(answer), &table, not_local);
+        let served = answer(callee, trace, 3, 1_100, 1_900);
+        pipe.event(Event::FlowNew(served), &table, not_local);
+        pipe.event(Event::FlowEnd(served), &table, not_local);
         let t0 = monotonic_ns();
         let settle = AssemblerConfig::default().settle_ns;
         let capture = &pipe.capture;
