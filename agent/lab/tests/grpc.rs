@@ -156,7 +156,11 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
         assert_eq!(attr(s, "network.protocol.version").as_deref(), Some("2"));
     }
     let kinds = |k: SpanKind| rpc.iter().filter(|(_, s)| s.kind == k as i32).count();
-    assert!(kinds(SpanKind::Client) >= N - 1 && kinds(SpanKind::Server) >= N - 1);
+    let (clients, servers) = (kinds(SpanKind::Client), kinds(SpanKind::Server));
+    assert!(
+        clients >= N - 1 && servers >= N - 1,
+        "{clients} client and {servers} server gRPC spans of {N} calls"
+    );
     // The loopback hop (nginx → app): the server's side passes the same
     // hook, so each call's response and trailers are read too. Both ends
     // of a call carry its status: 0, or 5 for every fourth.

@@ -465,6 +465,8 @@ impl Capture {
             self.keep_head((r.conn, info.trace_id), &info, ev.ts_ns);
         }
         if self.keep_head((ev.key, info.trace_id), &info, ev.ts_ns) && !from_wire {
+            // Until the first look its trace waits for the span.
+            self.promised.add((ev.key, info.trace_id));
             self.check_later(Check {
                 due: ev.ts_ns + CHECK_AFTER_NS,
                 ts_ns: ev.ts_ns,
@@ -535,7 +537,6 @@ impl Capture {
     }
 
     fn check_later(&mut self, c: Check) {
-        self.promised.add((c.key, c.ctx.trace_id));
         self.checks.push_back(c);
         while self.checks.len() > self.cap {
             // No look left for it: its trace no longer waits on it.
@@ -562,14 +563,16 @@ impl Capture {
     }
 
     /// Looks at an overdue head again later, while its details are kept.
+    /// Its trace waits no longer: the connection is alive and may stay
+    /// quiet (keep-alive), and holding the trace costs every span of it
+    /// that latency.
     pub fn again(&mut self, c: Check, now_ns: u64) {
+        self.promised.settle(&(c.key, c.ctx.trace_id));
         if now_ns.saturating_sub(c.ts_ns) < UNCLAIMED_NS {
             self.check_later(Check {
                 due: now_ns + CHECK_AFTER_NS,
                 ..c
             });
-        } else {
-            self.promised.settle(&(c.key, c.ctx.trace_id));
         }
     }
 
@@ -778,10 +781,10 @@ mod tests {
         assert!(!c.awaits_span(&id("req-a")), "claimed");
         assert!(!c.awaits_span(&id("req-b")), "aged out");
         assert!(c.awaits_span(&id("req-c")) && c.awaits_span(&id("req-d")));
-        // A look at req-c 3 s after its head gives it up.
+        // A look at req-c that finds its connection alive ends the wait.
         let due = c.overdue(103 * s);
         assert_eq!(due.len(), 1);
-        c.again(due[0], 105 * s);
+        c.again(due[0], 103 * s);
         assert!(!c.awaits_span(&id("req-c")));
         assert_eq!(c.awaited_spans(), 1);
     }

@@ -1,9 +1,9 @@
 //! Spans that captured heads promise: a head sent from this node names a
-//! connection whose span has not opened yet. Until it opens (or the head is
-//! given up), its trace is not complete, and linking it early would leave
-//! the callee's span without its caller (the whole exchange can fit in the
-//! head's round trip through userspace: the span then comes from
-//! `Pipeline::recover`, later).
+//! connection whose span has not opened yet. Until it opens, or the first
+//! look at it (300 ms) finds the connection alive, its trace is not
+//! complete, and linking it early would leave the callee's span without
+//! its caller (the whole exchange can fit in the head's round trip through
+//! userspace: the span then comes from `Pipeline::recover`, at that look).
 use std::collections::{HashMap, HashSet};
 
 use agent_common::FlowKey;
