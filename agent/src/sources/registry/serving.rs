@@ -10,7 +10,6 @@
 use std::{sync::Arc, thread::JoinHandle};
 
 use tokio::{net::UnixListener, sync::oneshot};
-use tracing::warn;
 
 use super::{Registry, RegistryError};
 
@@ -30,6 +29,9 @@ impl Registry {
         // socket over as a std one.
         let std = listener.into_std().map_err(RegistryError::Thread)?;
         let (stop, stopped) = oneshot::channel::<()>();
+        // The thread says whether it could serve before the agent goes on:
+        // an agent that cannot take registrations fails at start.
+        let (ready, started) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
         let thread = std::thread::Builder::new()
             .name("tagflow-registry".into())
             .spawn(move || {
@@ -39,7 +41,7 @@ impl Registry {
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        warn!("registration runtime: {e}");
+                        let _ = ready.send(Err(e));
                         return;
                     }
                 };
@@ -47,10 +49,11 @@ impl Registry {
                     let listener = match UnixListener::from_std(std) {
                         Ok(l) => l,
                         Err(e) => {
-                            warn!("registration socket: {e}");
+                            let _ = ready.send(Err(e));
                             return;
                         }
                     };
+                    let _ = ready.send(Ok(()));
                     tokio::select! {
                         _ = self.serve(listener) => {}
                         _ = stopped => {}
@@ -61,10 +64,17 @@ impl Registry {
                 // expiry (or to the next agent, when the maps are pinned).
             })
             .map_err(RegistryError::Thread)?;
-        Ok(Serving {
+        let serving = Serving {
             stop: Some(stop),
             thread: Some(thread),
-        })
+        };
+        match started.recv() {
+            Ok(Ok(())) => Ok(serving),
+            Ok(Err(e)) => Err(RegistryError::Thread(e)),
+            Err(_) => Err(RegistryError::Thread(std::io::Error::other(
+                "the registration thread ended before serving",
+            ))),
+        }
     }
 }
 
