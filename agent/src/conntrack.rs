@@ -13,7 +13,10 @@ use std::{
 
 use agent_common::{FlowKey, PROTO_TCP, PROTO_UDP};
 
-use crate::netlink::{self, attributes, check_error, messages, push_attr, NetlinkError};
+use crate::{
+    netlink::{self, attributes, check_error, messages, push_attr, NetlinkError},
+    trim::Trim,
+};
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
@@ -233,6 +236,25 @@ impl Services {
             cap,
             ..Self::disabled()
         })
+    }
+
+    /// Forgets answers past their time, oldest first, and gives back the
+    /// table memory they held (the cache would otherwise stay as large as
+    /// its busiest moment made it).
+    pub fn trim(&mut self) {
+        let now = Instant::now();
+        while let Some(k) = self.order.front() {
+            match self.cache.get(k) {
+                // Refreshed since it was queued: it waits for its turn.
+                Some((until, _)) if now < *until => break,
+                _ => {
+                    self.cache.remove(k);
+                    self.order.pop_front();
+                }
+            }
+        }
+        self.cache.trim();
+        self.order.trim();
     }
 
     /// `key` (a connection seen from its sender) as its receiver sees it,

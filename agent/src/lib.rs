@@ -18,11 +18,13 @@ pub mod netns;
 pub mod ops_http;
 pub mod pin;
 pub mod podnet;
+pub mod protowire;
 pub mod ratelimit;
 pub mod sidecar;
 pub mod sources;
 pub mod spans;
 pub mod tables;
+pub mod trim;
 pub mod uplink;
 
 /// An error with its chain of causes, "outer: inner: …", for logs (each

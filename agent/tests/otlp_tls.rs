@@ -78,7 +78,7 @@ fn span() -> SpanRecord {
         kind: SpanKind::Server,
         start_unix_ns: 1,
         end_unix_ns: 2,
-        attributes: Vec::new(),
+        attributes: Default::default(),
         resource: Arc::new(Resource::default()),
         error: false,
     }

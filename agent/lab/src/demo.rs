@@ -170,7 +170,7 @@ fn scenario(
 
 fn int(s: &SpanRecord, k: &str) -> i64 {
     match s.attr(k) {
-        Some(Value::Int(i)) => *i,
+        Some(Value::Int(i)) => i,
         _ => 0,
     }
 }
@@ -201,7 +201,7 @@ pub fn render(spans: &[SpanRecord], lab: &Lab) -> String {
             .is_ok_and(|a| a.is_loopback());
         match s.attr("tagflow.netns") {
             Some(Value::Int(c)) if lo => netns
-                .get(c)
+                .get(&c)
                 .map(|p| format!("{p}(lo)"))
                 .unwrap_or_else(|| ip.to_string()),
             _ => pod_of(ip),
@@ -248,11 +248,11 @@ fn walk(
     pod_of: &dyn Fn(&str, &SpanRecord) -> String,
 ) {
     let local = match s.attr("network.local.address") {
-        Some(Value::Str(a)) => pod_of(a, s),
+        Some(Value::Str(a)) => pod_of(&a, s),
         _ => "?".into(),
     };
     let peer = match s.attr("network.peer.address") {
-        Some(Value::Str(a)) => pod_of(a, s),
+        Some(Value::Str(a)) => pod_of(&a, s),
         _ => "?".into(),
     };
     *out += &format!(

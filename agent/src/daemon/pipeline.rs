@@ -30,6 +30,7 @@ use crate::{
         SpanRecord,
     },
     tables::{Store, TraceTable, TraceTables},
+    trim::Trim,
 };
 
 /// Agent-side counters (exported as metrics).
@@ -250,7 +251,7 @@ impl Pipeline {
                     |k| services.translate(k),
                 );
                 match out {
-                    HeadOutcome::Applied(info) => self.applied(&h.key, *info, now),
+                    HeadOutcome::Applied(info) => self.applied(&h.key, info, now),
                     // Anything else is copied again on the connection's
                     // next segment that looks like a request: skipped for a
                     // while, so no pod can fill the shared ring with heads
@@ -281,7 +282,7 @@ impl Pipeline {
                     // see every block.
                     if let HeadOutcome::Applied(info) = out {
                         self.h2.traced(&h.key, s.stream, info.trace_id);
-                        self.applied(&h.key, *info, now);
+                        self.applied(&h.key, info, now);
                     }
                 }
                 // A status goes to its request's spans: the client's side
@@ -302,7 +303,7 @@ impl Pipeline {
     }
 
     /// What a head that set a trace changes for spans.
-    fn applied(&mut self, key: &FlowKey, info: HeadInfo, now: u64) {
+    fn applied(&mut self, key: &FlowKey, info: Box<HeadInfo>, now: u64) {
         let key = *key;
         // What the sender sent on this connection before the agent got the
         // head went out under its process's previous trace: it is this
@@ -554,6 +555,15 @@ impl Pipeline {
             self.pending.drain(..over);
             exporter.count_dropped(over as u64);
         }
+        // A burst's tables give back what it made them grow to.
+        self.capture.trim();
+        self.assembler.trim();
+        self.services.trim();
+        self.h2.trim();
+        self.closing.trim();
+        self.ended.trim();
+        self.pending.trim();
+        self.reattributed.trim();
     }
 
     /// Finished spans not yet queued for export: held for linking or
@@ -845,12 +855,8 @@ mod tests {
         assert_eq!(spans.len(), 1, "one connection, one span");
         assert_eq!(spans[0].trace_id, want);
         assert_eq!(
-            spans[0]
-                .attributes
-                .iter()
-                .find(|kv| kv.key == "tagflow.packets")
-                .map(|kv| &kv.value),
-            Some(&crate::spans::Value::Int(7)),
+            spans[0].attr("tagflow.packets"),
+            Some(crate::spans::Value::Int(7)),
             "both parts of the connection counted"
         );
     }
@@ -931,12 +937,8 @@ mod tests {
         assert_eq!(got, want, "one span per call, each under its request");
         let b_span = spans.iter().find(|s| s.trace_id == b).unwrap();
         assert_eq!(
-            b_span
-                .attributes
-                .iter()
-                .find(|kv| kv.key == "tagflow.packets")
-                .map(|kv| &kv.value),
-            Some(&crate::spans::Value::Int(3)),
+            b_span.attr("tagflow.packets"),
+            Some(crate::spans::Value::Int(3)),
             "what the datapath counted before and after the switch"
         );
     }
@@ -1208,11 +1210,7 @@ mod tests {
         let spans = pipe.drain_all();
         let on_conn: Vec<_> = spans
             .iter()
-            .filter(|s| {
-                s.attributes.iter().any(|kv| {
-                    kv.key == "network.local.port" && kv.value == crate::spans::Value::Int(2)
-                })
-            })
+            .filter(|s| s.attr("network.local.port") == Some(crate::spans::Value::Int(2)))
             .collect();
         assert_eq!(on_conn.len(), 1, "one connection, one span: {on_conn:?}");
         assert_eq!(on_conn[0].trace_id, second);

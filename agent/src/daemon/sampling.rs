@@ -63,7 +63,7 @@ mod tests {
             kind: SpanKind::Server,
             start_unix_ns: 0,
             end_unix_ns: 1,
-            attributes: Vec::new(),
+            attributes: Default::default(),
             resource: std::sync::Arc::new(Resource::default()),
             error: false,
         }

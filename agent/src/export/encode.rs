@@ -7,7 +7,10 @@
 //! first (`*_len`), from the same fields the writers write.
 use std::{collections::HashMap, sync::Arc};
 
-use crate::spans::{KeyValue, Resource, SpanKind, SpanRecord, Value};
+use crate::{
+    protowire::*,
+    spans::{Resource, SpanKind, SpanRecord},
+};
 
 /// W3C trace-flags "sampled" and OTLP's "has remote parent" flag bits.
 const FLAG_SAMPLED: u32 = 0x01;
@@ -18,114 +21,6 @@ const STATUS_ERROR: u64 = 2;
 
 const SCOPE_NAME: &str = "tagflow";
 const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
-
-// Wire types.
-const VARINT: u32 = 0;
-const FIXED64: u32 = 1;
-const LEN: u32 = 2;
-const FIXED32: u32 = 5;
-
-fn varint_len(v: u64) -> usize {
-    // 1 byte per 7 bits, at least one.
-    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push(v as u8 | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn key_len(field: u32) -> usize {
-    varint_len(u64::from(field << 3))
-}
-
-fn put_key(out: &mut Vec<u8>, field: u32, wire: u32) {
-    put_varint(out, u64::from(field << 3 | wire));
-}
-
-/// A length-delimited field of `n` bytes: its whole size.
-fn delimited_len(field: u32, n: usize) -> usize {
-    key_len(field) + varint_len(n as u64) + n
-}
-
-fn put_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
-    put_key(out, field, LEN);
-    put_varint(out, b.len() as u64);
-    out.extend_from_slice(b);
-}
-
-/// proto3: an empty string or bytes field is not written.
-fn opt_bytes_len(field: u32, b: &[u8]) -> usize {
-    if b.is_empty() {
-        0
-    } else {
-        delimited_len(field, b.len())
-    }
-}
-
-fn put_opt_bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
-    if !b.is_empty() {
-        put_bytes(out, field, b);
-    }
-}
-
-// AnyValue: string_value = 1, int_value = 3, array_value = 5 (a oneof:
-// written even when empty or zero). ArrayValue: values = 1.
-fn any_value_len(v: &Value) -> usize {
-    match v {
-        Value::Str(s) => delimited_len(1, s.len()),
-        Value::Int(i) => key_len(3) + varint_len(*i as u64),
-        Value::StrArray(a) => delimited_len(5, array_len(a)),
-    }
-}
-
-fn array_len(a: &[String]) -> usize {
-    a.iter()
-        .map(|s| delimited_len(1, delimited_len(1, s.len())))
-        .sum()
-}
-
-fn put_any_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::Str(s) => put_bytes(out, 1, s.as_bytes()),
-        Value::Int(i) => {
-            put_key(out, 3, VARINT);
-            put_varint(out, *i as u64);
-        }
-        Value::StrArray(a) => {
-            put_key(out, 5, LEN);
-            put_varint(out, array_len(a) as u64);
-            for s in a {
-                put_key(out, 1, LEN);
-                put_varint(out, delimited_len(1, s.len()) as u64);
-                put_bytes(out, 1, s.as_bytes());
-            }
-        }
-    }
-}
-
-// KeyValue: key = 1, value = 2.
-fn key_value_len(kv: &KeyValue) -> usize {
-    opt_bytes_len(1, kv.key.as_bytes()) + delimited_len(2, any_value_len(&kv.value))
-}
-
-fn put_key_value(out: &mut Vec<u8>, field: u32, kv: &KeyValue) {
-    put_key(out, field, LEN);
-    put_varint(out, key_value_len(kv) as u64);
-    put_opt_bytes(out, 1, kv.key.as_bytes());
-    put_key(out, 2, LEN);
-    put_varint(out, any_value_len(&kv.value) as u64);
-    put_any_value(out, &kv.value);
-}
-
-fn attributes_len(field: u32, a: &[KeyValue]) -> usize {
-    a.iter()
-        .map(|kv| delimited_len(field, key_value_len(kv)))
-        .sum()
-}
 
 fn flags(s: &SpanRecord) -> u32 {
     let mut flags = FLAG_SAMPLED;
@@ -173,7 +68,7 @@ fn span_len(s: &SpanRecord) -> usize {
         } else {
             0
         }
-        + attributes_len(9, &s.attributes)
+        + s.attributes.wire().len()
         + if s.error {
             delimited_len(15, STATUS_BODY_LEN)
         } else {
@@ -199,9 +94,7 @@ fn put_span(out: &mut Vec<u8>, s: &SpanRecord, len: usize) {
             out.extend_from_slice(&t.to_le_bytes());
         }
     }
-    for kv in &s.attributes {
-        put_key_value(out, 9, kv);
-    }
+    out.extend_from_slice(s.attributes.wire());
     if s.error {
         put_key(out, 15, LEN);
         put_varint(out, STATUS_BODY_LEN as u64);
@@ -269,7 +162,7 @@ pub fn request(spans: &[SpanRecord]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spans::kv;
+    use crate::spans::{kv, KeyValue, Value};
     use opentelemetry_proto::tonic::{
         collector::trace::v1::ExportTraceServiceRequest,
         common::v1::{any_value, AnyValue, ArrayValue, InstrumentationScope, KeyValue as PKv},
@@ -281,8 +174,9 @@ mod tests {
     use std::borrow::Cow;
 
     /// The reference: the generated messages, as the exporter built them
-    /// before, encoded by prost.
-    fn reference(spans: &[SpanRecord]) -> Vec<u8> {
+    /// before, encoded by prost; each span's attributes as they were given
+    /// (`given[i]`), not as the record keeps them.
+    fn reference(spans: &[SpanRecord], given: &[Vec<KeyValue>]) -> Vec<u8> {
         let value = |v: &Value| AnyValue {
             value: Some(match v {
                 Value::Str(s) => any_value::Value::StringValue(s.to_string()),
@@ -327,8 +221,9 @@ mod tests {
                     }),
                     spans: spans
                         .iter()
-                        .filter(|s| *s.resource == **r)
-                        .map(|s| Span {
+                        .zip(given)
+                        .filter(|(s, _)| *s.resource == **r)
+                        .map(|(s, given)| Span {
                             trace_id: s.trace_id.to_vec(),
                             span_id: s.span_id.to_vec(),
                             parent_span_id: s
@@ -340,7 +235,7 @@ mod tests {
                             kind: kind(s.kind) as i32,
                             start_time_unix_nano: s.start_unix_ns,
                             end_time_unix_nano: s.end_unix_ns,
-                            attributes: attrs(&s.attributes),
+                            attributes: attrs(given),
                             status: s.error.then(|| Status {
                                 code: StatusCode::Error as i32,
                                 message: String::new(),
@@ -376,7 +271,7 @@ mod tests {
         )
     }
 
-    fn span(resources: Vec<Arc<Resource>>) -> impl Strategy<Value = SpanRecord> {
+    fn span(resources: Vec<Arc<Resource>>) -> impl Strategy<Value = (SpanRecord, Vec<KeyValue>)> {
         (
             any::<[u8; 16]>(),
             any::<[u8; 8]>(),
@@ -391,7 +286,7 @@ mod tests {
         )
             .prop_map(
                 move |(trace_id, span_id, parent_span_id, remote, name, k, t, a, r, error)| {
-                    SpanRecord {
+                    let record = SpanRecord {
                         trace_id,
                         span_id,
                         parent_span_id,
@@ -400,10 +295,11 @@ mod tests {
                         kind: [SpanKind::Internal, SpanKind::Server, SpanKind::Client][k as usize],
                         start_unix_ns: t.0,
                         end_unix_ns: t.1,
-                        attributes: a,
+                        attributes: a.iter().cloned().collect(),
                         resource: resources[r].clone(),
                         error,
-                    }
+                    };
+                    (record, a)
                 },
             )
     }
@@ -420,7 +316,8 @@ mod tests {
                     (prop::collection::vec(span(resources.clone()), 0..12), Just(()))
                 })
         ) {
-            prop_assert_eq!(request(&spans), reference(&spans));
+            let (records, given): (Vec<_>, Vec<_>) = spans.into_iter().unzip();
+            prop_assert_eq!(request(&records), reference(&records, &given));
         }
     }
 
@@ -434,13 +331,15 @@ mod tests {
             kind: SpanKind::Client,
             start_unix_ns: 10,
             end_unix_ns: 20,
-            attributes: vec![
+            attributes: [
                 kv("tagflow.packets", Value::Int(3)),
                 kv(
                     "http.request.header.x-request-id",
                     Value::StrArray(vec!["r".into()]),
                 ),
-            ],
+            ]
+            .into_iter()
+            .collect(),
             resource: Arc::new(Resource {
                 attributes: vec![kv("service.name", Value::Str(service.to_string().into()))],
             }),

@@ -6,18 +6,18 @@ use serde_json::{json, Map, Value as J};
 
 use crate::{
     ids::to_hex,
-    spans::{KeyValue, SpanRecord, Value},
+    spans::{SpanRecord, Value},
 };
 
-fn attrs(a: &[KeyValue]) -> J {
+fn attrs<'a>(a: impl Iterator<Item = (&'a str, Value)>) -> J {
     let mut m = Map::new();
-    for kv in a {
-        let v = match &kv.value {
+    for (key, value) in a {
+        let v = match value {
             Value::Str(s) => J::from(s.as_ref()),
-            Value::Int(i) => J::from(*i),
-            Value::StrArray(v) => J::from(v.clone()),
+            Value::Int(i) => J::from(i),
+            Value::StrArray(v) => J::from(v),
         };
-        m.insert(kv.key.to_string(), v);
+        m.insert(key.to_string(), v);
     }
     J::Object(m)
 }
@@ -35,8 +35,13 @@ pub fn line(s: &SpanRecord) -> String {
         "duration_ns": s.end_unix_ns.saturating_sub(s.start_unix_ns),
         "status": if s.error { "error" } else { "unset" },
         "service": s.resource.service_name(),
-        "attributes": attrs(&s.attributes),
-        "resource": attrs(&s.resource.attributes),
+        "attributes": attrs(s.attributes.iter()),
+        "resource": attrs(
+            s.resource
+                .attributes
+                .iter()
+                .map(|kv| (kv.key, kv.value.clone()))
+        ),
     })
     .to_string()
 }

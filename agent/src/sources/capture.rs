@@ -12,6 +12,7 @@ use crate::{
     ids,
     podnet::{Reader, Unresolved},
     tables::{Store, TraceTables},
+    trim::Trim,
 };
 
 /// What the spans want to know about a captured request.
@@ -173,7 +174,7 @@ pub struct Sent {
 /// details per (connection, trace), bounded.
 pub struct Capture {
     id_headers: Vec<String>,
-    heads: HashMap<(FlowKey, [u8; 16]), HeadInfo>,
+    heads: HashMap<(FlowKey, [u8; 16]), Box<HeadInfo>>,
     /// Those of `heads` sent from this node whose span has not opened.
     promised: Promised,
     /// Insertion order with the head's (monotonic) time.
@@ -490,7 +491,7 @@ impl Capture {
                 self.unclaimed += 1;
             }
         }
-        if self.heads.insert(k, info.clone()).is_some() {
+        if self.heads.insert(k, Box::new(info.clone())).is_some() {
             return false;
         }
         self.order.push_back((ts_ns, k));
@@ -508,9 +509,21 @@ impl Capture {
 
     /// The request details for a (connection, trace) pair, handed over
     /// once: the span that opens with the pair keeps them from then on.
-    pub fn take_head(&mut self, key: &FlowKey, trace: &[u8; 16]) -> Option<HeadInfo> {
+    pub fn take_head(&mut self, key: &FlowKey, trace: &[u8; 16]) -> Option<Box<HeadInfo>> {
         self.promised.settle(&(*key, *trace));
         self.heads.remove(&(*key, *trace))
+    }
+
+    /// Gives back table memory a burst of heads left unused.
+    pub fn trim(&mut self) {
+        self.heads.trim();
+        self.order.trim();
+        self.readers.trim();
+        self.readers_order.trim();
+        self.ends.trim();
+        self.ends_order.trim();
+        self.checks.trim();
+        self.promised.trim();
     }
 
     /// Drops a head's details; whether there were any.

@@ -8,6 +8,8 @@ use std::collections::{HashMap, HashSet};
 
 use agent_common::FlowKey;
 
+use crate::trim::Trim;
+
 /// (connection, trace) pairs awaited, counted per trace. Every pair is also
 /// a kept head (`Capture::heads`), so this is bounded as they are.
 #[derive(Default)]
@@ -34,6 +36,11 @@ impl Promised {
                 self.traces.remove(&pair.1);
             }
         }
+    }
+
+    pub fn trim(&mut self) {
+        self.pairs.trim();
+        self.traces.trim();
     }
 
     pub fn awaits(&self, trace: &[u8; 16]) -> bool {

@@ -10,6 +10,7 @@
 use std::{
     collections::{HashMap, HashSet},
     fs,
+    io::{BufRead, BufReader},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::unix::fs::MetadataExt,
     time::{Duration, Instant},
@@ -80,19 +81,42 @@ fn proc_addr(s: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-pub fn parse_tcp_table(text: &str) -> Vec<TcpEntry> {
-    text.lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some(TcpEntry {
-                local: proc_addr(f.get(1)?)?,
-                remote: proc_addr(f.get(2)?)?,
-                state: u8::from_str_radix(f.get(3)?, 16).ok()?,
-                inode: f.get(9)?.parse().ok()?,
-            })
-        })
-        .collect()
+/// One line of /proc/net/tcp{,6} (not the header).
+fn parse_tcp_line(l: &str) -> Option<TcpEntry> {
+    let mut f = l.split_whitespace().skip(1);
+    let local = proc_addr(f.next()?)?;
+    let remote = proc_addr(f.next()?)?;
+    let state = u8::from_str_radix(f.next()?, 16).ok()?;
+    let inode = f.nth(5)?.parse().ok()?;
+    Some(TcpEntry {
+        local,
+        remote,
+        state,
+        inode,
+    })
+}
+
+#[cfg(test)]
+fn parse_tcp_table(text: &str) -> Vec<TcpEntry> {
+    text.lines().skip(1).filter_map(parse_tcp_line).collect()
+}
+
+/// The first entry of a /proc/net/tcp{,6} file that `wanted` picks, read
+/// line by line: a busy pod's table runs to megabytes, and a registration
+/// looks one connection up in it.
+fn find_tcp_entry(path: &str, wanted: impl Fn(&TcpEntry) -> bool) -> Option<TcpEntry> {
+    let mut r = BufReader::new(fs::File::open(path).ok()?);
+    let mut line = String::new();
+    r.read_line(&mut line).ok()?;
+    loop {
+        line.clear();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        if let Some(e) = parse_tcp_line(&line).filter(&wanted) {
+            return Some(e);
+        }
+    }
 }
 
 /// Same address, treating IPv4-mapped IPv6 as IPv4 (dual-stack sockets).
@@ -114,20 +138,15 @@ pub fn accepted_inode(
     client_local: SocketAddr,
     client_remote: SocketAddr,
 ) -> Option<u64> {
-    for f in ["tcp", "tcp6"] {
-        let Ok(t) = fs::read_to_string(format!("/proc/{ns_pid}/net/{f}")) else {
-            continue;
-        };
-        if let Some(e) = parse_tcp_table(&t).into_iter().find(|e| {
+    ["tcp", "tcp6"].iter().find_map(|f| {
+        find_tcp_entry(&format!("/proc/{ns_pid}/net/{f}"), |e| {
             e.state == 0x01
                 && same(&e.local, &client_remote)
                 && same(&e.remote, &client_local)
                 && e.inode != 0
-        }) {
-            return Some(e.inode);
-        }
-    }
-    None
+        })
+        .map(|e| e.inode)
+    })
 }
 
 /// Inodes of sockets listening (TCP) or bound (UDP) on `port`.
@@ -226,6 +245,24 @@ mod tests {
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0000000000000000FFFF00000A01020A:1F90 0000000000000000FFFF00000B01020A:C350 01 00000000:00000000 00:00000000 00000000     0        0 333 1 0 20 4 30 10 -1
 ";
+
+    #[test]
+    fn finds_a_connection_in_a_table_read_line_by_line() {
+        let path = std::env::temp_dir().join(format!("tagflow-tcp-{}", std::process::id()));
+        fs::write(&path, TCP).unwrap();
+        let p = path.to_str().unwrap();
+        let accepted = find_tcp_entry(p, |e| e.state == 0x01).map(|e| e.inode);
+        let missing = find_tcp_entry(p, |e| e.inode == 999);
+        let header_only = {
+            fs::write(&path, TCP.lines().next().unwrap()).unwrap();
+            find_tcp_entry(p, |_| true)
+        };
+        let _ = fs::remove_file(&path);
+        assert_eq!(accepted, Some(222));
+        assert!(missing.is_none());
+        assert!(header_only.is_none(), "the header is no entry");
+        assert!(find_tcp_entry("/nonexistent/tcp", |_| true).is_none());
+    }
 
     #[test]
     fn parses_proc_tcp_addresses() {

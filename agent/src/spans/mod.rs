@@ -1,7 +1,10 @@
 //! Spans: what tagged flows become. Exporter-agnostic model, assembly from
 //! datapath events, wall-clock conversion and resources.
 pub mod assemble;
+mod attributes;
 pub mod resource;
+
+pub use attributes::Attributes;
 
 use std::{borrow::Cow, sync::Arc};
 
@@ -79,7 +82,7 @@ pub struct SpanRecord {
     pub kind: SpanKind,
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
-    pub attributes: Vec<KeyValue>,
+    pub attributes: Attributes,
     pub resource: Arc<Resource>,
     /// Span status Error (the response said the call failed, as the
     /// semantic conventions read its status code); unset otherwise.
@@ -87,10 +90,9 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
-    pub fn attr(&self, key: &str) -> Option<&Value> {
-        self.attributes
-            .iter()
-            .find(|a| a.key == key)
-            .map(|a| &a.value)
+    /// The attribute named `key`, decoded (tests and tools; the exporter
+    /// copies the encoding).
+    pub fn attr(&self, key: &str) -> Option<Value> {
+        self.attributes.get(key)
     }
 }

@@ -83,7 +83,7 @@ pub fn span_memory(n: usize) -> Vec<Row> {
     let before = heap();
     for i in 0..n {
         let (ev, head) = call(i, now);
-        asm.flow_new(&ev, Some(head), now);
+        asm.flow_new(&ev, Some(Box::new(head)), now);
         asm.flow_end(&ev, now);
     }
     let per = (heap() - before) / asm.held_spans().max(1) as f64;
@@ -142,7 +142,7 @@ fn pipeline_of(spans: usize, heads: bool) -> Result<Vec<Row>, BenchError> {
         let now = monotonic_ns();
         for i in 0..spans {
             let (ev, head) = call(i, now);
-            asm.flow_new(&ev, heads.then_some(head), now);
+            asm.flow_new(&ev, heads.then(|| Box::new(head)), now);
             asm.flow_end(&ev, now);
             if i % 1024 == 1023 {
                 for s in asm.ready(&clock, now + 1, |_| false) {

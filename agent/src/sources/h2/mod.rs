@@ -17,6 +17,7 @@ use agent_common::{FlowKey, H2FramesEvent, H2_FRAME_START, H2_LOST, H2_PREFACE, 
 use loona_hpack::Decoder;
 
 use super::capture::{HeadInfo, HeadOutcome};
+use crate::trim::Trim;
 
 mod decode;
 mod frames;
@@ -226,6 +227,12 @@ impl H2Stats {
 }
 
 impl H2Conns {
+    /// Gives back table memory a burst of connections left unused.
+    pub fn trim(&mut self) {
+        self.conns.trim();
+        self.order.trim();
+    }
+
     pub fn new(cap: usize) -> Self {
         Self {
             conns: HashMap::new(),

@@ -1,30 +1,27 @@
 //! A closed flow as a span: kind, name and the OTel attributes.
-use std::{borrow::Cow, net::IpAddr};
+use std::{fmt, net::IpAddr};
 
 use agent_common::*;
 
 use super::{Assembler, Open};
 use crate::{
     sources::capture::{HeadInfo, Protocol},
-    spans::{kv, KeyValue, SpanKind, SpanRecord, Value},
+    spans::{Attributes, SpanKind, SpanRecord},
 };
 
 impl Assembler {
-    fn ifname(&mut self, ifindex: u32) -> String {
-        self.ifnames
-            .entry(ifindex)
-            .or_insert_with(|| {
-                let mut buf = [0u8; libc::IF_NAMESIZE];
-                // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
-                let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
-                if p.is_null() {
-                    format!("if{ifindex}")
-                } else {
-                    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
-                    String::from_utf8_lossy(&buf[..end]).into_owned()
-                }
-            })
-            .clone()
+    fn ifname(&mut self, ifindex: u32) -> &str {
+        self.ifnames.entry(ifindex).or_insert_with(|| {
+            let mut buf = [0u8; libc::IF_NAMESIZE];
+            // SAFETY: buffer of IF_NAMESIZE bytes as the call requires.
+            let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr().cast()) };
+            if p.is_null() {
+                format!("if{ifindex}")
+            } else {
+                let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+                String::from_utf8_lossy(&buf[..end]).into_owned()
+            }
+        })
     }
 
     pub(super) fn build(
@@ -52,85 +49,63 @@ impl Assembler {
         };
         // OTel names: `{method}` for HTTP (no route is known here),
         // `{service}/{method}` for gRPC.
-        let rpc = o.head.as_ref().and_then(grpc_method);
+        let rpc = o.head.as_deref().and_then(grpc_method);
         let name = match (&o.head, rpc) {
             (Some(_), Some((service, method))) => format!("{service}/{method}"),
             (Some(h), None) => h.method.clone(),
             (None, _) => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
         };
-        let mut a: Vec<KeyValue> = vec![
-            kv("network.transport", Value::Str(transport.into())),
-            kv(
-                "network.type",
-                Value::Str(
-                    if key.family == FAMILY_IPV6 {
-                        "ipv6"
-                    } else {
-                        "ipv4"
-                    }
-                    .into(),
-                ),
-            ),
-            kv(
-                "network.peer.address",
-                Value::Str(peer_ip.to_string().into()),
-            ),
-            kv("network.peer.port", Value::Int(peer_port as i64)),
-            kv(
-                "network.local.address",
-                Value::Str(local.to_string().into()),
-            ),
-            kv("network.local.port", Value::Int(key.local_port as i64)),
-            kv(
-                "network.interface.name",
-                Value::Str(self.ifname(s.ifindex).into()),
-            ),
-            kv("network.interface.direction", Value::Str("ingress".into())),
-            kv("process.pid", Value::Int(s.pid as i64)),
-            kv("tagflow.packets", Value::Int(s.packets as i64)),
-            kv("tagflow.bytes", Value::Int(s.bytes as i64)),
-            kv(
-                "tagflow.tcp_flags",
-                Value::Str(tcp_flags(s.tcp_flags).into()),
-            ),
-            kv("tagflow.source", Value::Str(source(o.trace_flags).into())),
-            kv(
-                "tagflow.match",
-                Value::Str(
-                    match s.matched {
-                        MATCH_FLOW => "flow",
-                        MATCH_THREAD => "thread",
-                        _ => "pid",
-                    }
-                    .into(),
-                ),
-            ),
-            // The pod (namespace cookie): what pod metadata keys on.
-            kv("tagflow.netns", Value::Int(key.netns as i64)),
-        ];
+        // An HTTP call span's attributes take ~800 bytes.
+        let mut a = Attributes::with_capacity(1024);
+        a.push_str("network.transport", transport);
+        let family = if key.family == FAMILY_IPV6 {
+            "ipv6"
+        } else {
+            "ipv4"
+        };
+        a.push_str("network.type", family);
+        a.push_display("network.peer.address", peer_ip);
+        a.push_int("network.peer.port", peer_port.into());
+        a.push_display("network.local.address", local);
+        a.push_int("network.local.port", key.local_port.into());
+        a.push_str("network.interface.name", self.ifname(s.ifindex));
+        a.push_str("network.interface.direction", "ingress");
+        a.push_int("process.pid", s.pid.into());
+        a.push_int("tagflow.packets", s.packets as i64);
+        a.push_int("tagflow.bytes", s.bytes as i64);
+        a.push_display("tagflow.tcp_flags", TcpFlags(s.tcp_flags));
+        a.push_str("tagflow.source", source(o.trace_flags));
+        let matched = match s.matched {
+            MATCH_FLOW => "flow",
+            MATCH_THREAD => "thread",
+            _ => "pid",
+        };
+        a.push_str("tagflow.match", matched);
+        // The pod (namespace cookie): what pod metadata keys on.
+        a.push_int("tagflow.netns", key.netns as i64);
         if evicted {
-            a.push(kv("tagflow.evicted", Value::Str("true".into())));
+            a.push_str("tagflow.evicted", "true");
         }
         if let (None, Some(_)) = (&o.head, via) {
             // Through a Service, no request head seen: the Service address
             // is what the caller dialled.
-            a.push(kv("server.address", Value::Str(peer.to_string().into())));
-            a.push(kv("server.port", Value::Int(key.remote_port as i64)));
+            a.push_display("server.address", peer);
+            a.push_int("server.port", key.remote_port.into());
         }
         if let Some(h) = &o.head {
-            a.push(kv("http.request.method", Value::Str(method(&h.method))));
+            a.push_str("http.request.method", &h.method);
             let path = h.target.split('?').next().unwrap_or("");
-            a.push(kv("url.path", Value::Str(path.to_string().into())));
-            a.push(kv("network.protocol.name", Value::Str("http".into())));
+            a.push_str("url.path", path);
+            a.push_str("network.protocol.name", "http");
             let version = match h.protocol {
                 Protocol::Http1 => "1.1",
                 Protocol::Http2 | Protocol::Grpc => "2",
             };
-            a.push(kv("network.protocol.version", Value::Str(version.into())));
+            a.push_str("network.protocol.version", version);
             if let Some((service, method)) = rpc {
-                a.push(kv("rpc.system", Value::Str("grpc".into())));
-                a.push(kv("rpc.service", Value::Str(service.to_string().into())));
-                a.push(kv("rpc.method", Value::Str(method.to_string().into())));
+                a.push_str("rpc.system", "grpc");
+                a.push_str("rpc.service", service);
+                a.push_str("rpc.method", method);
             }
             // The server's port: the one dialled (a client's remote port, a
             // server's local one) unless the Host names another.
@@ -142,34 +117,28 @@ impl Assembler {
             match (&h.host, via) {
                 // The Service address: what the caller dialled.
                 (host, Some(_)) => {
-                    a.push(kv("server.address", Value::Str(peer.to_string().into())));
-                    a.push(kv("server.port", Value::Int(key.remote_port as i64)));
+                    a.push_display("server.address", peer);
+                    a.push_int("server.port", key.remote_port.into());
                     if let Some(host) = host {
-                        a.push(kv(
-                            "http.request.header.host",
-                            Value::StrArray(vec![host.clone()]),
-                        ));
+                        a.push_str_array("http.request.header.host", &[host]);
                     }
                 }
                 (Some(host), None) => {
                     let (host, named) = split_host(host);
-                    a.push(kv("server.address", Value::Str(host.to_string().into())));
-                    a.push(kv("server.port", Value::Int(named.unwrap_or(port) as i64)));
+                    a.push_str("server.address", host);
+                    a.push_int("server.port", named.unwrap_or(port).into());
                 }
                 (None, None) => {}
             }
             if let Some(code) = o.reply.status {
-                a.push(kv("http.response.status_code", Value::Int(code as i64)));
+                a.push_int("http.response.status_code", code.into());
             }
             if let (Some(code), Some(_)) = (o.reply.grpc_status, rpc) {
-                a.push(kv("rpc.grpc.status_code", Value::Int(code as i64)));
+                a.push_int("rpc.grpc.status_code", code.into());
             }
             if let Some(rid) = &h.request_id {
-                a.push(kv(
-                    "http.request.header.x-request-id",
-                    Value::StrArray(vec![rid.clone()]),
-                ));
-                a.push(kv("tagflow.request_id", Value::Str(rid.clone().into())));
+                a.push_str_array("http.request.header.x-request-id", &[rid]);
+                a.push_str("tagflow.request_id", rid);
             }
         }
         // Held and queued spans are what the agent's memory is made of.
@@ -208,26 +177,21 @@ fn failed(kind: SpanKind, http: Option<u16>, grpc: Option<u32>) -> bool {
     }
 }
 
-/// The standard methods as static words (no allocation per span).
-fn method(m: &str) -> Cow<'static, str> {
-    const KNOWN: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE",
-    ];
-    match KNOWN.iter().find(|k| **k == m) {
-        Some(k) => Cow::Borrowed(k),
-        None => Cow::Owned(m.to_string()),
-    }
-}
+/// TCP flags as names, "SYN,ACK": formatted where the span is written.
+struct TcpFlags(u8);
 
-fn tcp_flags(f: u8) -> String {
-    let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    names
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| f & (1 << i) != 0)
-        .map(|(_, n)| *n)
-        .collect::<Vec<_>>()
-        .join(",")
+impl fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+        let mut sep = "";
+        for (i, n) in names.iter().enumerate() {
+            if self.0 & (1 << i) != 0 {
+                write!(f, "{sep}{n}")?;
+                sep = ",";
+            }
+        }
+        Ok(())
+    }
 }
 
 fn source(flags: u32) -> &'static str {

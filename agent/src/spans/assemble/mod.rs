@@ -23,7 +23,7 @@ mod hold;
 mod link;
 
 use super::{resource::Resources, Resource, SpanKind};
-use crate::{ids, sources::capture::HeadInfo};
+use crate::{ids, sources::capture::HeadInfo, trim::Trim};
 use link::Closed;
 
 #[derive(Debug, Clone)]
@@ -154,7 +154,9 @@ struct Open {
     earlier: Option<FlowStats>,
     /// The caller's span from this request's own `traceparent`.
     remote_parent: Option<[u8; 8]>,
-    head: Option<HeadInfo>,
+    /// Boxed: most open spans have none, and the table is sized by its
+    /// busiest moment.
+    head: Option<Box<HeadInfo>>,
     /// The response's status, as far as it was seen.
     reply: Reply,
     /// The connection as its callee sees it, when the host translated it
@@ -225,6 +227,11 @@ impl<K: std::hash::Hash + Eq + Copy, V> Bounded<K, V> {
         }
     }
 
+    fn trim(&mut self) {
+        self.map.trim();
+        self.order.trim();
+    }
+
     /// How many entries it forgot to make room.
     fn insert(&mut self, k: K, v: V) -> usize {
         let mut forgot = 0;
@@ -270,6 +277,15 @@ impl Assembler {
         }
     }
 
+    /// Gives back table memory a burst of flows left unused.
+    pub fn trim(&mut self) {
+        self.open.trim();
+        self.groups.trim();
+        self.callers.trim();
+        self.issued.trim();
+        self.replies.trim();
+    }
+
     pub fn open_spans(&self) -> usize {
         self.open.len()
     }
@@ -280,7 +296,7 @@ impl Assembler {
     }
 
     /// FLOW_NEW: a (flow, trace) pair's first packet.
-    pub fn flow_new(&mut self, ev: &FlowEvent, head: Option<HeadInfo>, now: u64) {
+    pub fn flow_new(&mut self, ev: &FlowEvent, head: Option<Box<HeadInfo>>, now: u64) {
         let k = (ev.key, ev.stats.trace_id);
         if let Some(o) = self.open.get_mut(&k) {
             o.stats = ev.stats;
@@ -429,7 +445,7 @@ impl Assembler {
     }
 
     /// A request head seen after its span opened. Whether it was.
-    pub fn head(&mut self, key: &FlowKey, info: HeadInfo) -> bool {
+    pub fn head(&mut self, key: &FlowKey, info: Box<HeadInfo>) -> bool {
         let Some(o) = self.open.get_mut(&(*key, info.trace_id)) else {
             return false;
         };
@@ -644,8 +660,8 @@ mod tests {
                 .iter()
                 .find(|s| {
                     s.attr("network.local.address")
-                        == Some(&Value::Str(k.local_ip().to_string().into()))
-                        && s.attr("network.local.port") == Some(&Value::Int(want as i64))
+                        == Some(Value::Str(k.local_ip().to_string().into()))
+                        && s.attr("network.local.port") == Some(Value::Int(want as i64))
                 })
                 .unwrap();
             (s.parent_span_id, s.parent_is_remote)
@@ -692,7 +708,7 @@ mod tests {
         let out = a.ready(&CLOCK(), 10_000, |_| false);
         let find = |port: u16| {
             out.iter()
-                .find(|s| s.attr("network.local.port") == Some(&Value::Int(port as i64)))
+                .find(|s| s.attr("network.local.port") == Some(Value::Int(port as i64)))
                 .unwrap()
         };
         let (front, to_app, in_app, call) = (find(15080), find(42000), find(8080), find(50000));
@@ -728,7 +744,7 @@ mod tests {
             (s1.start_unix_ns, s1.end_unix_ns),
             (1_000_000_100, 1_000_000_400)
         );
-        assert_eq!(s1.attr("tagflow.packets"), Some(&Value::Int(5)));
+        assert_eq!(s1.attr("tagflow.packets"), Some(Value::Int(5)));
         assert_eq!(s1.kind, SpanKind::Client);
         assert_eq!(s1.name, "tcp 10.0.0.2:80");
         assert_ne!(
@@ -766,10 +782,10 @@ mod tests {
         );
         let spans = a.ready(&CLOCK(), 2_000, |_| false);
         let s = spans.iter().find(|s| s.trace_id == T1).unwrap();
-        assert_eq!(s.attr("tagflow.packets"), Some(&Value::Int(9)));
+        assert_eq!(s.attr("tagflow.packets"), Some(Value::Int(9)));
         assert_eq!(
             s.attr("tagflow.tcp_flags"),
-            Some(&Value::Str("FIN,ACK".into()))
+            Some(Value::Str("FIN,ACK".into()))
         );
     }
 
@@ -814,8 +830,8 @@ mod tests {
             spans
                 .iter()
                 .find(|s| {
-                    s.attr("network.peer.address") == Some(&Value::Str(want.clone().into()))
-                        && s.attr("network.local.port") == Some(&Value::Int(k.local_port as i64))
+                    s.attr("network.peer.address") == Some(Value::Str(want.clone().into()))
+                        && s.attr("network.local.port") == Some(Value::Int(k.local_port as i64))
                 })
                 .unwrap()
         };
@@ -924,8 +940,8 @@ mod tests {
             spans
                 .iter()
                 .find(|s| {
-                    s.attr("network.local.port") == Some(&Value::Int(k.local_port as i64))
-                        && s.attr("network.peer.port") == Some(&Value::Int(k.remote_port as i64))
+                    s.attr("network.local.port") == Some(Value::Int(k.local_port as i64))
+                        && s.attr("network.peer.port") == Some(Value::Int(k.remote_port as i64))
                 })
                 .unwrap()
         };
@@ -1044,19 +1060,19 @@ mod tests {
             sender_previous: None,
         };
         a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
-        a.head(&k, head);
+        a.head(&k, Box::new(head));
         a.flow_end(&ev(k, T1, OWNER_CONNECTED, 100, 200, 2), 200);
         let s = &a.ready(&CLOCK(), 1_000, |_| false)[0];
         assert_eq!(s.name, "POST");
-        assert_eq!(s.attr("url.path"), Some(&Value::Str("/orders".into())));
-        assert_eq!(s.attr("server.address"), Some(&Value::Str("shop".into())));
+        assert_eq!(s.attr("url.path"), Some(Value::Str("/orders".into())));
+        assert_eq!(s.attr("server.address"), Some(Value::Str("shop".into())));
         assert_eq!(
             s.attr("http.request.header.x-request-id"),
-            Some(&Value::StrArray(vec!["req-9".into()]))
+            Some(Value::StrArray(vec!["req-9".into()]))
         );
         assert_eq!(
             s.attr("tagflow.request_id"),
-            Some(&Value::Str("req-9".into()))
+            Some(Value::Str("req-9".into()))
         );
     }
 
@@ -1085,7 +1101,7 @@ mod tests {
         };
         a.flow_new(
             &ev(caller, T1, OWNER_CONNECTED, 100, 100, 1),
-            Some(head),
+            Some(Box::new(head)),
             100,
         );
         a.flow_new(&ev(callee, T1, OWNER_BOUND, 110, 110, 1), None, 110);
@@ -1100,7 +1116,7 @@ mod tests {
             ids::call_span_id(&T1, &via),
             "a call's id is computable at the callee's node"
         );
-        let str_attr = |s: &crate::spans::SpanRecord, k: &str| s.attr(k).cloned();
+        let str_attr = |s: &crate::spans::SpanRecord, k: &str| s.attr(k);
         assert_eq!(
             str_attr(client, "network.peer.address"),
             Some(Value::Str("10.0.0.3".into()))
@@ -1120,20 +1136,22 @@ mod tests {
     fn spans_are_named_as_otel_says_and_grpc_calls_carry_rpc_attributes() {
         let mut a = asm(1_000_000);
         let caller = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 3], 50051);
-        let head = |method: &str, target: &str, host: &str, protocol| HeadInfo {
-            method: method.into(),
-            target: target.into(),
-            host: Some(host.into()),
-            protocol,
-            request_id: None,
-            trace_id: T1,
-            parent_span_id: None,
-            sampled: true,
-            pid: 0,
-            ts_ns: 0,
-            via: None,
-            reader_end: None,
-            sender_previous: None,
+        let head = |method: &str, target: &str, host: &str, protocol| {
+            Box::new(HeadInfo {
+                method: method.into(),
+                target: target.into(),
+                host: Some(host.into()),
+                protocol,
+                request_id: None,
+                trace_id: T1,
+                parent_span_id: None,
+                sampled: true,
+                pid: 0,
+                ts_ns: 0,
+                via: None,
+                reader_end: None,
+                sender_previous: None,
+            })
         };
         use crate::sources::capture::Protocol;
         // The response's headers are read before the call's span opens
@@ -1164,7 +1182,7 @@ mod tests {
         );
         a.flow_end(&ev(plain, T1, OWNER_CONNECTED, 100, 160, 3), 160);
         let out = a.ready(&CLOCK(), 1_000, |_| false);
-        let at = |s: &crate::spans::SpanRecord, k: &str| s.attr(k).cloned();
+        let at = |s: &crate::spans::SpanRecord, k: &str| s.attr(k);
         let grpc = out.iter().find(|s| s.name == "shop.Cart/Add").unwrap();
         assert_eq!(at(grpc, "rpc.system"), Some(Value::Str("grpc".into())));
         assert_eq!(
