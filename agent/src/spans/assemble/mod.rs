@@ -576,6 +576,7 @@ mod tests {
     use super::*;
     use crate::{
         clock::WallClock,
+        sources::capture::Protocol,
         spans::{SpanKind, Value},
     };
 
@@ -619,6 +620,26 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    /// A request's details as capture hands them over (HTTP/1.1 unless
+    /// `protocol` says otherwise; the fields a test does not name empty).
+    fn head(method: &str, target: &str, host: &str, protocol: Protocol) -> Box<HeadInfo> {
+        Box::new(HeadInfo {
+            method: method.into(),
+            target: target.into(),
+            host: Some(host.into()),
+            protocol,
+            request_id: None,
+            trace_id: T1,
+            parent_span_id: None,
+            sampled: true,
+            pid: 0,
+            ts_ns: 0,
+            via: None,
+            reader_end: None,
+            sender_previous: None,
+        })
     }
 
     fn asm(idle_ns: u64) -> Assembler {
@@ -1045,19 +1066,8 @@ mod tests {
         let mut a = asm(1_000_000);
         let k = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 2], 80);
         let head = HeadInfo {
-            method: "POST".into(),
-            target: "/orders?id=1".into(),
-            host: Some("shop:80".into()),
-            protocol: crate::sources::capture::Protocol::Http1,
             request_id: Some("req-9".into()),
-            trace_id: T1,
-            parent_span_id: None,
-            sampled: true,
-            pid: 0,
-            ts_ns: 0,
-            via: None,
-            reader_end: None,
-            sender_previous: None,
+            ..*head("POST", "/orders?id=1", "shop:80", Protocol::Http1)
         };
         a.flow_new(&ev(k, T1, OWNER_CONNECTED, 100, 100, 1), None, 100);
         a.head(&k, Box::new(head));
@@ -1085,19 +1095,8 @@ mod tests {
         let via = key(1, [10, 0, 0, 254], 40000, [10, 0, 0, 3], 9100);
         let callee = via.reversed_in(3);
         let head = HeadInfo {
-            method: "GET".into(),
-            target: "/".into(),
-            host: Some("shop".into()),
-            protocol: crate::sources::capture::Protocol::Http1,
-            request_id: None,
-            trace_id: T1,
-            parent_span_id: None,
-            sampled: true,
-            pid: 0,
-            ts_ns: 0,
             via: Some(via),
-            reader_end: None,
-            sender_previous: None,
+            ..*head("GET", "/", "shop", Protocol::Http1)
         };
         a.flow_new(
             &ev(caller, T1, OWNER_CONNECTED, 100, 100, 1),
@@ -1136,24 +1135,6 @@ mod tests {
     fn spans_are_named_as_otel_says_and_grpc_calls_carry_rpc_attributes() {
         let mut a = asm(1_000_000);
         let caller = key(1, [10, 0, 0, 1], 40000, [10, 0, 0, 3], 50051);
-        let head = |method: &str, target: &str, host: &str, protocol| {
-            Box::new(HeadInfo {
-                method: method.into(),
-                target: target.into(),
-                host: Some(host.into()),
-                protocol,
-                request_id: None,
-                trace_id: T1,
-                parent_span_id: None,
-                sampled: true,
-                pid: 0,
-                ts_ns: 0,
-                via: None,
-                reader_end: None,
-                sender_previous: None,
-            })
-        };
-        use crate::sources::capture::Protocol;
         // The response's headers are read before the call's span opens
         // (its request left before its head was read); trailers after.
         let server = caller.reversed_in(2);
