@@ -193,7 +193,8 @@ fn attach_uplinks(cfg: &AgentConfig, dp: &mut Datapath, stats: &mut AgentStats) 
 /// Hands free heap pages back to the kernel. Span buffers fill and drain
 /// with collector outages and trace bursts; glibc keeps the freed pages,
 /// so RSS would show the high-water mark of fragmentation rather than what
-/// the agent holds (the soak measured the difference).
+/// the agent holds (the soak measured the difference). Once a second: one
+/// call, and a burst's pages do not wait 10 s to go back.
 fn release_free_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only releases free memory.
@@ -342,8 +343,8 @@ pub async fn run_with(
                     if relearn.check(&maps) {
                         pipe.stats.bound_ports_scans += 1;
                     }
-                    release_free_memory();
                 }
+                release_free_memory();
                 *ops.snapshot.lock().expect("snapshot lock") = snapshot(&dp, &table, &pipe, &maps);
             }
         }
