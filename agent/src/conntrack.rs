@@ -245,7 +245,8 @@ impl Services {
         let now = Instant::now();
         while let Some(k) = self.order.front() {
             match self.cache.get(k) {
-                // Refreshed since it was queued: it waits for its turn.
+                // Still good: those behind it wait (answers live 1 s or
+                // 30 s, so some may be past their time; `cap` bounds them).
                 Some((until, _)) if now < *until => break,
                 _ => {
                     self.cache.remove(k);
