@@ -109,14 +109,6 @@ impl Attributes {
     pub fn get(&self, key: &str) -> Option<Value> {
         self.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
-
-    pub fn len(&self) -> usize {
-        self.iter().count()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.wire.is_empty()
-    }
 }
 
 impl FromIterator<KeyValue> for Attributes {
@@ -164,7 +156,7 @@ mod tests {
             let want: Vec<(String, Value)> =
                 entries.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
             prop_assert_eq!(back, want);
-            prop_assert_eq!(a.len(), entries.len());
+            prop_assert_eq!(a.iter().count(), entries.len());
         }
     }
 
