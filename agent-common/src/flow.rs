@@ -122,6 +122,11 @@ pub const MATCH_THREAD: u8 = 4;
 /// can still file the connection under the head's trace when it ended
 /// before the agent had keyed it.
 pub const MATCH_WATCHED: u8 = 3;
+/// `FlowStats.matched` of a span userspace made from a request head alone
+/// (never written by the datapath): its connection went on to a later
+/// request before the agent keyed it, so no packet was counted under this
+/// one.
+pub const MATCH_HEAD: u8 = 5;
 
 /// Value of `FLOW_STATS` (LRU): per (flow, trace) accounting, and the
 /// datapath's per-flow resolution cache.

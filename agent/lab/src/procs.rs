@@ -1,5 +1,5 @@
 //! Processes the lab runs beside a topology: `tagflow run` as its own
-//! process, nginx, any server killed on drop, and a plain HTTP GET to talk
+//! process, nginx, any server stopped on drop, and a plain HTTP GET to talk
 //! to them.
 use std::{
     collections::HashMap,
@@ -83,11 +83,25 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
     }
 }
 
-/// A child process killed (and reaped) on drop.
+/// A child process stopped (and reaped) on drop.
 pub struct Server(pub Child);
 
 impl Drop for Server {
+    /// SIGTERM first: a server with worker processes (nginx) stops them
+    /// and closes its connections; killed outright, its master leaves the
+    /// workers running with every connection open. SIGKILL after 5 s.
     fn drop(&mut self) {
+        let pid = self.0.id() as libc::pid_t;
+        // SAFETY: signalling our own unreaped child (its pid is not reused
+        // before we wait for it).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }

@@ -175,22 +175,42 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     }
     let kinds = |k: SpanKind| rpc.iter().filter(|(_, s)| s.kind == k as i32).count();
     let (clients, servers) = (kinds(SpanKind::Client), kinds(SpanKind::Server));
-    // What the loopback hop's spans without gRPC details were (a head the
-    // agent did not attach): named in the failure.
-    let bare: Vec<String> = spans
+    // The loopback hop's spans in time order, each named by the call it
+    // carries (its index in what the app served): named in the failure.
+    let call = |t: &[u8]| {
+        served
+            .iter()
+            .position(|(rid, _)| ids::map_request_id(rid).is_ok_and(|(w, _)| w[..] == *t))
+            .map_or("?".into(), |i| i.to_string())
+    };
+    let mut hop: Vec<_> = spans
         .iter()
         .filter(|(_, s)| {
-            attr(s, "rpc.system").is_none()
-                && [attr(s, "network.peer.port"), attr(s, "network.local.port")]
-                    .contains(&Some("50051".into()))
+            [attr(s, "network.peer.port"), attr(s, "network.local.port")]
+                .contains(&Some("50051".into()))
         })
+        .collect();
+    hop.sort_by_key(|(_, s)| s.start_time_unix_nano);
+    let t0 = hop.first().map_or(0, |(_, s)| s.start_time_unix_nano);
+    let hop: Vec<String> = hop
+        .iter()
         .map(|(_, s)| {
             let a = |k| attr(s, k).unwrap_or_default();
             format!(
-                "{} kind {} trace {} match {} packets {} flags {} ports {}->{}",
-                s.name,
-                s.kind,
-                ids::to_hex(&s.trace_id),
+                "+{}ms call {} ({}) {} {} match {} packets {} flags {} ports {}->{}",
+                (s.start_time_unix_nano - t0) / 1_000_000,
+                call(&s.trace_id),
+                &ids::to_hex(&s.trace_id)[..4],
+                if s.kind == SpanKind::Client as i32 {
+                    "client"
+                } else {
+                    "server"
+                },
+                if a("rpc.system").is_empty() {
+                    "bare"
+                } else {
+                    "grpc"
+                },
                 a("tagflow.match"),
                 a("tagflow.packets"),
                 a("tagflow.tcp_flags"),
@@ -201,7 +221,7 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
         .collect();
     assert!(
         clients >= N - 1 && servers >= N - 1,
-        "{clients} client and {servers} server gRPC spans of {N} calls; without gRPC details: {bare:#?}; {:#?}",
+        "{clients} client and {servers} server gRPC spans of {N} calls; the hop's spans: {hop:#?}; {:#?}",
         agent
             .metrics()
             .unwrap()

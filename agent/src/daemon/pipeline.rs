@@ -7,8 +7,7 @@ use std::{
 };
 
 use agent_common::{
-    FlowEvent, FlowKey, FlowStats, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_THREAD,
-    MATCH_WATCHED, OWNER_CONNECTED, OWNER_NONE,
+    FlowKey, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_PID, MATCH_THREAD,
 };
 use tracing::warn;
 
@@ -21,7 +20,7 @@ use crate::{
     loader::Datapath,
     podnet::{Reader, Unresolved},
     sources::{
-        capture::{Capture, Check, HeadInfo, HeadOutcome, Sent},
+        capture::{Capture, HeadInfo, HeadOutcome, Sent},
         h2::H2Conns,
     },
     spans::{
@@ -32,6 +31,8 @@ use crate::{
     tables::{Store, TraceTable, TraceTables},
     trim::Trim,
 };
+
+mod recover;
 
 /// Agent-side counters (exported as metrics).
 #[derive(Default, Debug, Clone)]
@@ -69,6 +70,9 @@ pub struct AgentStats {
     /// Connections that ended before the agent had keyed them, made spans
     /// from what the datapath counted (see `Pipeline::recover`).
     pub spans_recovered: u64,
+    /// Requests whose connection went on to a later request before the
+    /// agent keyed them: spans made from their heads alone.
+    pub spans_from_heads: u64,
     /// Calls by a thread serving a connection whose request the datapath
     /// did not know yet (the head's round trip through the agent was
     /// slower than the app): filed under that connection's trace.
@@ -115,6 +119,12 @@ pub struct Pipeline {
     /// datapath switches them: (trace they were tagged with, right context).
     reattributed: HashMap<FlowKey, ([u8; 16], TraceContext)>,
     reattributed_cap: usize,
+    /// Connections whose span opened under their sender's process trace
+    /// (`MATCH_PID`) and no head: the trace it opened under. A head on one
+    /// moves that span to its request, whatever the process's trace was by
+    /// the time the agent got the head (it may have run behind by several
+    /// requests). Until the span ends; bounded like `reattributed`.
+    pid_tagged: HashMap<FlowKey, [u8; 16]>,
     span_idle_ns: u64,
 }
 
@@ -159,6 +169,7 @@ impl Pipeline {
             unsampled: super::sampling::Unsampled::new(UNSAMPLED_TRACES),
             reattributed: HashMap::new(),
             reattributed_cap: cfg.max_open_spans,
+            pid_tagged: HashMap::new(),
             span_idle_ns: cfg.span_idle_ms * 1_000_000,
         }
     }
@@ -211,6 +222,15 @@ impl Pipeline {
                     return None;
                 }
                 let head = self.capture.take_head(&f.key, &f.stats.trace_id);
+                if head.is_none()
+                    && f.stats.matched == MATCH_PID
+                    && f.stats.owner == agent_common::OWNER_CONNECTED
+                {
+                    if self.pid_tagged.len() >= self.reattributed_cap {
+                        self.pid_tagged.clear();
+                    }
+                    self.pid_tagged.insert(f.key, f.stats.trace_id);
+                }
                 let known = head.as_ref().is_some_and(|h| h.via.is_some());
                 self.assembler.flow_new(&f, head, now);
                 // A call to a Service address: its pod, from conntrack
@@ -226,6 +246,9 @@ impl Pipeline {
             }
             Event::FlowEnd(mut f) => {
                 self.stats.flow_end += 1;
+                if self.pid_tagged.get(&f.key) == Some(&f.stats.trace_id) {
+                    self.pid_tagged.remove(&f.key);
+                }
                 let switched = match self.reattributed.get(&f.key) {
                     Some((old, ctx)) if *old == f.stats.trace_id => Some(*ctx),
                     _ => None,
@@ -292,6 +315,7 @@ impl Pipeline {
                     let reply = Reply {
                         status: r.status,
                         grpc_status: r.grpc_status,
+                        last_ns: h.ts_ns,
                     };
                     self.assembler.reply(&r.request, &h.key, &trace, reply);
                 }
@@ -308,13 +332,19 @@ impl Pipeline {
         // What the sender sent on this connection before the agent got the
         // head went out under its process's previous trace: it is this
         // request's.
-        if let Some((previous, ctx)) = info.sender_previous {
-            if self
-                .assembler
-                .retrace(&key, &previous, &ctx, End::Sender, now)
-            {
+        // So did what it sent under whatever its process carried when the
+        // connection's span opened (the agent ran behind).
+        let opened_under = self.pid_tagged.remove(&key);
+        let previous = info.sender_previous.map(|(t, _)| t);
+        for from in [previous, opened_under.filter(|t| Some(*t) != previous)]
+            .into_iter()
+            .flatten()
+        {
+            let ctx = info.context();
+            if from != ctx.trace_id && self.assembler.retrace(&key, &from, &ctx, End::Sender, now) {
                 self.stats.reattributed_flows += 1;
-                self.remember_reattributed(key, previous, ctx);
+                self.remember_reattributed(key, from, ctx);
+                break;
             }
         }
         if let Some(r) = info.reader_end {
@@ -371,6 +401,9 @@ impl Pipeline {
         let ctx = match t.by_flow().context(&f.key) {
             Some(c) if c.trace_id != f.stats.trace_id => {
                 self.stats.reattributed_flows += 1;
+                // Its trace is its connection's own now, not its process's:
+                // no later head moves it (see `Assembler::retrace`).
+                f.stats.matched = MATCH_FLOW;
                 c
             }
             Some(_) => return,
@@ -420,54 +453,7 @@ impl Pipeline {
         relabel(f, &ctx);
     }
 
-    /// Connections that carried a captured request but opened no span: when
-    /// one ended (or went idle) before the agent had keyed it — the whole
-    /// exchange fit in the head's round trip through userspace — the
-    /// datapath still counted it (`MATCH_WATCHED`), and it becomes a span
-    /// under the head's trace. Others are looked at again later.
-    fn recover(&mut self, due: Vec<Check>, stats: &HashMap<FlowKey, FlowStats>, now: u64) {
-        const FIN_OR_RST: u8 = 0x01 | 0x04;
-        for c in due {
-            let over = |s: &FlowStats| {
-                s.tcp_flags & FIN_OR_RST != 0 || now.saturating_sub(s.last_ns) >= self.span_idle_ns
-            };
-            let s = match stats.get(&c.key) {
-                Some(s) if s.is_negative() && s.matched == MATCH_WATCHED && over(s) => *s,
-                _ => {
-                    self.capture.again(c, now);
-                    continue;
-                }
-            };
-            let Some(head) = self.capture.take_head(&c.key, &c.ctx.trace_id) else {
-                continue;
-            };
-            let mut st = FlowStats {
-                trace_id: c.ctx.trace_id,
-                matched: MATCH_FLOW,
-                ..s
-            };
-            if st.owner == OWNER_NONE {
-                st.owner = OWNER_CONNECTED;
-            }
-            if st.pid == 0 {
-                st.pid = head.pid;
-            }
-            let f = FlowEvent {
-                key: c.key,
-                stats: st,
-                parent_span_id: c.ctx.parent_span_id,
-                trace_flags: c.ctx.flags,
-                ..Default::default()
-            };
-            self.assembler.flow_new(&f, Some(head), now);
-            self.assembler.flow_end(&f, now);
-            self.stats.spans_recovered += 1;
-            // Its connection entry goes like any closed connection's.
-            self.close_later(now, c.key, c.ctx.trace_id);
-        }
-    }
-
-    fn close_later(&mut self, now: u64, key: FlowKey, trace: [u8; 16]) {
+    pub(super) fn close_later(&mut self, now: u64, key: FlowKey, trace: [u8; 16]) {
         self.closing
             .push_back((now + CLOSED_FLOW_GRACE_NS, key, trace));
         self.ended.insert((key, trace));
@@ -495,7 +481,13 @@ impl Pipeline {
         let due = self.capture.overdue(now);
         if !due.is_empty() {
             let stats = dp.flow_stats_for(due.iter().map(|c| &c.key));
-            self.recover(due, &stats, now);
+            let current = {
+                let t = table.lock().expect("table lock");
+                due.iter()
+                    .filter_map(|c| Some((c.key, t.by_flow().context(&c.key)?.trace_id)))
+                    .collect()
+            };
+            self.recover(due, &stats, &current, now);
         }
         let keys = self.assembler.open_keys();
         let mut snapshot = dp.flow_stats_for(keys.iter());
@@ -564,6 +556,7 @@ impl Pipeline {
         self.ended.trim();
         self.pending.trim();
         self.reattributed.trim();
+        self.pid_tagged.trim();
     }
 
     /// Finished spans not yet queued for export: held for linking or
@@ -685,6 +678,11 @@ impl Pipeline {
                 "Connections that ended before the agent had keyed them, filed under their request's trace from what the datapath counted.",
                 s.spans_recovered,
             ),
+            (
+                "linking_spans_from_heads_total",
+                "Requests whose keep-alive connection went on to a later request before the agent keyed them (their packets were counted under another request): spans made from the request head alone, without packet numbers.",
+                s.spans_from_heads,
+            ),
         ]
         .into_iter()
         .chain(self.capture.counters())
@@ -707,7 +705,7 @@ fn relabel(f: &mut agent_common::FlowEvent, ctx: &TraceContext) {
 mod tests {
     use super::*;
     use crate::tables::MemoryTables;
-    use agent_common::{FlowEvent, HttpHeadEvent};
+    use agent_common::{FlowEvent, FlowStats, HttpHeadEvent, MATCH_WATCHED};
 
     fn not_local(_: &FlowKey) -> Result<Reader, Unresolved> {
         Err(Unresolved::NotLocal)
@@ -1081,7 +1079,7 @@ mod tests {
         let stats = HashMap::from([(done, watched(0x11)), (open, watched(0x10))]);
         let now = 1_000 + 300_000_000;
         assert_eq!(pipe.capture.awaited_spans(), 2, "both wait for a look");
-        pipe.recover(due, &stats, now);
+        pipe.recover(due, &stats, &HashMap::new(), now);
         assert_eq!(pipe.stats.spans_recovered, 1);
         let spans = pipe.drain_all();
         assert_eq!(spans.len(), 1);
@@ -1101,7 +1099,7 @@ mod tests {
         let mut t = now + 300_000_000;
         let mut due = again;
         while !due.is_empty() {
-            pipe.recover(due, &stats, t);
+            pipe.recover(due, &stats, &HashMap::new(), t);
             t += 300_000_000;
             due = pipe.capture.overdue(t);
         }
@@ -1151,7 +1149,7 @@ mod tests {
             ..Default::default()
         };
         let now = t0 + 300_000_000;
-        pipe.recover(due, &HashMap::from([(caller, done)]), now);
+        pipe.recover(due, &HashMap::from([(caller, done)]), &HashMap::new(), now);
         assert_eq!(pipe.stats.spans_recovered, 1);
         assert_eq!(pipe.capture.awaited_spans(), 0);
         let capture = &pipe.capture;
@@ -1165,6 +1163,98 @@ mod tests {
             of(crate::spans::SpanKind::Server),
         );
         assert_eq!(server.parent_span_id, Some(client.span_id));
+    }
+
+    /// A reader's first packet on a connection, tagged by its process's
+    /// stale trace but filed under the connection's own entry (request 1)
+    /// when it reached the agent, stays request 1's when the head of
+    /// request 2 keys the reader: it is no handshake of request 2's.
+    #[test]
+    fn a_readers_packet_filed_under_its_connections_request_stays_there() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let reader = |_: &FlowKey| {
+            Ok(Reader {
+                key: TraceKey::new(22, 2),
+                late: false,
+            })
+        };
+        let send = |pipe: &mut Pipeline, id: &str| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let Event::HttpHead(mut h) = head(40003, &text) else {
+                unreachable!()
+            };
+            (h.key.remote_port, h.pid) = (8000, 11);
+            let key = h.key;
+            pipe.event(Event::HttpHead(h), &table, reader);
+            key
+        };
+        let id = |r: &str| crate::ids::map_request_id(r).unwrap().0;
+        let conn = send(&mut pipe, "req-1");
+        let served = conn.reversed_in(2);
+        let mut ack = answer(served, [5; 16], 1, 100, 100);
+        ack.stats.matched = agent_common::MATCH_PID;
+        ack.stats.tcp_flags = 0x10;
+        pipe.event(Event::FlowNew(ack), &table, reader);
+        send(&mut pipe, "req-2");
+        let spans = pipe.drain_all();
+        let server: Vec<_> = spans
+            .iter()
+            .filter(|s| s.kind == crate::spans::SpanKind::Server)
+            .collect();
+        assert_eq!(server.len(), 1, "{spans:?}");
+        assert_eq!(server[0].trace_id, id("req-1"));
+    }
+
+    /// The agent ran behind: a new connection opened under the trace its
+    /// process carried then (req-1), and by the time its own head (req-3)
+    /// came, the process had been keyed for req-2 on another connection.
+    /// The span still moves to req-3.
+    #[test]
+    fn a_senders_connection_opened_several_requests_back_joins_its_request() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let send = |pipe: &mut Pipeline, port: u16, id: &str| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let Event::HttpHead(mut h) = head(port, &text) else {
+                unreachable!()
+            };
+            h.pid = 22;
+            pipe.event(Event::HttpHead(h), &table, not_local);
+        };
+        let id = |r: &str| crate::ids::map_request_id(r).unwrap().0;
+        send(&mut pipe, 1, "req-1");
+        let conn = FlowKey {
+            netns: 7,
+            local_port: 3,
+            ..Default::default()
+        };
+        let mut early = flow(conn, 0, 3, 100, 110);
+        early.stats.trace_id = id("req-1");
+        early.stats.matched = agent_common::MATCH_PID;
+        early.stats.tcp_flags = 0x1a;
+        pipe.event(Event::FlowNew(early), &table, not_local);
+        send(&mut pipe, 2, "req-2");
+        assert_eq!(pipe.stats.reattributed_flows, 0, "not req-2's connection");
+        send(&mut pipe, 3, "req-3");
+        assert_eq!(pipe.stats.reattributed_flows, 1);
+        assert!(!pipe.capture.awaits_span(&id("req-3")), "its span is open");
+        pipe.event(Event::FlowEnd(early), &table, not_local);
+        let mut rest = flow(conn, 0, 2, 120, 130);
+        rest.stats.trace_id = id("req-3");
+        pipe.event(Event::FlowNew(rest), &table, not_local);
+        pipe.event(Event::FlowEnd(rest), &table, not_local);
+        let spans = pipe.drain_all();
+        let on_conn: Vec<_> = spans
+            .iter()
+            .filter(|s| s.attr("network.local.port") == Some(crate::spans::Value::Int(3)))
+            .collect();
+        assert_eq!(on_conn.len(), 1, "one connection, one span: {on_conn:?}");
+        assert_eq!(on_conn[0].trace_id, id("req-3"));
+        assert_eq!(
+            on_conn[0].attr("tagflow.packets"),
+            Some(crate::spans::Value::Int(5))
+        );
     }
 
     #[test]

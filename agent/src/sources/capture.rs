@@ -40,6 +40,25 @@ pub struct HeadInfo {
     pub sender_previous: Option<([u8; 16], TraceContext)>,
 }
 
+impl HeadInfo {
+    /// The trace context the head gives its connection.
+    pub fn context(&self) -> TraceContext {
+        let mut flags = TraceSource::Passive.to_flags();
+        if self.sampled {
+            flags |= TRACE_FLAG_SAMPLED;
+        }
+        if self.parent_span_id.is_some() {
+            flags |= TRACE_FLAG_HAS_PARENT;
+        }
+        TraceContext {
+            trace_id: self.trace_id,
+            parent_span_id: self.parent_span_id.unwrap_or_default(),
+            flags,
+            ..Default::default()
+        }
+    }
+}
+
 /// What a head changed for its reader: its end of the connection `conn`
 /// now carries `ctx`; until now its process carried `previous`, when that
 /// was another trace (so did whatever it sent on `conn` before the agent
@@ -211,17 +230,23 @@ pub struct Capture {
     /// carried when a call by its reading thread started.
     ends: HashMap<FlowKey, [(u64, TraceContext); 2]>,
     ends_order: VecDeque<FlowKey>,
-    /// Heads sent from this node, in order, to look at again once their
-    /// connection should have opened a span (see `overdue`).
+    /// Heads, in order, to look at again at either end of their
+    /// connection once it should have opened a span (see `overdue`).
     checks: VecDeque<Check>,
+    /// When the agent last looked (its clock): a head it applied after its
+    /// look was due (running behind its datapath) gets a full interval
+    /// from then, for the events still queued behind it to come first.
+    looked_ns: u64,
 }
 
-/// A head sent from this node, to look at again at `due` (monotonic ns).
+/// A head, to look at again at `due` (monotonic ns) at one end (`key`) of
+/// its connection: the sender's (a head sent from this node) or the
+/// reader's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Check {
     pub due: u64,
-    /// When the head passed the datapath.
-    pub ts_ns: u64,
+    /// Looks taken so far.
+    pub looks: u32,
     pub key: FlowKey,
     pub ctx: TraceContext,
 }
@@ -232,6 +257,8 @@ const UNCLAIMED_NS: u64 = 3_000_000_000;
 /// A head's connection without a span this long after the head is looked
 /// at (and again as often while its details are kept).
 const CHECK_AFTER_NS: u64 = 300_000_000;
+/// Looks a head gets: as long as its details are kept.
+const LOOKS: u32 = (UNCLAIMED_NS / CHECK_AFTER_NS) as u32;
 
 impl Capture {
     pub fn new(id_headers: Vec<String>, cap: usize) -> Self {
@@ -259,6 +286,7 @@ impl Capture {
             ends: HashMap::new(),
             ends_order: VecDeque::new(),
             checks: VecDeque::new(),
+            looked_ns: 0,
         }
     }
 
@@ -368,7 +396,7 @@ impl Capture {
         G: Store<u64, u64>,
         A: Store<u32, agent_common::NetnsSlot>,
     {
-        let (mut info, sampled) = match parsed {
+        let (mut info, _) = match parsed {
             Ok(x) => x,
             Err(o) => {
                 match o {
@@ -383,19 +411,7 @@ impl Capture {
         };
         info.pid = ev.pid;
         info.ts_ns = ev.ts_ns;
-        let mut flags = TraceSource::Passive.to_flags();
-        if sampled {
-            flags |= TRACE_FLAG_SAMPLED;
-        }
-        if info.parent_span_id.is_some() {
-            flags |= TRACE_FLAG_HAS_PARENT;
-        }
-        let ctx = TraceContext {
-            trace_id: info.trace_id,
-            parent_span_id: info.parent_span_id.unwrap_or_default(),
-            flags,
-            ..Default::default()
-        };
+        let ctx = info.context();
         // This connection carries this request from now on; the sender's
         // other traffic (its own outgoing calls) too. A head from the wire
         // has no sender here, only a reader.
@@ -460,20 +476,24 @@ impl Capture {
             Err(Unresolved::NotLocal) => self.receivers_not_local += 1,
             Err(Unresolved::NoListener) => self.receivers_no_listener += 1,
         }
+        let due = ev.ts_ns.max(self.looked_ns) + CHECK_AFTER_NS;
+        let check = |key| Check {
+            due,
+            looks: 0,
+            key,
+            ctx,
+        };
         // The reader's span (its end of the connection) is named by the
         // request as well.
         if let Some(r) = info.reader_end {
-            self.keep_head((r.conn, info.trace_id), &info, ev.ts_ns);
+            if self.keep_head((r.conn, info.trace_id), &info, ev.ts_ns) {
+                self.check_later(check(r.conn));
+            }
         }
         if self.keep_head((ev.key, info.trace_id), &info, ev.ts_ns) && !from_wire {
             // Until the first look its trace waits for the span.
             self.promised.add((ev.key, info.trace_id));
-            self.check_later(Check {
-                due: ev.ts_ns + CHECK_AFTER_NS,
-                ts_ns: ev.ts_ns,
-                key: ev.key,
-                ctx,
-            });
+            self.check_later(check(ev.key));
         }
         self.applied += 1;
         HeadOutcome::Applied(Box::new(info))
@@ -562,6 +582,7 @@ impl Capture {
     /// Heads due for a look whose connection has opened no span yet: it
     /// may have ended before the agent keyed it (see `Pipeline::recover`).
     pub fn overdue(&mut self, now_ns: u64) -> Vec<Check> {
+        self.looked_ns = now_ns;
         let mut out = Vec::new();
         while let Some(c) = self.checks.front().copied() {
             if c.due > now_ns {
@@ -575,15 +596,18 @@ impl Capture {
         out
     }
 
-    /// Looks at an overdue head again later, while its details are kept.
+    /// Looks at an overdue head again later, while its details are kept
+    /// (`LOOKS` times: counted, not timed from the head, so that an agent
+    /// running behind its datapath still looks for as long).
     /// Its trace waits no longer: the connection is alive and may stay
     /// quiet (keep-alive), and holding the trace costs every span of it
     /// that latency.
     pub fn again(&mut self, c: Check, now_ns: u64) {
         self.promised.settle(&(c.key, c.ctx.trace_id));
-        if now_ns.saturating_sub(c.ts_ns) < UNCLAIMED_NS {
+        if c.looks + 1 < LOOKS {
             self.check_later(Check {
                 due: now_ns + CHECK_AFTER_NS,
+                looks: c.looks + 1,
                 ..c
             });
         }
@@ -800,6 +824,50 @@ mod tests {
         c.again(due[0], 103 * s);
         assert!(!c.awaits_span(&id("req-c")));
         assert_eq!(c.awaited_spans(), 1);
+    }
+
+    /// An agent running seconds behind its datapath: a head it applies
+    /// long after it passed gets its first look a full interval after the
+    /// agent's last look (the events queued behind it come first), and as
+    /// many looks as any other.
+    #[test]
+    fn a_head_applied_late_gets_every_look() {
+        let mut t = crate::tables::MemoryTables::in_memory(16, std::time::Duration::from_secs(30));
+        let mut c = Capture::new(hdrs(), 16);
+        let s = 1_000_000_000;
+        let text = "GET / HTTP/1.1\r\nX-Request-Id: req-l\r\n\r\n";
+        let mut ev = HttpHeadEvent {
+            header: Default::default(),
+            key: FlowKey {
+                netns: 1,
+                local_port: 5,
+                ..Default::default()
+            },
+            ts_ns: 10 * s,
+            pid: 0,
+            len: text.len() as u32,
+            data: [0; agent_common::MAX_CAPTURE],
+        };
+        ev.data[..text.len()].copy_from_slice(text.as_bytes());
+        // The agent looked at 20 s; the head passed at 10 s.
+        assert!(c.overdue(20 * s).is_empty());
+        c.handle(&ev, &mut t, not_local, no_nat);
+        assert!(
+            c.overdue(20 * s + CHECK_AFTER_NS - 1).is_empty(),
+            "not at once"
+        );
+        let mut now = 20 * s + CHECK_AFTER_NS;
+        let mut looks = 0;
+        loop {
+            let due = c.overdue(now);
+            if due.is_empty() {
+                break;
+            }
+            looks += 1;
+            c.again(due[0], now);
+            now += CHECK_AFTER_NS;
+        }
+        assert_eq!(looks, LOOKS);
     }
 }
 

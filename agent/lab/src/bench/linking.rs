@@ -4,8 +4,9 @@
 //! address, a request from another node), apps that forward no header and
 //! sleep 0–20 ms (threaded, forking, asyncio), requests in flight at once.
 //! The app names the id it received in its downstream path, the downstream
-//! logs (peer port, id), and each app → downstream span is matched by its
-//! local port: correct (the request's trace), wrong (another trace) or
+//! logs (peer port, id), and each logged call is matched to the app →
+//! downstream span that asked for that path (by local port when the span
+//! has no path): correct (the request's trace), wrong (another trace) or
 //! missing (no span for a logged call).
 use std::{
     collections::HashMap,
@@ -431,8 +432,10 @@ fn unix_ns() -> u64 {
         .unwrap_or(0)
 }
 
-/// (peer port of the app's call → the request id it served).
-fn logged_calls(log: &Path) -> HashMap<u16, String> {
+/// Every call the downstream logged: (peer port of the app's call, the
+/// request id it served). A port the kernel handed out twice in a run is
+/// two calls.
+fn logged_calls(log: &Path) -> Vec<(u16, String)> {
     std::fs::read_to_string(log)
         .unwrap_or_default()
         .lines()
@@ -443,38 +446,40 @@ fn logged_calls(log: &Path) -> HashMap<u16, String> {
         .collect()
 }
 
+/// Where an app → downstream span is found: by the path it asked for
+/// (`/<id the app served>`, one per request), or by its local port when the
+/// request head was not read.
+#[derive(Hash, PartialEq, Eq)]
+enum CallKey {
+    Path(String),
+    Port(u16),
+}
+
 /// Waits for the app's call spans (those started since `t0`) to settle,
 /// then scores them against the calls the downstream logged.
-fn score(
-    got: &Collector,
-    calls: &HashMap<u16, String>,
-    app_ns: u64,
-    t0: u64,
-) -> (usize, usize, usize) {
-    let spans = |got: &Collector| -> HashMap<u16, [u8; 16]> {
+fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usize, usize, usize) {
+    let spans = |got: &Collector| -> HashMap<CallKey, [u8; 16]> {
         got.spans()
             .into_iter()
-            .filter(|(_, s)| {
+            .filter_map(|(_, s)| {
                 let attr = |k: &str| {
                     s.attributes
                         .iter()
                         .find(|a| a.key == k)
                         .map(|a| attr_str(&a.value))
                 };
-                s.kind == SpanKind::Client as i32
+                let ours = s.kind == SpanKind::Client as i32
                     && s.start_time_unix_nano >= t0
                     && attr("tagflow.netns") == Some(app_ns.to_string())
-                    && attr("network.peer.port") == Some(DOWN_PORT.to_string())
-            })
-            .filter_map(|(_, s)| {
-                let port = s
-                    .attributes
-                    .iter()
-                    .find(|a| a.key == "network.local.port")
-                    .map(|a| attr_str(&a.value))?
-                    .parse()
-                    .ok()?;
-                Some((port, s.trace_id.as_slice().try_into().ok()?))
+                    && attr("network.peer.port") == Some(DOWN_PORT.to_string());
+                if !ours {
+                    return None;
+                }
+                let key = match attr("url.path") {
+                    Some(p) => CallKey::Path(p.trim_start_matches('/').to_string()),
+                    None => CallKey::Port(attr("network.local.port")?.parse().ok()?),
+                };
+                Some((key, s.trace_id.as_slice().try_into().ok()?))
             })
             .collect()
     };
@@ -496,7 +501,10 @@ fn score(
     let (mut right, mut wrong, mut missing) = (0, 0, 0);
     for (port, rid) in calls {
         let want = ids::map_request_id(rid).map(|(t, _)| t);
-        match (seen.get(port), want) {
+        let span = seen
+            .get(&CallKey::Path(rid.clone()))
+            .or_else(|| seen.get(&CallKey::Port(*port)));
+        match (span, want) {
             (None, _) => missing += 1,
             (Some(t), Ok(w)) if *t == w => right += 1,
             _ => wrong += 1,

@@ -78,6 +78,7 @@ impl Assembler {
         let matched = match s.matched {
             MATCH_FLOW => "flow",
             MATCH_THREAD => "thread",
+            MATCH_HEAD => "head",
             _ => "pid",
         };
         a.push_str("tagflow.match", matched);

@@ -131,6 +131,8 @@ pub struct Reply {
     pub status: Option<u16>,
     /// `grpc-status`.
     pub grpc_status: Option<u32>,
+    /// When the latest block passed the datapath (monotonic ns).
+    pub last_ns: u64,
 }
 
 impl Reply {
@@ -138,6 +140,7 @@ impl Reply {
     fn add(&mut self, later: Reply) {
         self.status = later.status.or(self.status);
         self.grpc_status = later.grpc_status.or(self.grpc_status);
+        self.last_ns = self.last_ns.max(later.last_ns);
     }
 }
 
@@ -437,6 +440,27 @@ impl Assembler {
         true
     }
 
+    /// A request whose (connection, trace) pair can no longer carry a
+    /// packet: its connection went on to a later request before the agent
+    /// keyed it, and its packets were counted under another request. It
+    /// becomes a span of its own from its head, `f` saying where (no packet
+    /// numbers): from the head to the last response block seen (HTTP/2), or
+    /// the head alone. Returns false, the head going to it, if the pair's
+    /// span is open after all.
+    pub fn from_head(&mut self, f: &FlowEvent, head: Box<HeadInfo>, now: u64) -> bool {
+        let k = (f.key, f.stats.trace_id);
+        if self.open.contains_key(&k) {
+            self.head(&f.key, head);
+            return false;
+        }
+        self.flow_new(f, Some(head), now);
+        if let Some(o) = self.open.get_mut(&k) {
+            o.stats.last_ns = o.stats.last_ns.max(o.reply.last_ns);
+        }
+        self.close(k, Why::End, now);
+        true
+    }
+
     /// The server end `conn` of a request that came from another node
     /// serves a call whose span id there is `caller`: its parent, unless
     /// the request named one itself (`traceparent`).
@@ -470,6 +494,16 @@ impl Assembler {
                 self.stats.replies_unmatched += self.replies.insert(k, reply) as u64;
             }
         }
+    }
+
+    /// Whether the response to `trace`'s request was seen whole on `key`
+    /// (gRPC's status: its trailers, or a trailers-only answer) while no
+    /// span of it was open there.
+    pub fn answered(&self, key: &FlowKey, trace: &[u8; 16]) -> bool {
+        self.replies
+            .map
+            .get(&(*key, *trace))
+            .is_some_and(|r| r.grpc_status.is_some())
     }
 
     /// The open span of (`key`, `trace`) went through a Service: `via` is
@@ -1141,6 +1175,7 @@ mod tests {
         let status = |status, grpc_status| Reply {
             status,
             grpc_status,
+            last_ns: 0,
         };
         a.reply(&caller, &server, &T1, status(Some(200), None));
         a.flow_new(
