@@ -298,7 +298,12 @@ fn a_call_through_a_service_address_parents_the_server_span_of_the_pod_behind_it
             .iter()
             .filter(|(_, x)| x.trace_id == c.trace_id && x.kind == SpanKind::Server as i32)
             .count();
-        assert_eq!(servers, 1, "request {i}: server spans under its trace");
+        assert_eq!(
+            servers,
+            1,
+            "request {i}: server spans under its trace:{}",
+            trace_spans(&got, &c.trace_id)
+        );
         assert_eq!(
             s.parent_span_id,
             c.span_id,

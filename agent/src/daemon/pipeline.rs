@@ -357,6 +357,12 @@ impl Pipeline {
                 {
                     self.stats.reattributed_flows += 1;
                     self.remember_reattributed(r.conn, previous, r.ctx);
+                    // The moved span is the request's at that end: it takes
+                    // the details (the datapath's switch may never come, the
+                    // exchange having ended under the old trace).
+                    if let Some(h) = self.capture.take_head(&r.conn, &r.ctx.trace_id) {
+                        self.assembler.head(&r.conn, h);
+                    }
                 }
             }
             // From another node: its caller's span id is one both agents
@@ -772,6 +778,24 @@ mod tests {
             (4, 1, 1, 1, 1)
         );
         assert_eq!(table.lock().unwrap().by_flow().len(), 1);
+    }
+
+    /// A head with `X-Request-Id: id`, sent by `pid` from `port`.
+    fn sent(port: u16, id: &str, pid: u32) -> Event {
+        let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+        let Event::HttpHead(mut h) = head(port, &text) else {
+            unreachable!()
+        };
+        h.pid = pid;
+        Event::HttpHead(h)
+    }
+
+    /// The spans whose local port is `port`.
+    fn on_port(spans: &[SpanRecord], port: u16) -> Vec<&SpanRecord> {
+        spans
+            .iter()
+            .filter(|s| s.attr("network.local.port") == Some(crate::spans::Value::Int(port.into())))
+            .collect()
     }
 
     fn flow(key: FlowKey, trace: u8, packets: u64, first: u64, last: u64) -> FlowEvent {
@@ -1215,12 +1239,7 @@ mod tests {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
         let send = |pipe: &mut Pipeline, port: u16, id: &str| {
-            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
-            let Event::HttpHead(mut h) = head(port, &text) else {
-                unreachable!()
-            };
-            h.pid = 22;
-            pipe.event(Event::HttpHead(h), &table, not_local);
+            pipe.event(sent(port, id, 22), &table, not_local);
         };
         let id = |r: &str| crate::ids::map_request_id(r).unwrap().0;
         send(&mut pipe, 1, "req-1");
@@ -1245,10 +1264,7 @@ mod tests {
         pipe.event(Event::FlowNew(rest), &table, not_local);
         pipe.event(Event::FlowEnd(rest), &table, not_local);
         let spans = pipe.drain_all();
-        let on_conn: Vec<_> = spans
-            .iter()
-            .filter(|s| s.attr("network.local.port") == Some(crate::spans::Value::Int(3)))
-            .collect();
+        let on_conn = on_port(&spans, 3);
         assert_eq!(on_conn.len(), 1, "one connection, one span: {on_conn:?}");
         assert_eq!(on_conn[0].trace_id, id("req-3"));
         assert_eq!(
@@ -1262,12 +1278,7 @@ mod tests {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
         let send = |pipe: &mut Pipeline, port: u16, id: &str| {
-            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
-            let Event::HttpHead(mut h) = head(port, &text) else {
-                unreachable!()
-            };
-            h.pid = 22;
-            pipe.event(Event::HttpHead(h), &table, not_local);
+            pipe.event(sent(port, id, 22), &table, not_local);
         };
         send(&mut pipe, 1, "req-1");
         let (first, second) = (
@@ -1298,10 +1309,7 @@ mod tests {
         pipe.event(Event::FlowNew(rest), &table, not_local);
         pipe.event(Event::FlowEnd(rest), &table, not_local);
         let spans = pipe.drain_all();
-        let on_conn: Vec<_> = spans
-            .iter()
-            .filter(|s| s.attr("network.local.port") == Some(crate::spans::Value::Int(2)))
-            .collect();
+        let on_conn = on_port(&spans, 2);
         assert_eq!(on_conn.len(), 1, "one connection, one span: {on_conn:?}");
         assert_eq!(on_conn[0].trace_id, second);
     }

@@ -139,6 +139,26 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// A request head for `path` with `X-Request-Id: id`, sent by `pid` on
+    /// `key` at `ts`.
+    fn sent(key: FlowKey, ts: u64, pid: u32, id: &str, path: &str) -> Event {
+        let text = format!("GET {path} HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+        let mut h = HttpHeadEvent {
+            key,
+            header: Default::default(),
+            ts_ns: ts,
+            pid,
+            len: text.len() as u32,
+            data: [0; agent_common::MAX_CAPTURE],
+        };
+        h.data[..text.len()].copy_from_slice(text.as_bytes());
+        Event::HttpHead(Box::new(h))
+    }
+
+    fn not_local(_: &FlowKey) -> Result<Reader, crate::podnet::Unresolved> {
+        Err(crate::podnet::Unresolved::NotLocal)
+    }
+
     /// Two requests on one keep-alive connection (nginx → app in one pod),
     /// the second sent before any packet carried the first's trace: the
     /// agent keyed the connection for each in turn, and the first's pairs
@@ -157,17 +177,7 @@ mod tests {
         );
         let reader = TraceKey::new(22, 2);
         let send = |pipe: &mut Pipeline, ts: u64, id: &str, path: &str| {
-            let text = format!("GET {path} HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
-            let mut h = HttpHeadEvent {
-                key: conn,
-                header: Default::default(),
-                ts_ns: ts,
-                pid: 11,
-                len: text.len() as u32,
-                data: [0; agent_common::MAX_CAPTURE],
-            };
-            h.data[..text.len()].copy_from_slice(text.as_bytes());
-            pipe.event(Event::HttpHead(Box::new(h)), &table, |_| {
+            pipe.event(sent(conn, ts, 11, id, path), &table, |_| {
                 Ok(Reader {
                     key: reader,
                     late: false,
@@ -250,21 +260,12 @@ mod tests {
     fn an_answered_call_on_a_quiet_connection_is_a_span_at_the_first_look() {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
-        let text = "GET / HTTP/1.1\r\nX-Request-Id: req-q\r\n\r\n";
-        let mut h = HttpHeadEvent {
-            key: FlowKey::default(),
-            header: Default::default(),
-            ts_ns: MS,
-            pid: 11,
-            len: text.len() as u32,
-            data: [0; agent_common::MAX_CAPTURE],
+        let key = FlowKey {
+            netns: 7,
+            local_port: 40002,
+            ..Default::default()
         };
-        (h.key.netns, h.key.local_port) = (7, 40002);
-        h.data[..text.len()].copy_from_slice(text.as_bytes());
-        let key = h.key;
-        pipe.event(Event::HttpHead(Box::new(h)), &table, |_| {
-            Err(crate::podnet::Unresolved::NotLocal)
-        });
+        pipe.event(sent(key, MS, 11, "req-q", "/"), &table, not_local);
         let trace = crate::ids::map_request_id("req-q").unwrap().0;
         let status = |grpc_status| Reply {
             status: Some(200),
@@ -297,9 +298,7 @@ mod tests {
             },
             ..Default::default()
         };
-        pipe.event(Event::FlowNew(late), &table, |_| {
-            Err(crate::podnet::Unresolved::NotLocal)
-        });
+        pipe.event(Event::FlowNew(late), &table, not_local);
         let spans = pipe.drain_all();
         assert_eq!(spans.len(), 1, "{spans:?}");
         assert_eq!(spans[0].attr("rpc.system"), None);
@@ -316,21 +315,12 @@ mod tests {
     fn a_request_whose_connection_still_carries_it_waits_for_its_packets_until_it_closes() {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
-        let text = "GET / HTTP/1.1\r\nX-Request-Id: req-w\r\n\r\n";
-        let mut h = HttpHeadEvent {
-            key: FlowKey::default(),
-            header: Default::default(),
-            ts_ns: MS,
-            pid: 11,
-            len: text.len() as u32,
-            data: [0; agent_common::MAX_CAPTURE],
+        let key = FlowKey {
+            netns: 7,
+            local_port: 40001,
+            ..Default::default()
         };
-        (h.key.netns, h.key.local_port) = (7, 40001);
-        h.data[..text.len()].copy_from_slice(text.as_bytes());
-        let key = h.key;
-        pipe.event(Event::HttpHead(Box::new(h)), &table, |_| {
-            Err(crate::podnet::Unresolved::NotLocal)
-        });
+        pipe.event(sent(key, MS, 11, "req-w", "/"), &table, not_local);
         let trace = crate::ids::map_request_id("req-w").unwrap().0;
         let due = pipe.capture.overdue(301 * MS);
         assert_eq!(due.len(), 1);

@@ -445,12 +445,21 @@ impl Assembler {
     /// keyed it, and its packets were counted under another request. It
     /// becomes a span of its own from its head, `f` saying where (no packet
     /// numbers): from the head to the last response block seen (HTTP/2), or
-    /// the head alone. Returns false, the head going to it, if the pair's
-    /// span is open after all.
+    /// the head alone. Returns false if the pair has a span after all: open
+    /// (it takes the head) or closed and held.
     pub fn from_head(&mut self, f: &FlowEvent, head: Box<HeadInfo>, now: u64) -> bool {
         let k = (f.key, f.stats.trace_id);
         if self.open.contains_key(&k) {
             self.head(&f.key, head);
+            return false;
+        }
+        // A span of the pair that closed before its head was read (and is
+        // still held) is the request's span: no second one.
+        if self
+            .groups
+            .get(&k.1)
+            .is_some_and(|g| g.closed.iter().any(|c| c.key == k.0))
+        {
             return false;
         }
         self.flow_new(f, Some(head), now);
