@@ -123,9 +123,9 @@ pub const MATCH_THREAD: u8 = 4;
 /// before the agent had keyed it.
 pub const MATCH_WATCHED: u8 = 3;
 /// `FlowStats.matched` of a span userspace made from a request head alone
-/// (never written by the datapath): its connection went on to a later
-/// request before the agent keyed it, so no packet was counted under this
-/// one.
+/// (never written by the datapath): no packet was counted under its trace,
+/// its connection having gone on to a later request, closed, or gone quiet
+/// after the answer before the agent keyed it.
 pub const MATCH_HEAD: u8 = 5;
 
 /// Value of `FLOW_STATS` (LRU): per (flow, trace) accounting, and the
