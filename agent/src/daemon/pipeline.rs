@@ -70,8 +70,9 @@ pub struct AgentStats {
     /// Connections that ended before the agent had keyed them, made spans
     /// from what the datapath counted (see `Pipeline::recover`).
     pub spans_recovered: u64,
-    /// Requests whose connection went on to a later request before the
-    /// agent keyed them: spans made from their heads alone.
+    /// Requests no packet was counted under (their connection went on to
+    /// a later request, closed, or went quiet after the answer before the
+    /// agent keyed it): spans made from their heads alone.
     pub spans_from_heads: u64,
     /// Calls by a thread serving a connection whose request the datapath
     /// did not know yet (the head's round trip through the agent was
@@ -336,11 +337,11 @@ impl Pipeline {
         // connection's span opened (the agent ran behind).
         let opened_under = self.pid_tagged.remove(&key);
         let previous = info.sender_previous.map(|(t, _)| t);
+        let ctx = info.context();
         for from in [previous, opened_under.filter(|t| Some(*t) != previous)]
             .into_iter()
             .flatten()
         {
-            let ctx = info.context();
             if from != ctx.trace_id && self.assembler.retrace(&key, &from, &ctx, End::Sender, now) {
                 self.stats.reattributed_flows += 1;
                 self.remember_reattributed(key, from, ctx);
@@ -686,7 +687,7 @@ impl Pipeline {
             ),
             (
                 "linking_spans_from_heads_total",
-                "Requests whose keep-alive connection went on to a later request before the agent keyed them (their packets were counted under another request): spans made from the request head alone, without packet numbers.",
+                "Requests no packet was counted under (their connection went on to a later request, closed, or went quiet after the answer before the agent keyed it): spans made from the request head alone, without packet numbers.",
                 s.spans_from_heads,
             ),
         ]
