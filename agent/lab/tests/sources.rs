@@ -203,6 +203,57 @@ fn malformed_frames_and_spoofed_targets_are_refused_and_others_still_served() {
     assert_eq!((st.begin_ok.load(Relaxed), st.end_ok.load(Relaxed)), (1, 1));
 }
 
+/// Frames written at once (a client that does not wait for each reply) are
+/// answered in order, each exactly once, and the replies held for a batch
+/// go out before an error that ends the connection.
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn frames_sent_together_are_answered_in_order_before_a_closing_error() {
+    let _g = common::lock();
+    let lab = Lab::new(1).unwrap();
+    let agent = LiveAgent::start(&lab, &AgentConfig::default(), Limits::default());
+    let me = std::process::id();
+    let host = netns::current_cookie().unwrap();
+    let reg =
+        |id: &str| format!(r#"{{"headers":{{"x-request-id":"{id}"}},"target":{{"pid":{me}}}}}"#);
+    let mut batch = Vec::new();
+    for f in [
+        raw(protocol::T_BEGIN, &reg("one")),
+        raw(protocol::T_END, &reg("one")),
+        raw(protocol::T_BEGIN, "{\"headers\":"),
+        raw(protocol::T_BEGIN, &reg("two")),
+        raw(protocol::T_PING, "{}"),
+    ] {
+        batch.extend_from_slice(&f);
+    }
+    // Ends the connection: a length below the frame header.
+    batch.extend_from_slice(&[0, 0, 0, 2]);
+    let mut s = UnixStream::connect(&agent.socket).unwrap();
+    s.write_all(&batch).unwrap();
+    let trace = |r: Option<Response>| match r {
+        Some(Response::Ok(ok)) => ok.trace_id,
+        other => panic!("expected OK, got {other:?}"),
+    };
+    let hex = |id: &str| Some(ids::to_hex(&ids::hash_id(id)));
+    assert_eq!(trace(read_reply(&mut s)), hex("one"), "BEGIN one");
+    assert_eq!(trace(read_reply(&mut s)), hex("one"), "END one");
+    assert_eq!(code(read_reply(&mut s)), Code::BadJson);
+    assert_eq!(trace(read_reply(&mut s)), hex("two"), "BEGIN two");
+    assert_eq!(trace(read_reply(&mut s)), None, "PING");
+    assert_eq!(code(read_reply(&mut s)), Code::BadFrame);
+    assert!(closed(&mut s));
+    // BEGIN two was applied; its connection closed without END, and it
+    // asked for nothing to outlive it (release_on_close is off by default),
+    // so it stays until END or the idle timeout.
+    let held = agent
+        .table
+        .lock()
+        .unwrap()
+        .by_pid()
+        .get(&TraceKey::new(me, host));
+    assert_eq!(held, Some(ids::hash_id("two")));
+}
+
 #[test]
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn rate_and_connection_limits_hold() {

@@ -123,7 +123,14 @@ async fn begin(
         release_on_close: true,
     };
     let slot = s.next.fetch_add(1, Ordering::Relaxed) as usize % s.agent.len();
-    match s.agent[slot].lock().await.begin(reg.clone()).await {
+    let mut c = s.agent[slot].lock().await;
+    let begun = c.begin(reg.clone()).await;
+    let late = c.take_late_refusals();
+    drop(c);
+    s.stats
+        .registrations_failed
+        .fetch_add(late, Ordering::Relaxed);
+    match begun {
         Ok(_) => Some((slot, reg)),
         Err(e) => {
             s.stats.registrations_failed.fetch_add(1, Ordering::Relaxed);
@@ -151,12 +158,19 @@ pub(super) fn respond(
                     let s2 = s.clone();
                     tokio::spawn(async move {
                         let _ = done_rx.await;
-                        if let Err(e) = s2.agent[agent].lock().await.end(reg).await {
-                            s2.stats
-                                .registrations_failed
-                                .fetch_add(1, Ordering::Relaxed);
+                        // Not awaited: the client slot is free for the
+                        // next BEGIN a round trip sooner.
+                        let mut c = s2.agent[agent].lock().await;
+                        let sent = c.end_unawaited(reg).await;
+                        let mut failed = c.take_late_refusals();
+                        drop(c);
+                        if let Err(e) = sent {
+                            failed += 1;
                             debug!("end registration: {e}");
                         }
+                        s2.stats
+                            .registrations_failed
+                            .fetch_add(failed, Ordering::Relaxed);
                     });
                     Tracked {
                         inner: body,

@@ -59,7 +59,7 @@ impl SidecarStats {
             ),
             (
                 "sidecar_registrations_failed_total",
-                "Requests passed on without their registration (agent unreachable, slow or refusing): --register only.",
+                "Registrations that failed: a BEGIN (the request passed on without one) or an END (not sent, or refused); agent unreachable, slow or refusing. --register only.",
                 l(&self.registrations_failed),
             ),
             (

@@ -70,12 +70,17 @@ impl Conn {
 /// One connection, one request at a time; reconnects after failures. A
 /// request that times out keeps the connection (its late reply is read and
 /// dropped before the next one): dropping it would make the agent release
-/// every registration open on it, other requests' included.
+/// every registration open on it, other requests' included. END may be
+/// sent without waiting ([`Client::end_unawaited`]): its reply is read the
+/// same way.
 pub struct Client {
     path: PathBuf,
     conn: Option<Conn>,
     timeout: Duration,
     agent_uid: u32,
+    /// Refusals among the replies read and dropped (unawaited ENDs, late
+    /// replies).
+    late_refusals: u64,
 }
 
 impl Client {
@@ -85,6 +90,52 @@ impl Client {
             conn: None,
             timeout,
             agent_uid: AGENT_UID,
+            late_refusals: 0,
+        }
+    }
+
+    /// Refusals in replies nobody waited for since the last call.
+    pub fn take_late_refusals(&mut self) -> u64 {
+        std::mem::take(&mut self.late_refusals)
+    }
+
+    /// Sends END and returns once it is written: the agent applies it in
+    /// order with this connection's other requests, and its reply is read
+    /// before the next request's (a refusal counted in
+    /// [`Client::take_late_refusals`]). Saves the caller a round trip per
+    /// request. A connection owing too many replies reads them first.
+    pub async fn end_unawaited(&mut self, r: Registration) -> Result<(), ClientError> {
+        let t = self.timeout;
+        let req = Request::End(r);
+        match tokio::time::timeout(t, self.send_only(&req)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(e)
+            }
+            Err(_) => {
+                if self
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.writing || c.owed >= MAX_OWED)
+                {
+                    self.conn = None;
+                }
+                Err(ClientError::Timeout(t))
+            }
+        }
+    }
+
+    /// Waits for every reply this connection still owes.
+    pub async fn settle(&mut self) -> Result<(), ClientError> {
+        let t = self.timeout;
+        match tokio::time::timeout(t, self.drain(0)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(e)
+            }
+            Err(_) => Err(ClientError::Timeout(t)),
         }
     }
 
@@ -148,7 +199,8 @@ impl Client {
         })
     }
 
-    async fn exchange(&mut self, req: &Request) -> Result<protocol::Ok, ClientError> {
+    /// Writes `req` (connecting first if need be); its reply is owed.
+    async fn write(&mut self, req: &Request) -> Result<&mut Conn, ClientError> {
         if self.conn.is_none() {
             self.conn = Some(self.connect().await?);
         }
@@ -157,14 +209,38 @@ impl Client {
         c.stream.write_all(&protocol::encode_request(req)).await?;
         c.writing = false;
         c.owed += 1;
-        // Replies come in order: the late ones of timed-out requests first.
-        let body = loop {
+        Ok(c)
+    }
+
+    async fn send_only(&mut self, req: &Request) -> Result<(), ClientError> {
+        if self.conn.as_ref().is_some_and(|c| c.owed >= MAX_OWED) {
+            self.drain(0).await?;
+        }
+        self.write(req).await.map(|_| ())
+    }
+
+    /// Reads and drops replies until `keep` are still owed.
+    async fn drain(&mut self, keep: usize) -> Result<(), ClientError> {
+        let Some(c) = self.conn.as_mut() else {
+            return Ok(());
+        };
+        while c.owed > keep {
             let body = c.reply().await?;
             c.owed -= 1;
-            if c.owed == 0 {
-                break body;
+            if let Ok(Response::Error(_)) = protocol::decode_response(&body) {
+                self.late_refusals += 1;
             }
-        };
+        }
+        Ok(())
+    }
+
+    async fn exchange(&mut self, req: &Request) -> Result<protocol::Ok, ClientError> {
+        self.write(req).await?;
+        // Replies come in order: those nobody waited for first.
+        self.drain(1).await?;
+        let c = self.conn.as_mut().expect("written above");
+        let body = c.reply().await?;
+        c.owed -= 1;
         match protocol::decode_response(&body)? {
             Response::Ok(ok) => Ok(ok),
             Response::Error(ErrorReply { code, message }) => {
@@ -226,6 +302,63 @@ mod tests {
         let _l = UnixListener::bind(dir.join("other.sock")).unwrap();
         other.path = dir.join("other.sock");
         assert!(matches!(other.ping().await, Err(ClientError::Impostor(u)) if u == me));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// END sent without waiting: the next request gets its own reply, the
+    /// END's is read first and a refusal in it is counted, not lost.
+    #[tokio::test]
+    async fn an_unawaited_end_is_answered_in_order_and_its_refusal_counted() {
+        let dir = std::env::temp_dir().join(format!("tagflow-client-end-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let agent = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut kinds = Vec::new();
+            for reply in [
+                ok("end-1"),
+                protocol::encode_response(&Response::Error(ErrorReply {
+                    code: protocol::Code::BadTarget,
+                    message: "no such registration".into(),
+                })),
+                ok("ping"),
+                ok("end-3"),
+            ] {
+                let body = read_frame(&mut s).await;
+                kinds.push(protocol::decode_request(&body).unwrap());
+                s.write_all(&reply).await.unwrap();
+            }
+            kinds
+        });
+        let me = unsafe { libc::getuid() };
+        let mut c = Client::new(&path, Duration::from_secs(5)).with_agent_uid(me);
+        let reg = Registration {
+            headers: [("x-request-id".to_string(), "r".to_string())].into(),
+            target: protocol::Target::Pid(1),
+            flows: Vec::new(),
+            release_on_close: true,
+        };
+        c.end_unawaited(reg.clone()).await.unwrap();
+        c.end_unawaited(reg.clone()).await.unwrap();
+        let pong = c.ping().await.unwrap();
+        assert_eq!(pong.trace_id.as_deref(), Some("ping"));
+        assert_eq!(c.take_late_refusals(), 1);
+        assert_eq!(c.take_late_refusals(), 0, "taken");
+        c.end_unawaited(reg).await.unwrap();
+        c.settle().await.unwrap();
+        assert_eq!(c.conn.as_ref().unwrap().owed, 0);
+        let kinds = agent.await.unwrap();
+        assert!(matches!(
+            kinds[..],
+            [
+                Request::End(_),
+                Request::End(_),
+                Request::Ping,
+                Request::End(_)
+            ]
+        ));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

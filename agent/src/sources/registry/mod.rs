@@ -286,12 +286,18 @@ impl Registry {
         self.admission.leave(peer.ns);
     }
 
+    /// Serves one connection's requests in order. Reads are buffered and
+    /// the replies to frames that arrived together go out in one write: a
+    /// client that does not wait for every reply (END) costs no extra
+    /// syscalls or wake-ups.
     async fn session(
         self: &Arc<Self>,
         stream: &mut UnixStream,
         peer: Peer,
         open: &mut Ledger,
     ) -> std::io::Result<()> {
+        let mut stream = tokio::io::BufReader::with_capacity(READ_BUFFER, stream);
+        let mut replies = Vec::new();
         let mut len = [0u8; 4];
         loop {
             if let Err(e) = stream.read_exact(&mut len).await {
@@ -307,21 +313,22 @@ impl Registry {
                 Err(e) => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     log_refusal(Some(peer.pid), "registration frame", &e.message);
-                    return reply_err(stream, e.code, &e.message).await;
+                    return last_reply(stream.get_mut(), &replies, e.code, &e.message).await;
                 }
             };
             let mut body = vec![0u8; n];
             if stream.read_exact(&mut body).await.is_err() {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 log_refusal(Some(peer.pid), "registration frame", "truncated frame");
-                return reply_err(stream, Code::BadFrame, "truncated frame").await;
+                let w = stream.get_mut();
+                return last_reply(w, &replies, Code::BadFrame, "truncated frame").await;
             }
             let response = match protocol::decode_request(&body) {
                 Err(e) => {
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     log_refusal(Some(peer.pid), "registration message", &e.message);
                     if e.code.closes_connection() {
-                        return reply_err(stream, e.code, &e.message).await;
+                        return last_reply(stream.get_mut(), &replies, e.code, &e.message).await;
                     }
                     error_response(e.code, e.message)
                 }
@@ -335,9 +342,12 @@ impl Registry {
                 }
                 Ok(req) => self.handle(req, peer, open).await,
             };
-            stream
-                .write_all(&protocol::encode_response(&response))
-                .await?;
+            replies.extend_from_slice(&protocol::encode_response(&response));
+            // Held only while a whole next frame is already here.
+            if !whole_frame(stream.buffer()) {
+                stream.get_mut().write_all(&replies).await?;
+                replies.clear();
+            }
         }
     }
 
@@ -482,6 +492,20 @@ fn full_msg(f: &Full) -> String {
     }
 }
 
+/// Bytes read from a registration connection at once (a frame is a few
+/// hundred bytes; several can arrive together).
+const READ_BUFFER: usize = 8 * 1024;
+
+/// `buf` starts with a complete frame (or a length that is not valid,
+/// which the next read rejects at once).
+fn whole_frame(buf: &[u8]) -> bool {
+    match protocol::frame_len(buf) {
+        Ok(Some(n)) => buf.len() >= 4 + n,
+        Ok(None) => false,
+        Err(_) => true,
+    }
+}
+
 fn error_response(code: Code, message: String) -> Response {
     Response::Error(ErrorReply { code, message })
 }
@@ -490,6 +514,17 @@ async fn reply_err(stream: &mut UnixStream, code: Code, message: &str) -> std::i
     let r = error_response(code, message.to_string());
     stream.write_all(&protocol::encode_response(&r)).await?;
     stream.shutdown().await
+}
+
+/// The replies still held, then an error that ends the connection.
+async fn last_reply(
+    stream: &mut UnixStream,
+    held: &[u8],
+    code: Code,
+    message: &str,
+) -> std::io::Result<()> {
+    stream.write_all(held).await?;
+    reply_err(stream, code, message).await
 }
 
 fn group_id(name: &str) -> Option<u32> {
