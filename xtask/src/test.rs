@@ -59,6 +59,8 @@ pub fn all(o: Opts) -> Result<()> {
     run(cargo().args(["test", "--package", "tagflow", "--test", "old_kernels"]))?;
     // OTLP over TLS and mTLS against receivers with a test CA.
     run(cargo().args(["test", "--package", "tagflow", "--test", "otlp_tls"]))?;
+    // OTLP/gRPC as the exporter frames it: a tonic receiver, refusals.
+    run(cargo().args(["test", "--package", "tagflow", "--test", "otlp_grpc"]))?;
     // The sidecar over HTTP/2 (streams, trailers, resets) and h2c upgrades.
     run(cargo().args(["test", "--package", "tagflow", "--test", "sidecar_h2"]))?;
     // Fuzz targets: a short smoke run each (the long runs:

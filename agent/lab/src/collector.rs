@@ -1,6 +1,7 @@
 //! An in-process OTLP receiver for the lab: gRPC or HTTP (`/v1/traces`,
 //! protobuf, optional gzip), counting what arrives and, when asked, keeping
-//! each span with its resource attributes. It can be switched off: its port
+//! each span with its resource attributes (over gRPC, a receiver that only
+//! counts reads the wire bytes: `counting`). It can be switched off: its port
 //! then refuses connections and open ones are cut (a collector outage).
 use std::{
     collections::HashMap,
@@ -22,6 +23,8 @@ use opentelemetry_proto::tonic::{
     trace::v1::Span,
 };
 use prost::Message;
+
+mod counting;
 
 /// How the agent talks to the collector.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,6 +156,12 @@ impl TraceService for Grpc {
 async fn serve(s: tokio::net::TcpStream, wire: Wire, inbox: Arc<Inbox>) {
     let io = hyper_util::rt::TokioIo::new(s);
     match wire {
+        Wire::Grpc if !inbox.keep => {
+            let svc = hyper_util::service::TowerToHyperService::new(counting::Counting(inbox));
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, svc)
+                .await;
+        }
         Wire::Grpc => {
             let svc = TraceServiceServer::new(Grpc(inbox))
                 .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
