@@ -79,6 +79,9 @@ enum BenchCmd {
         /// Requests per row.
         #[arg(long, default_value_t = 200)]
         requests: usize,
+        /// Only the shapes whose name contains this (e.g. "in the app's pod").
+        #[arg(long)]
+        shape: Option<String>,
     },
     /// Load + attach to 1 and to 100 interfaces (wall time).
     Startup {
@@ -171,7 +174,11 @@ fn main() -> anyhow::Result<()> {
                     rows.extend(bench::h2::linking(if quick { 60 } else { 200 })?);
                     (rows, json)
                 }
-                BenchCmd::Linking { json, requests } => (bench::linking::linking(requests)?, json),
+                BenchCmd::Linking {
+                    json,
+                    requests,
+                    shape,
+                } => (bench::linking::linking(requests, shape.as_deref())?, json),
                 BenchCmd::All { json, quick } => (bench::all(quick)?, json),
             };
             print!("{}", bench::table(&rows));

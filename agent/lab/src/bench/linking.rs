@@ -9,7 +9,7 @@
 //! has no path): correct (the request's trace), wrong (another trace) or
 //! missing (no span for a logged call).
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     path::Path,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -164,8 +164,9 @@ impl Shape {
     }
 }
 
-/// Every shape × app × concurrency: `requests` each.
-pub fn linking(requests: usize) -> Result<Vec<Row>, BenchError> {
+/// Every shape × app × concurrency: `requests` each; with `only`, the
+/// shapes whose name contains it.
+pub fn linking(requests: usize, only: Option<&str>) -> Result<Vec<Row>, BenchError> {
     let mut rows = Vec::new();
     for shape in [
         Shape::Gateway,
@@ -174,6 +175,9 @@ pub fn linking(requests: usize) -> Result<Vec<Row>, BenchError> {
         Shape::Service,
         Shape::OtherNode,
     ] {
+        if only.is_some_and(|o| !shape.name().contains(o)) {
+            continue;
+        }
         rows.extend(shape_rows(shape, requests)?);
     }
     Ok(rows)
@@ -499,16 +503,29 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
         seen = now;
     }
     let (mut right, mut wrong, mut missing) = (0, 0, 0);
-    for (port, rid) in calls {
-        let want = ids::map_request_id(rid).map(|(t, _)| t);
+    let wants: Vec<Option<[u8; 16]>> = calls
+        .iter()
+        .map(|(_, rid)| ids::map_request_id(rid).ok().map(|(t, _)| t))
+        .collect();
+    // Where wrong calls went, as an offset in the downstream's log order
+    // (-1: under the request logged just before); None: no logged request.
+    let mut went: BTreeMap<Option<isize>, usize> = BTreeMap::new();
+    for (i, (port, rid)) in calls.iter().enumerate() {
         let span = seen
             .get(&CallKey::Path(rid.clone()))
             .or_else(|| seen.get(&CallKey::Port(*port)));
-        match (span, want) {
+        match (span, wants[i]) {
             (None, _) => missing += 1,
-            (Some(t), Ok(w)) if *t == w => right += 1,
-            _ => wrong += 1,
+            (Some(t), Some(w)) if *t == w => right += 1,
+            (Some(t), _) => {
+                wrong += 1;
+                let j = wants.iter().position(|w| *w == Some(*t));
+                *went.entry(j.map(|j| j as isize - i as isize)).or_default() += 1;
+            }
         }
+    }
+    if wrong > 0 {
+        eprintln!("  wrong calls went to (offset in log order: count): {went:?}");
     }
     (right, wrong, missing)
 }

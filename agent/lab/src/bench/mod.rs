@@ -63,7 +63,7 @@ pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
     rows.extend(node::node(quick)?);
     rows.extend(h2::proxies(quick)?);
     rows.extend(h2::linking(if quick { 60 } else { 200 })?);
-    rows.extend(linking::linking(if quick { 60 } else { 200 })?);
+    rows.extend(linking::linking(if quick { 60 } else { 200 }, None)?);
     Ok(rows)
 }
 

@@ -164,10 +164,14 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
     let serving = reg.serve_on_own_thread(listener).map_err(other)?;
 
     let per = messages / 2 / clients;
-    let (mut base, mut ours) = (Vec::new(), Vec::new());
+    let (mut base, mut ours, mut server_ns) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         base.push(drive(&echo_socket, clients, per, 0)?);
+        let cpu = serving_cpu_ns();
         ours.push(drive(&socket, clients, per, round * clients * per)?);
+        if let (Some(a), Some(b)) = (cpu, serving_cpu_ns()) {
+            server_ns.push((b - a) as f64 / (per * clients * 2) as f64);
+        }
     }
 
     // Latency: begin sent → the kernel map holds the entry.
@@ -216,7 +220,7 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
         target: target.into(),
         spread: (lat[0], lat[lat.len() - 1]),
     };
-    Ok(vec![
+    let mut rows = vec![
         Row {
             scenario: format!(
                 "registration: Unix socket, canned replies (baseline), {clients} clients"
@@ -241,5 +245,50 @@ pub fn registration(messages: usize, clients: usize) -> Result<Vec<Row>, BenchEr
         },
         row("p50", "us", p(0.5), ""),
         row("p99", "us", p(0.99), "<= 50"),
-    ])
+    ];
+    if server_ns.len() == ROUNDS {
+        let (lo, hi) = spread(&server_ns);
+        let ns = median(&mut server_ns);
+        rows.push(Row {
+            scenario: format!(
+                "registration: the serving thread's CPU per message, {clients} clients"
+            ),
+            metric: "CPU time per message".into(),
+            unit: "us".into(),
+            value: ns / 1e3,
+            baseline: None,
+            ratio: None,
+            target: String::new(),
+            spread: (lo / 1e3, hi / 1e3),
+        });
+        // What one CPU given to the serving thread sustains, its clients on
+        // other CPUs (here they share the two vCPUs with it).
+        rows.push(Row {
+            scenario: "registration: messages one CPU of the serving thread sustains (1 / CPU per message)".into(),
+            metric: "throughput".into(),
+            unit: "msg/s".into(),
+            value: 1e9 / ns,
+            baseline: None,
+            ratio: None,
+            target: ">= 200000".into(),
+            spread: (1e9 / hi, 1e9 / lo),
+        });
+    }
+    Ok(rows)
+}
+
+/// The serving thread's name ("tagflow-registry") as comm keeps it: 15 bytes.
+const SERVING_COMM: &str = "tagflow-registr";
+
+/// CPU time the registration thread (`tagflow-registry`) has run so far,
+/// from its schedstat (nanoseconds). `None` when it cannot be read.
+fn serving_cpu_ns() -> Option<u64> {
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim_end() == SERVING_COMM {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            return stat.split_whitespace().next()?.parse().ok();
+        }
+    }
+    None
 }
