@@ -263,6 +263,16 @@ mod tests {
         body
     }
 
+    /// A fresh directory and a socket listening in it, as the agent's.
+    fn agent_socket(tag: &str) -> (PathBuf, PathBuf, UnixListener) {
+        let dir = std::env::temp_dir().join(format!("{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        (dir, path, listener)
+    }
+
     fn ok(trace: &str) -> Vec<u8> {
         protocol::encode_response(&Response::Ok(protocol::Ok {
             trace_id: Some(trace.into()),
@@ -274,11 +284,7 @@ mod tests {
     /// every registration on it) nor be taken for the next request's.
     #[tokio::test]
     async fn a_timed_out_request_keeps_the_connection_and_its_late_reply_is_dropped() {
-        let dir = std::env::temp_dir().join(format!("tagflow-client-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = agent_socket("tagflow-client");
         let agent = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             read_frame(&mut s).await;
@@ -309,11 +315,7 @@ mod tests {
     /// END's is read first and a refusal in it is counted, not lost.
     #[tokio::test]
     async fn an_unawaited_end_is_answered_in_order_and_its_refusal_counted() {
-        let dir = std::env::temp_dir().join(format!("tagflow-client-end-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("agent.sock");
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
+        let (dir, path, listener) = agent_socket("tagflow-client-end");
         let agent = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut kinds = Vec::new();
