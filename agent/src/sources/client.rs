@@ -113,17 +113,22 @@ impl Client {
                 self.conn = None;
                 Err(e)
             }
-            Err(_) => {
-                if self
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| c.writing || c.owed >= MAX_OWED)
-                {
-                    self.conn = None;
-                }
-                Err(ClientError::Timeout(t))
-            }
+            Err(_) => Err(self.timed_out()),
         }
+    }
+
+    /// After a timeout: the connection is kept (closing it would release
+    /// every registration open on it) unless a frame was cut short or it
+    /// owes so many replies that the agent is not answering.
+    fn timed_out(&mut self) -> ClientError {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.writing || c.owed > MAX_OWED)
+        {
+            self.conn = None;
+        }
+        ClientError::Timeout(self.timeout)
     }
 
     /// Waits for every reply this connection still owes.
@@ -168,16 +173,7 @@ impl Client {
                 }
                 Err(e)
             }
-            Err(_) => {
-                if self
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| c.writing || c.owed > MAX_OWED)
-                {
-                    self.conn = None;
-                }
-                Err(ClientError::Timeout(t))
-            }
+            Err(_) => Err(self.timed_out()),
         }
     }
 
