@@ -83,6 +83,17 @@ fn failing_client(pod: &Pod, target: &str, n: usize, conc: usize, prefix: &str, 
     assert_eq!(out.len(), n, "every call answered: {out:?}");
 }
 
+/// The agent's counters that moved, for a failure to name (histograms and
+/// registration aside).
+fn metrics_seen(agent: &Agent) -> std::collections::BTreeMap<String, f64> {
+    agent
+        .metrics()
+        .unwrap()
+        .into_iter()
+        .filter(|(k, v)| *v != 0.0 && !k.contains("bucket") && !k.contains("registr"))
+        .collect()
+}
+
 fn no_h2_losses(agent: &Agent) -> HashMap<String, f64> {
     let m = agent.metrics().unwrap();
     for k in [
@@ -222,12 +233,7 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
     assert!(
         clients >= N - 1 && servers >= N - 1,
         "{clients} client and {servers} server gRPC spans of {N} calls; the hop's spans: {hop:#?}; {:#?}",
-        agent
-            .metrics()
-            .unwrap()
-            .into_iter()
-            .filter(|(k, v)| *v != 0.0 && !k.contains("bucket") && !k.contains("registr"))
-            .collect::<std::collections::BTreeMap<_, _>>()
+        metrics_seen(agent)
     );
     // The loopback hop (nginx → app): the server's side passes the same
     // hook, so each call's response and trailers are read too. Both ends
@@ -261,7 +267,8 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
             && (failed - 1..=failed).contains(&calls("5"))
             && (ok - 1..=ok).contains(&calls("0"))
             && codes.len() >= N - 1,
-        "status per call on the loopback hop: {codes:?}"
+        "status per call on the loopback hop: {codes:?}; the hop's spans: {hop:#?}; {:#?}",
+        metrics_seen(agent)
     );
     let m = no_h2_losses(agent);
     assert!(
