@@ -68,7 +68,7 @@ fn span_len(s: &SpanRecord) -> usize {
         } else {
             0
         }
-        + s.attributes.wire().len()
+        + s.attributes.encoded_len()
         + if s.error {
             delimited_len(15, STATUS_BODY_LEN)
         } else {
@@ -94,7 +94,7 @@ fn put_span(out: &mut Vec<u8>, s: &SpanRecord, len: usize) {
             out.extend_from_slice(&t.to_le_bytes());
         }
     }
-    out.extend_from_slice(s.attributes.wire());
+    s.attributes.write_to(out);
     if s.error {
         put_key(out, 15, LEN);
         put_varint(out, STATUS_BODY_LEN as u64);
@@ -271,7 +271,14 @@ mod tests {
         ExportTraceServiceRequest { resource_spans }.encode_to_vec()
     }
 
-    const KEYS: [&str; 4] = ["", "http.request.method", "tagflow.packets", "k"];
+    // Names the spans' attributes hold as an index, and others.
+    const KEYS: [&str; 5] = [
+        "",
+        "http.request.method",
+        "tagflow.packets",
+        "k",
+        "http.request.header.x-request-id",
+    ];
 
     fn value() -> impl Strategy<Value = Value> {
         prop_oneof![

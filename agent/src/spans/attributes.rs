@@ -1,11 +1,11 @@
-//! A span's attributes, kept as their OTLP encoding: the repeated
-//! `Span.attributes` field, byte for byte. Finished spans wait (for their
+//! A span's attributes, kept close to their OTLP encoding: the repeated
+//! `Span.attributes` field, except that a key the agent writes itself
+//! (`KEYS`) is its one-byte index there. Finished spans wait (for their
 //! trace to settle, for the collector) and are what the agent's memory is
-//! made of. As typed key/value pairs (48 bytes each, plus a heap string for
-//! every address, name and id) an HTTP call span's ~25 attributes took a
-//! dozen allocations; encoded they take one, and a held span's heap fell
-//! from 2 582 to 1 942 bytes (`tagflow-lab bench pipeline`, span memory).
-//! The exporter copies them instead of encoding them.
+//! made of: as typed key/value pairs an HTTP call span's ~25 attributes
+//! took a dozen allocations and 2 582 bytes of heap; encoded, one
+//! allocation of ~800 bytes, of which the key names were ~430. The
+//! exporter copies the bytes, writing each key's name as it goes.
 use std::{fmt, io::Write};
 
 use crate::protowire::*;
@@ -14,12 +14,57 @@ use super::{KeyValue, Value};
 
 /// `Span.attributes` is field 9.
 const FIELD: u32 = 9;
+/// Inside a `KeyValue` held here: the index into `KEYS` in place of field
+/// 1 (the key). Never sent: `write_to` puts the name back.
+const KEY_INDEX: u32 = 15;
+
+/// The keys the agent writes on every span, most of them on every call.
+const KEYS: [&str; 30] = [
+    "network.transport",
+    "network.type",
+    "network.peer.address",
+    "network.peer.port",
+    "network.local.address",
+    "network.local.port",
+    "network.interface.name",
+    "network.interface.direction",
+    "network.protocol.name",
+    "network.protocol.version",
+    "process.pid",
+    "tagflow.packets",
+    "tagflow.bytes",
+    "tagflow.tcp_flags",
+    "tagflow.source",
+    "tagflow.match",
+    "tagflow.netns",
+    "tagflow.evicted",
+    "tagflow.request_id",
+    "http.request.method",
+    "http.request.header.host",
+    "http.request.header.x-request-id",
+    "http.response.status_code",
+    "url.path",
+    "server.address",
+    "server.port",
+    "rpc.system",
+    "rpc.service",
+    "rpc.method",
+    "rpc.grpc.status_code",
+];
+// An index is one byte of varint.
+const _: () = assert!(KEYS.len() < 128);
+
+fn key_index(key: &str) -> Option<u8> {
+    KEYS.iter().position(|k| *k == key).map(|i| i as u8)
+}
 
 /// Attributes in the order they were pushed. The one writer is `push_*`,
-/// which always writes whole `KeyValue` fields, so the bytes always decode.
+/// which always writes whole `KeyValue` fields, so the bytes always decode;
+/// `sent` is what they take once the keys are written out.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Attributes {
     wire: Vec<u8>,
+    sent: usize,
 }
 
 impl Attributes {
@@ -28,12 +73,36 @@ impl Attributes {
     pub fn with_capacity(bytes: usize) -> Self {
         Self {
             wire: Vec::with_capacity(bytes),
+            sent: 0,
         }
     }
 
-    /// The encoded `Span.attributes` fields (field number 9).
-    pub fn wire(&self) -> &[u8] {
-        &self.wire
+    /// The length of `Span.attributes` as `write_to` writes them.
+    pub fn encoded_len(&self) -> usize {
+        self.sent
+    }
+
+    /// Appends the `Span.attributes` fields (field number 9), each key
+    /// written out.
+    pub fn write_to(&self, out: &mut Vec<u8>) {
+        let mut b = &self.wire[..];
+        while let Some((_, _, kv)) = read_field(&mut b) {
+            let mut body = kv;
+            match read_field(&mut body) {
+                Some((KEY_INDEX, i, _)) => {
+                    let key = KEYS[i as usize];
+                    put_key(out, FIELD, LEN);
+                    put_varint(out, (opt_bytes_len(1, key.as_bytes()) + body.len()) as u64);
+                    put_opt_bytes(out, 1, key.as_bytes());
+                    out.extend_from_slice(body);
+                }
+                _ => {
+                    put_key(out, FIELD, LEN);
+                    put_varint(out, kv.len() as u64);
+                    out.extend_from_slice(kv);
+                }
+            }
+        }
     }
 
     /// Frees the slack growth left: a span is built once and then waits.
@@ -43,10 +112,21 @@ impl Attributes {
 
     /// Starts a `KeyValue` field whose `AnyValue` body is `value_len` bytes.
     fn open(&mut self, key: &str, value_len: usize) {
-        let body = opt_bytes_len(1, key.as_bytes()) + delimited_len(2, value_len);
+        let value = delimited_len(2, value_len);
+        let named = opt_bytes_len(1, key.as_bytes()) + value;
+        self.sent += key_len(FIELD) + varint_len(named as u64) + named;
         put_key(&mut self.wire, FIELD, LEN);
-        put_varint(&mut self.wire, body as u64);
-        put_opt_bytes(&mut self.wire, 1, key.as_bytes());
+        match key_index(key) {
+            Some(i) => {
+                put_varint(&mut self.wire, (key_len(KEY_INDEX) + 1 + value) as u64);
+                put_key(&mut self.wire, KEY_INDEX, VARINT);
+                put_varint(&mut self.wire, i.into());
+            }
+            None => {
+                put_varint(&mut self.wire, named as u64);
+                put_opt_bytes(&mut self.wire, 1, key.as_bytes());
+            }
+        }
         put_key(&mut self.wire, 2, LEN);
         put_varint(&mut self.wire, value_len as u64);
     }
@@ -101,7 +181,14 @@ impl Attributes {
         let mut b = &self.wire[..];
         std::iter::from_fn(move || {
             let (_, _, kv) = read_field(&mut b)?;
-            read_key_value(kv)
+            let mut body = kv;
+            match read_field(&mut body)? {
+                (KEY_INDEX, i, _) => {
+                    let (_, value) = read_key_value(body)?;
+                    Some((KEYS[i as usize], value))
+                }
+                _ => read_key_value(kv),
+            }
         })
     }
 
@@ -158,6 +245,42 @@ mod tests {
             prop_assert_eq!(back, want);
             prop_assert_eq!(a.iter().count(), entries.len());
         }
+    }
+
+    #[test]
+    fn known_keys_are_held_as_an_index_and_sent_by_name() {
+        let mut a = Attributes::default();
+        a.push_str("network.interface.direction", "ingress");
+        a.push_int("x.custom", 7);
+        a.push_str_array("http.request.header.x-request-id", &["r1"]);
+        let mut out = Vec::new();
+        a.write_to(&mut out);
+        assert_eq!(out.len(), a.encoded_len());
+        let mut b = &out[..];
+        let sent: Vec<_> = std::iter::from_fn(|| {
+            let (field, _, kv) = read_field(&mut b)?;
+            assert_eq!(field, FIELD);
+            read_key_value(kv).map(|(k, v)| (k.to_owned(), v))
+        })
+        .collect();
+        assert_eq!(
+            sent,
+            [
+                (
+                    "network.interface.direction".into(),
+                    Value::Str("ingress".into())
+                ),
+                ("x.custom".into(), Value::Int(7)),
+                (
+                    "http.request.header.x-request-id".into(),
+                    Value::StrArray(vec!["r1".into()])
+                ),
+            ]
+        );
+        let names = "network.interface.direction".len() + "http.request.header.x-request-id".len();
+        // A held name is its index, in the place of its length: the name
+        // itself is what is saved.
+        assert_eq!(a.wire.len() + names, out.len());
     }
 
     #[test]
