@@ -3,7 +3,7 @@ use std::{fmt, net::IpAddr};
 
 use agent_common::*;
 
-use super::{Assembler, Open};
+use super::{link::Closed, Assembler, Open, Reply};
 use crate::{
     sources::capture::{HeadInfo, Protocol},
     spans::{Attributes, SpanKind, SpanRecord},
@@ -55,8 +55,8 @@ impl Assembler {
             (Some(h), None) => h.method.clone(),
             (None, _) => format!("{transport} {}", fmt_hostport(peer, key.remote_port)),
         };
-        // An HTTP call span's attributes take ~800 bytes.
-        let mut a = Attributes::with_capacity(1024);
+        // An HTTP call span's attributes take ~400 bytes here.
+        let mut a = Attributes::with_capacity(512);
         a.push_str("network.transport", transport);
         let family = if key.family == FAMILY_IPV6 {
             "ipv6"
@@ -131,12 +131,7 @@ impl Assembler {
                 }
                 (None, None) => {}
             }
-            if let Some(code) = o.reply.status {
-                a.push_int("http.response.status_code", code.into());
-            }
-            if let (Some(code), Some(_)) = (o.reply.grpc_status, rpc) {
-                a.push_int("rpc.grpc.status_code", code.into());
-            }
+            push_status(&mut a, &Reply::default(), &o.reply, rpc.is_some());
             if let Some(rid) = &h.request_id {
                 a.push_str_array("http.request.header.x-request-id", &[rid]);
                 a.push_str("tagflow.request_id", rid);
@@ -159,6 +154,39 @@ impl Assembler {
             error,
         }
     }
+}
+
+/// The status attributes `now` has and `before` had not (a request's
+/// span; `grpc`: a gRPC call).
+fn push_status(a: &mut Attributes, before: &Reply, now: &Reply, grpc: bool) {
+    if let (None, Some(code)) = (before.status, now.status) {
+        a.push_int("http.response.status_code", code.into());
+    }
+    if let (None, Some(code), true) = (before.grpc_status, now.grpc_status, grpc) {
+        a.push_int("rpc.grpc.status_code", code.into());
+    }
+}
+
+impl Closed {
+    /// What a response block read after the span closed (the agent ran
+    /// behind) adds to a request's span: its status, and its time.
+    pub(super) fn late_reply(&mut self, later: Reply) {
+        let Some(answer) = &mut self.answer else {
+            return;
+        };
+        let before = answer.reply;
+        answer.reply.add(later);
+        let (now, grpc) = (answer.reply, answer.grpc);
+        let r = &mut self.record;
+        push_status(&mut r.attributes, &before, &now, grpc);
+        r.error = failed(r.kind, now.status, now.grpc_status.filter(|_| grpc));
+        self.end = self.end.max(now.last_ns);
+    }
+}
+
+/// Whether `h` is a gRPC call.
+pub(super) fn is_grpc(h: &HeadInfo) -> bool {
+    grpc_method(h).is_some()
 }
 
 /// Whether a call failed as the semantic conventions read its status: a

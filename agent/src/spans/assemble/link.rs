@@ -21,6 +21,15 @@ pub(super) struct Closed {
     pub start: u64,
     pub end: u64,
     pub record: SpanRecord,
+    /// A request's span (its head was read): its response so far, and
+    /// whether it is a gRPC call. A status read late still reaches it.
+    pub answer: Option<Answer>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Answer {
+    pub reply: super::Reply,
+    pub grpc: bool,
 }
 
 #[cfg(test)]
@@ -256,6 +265,7 @@ mod tests {
                 key(1, [127, 0, 0, 1], 41000, [127, 0, 0, 1], 8080)
             },
             via: None,
+            answer: None,
             remote_parent: remote,
             pid: 5,
             start: 10,
@@ -312,6 +322,7 @@ mod tests {
                     Closed {
                         key: k,
                         via: None,
+                        answer: None,
                         remote_parent: remote.map(|r| [r; 8]),
                         pid: *pid,
                         start: *start,

@@ -24,7 +24,7 @@ mod link;
 
 use super::{resource::Resources, Resource, SpanKind};
 use crate::{ids, sources::capture::HeadInfo, trim::Trim};
-use link::Closed;
+use link::{Answer, Closed};
 
 #[derive(Debug, Clone)]
 pub struct AssemblerConfig {
@@ -491,12 +491,22 @@ impl Assembler {
     /// connection its client side keys as `client` and its server side as
     /// `server`: both spans carry it. A later block (trailers) adds to what
     /// an earlier one said.
-    /// A side whose span is not open yet gets it when it opens.
+    /// A side whose span closed and waits for its trace gets it too; one
+    /// with no span yet gets it when its span opens (or is renamed to
+    /// this pair, and closes).
     pub fn reply(&mut self, client: &FlowKey, server: &FlowKey, trace: &[u8; 16], reply: Reply) {
         for key in [*client, *server] {
             let k = (key, *trace);
+            let held = self.groups.get_mut(trace).and_then(|g| {
+                g.closed
+                    .iter_mut()
+                    .rev()
+                    .find(|c| c.key == key && c.answer.is_some())
+            });
             if let Some(o) = self.open.get_mut(&k) {
                 o.reply.add(reply);
+            } else if let Some(c) = held {
+                c.late_reply(reply);
             } else if let Some(r) = self.replies.map.get_mut(&k) {
                 r.add(reply);
             } else {
@@ -556,9 +566,14 @@ impl Assembler {
     }
 
     fn close(&mut self, k: (FlowKey, [u8; 16]), why: Why, now: u64) {
-        let Some(o) = self.open.remove(&k) else {
+        let Some(mut o) = self.open.remove(&k) else {
             return;
         };
+        // A status that waited for this pair while its span was open under
+        // another name (re-attributed, continued).
+        if let Some(r) = self.replies.map.remove(&k) {
+            o.reply.add(r);
+        }
         match why {
             Why::End => self.stats.closed_end += 1,
             Why::Fin => self.stats.closed_fin += 1,
@@ -597,6 +612,11 @@ impl Assembler {
         let g = self.groups.entry(k.1).or_default();
         g.open = g.open.saturating_sub(1);
         g.last_change = now;
+        // Most traces close a few spans here: room for exactly those (the
+        // first push alone would reserve four of ~250 bytes each).
+        if g.closed.len() == g.closed.capacity() && g.closed.len() < 4 {
+            g.closed.reserve_exact(1);
+        }
         g.closed.push(Closed {
             key: k.0,
             via: o.via,
@@ -605,6 +625,10 @@ impl Assembler {
             start,
             end: t.last_ns.max(start),
             record,
+            answer: o.head.as_deref().map(|h| Answer {
+                reply: o.reply,
+                grpc: attributes::is_grpc(h),
+            }),
         });
         self.held += 1;
     }
@@ -1245,5 +1269,75 @@ mod tests {
             a.reply(&c, &r, &T2, status(Some(200), Some(0)));
         }
         assert_eq!(a.stats.replies_unmatched, MAX_WAITING_REPLIES as u64 + 1);
+    }
+
+    /// On a slow node a response can be read before its request's span
+    /// has its name (it opened under the process's previous trace, and is
+    /// renamed when the head is read), or after the span closed: either
+    /// way the span carries the status.
+    #[test]
+    fn a_status_read_late_or_early_reaches_its_span() {
+        let mut a = asm(1_000_000);
+        let status = |status, grpc_status, last_ns| Reply {
+            status,
+            grpc_status,
+            last_ns,
+        };
+        let grpc = || head("POST", "/shop.Cart/Add", "[::1]:50051", Protocol::Grpc);
+        // The caller's span opened under T2; the status of T1's request is
+        // read before its head renames the span.
+        let caller = key(1, [127, 0, 0, 1], 40000, [127, 0, 0, 1], 50051);
+        let server = caller.reversed_in(1);
+        let mut e = ev(caller, T2, OWNER_CONNECTED, 100, 100, 1);
+        e.stats.matched = MATCH_PID;
+        a.flow_new(&e, None, 100);
+        a.reply(&caller, &server, &T1, status(Some(200), Some(0), 150));
+        let ctx = TraceContext {
+            trace_id: T1,
+            ..Default::default()
+        };
+        assert!(a.retrace(&caller, &T2, &ctx, End::Sender, 120));
+        assert!(a.head(&caller, grpc()));
+        a.flow_end(&ev(caller, T1, OWNER_CONNECTED, 100, 160, 3), 160);
+        // Another call's server span closed before its status was read;
+        // trailers come later still.
+        let caller2 = key(1, [127, 0, 0, 1], 40001, [127, 0, 0, 1], 50051);
+        let server2 = caller2.reversed_in(1);
+        a.flow_new(
+            &ev(server2, T2, OWNER_BOUND, 110, 110, 1),
+            Some(grpc()),
+            110,
+        );
+        a.flow_end(&ev(server2, T2, OWNER_BOUND, 110, 140, 2), 140);
+        a.reply(&caller2, &server2, &T2, status(Some(200), None, 170));
+        a.reply(&caller2, &server2, &T2, status(None, Some(13), 180));
+        let out = a.ready(&CLOCK(), 1_000, |_| false);
+        let c = out.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        let s = out
+            .iter()
+            .find(|s| s.kind == SpanKind::Server && s.trace_id == T2)
+            .unwrap();
+        assert_eq!(c.attr("http.response.status_code"), Some(Value::Int(200)));
+        assert_eq!(c.attr("rpc.grpc.status_code"), Some(Value::Int(0)));
+        assert!(!c.error);
+        assert_eq!(s.attr("http.response.status_code"), Some(Value::Int(200)));
+        assert_eq!(s.attr("rpc.grpc.status_code"), Some(Value::Int(13)));
+        assert!(s.error, "INTERNAL is the server's failure");
+        assert_eq!(
+            s.attributes
+                .iter()
+                .filter(|(k, _)| k.contains("status"))
+                .count(),
+            2,
+            "each status once"
+        );
+        // The server's span lasts until its trailers.
+        assert_eq!(
+            s.end_unix_ns - s.start_unix_ns,
+            180 - 110,
+            "{} {}",
+            s.start_unix_ns,
+            s.end_unix_ns
+        );
     }
 }
