@@ -187,9 +187,9 @@ pub struct AgentConfig {
     pub max_open_spans: usize,
     /// Finished spans held while their trace is still busy (for linking),
     /// at most; beyond it the busiest trace is sent early. With the export
-    /// queue this bounds the agent's memory for spans (≈ 2.6 KB each,
+    /// queue this bounds the agent's memory for spans (≈ 0.85 KB each,
     /// `cargo xtask bench`'s span memory row): 4096 held and 2048 queued
-    /// (and as many waiting for the queue) keep it near 20 MiB.
+    /// (and as many waiting for the queue) keep it near 7 MiB.
     pub max_held_spans: usize,
     pub export: crate::export::ExportConfig,
     pub maps: MapSizes,
