@@ -168,14 +168,29 @@ fn push_status(a: &mut Attributes, before: &Reply, now: &Reply, grpc: bool) {
 }
 
 impl Closed {
+    /// Whether `later` says what this request's span does not know yet (a
+    /// span that has its status is an earlier request's, on a connection
+    /// that reused the trace).
+    pub(super) fn lacks(&self, later: &Reply) -> bool {
+        self.answer.is_some_and(|a| {
+            (a.reply.status.is_none() && later.status.is_some())
+                || (a.reply.grpc_status.is_none() && later.grpc_status.is_some())
+        })
+    }
+
     /// What a response block read after the span closed (the agent ran
-    /// behind) adds to a request's span: its status, and its time.
+    /// behind) adds to a request's span: the status it lacked, and its
+    /// time. What it already had stays.
     pub(super) fn late_reply(&mut self, later: Reply) {
         let Some(answer) = &mut self.answer else {
             return;
         };
         let before = answer.reply;
-        answer.reply.add(later);
+        answer.reply = Reply {
+            status: before.status.or(later.status),
+            grpc_status: before.grpc_status.or(later.grpc_status),
+            last_ns: before.last_ns.max(later.last_ns),
+        };
         let (now, grpc) = (answer.reply, answer.grpc);
         let r = &mut self.record;
         push_status(&mut r.attributes, &before, &now, grpc);

@@ -491,9 +491,9 @@ impl Assembler {
     /// connection its client side keys as `client` and its server side as
     /// `server`: both spans carry it. A later block (trailers) adds to what
     /// an earlier one said.
-    /// A side whose span closed and waits for its trace gets it too; one
-    /// with no span yet gets it when its span opens (or is renamed to
-    /// this pair, and closes).
+    /// A side whose span closed without it and waits for its trace gets
+    /// it too; one with no such span gets it when its span opens (or is
+    /// renamed to this pair, and closes).
     pub fn reply(&mut self, client: &FlowKey, server: &FlowKey, trace: &[u8; 16], reply: Reply) {
         for key in [*client, *server] {
             let k = (key, *trace);
@@ -501,7 +501,7 @@ impl Assembler {
                 g.closed
                     .iter_mut()
                     .rev()
-                    .find(|c| c.key == key && c.answer.is_some())
+                    .find(|c| c.key == key && c.lacks(&reply))
             });
             if let Some(o) = self.open.get_mut(&k) {
                 o.reply.add(reply);
@@ -1311,8 +1311,28 @@ mod tests {
         a.flow_end(&ev(server2, T2, OWNER_BOUND, 110, 140, 2), 140);
         a.reply(&caller2, &server2, &T2, status(Some(200), None, 170));
         a.reply(&caller2, &server2, &T2, status(None, Some(13), 180));
+        // The next request on the caller's connection reuses the trace: the
+        // status of the one that closed stays, the new one gets its own.
+        a.reply(&caller, &server, &T1, status(Some(503), None, 200));
+        a.flow_new(
+            &ev(caller, T1, OWNER_CONNECTED, 190, 190, 1),
+            Some(grpc()),
+            190,
+        );
+        a.flow_end(&ev(caller, T1, OWNER_CONNECTED, 190, 210, 2), 210);
         let out = a.ready(&CLOCK(), 1_000, |_| false);
-        let c = out.iter().find(|s| s.kind == SpanKind::Client).unwrap();
+        let calls: Vec<_> = out
+            .iter()
+            .filter(|s| s.kind == SpanKind::Client)
+            .map(|s| s.attr("http.response.status_code"))
+            .collect();
+        assert_eq!(calls.len(), 2);
+        assert!(calls.contains(&Some(Value::Int(503))), "{calls:?}");
+        let c = out
+            .iter()
+            .filter(|s| s.kind == SpanKind::Client)
+            .min_by_key(|s| s.start_unix_ns)
+            .unwrap();
         let s = out
             .iter()
             .find(|s| s.kind == SpanKind::Server && s.trace_id == T2)
