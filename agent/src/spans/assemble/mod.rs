@@ -497,15 +497,14 @@ impl Assembler {
     pub fn reply(&mut self, client: &FlowKey, server: &FlowKey, trace: &[u8; 16], reply: Reply) {
         for key in [*client, *server] {
             let k = (key, *trace);
-            let held = self.groups.get_mut(trace).and_then(|g| {
+            if let Some(o) = self.open.get_mut(&k) {
+                o.reply.add(reply);
+            } else if let Some(c) = self.groups.get_mut(trace).and_then(|g| {
                 g.closed
                     .iter_mut()
                     .rev()
                     .find(|c| c.key == key && c.lacks(&reply))
-            });
-            if let Some(o) = self.open.get_mut(&k) {
-                o.reply.add(reply);
-            } else if let Some(c) = held {
+            }) {
                 c.late_reply(reply);
             } else if let Some(r) = self.replies.map.get_mut(&k) {
                 r.add(reply);
