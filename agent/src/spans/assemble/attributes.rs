@@ -3,7 +3,10 @@ use std::{fmt, net::IpAddr};
 
 use agent_common::*;
 
-use super::{link::Closed, Assembler, Open, Reply};
+use super::{
+    link::{Answer, Closed},
+    Assembler, Open, Reply,
+};
 use crate::{
     sources::capture::{HeadInfo, Protocol},
     spans::{Attributes, SpanKind, SpanRecord},
@@ -30,7 +33,7 @@ impl Assembler {
         trace_id: [u8; 16],
         o: &Open,
         evicted: bool,
-    ) -> SpanRecord {
+    ) -> (SpanRecord, Option<Answer>) {
         let totals = o.totals();
         let s = &totals;
         let (local, peer) = (key.local_ip(), key.remote_ip());
@@ -140,7 +143,12 @@ impl Assembler {
         // Held and queued spans are what the agent's memory is made of.
         a.shrink_to_fit();
         let error = failed(kind, o.reply.status, rpc.and(o.reply.grpc_status));
-        SpanRecord {
+        // A request's span: a status read after it closes still reaches it.
+        let answer = o.head.as_ref().map(|_| Answer {
+            reply: o.reply,
+            grpc: rpc.is_some(),
+        });
+        let record = SpanRecord {
             trace_id,
             span_id: o.span_id,
             parent_span_id: None,
@@ -152,7 +160,8 @@ impl Assembler {
             attributes: a,
             resource: o.resource.clone(),
             error,
-        }
+        };
+        (record, answer)
     }
 }
 
@@ -197,11 +206,6 @@ impl Closed {
         r.error = failed(r.kind, now.status, now.grpc_status.filter(|_| grpc));
         self.end = self.end.max(now.last_ns);
     }
-}
-
-/// Whether `h` is a gRPC call.
-pub(super) fn is_grpc(h: &HeadInfo) -> bool {
-    grpc_method(h).is_some()
 }
 
 /// Whether a call failed as the semantic conventions read its status: a

@@ -24,7 +24,7 @@ mod link;
 
 use super::{resource::Resources, Resource, SpanKind};
 use crate::{ids, sources::capture::HeadInfo, trim::Trim};
-use link::{Answer, Closed};
+use link::Closed;
 
 #[derive(Debug, Clone)]
 pub struct AssemblerConfig {
@@ -579,7 +579,7 @@ impl Assembler {
             Why::Idle => self.stats.closed_idle += 1,
             Why::Evicted => self.stats.evicted += 1,
         }
-        let mut record = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
+        let (mut record, answer) = self.build(&k.0, k.1, &o, matches!(why, Why::Evicted));
         if record.kind == SpanKind::Client {
             match o.stats.matched {
                 MATCH_PID => self.stats.calls_by_process += 1,
@@ -624,10 +624,7 @@ impl Assembler {
             start,
             end: t.last_ns.max(start),
             record,
-            answer: o.head.as_deref().map(|h| Answer {
-                reply: o.reply,
-                grpc: attributes::is_grpc(h),
-            }),
+            answer,
         });
         self.held += 1;
     }
