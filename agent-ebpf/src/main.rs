@@ -31,6 +31,7 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, SockAddrContext, SockContext, SockOpsContext, TcContext},
     Global,
 };
+use core::mem::MaybeUninit;
 use maps::{count, FLOW_STATS, FLOW_TRACES, TRACES};
 use parse::{Payload, Skip};
 
@@ -60,7 +61,9 @@ pub fn tagflow_ingress_ifns(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
     // Each path below ends in exactly one terminal counter (see Counter).
-    let parsed = match parse::parse(&ctx) {
+    let mut slot = MaybeUninit::uninit();
+    let key = parse::zeroed_key(&mut slot);
+    let parsed = match parse::parse(&ctx, key) {
         Ok(p) => p,
         Err(skip) => {
             count(match skip {
@@ -73,7 +76,6 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
         }
     };
     let cfg = CONFIG.load();
-    let mut key = parsed.key;
     key.netns = if NETNS_HELPER {
         resolve::netns(&ctx, cfg.host_netns)
     } else {
@@ -83,8 +85,8 @@ fn ingress<const NETNS_HELPER: bool>(mut ctx: TcContext) -> i32 {
     // Passive capture runs before the gate: heads from trace-free pods are
     // how traces start.
     let walk =
-        cfg.capture_len != 0 && capture_payload::<NETNS_HELPER>(&ctx, &cfg, &key, &parsed, true);
-    tag_packet::<NETNS_HELPER>(&mut ctx, &cfg, &key, &parsed);
+        cfg.capture_len != 0 && capture_payload::<NETNS_HELPER>(&ctx, &cfg, key, &parsed, true);
+    tag_packet::<NETNS_HELPER>(&mut ctx, &cfg, key, &parsed);
     // Last: a tail call does not come back.
     if walk {
         h2::walk_on::<NETNS_HELPER>(&ctx);
@@ -167,12 +169,13 @@ pub fn tagflow_uplink(ctx: TcContext) -> i32 {
     if cfg.capture_len == 0 {
         return TCX_NEXT;
     }
-    if let Ok(mut parsed) = parse::parse(&ctx) {
-        parsed.key.netns = NETNS_WIRE;
+    let mut slot = MaybeUninit::uninit();
+    let key = parse::zeroed_key(&mut slot);
+    key.netns = NETNS_WIRE;
+    if let Ok(parsed) = parse::parse(&ctx, key) {
         // Heads only (a few per connection): the kernel's clock, which
         // every kernel offers, costs little here.
-        let key = parsed.key;
-        if capture_payload::<false>(&ctx, &cfg, &key, &parsed, false) {
+        if capture_payload::<false>(&ctx, &cfg, key, &parsed, false) {
             h2::walk_on::<false>(&ctx);
         }
     }
