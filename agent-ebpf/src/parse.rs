@@ -42,7 +42,7 @@ pub struct Parsed {
 /// `k` zeroed, as a key for `parse` to fill. Not `FlowKey::default()`: the
 /// key's address goes to map helpers, so it lives on the stack, and LLVM
 /// zeroes such a key with a call to a byte-by-byte `memset` subprogram
-/// (17 % of the program's time in a profile). Volatile word stores are not
+/// (17 % of test_run's time in a profile). Volatile word stores are not
 /// merged into that call.
 #[inline(always)]
 pub fn zeroed_key(k: &mut MaybeUninit<FlowKey>) -> &mut FlowKey {
