@@ -42,7 +42,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_millis(100);
 /// for another destination.
 const CACHE_TTL: Duration = Duration::from_secs(30);
 /// "Unknown" is kept only this long: asked at a connection's first packet,
-/// conntrack may not have confirmed its entry yet.
+/// conntrack may not have confirmed its entry yet (see `recheck`).
 const NOT_FOUND_TTL: Duration = Duration::from_secs(1);
 
 /// The ctnetlink request for the connection `key` (seen from its sender):
@@ -160,6 +160,18 @@ pub fn parse_reply(body: &[u8], key: &FlowKey) -> Result<Option<FlowKey>, Netlin
     Err(NetlinkError::Malformed)
 }
 
+/// What conntrack said of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    /// The host translated it (a Service address): the callee's side.
+    Via(FlowKey),
+    /// Not translated, or not a connection conntrack follows.
+    Direct,
+    /// No entry (not confirmed yet, or no conntrack on its path), or the
+    /// lookup failed.
+    Unknown,
+}
+
 /// What happened to the lookups.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ServiceStats {
@@ -173,11 +185,14 @@ pub struct ServiceStats {
     pub not_found: u64,
     /// Failed lookups (socket errors, malformed answers, no ctnetlink).
     pub errors: u64,
+    /// Of `not_found`: connections found translated when asked again at
+    /// the next sweep (their entry was not confirmed at the first packet).
+    pub confirmed_late: u64,
 }
 
 impl ServiceStats {
     /// As metrics: (name, help, value).
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 4] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 5] {
         [
             (
                 "linking_services_translated_total",
@@ -199,6 +214,11 @@ impl ServiceStats {
                 "Conntrack lookups that failed (calls through Services stay unlinked).",
                 self.errors,
             ),
+            (
+                "linking_services_confirmed_late_total",
+                "Connections conntrack did not know at their first packet and had translated when asked again.",
+                self.confirmed_late,
+            ),
         ]
     }
 }
@@ -209,7 +229,7 @@ impl ServiceStats {
 pub struct Services {
     sock: Option<netlink::Socket>,
     /// Answer and until when it holds.
-    cache: HashMap<FlowKey, (Instant, Option<FlowKey>)>,
+    cache: HashMap<FlowKey, (Instant, Translation)>,
     order: VecDeque<FlowKey>,
     cap: usize,
     pub stats: ServiceStats,
@@ -261,8 +281,18 @@ impl Services {
     /// `key` (a connection seen from its sender) as its receiver sees it,
     /// when the host translated it.
     pub fn translate(&mut self, key: &FlowKey) -> Option<FlowKey> {
+        match self.find(key) {
+            Translation::Via(via) => Some(via),
+            Translation::Direct | Translation::Unknown => None,
+        }
+    }
+
+    /// [`Services::translate`], telling "conntrack had no entry" apart: a
+    /// connection's first packet is read before netfilter confirms its
+    /// entry, now and then (the agent can be that quick).
+    pub fn find(&mut self, key: &FlowKey) -> Translation {
         if !matches!(key.proto, PROTO_TCP | PROTO_UDP) || self.sock.is_none() {
-            return None;
+            return Translation::Direct;
         }
         let now = Instant::now();
         if let Some((until, seen)) = self.cache.get(key) {
@@ -273,21 +303,21 @@ impl Services {
         let (seen, ttl) = match self.lookup(key) {
             Ok(Some(seen)) => {
                 self.stats.translated += 1;
-                (Some(seen), CACHE_TTL)
+                (Translation::Via(seen), CACHE_TTL)
             }
             Ok(None) => {
                 self.stats.untranslated += 1;
-                (None, CACHE_TTL)
+                (Translation::Direct, CACHE_TTL)
             }
             Err(NetlinkError::Errno(e)) if e.raw_os_error() == Some(libc::ENOENT) => {
                 self.stats.not_found += 1;
-                (None, NOT_FOUND_TTL)
+                (Translation::Unknown, NOT_FOUND_TTL)
             }
             Err(_) => {
                 self.stats.errors += 1;
                 // A timed-out answer may still arrive: start afresh.
                 self.sock = open_socket().ok();
-                return None;
+                return Translation::Unknown;
             }
         };
         if self.cache.insert(*key, (now + ttl, seen)).is_none() {
@@ -299,6 +329,21 @@ impl Services {
             }
         }
         seen
+    }
+
+    /// A connection [`Services::find`] found `Unknown`, asked once more (a
+    /// sweep later, when netfilter has long confirmed a live connection).
+    pub fn recheck(&mut self, key: &FlowKey) -> Option<FlowKey> {
+        // Past its time, so `translate` asks conntrack again (the key keeps
+        // its place in `order`).
+        if let Some((until, Translation::Unknown)) = self.cache.get_mut(key) {
+            *until = Instant::now();
+        }
+        let via = self.translate(key);
+        if via.is_some() {
+            self.stats.confirmed_late += 1;
+        }
+        via
     }
 
     fn lookup(&mut self, key: &FlowKey) -> Result<Option<FlowKey>, NetlinkError> {

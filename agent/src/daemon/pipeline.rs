@@ -14,7 +14,7 @@ use tracing::warn;
 use crate::{
     clock::{monotonic_ns, WallClock},
     config::AgentConfig,
-    conntrack::Services,
+    conntrack::{Services, Translation},
     events::Event,
     export::Exporter,
     loader::Datapath,
@@ -126,6 +126,9 @@ pub struct Pipeline {
     /// the time the agent got the head (it may have run behind by several
     /// requests). Until the span ends; bounded like `reattributed`.
     pid_tagged: HashMap<FlowKey, [u8; 16]>,
+    /// Calls conntrack had no entry for at their first packet: asked again
+    /// at the next sweep (bounded like `reattributed`).
+    unconfirmed: Vec<(FlowKey, [u8; 16])>,
     span_idle_ns: u64,
 }
 
@@ -171,6 +174,7 @@ impl Pipeline {
             reattributed: HashMap::new(),
             reattributed_cap: cfg.max_open_spans,
             pid_tagged: HashMap::new(),
+            unconfirmed: Vec::new(),
             span_idle_ns: cfg.span_idle_ms * 1_000_000,
         }
     }
@@ -240,8 +244,12 @@ impl Pipeline {
                     && f.stats.owner == agent_common::OWNER_CONNECTED
                     && !f.key.remote_ip().is_loopback()
                 {
-                    if let Some(via) = self.services.translate(&f.key) {
-                        self.assembler.translated(&f.key, &f.stats.trace_id, via);
+                    match self.services.find(&f.key) {
+                        Translation::Via(via) => {
+                            self.assembler.translated(&f.key, &f.stats.trace_id, via)
+                        }
+                        Translation::Unknown => self.recheck_later(f.key, f.stats.trace_id),
+                        Translation::Direct => {}
                     }
                 }
             }
@@ -466,6 +474,15 @@ impl Pipeline {
         self.ended.insert((key, trace));
     }
 
+    /// A call whose Service translation conntrack could not tell yet.
+    fn recheck_later(&mut self, key: FlowKey, trace: [u8; 16]) {
+        // Bounded: beyond it a call keeps the address it dialled (counted
+        // in `linking_services_not_found_total`).
+        if self.unconfirmed.len() < self.reattributed_cap {
+            self.unconfirmed.push((key, trace));
+        }
+    }
+
     /// `key`'s packets still come tagged `old` until the datapath switches
     /// to `ctx`; they continue the span already filed under `ctx`.
     fn remember_reattributed(&mut self, key: FlowKey, old: [u8; 16], ctx: TraceContext) {
@@ -495,6 +512,12 @@ impl Pipeline {
                     .collect()
             };
             self.recover(due, &stats, &current, now);
+        }
+        // Before spans close: a short call may have ended by now.
+        for (key, trace) in std::mem::take(&mut self.unconfirmed) {
+            if let Some(via) = self.services.recheck(&key) {
+                self.assembler.translated(&key, &trace, via);
+            }
         }
         let keys = self.assembler.open_keys();
         let mut snapshot = dp.flow_stats_for(keys.iter());
