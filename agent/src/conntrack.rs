@@ -44,6 +44,16 @@ const CACHE_TTL: Duration = Duration::from_secs(30);
 /// "Unknown" is kept only this long: asked at a connection's first packet,
 /// conntrack may not have confirmed its entry yet (see `recheck`).
 const NOT_FOUND_TTL: Duration = Duration::from_secs(1);
+/// Failed lookups, none ever answered, after which the kernel is taken as
+/// unable to answer (ctnetlink missing): lookups stop instead of costing a
+/// new socket per call.
+const GIVE_UP_AFTER: u64 = 16;
+/// "No entry" answers, and no connection ever known, after which conntrack
+/// is taken as following none on this node (no rule needs it, as under a
+/// kube-proxy-free Service datapath): such calls are not asked again.
+const QUIET_AFTER: u64 = 64;
+/// A socket that failed is opened again at most this often.
+const REOPEN_EVERY: Duration = Duration::from_secs(1);
 
 /// The ctnetlink request for the connection `key` (seen from its sender):
 /// `nfgenmsg` and the original tuple.
@@ -185,14 +195,30 @@ pub struct ServiceStats {
     pub not_found: u64,
     /// Failed lookups (socket errors, malformed answers, no ctnetlink).
     pub errors: u64,
-    /// Of `not_found`: connections found translated when asked again at
-    /// the next sweep (their entry was not confirmed at the first packet).
+    /// Connections first found `Unknown` (no entry, or a failed lookup)
+    /// that were translated when asked again at the next sweep (their
+    /// entry was not confirmed at the first packet).
     pub confirmed_late: u64,
+    /// Traced connections not asked about: lookups had failed
+    /// `GIVE_UP_AFTER` times without one answer.
+    pub skipped: u64,
 }
 
 impl ServiceStats {
+    /// Whether an `Unknown` is worth asking about again: not where conntrack
+    /// has answered "no entry" `QUIET_AFTER` times and known nothing, which
+    /// would only double the lookups of every call.
+    pub fn worth_rechecking(&self) -> bool {
+        self.translated + self.untranslated > 0 || self.not_found < QUIET_AFTER
+    }
+
+    /// Whether lookups have only ever failed, often enough to stop.
+    fn never_answered(&self) -> bool {
+        self.translated + self.untranslated + self.not_found == 0 && self.errors >= GIVE_UP_AFTER
+    }
+
     /// As metrics: (name, help, value).
-    pub fn counters(&self) -> [(&'static str, &'static str, u64); 5] {
+    pub fn counters(&self) -> [(&'static str, &'static str, u64); 6] {
         [
             (
                 "linking_services_translated_total",
@@ -219,15 +245,25 @@ impl ServiceStats {
                 "Connections conntrack did not know at their first packet and had translated when asked again.",
                 self.confirmed_late,
             ),
+            (
+                "linking_services_skipped_total",
+                "Traced connections not looked up in conntrack: every lookup had failed (no ctnetlink), so calls through Services stay unlinked.",
+                self.skipped,
+            ),
         ]
     }
 }
 
 /// Cached conntrack lookups. Without ctnetlink (the kernel refused the
 /// socket) every lookup is an error, counted, and calls through Services
-/// are not linked: today's behaviour.
+/// are not linked; after `GIVE_UP_AFTER` such errors and no answer,
+/// lookups stop (`skipped`).
 pub struct Services {
+    /// Lookups are made at all (`open`, and not given up).
+    on: bool,
+    /// `None` after a failure, until it is opened again (`REOPEN_EVERY`).
     sock: Option<netlink::Socket>,
+    reopen_at: Instant,
     /// Answer and until when it holds.
     cache: HashMap<FlowKey, (Instant, Translation)>,
     order: VecDeque<FlowKey>,
@@ -239,7 +275,9 @@ impl Services {
     /// No lookups: every connection is taken as addressed.
     pub fn disabled() -> Self {
         Self {
+            on: false,
             sock: None,
+            reopen_at: Instant::now(),
             cache: HashMap::new(),
             order: VecDeque::new(),
             cap: 0,
@@ -252,6 +290,7 @@ impl Services {
     pub fn open(cap: usize) -> Result<Self, NetlinkError> {
         let sock = open_socket()?;
         Ok(Self {
+            on: true,
             sock: Some(sock),
             cap,
             ..Self::disabled()
@@ -291,13 +330,24 @@ impl Services {
     /// connection's first packet is read before netfilter confirms its
     /// entry, now and then (the agent can be that quick).
     pub fn find(&mut self, key: &FlowKey) -> Translation {
-        if !matches!(key.proto, PROTO_TCP | PROTO_UDP) || self.sock.is_none() {
+        if !matches!(key.proto, PROTO_TCP | PROTO_UDP) || self.cap == 0 {
+            return Translation::Direct;
+        }
+        if !self.on {
+            self.stats.skipped += 1;
             return Translation::Direct;
         }
         let now = Instant::now();
         if let Some((until, seen)) = self.cache.get(key) {
             if now < *until {
                 return *seen;
+            }
+        }
+        // After a failed lookup at once; after a failed open, once a while.
+        if self.sock.is_none() && now >= self.reopen_at {
+            self.sock = open_socket().ok();
+            if self.sock.is_none() {
+                self.reopen_at = now + REOPEN_EVERY;
             }
         }
         let (seen, ttl) = match self.lookup(key) {
@@ -313,10 +363,18 @@ impl Services {
                 self.stats.not_found += 1;
                 (Translation::Unknown, NOT_FOUND_TTL)
             }
-            Err(_) => {
+            Err(e) => {
                 self.stats.errors += 1;
                 // A timed-out answer may still arrive: start afresh.
-                self.sock = open_socket().ok();
+                self.sock = None;
+                if self.stats.never_answered() {
+                    self.on = false;
+                    tracing::warn!(
+                        "conntrack lookups stopped after {} failures and no answer (calls through Services will not link): {}",
+                        self.stats.errors,
+                        crate::report(&e)
+                    );
+                }
                 return Translation::Unknown;
             }
         };
@@ -347,7 +405,7 @@ impl Services {
     }
 
     fn lookup(&mut self, key: &FlowKey) -> Result<Option<FlowKey>, NetlinkError> {
-        let sock = self.sock.as_mut().ok_or(NetlinkError::Malformed)?;
+        let sock = self.sock.as_mut().ok_or(NetlinkError::Closed)?;
         sock.send(
             NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET,
             0,
@@ -493,5 +551,58 @@ mod tests {
             let _ = parse_reply(&b[..cut], &k);
         }
         assert!(parse_reply(&[2, 0, 0, 0], &k).is_err());
+    }
+
+    #[test]
+    fn no_entry_is_asked_again_only_where_conntrack_follows_connections() {
+        let mut s = ServiceStats::default();
+        assert!(s.worth_rechecking(), "a fresh agent cannot tell yet");
+        s.not_found = QUIET_AFTER - 1;
+        assert!(s.worth_rechecking());
+        s.not_found = QUIET_AFTER;
+        assert!(!s.worth_rechecking(), "nothing known, only misses");
+        s.untranslated = 1;
+        assert!(
+            s.worth_rechecking(),
+            "one known connection: misses are races"
+        );
+    }
+
+    #[test]
+    fn lookups_that_never_answer_stop_and_what_they_miss_is_counted() {
+        // Opened, but the socket is gone and not reopened within the test:
+        // every lookup fails as one would without ctnetlink.
+        let mut s = Services {
+            on: true,
+            reopen_at: Instant::now() + Duration::from_secs(3600),
+            cap: 16,
+            ..Services::disabled()
+        };
+        for _ in 0..GIVE_UP_AFTER {
+            assert_eq!(s.find(&key()), Translation::Unknown);
+        }
+        assert_eq!(s.stats.errors, GIVE_UP_AFTER);
+        assert_eq!(s.find(&key()), Translation::Direct);
+        assert_eq!(s.find(&key()), Translation::Direct);
+        assert_eq!((s.stats.errors, s.stats.skipped), (GIVE_UP_AFTER, 2));
+        // An agent with lookups off by configuration counts nothing.
+        let mut off = Services::disabled();
+        assert_eq!(off.find(&key()), Translation::Direct);
+        assert_eq!((off.stats.errors, off.stats.skipped), (0, 0));
+    }
+
+    #[test]
+    fn a_kernel_that_answered_once_is_never_given_up_on() {
+        let s = ServiceStats {
+            not_found: 1,
+            errors: 10 * GIVE_UP_AFTER,
+            ..Default::default()
+        };
+        assert!(!s.never_answered());
+        let s = ServiceStats {
+            errors: GIVE_UP_AFTER - 1,
+            ..Default::default()
+        };
+        assert!(!s.never_answered());
     }
 }

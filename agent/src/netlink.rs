@@ -33,6 +33,8 @@ pub enum NetlinkError {
     Errno(#[source] io::Error),
     #[error("malformed netlink message")]
     Malformed,
+    #[error("no netlink socket (opening one failed)")]
+    Closed,
 }
 
 /// One interface as rtnetlink describes it.

@@ -378,9 +378,13 @@ print(json.dumps({"sent": sent, "connections": conns, "seconds": time.time() - t
     );
     eprintln!("bad-id requests: {r}; heads copied: {heads}");
     assert_eq!(r["sent"], 3000);
-    // One per connection and per skip period (1 s), with slack.
+    // One per connection and per skip period (1 s), with slack, plus the
+    // requests sent while the agent had not yet read the first head: at
+    // 15 k requests/s a busy two-core machine has held it off for 3–6 ms
+    // (38 and 86 copies), where it usually answers within a request or two.
+    // Copying every request would be 3000.
     assert!(
-        heads <= 2.0 * (conns + secs + 2.0),
+        heads <= 2.0 * (conns + secs + 2.0) + 3000.0 / 10.0,
         "{heads} heads copied for {r}"
     );
     assert!(b.total("tagflow_datapath_packets_total{counter=\"ringbuf_full\"}") == 0.0);

@@ -248,8 +248,10 @@ impl Pipeline {
                         Translation::Via(via) => {
                             self.assembler.translated(&f.key, &f.stats.trace_id, via)
                         }
-                        Translation::Unknown => self.recheck_later(f.key, f.stats.trace_id),
-                        Translation::Direct => {}
+                        Translation::Unknown if self.services.stats.worth_rechecking() => {
+                            self.recheck_later(f.key, f.stats.trace_id)
+                        }
+                        Translation::Unknown | Translation::Direct => {}
                     }
                 }
             }

@@ -19,11 +19,13 @@ use std::{collections::HashMap, sync::Arc};
 use agent_common::*;
 
 mod attributes;
+mod bounded;
 mod hold;
 mod link;
 
 use super::{resource::Resources, Resource, SpanKind};
 use crate::{ids, sources::capture::HeadInfo, trim::Trim};
+use bounded::Bounded;
 use link::Closed;
 
 #[derive(Debug, Clone)]
@@ -214,42 +216,6 @@ pub struct Assembler {
     pub stats: AssemblerStats,
 }
 
-/// A map that forgets its oldest entries beyond `cap`.
-struct Bounded<K, V> {
-    map: HashMap<K, V>,
-    order: std::collections::VecDeque<K>,
-    cap: usize,
-}
-
-impl<K: std::hash::Hash + Eq + Copy, V> Bounded<K, V> {
-    fn new(cap: usize) -> Self {
-        Self {
-            map: HashMap::new(),
-            order: Default::default(),
-            cap,
-        }
-    }
-
-    fn trim(&mut self) {
-        self.map.trim();
-        self.order.trim();
-    }
-
-    /// How many entries it forgot to make room.
-    fn insert(&mut self, k: K, v: V) -> usize {
-        let mut forgot = 0;
-        if self.map.insert(k, v).is_none() {
-            self.order.push_back(k);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    forgot += self.map.remove(&old).is_some() as usize;
-                }
-            }
-        }
-        forgot
-    }
-}
-
 /// Which end of a connection `Assembler::retrace` looks at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -333,7 +299,7 @@ impl Assembler {
                 remote_parent,
                 via: head.as_ref().and_then(|h| h.via),
                 head,
-                reply: self.replies.map.remove(&k).unwrap_or_default(),
+                reply: self.replies.remove(&k).unwrap_or_default(),
                 resource: self.resources.for_pid(ev.stats.pid),
             },
         );
@@ -506,7 +472,7 @@ impl Assembler {
                     .find(|c| c.key == key && c.lacks(&reply))
             }) {
                 c.late_reply(reply);
-            } else if let Some(r) = self.replies.map.get_mut(&k) {
+            } else if let Some(r) = self.replies.get_mut(&k) {
                 r.add(reply);
             } else {
                 self.stats.replies_unmatched += self.replies.insert(k, reply) as u64;
@@ -519,7 +485,6 @@ impl Assembler {
     /// span of it was open there.
     pub fn answered(&self, key: &FlowKey, trace: &[u8; 16]) -> bool {
         self.replies
-            .map
             .get(&(*key, *trace))
             .is_some_and(|r| r.grpc_status.is_some())
     }
@@ -570,7 +535,7 @@ impl Assembler {
         };
         // A status that waited for this pair while its span was open under
         // another name (re-attributed, continued).
-        if let Some(r) = self.replies.map.remove(&k) {
+        if let Some(r) = self.replies.remove(&k) {
             o.reply.add(r);
         }
         match why {
@@ -590,14 +555,14 @@ impl Assembler {
         if let (SpanKind::Client, Some(h)) = (record.kind, &o.head) {
             // A call: an id the callee's node can compute too.
             let id = ids::call_span_id(&k.1, &o.via.or(h.via).unwrap_or(k.0));
-            if !self.issued.map.contains_key(&id) {
+            if !self.issued.contains_key(&id) {
                 self.issued.insert(id, ());
                 record.span_id = id;
             }
         }
         let remote_parent = o
             .remote_parent
-            .or_else(|| self.callers.map.remove(&(k.0, k.1)))
+            .or_else(|| self.callers.remove(&(k.0, k.1)))
             // A traceparent minted for this very call (our sidecar names
             // the call's computed id) is no parent of it.
             .filter(|p| *p != record.span_id);
