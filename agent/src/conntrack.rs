@@ -375,7 +375,9 @@ impl Services {
                         crate::report(&e)
                     );
                 }
-                return Translation::Unknown;
+                // Kept like "no entry": asked again at the call's head, end
+                // or next sweep.
+                (Translation::Unknown, NOT_FOUND_TTL)
             }
         };
         if self.cache.insert(*key, (now + ttl, seen)).is_none() {
@@ -389,16 +391,23 @@ impl Services {
         seen
     }
 
-    /// A connection [`Services::find`] found `Unknown`, asked once more (a
-    /// sweep later, when netfilter has long confirmed a live connection).
+    /// [`Services::translate`], except that a cached `Unknown` is asked
+    /// again (where that is worth it: `ServiceStats::worth_rechecking`):
+    /// for a connection past its first packet (its request head, its end,
+    /// a sweep later), netfilter has long confirmed the entry.
     pub fn recheck(&mut self, key: &FlowKey) -> Option<FlowKey> {
-        // Past its time, so `translate` asks conntrack again (the key keeps
-        // its place in `order`).
+        let worth = self.stats.worth_rechecking();
+        let mut again = false;
         if let Some((until, Translation::Unknown)) = self.cache.get_mut(key) {
-            *until = Instant::now();
+            if worth {
+                // Past its time, so `translate` asks conntrack again (the
+                // key keeps its place in `order`).
+                *until = Instant::now();
+                again = true;
+            }
         }
         let via = self.translate(key);
-        if via.is_some() {
+        if via.is_some() && again {
             self.stats.confirmed_late += 1;
         }
         via
@@ -578,12 +587,24 @@ mod tests {
             cap: 16,
             ..Services::disabled()
         };
-        for _ in 0..GIVE_UP_AFTER {
-            assert_eq!(s.find(&key()), Translation::Unknown);
+        let call = |port: u16| {
+            FlowKey::new(
+                7,
+                PROTO_TCP,
+                ([10, 1, 0, 2], port).into(),
+                ([10, 96, 0, 10], 80).into(),
+            )
+        };
+        for port in 0..GIVE_UP_AFTER as u16 {
+            assert_eq!(s.find(&call(port)), Translation::Unknown);
+            if port + 1 < GIVE_UP_AFTER as u16 {
+                // Kept a moment like "no entry": not asked twice at once.
+                assert_eq!(s.find(&call(port)), Translation::Unknown);
+            }
         }
         assert_eq!(s.stats.errors, GIVE_UP_AFTER);
-        assert_eq!(s.find(&key()), Translation::Direct);
-        assert_eq!(s.find(&key()), Translation::Direct);
+        assert_eq!(s.find(&call(100)), Translation::Direct);
+        assert_eq!(s.find(&call(101)), Translation::Direct);
         assert_eq!((s.stats.errors, s.stats.skipped), (GIVE_UP_AFTER, 2));
         // An agent with lookups off by configuration counts nothing.
         let mut off = Services::disabled();

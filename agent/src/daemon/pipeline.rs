@@ -126,9 +126,10 @@ pub struct Pipeline {
     /// the time the agent got the head (it may have run behind by several
     /// requests). Until the span ends; bounded like `reattributed`.
     pid_tagged: HashMap<FlowKey, [u8; 16]>,
-    /// Calls conntrack had no entry for at their first packet: asked again
-    /// at the next sweep (bounded like `reattributed`).
-    unconfirmed: Vec<(FlowKey, [u8; 16])>,
+    /// Calls conntrack had no entry for at their first packet, with the
+    /// trace they opened under: asked again at their end or at the next
+    /// sweep, whichever comes first (bounded like `reattributed`).
+    unconfirmed: HashMap<FlowKey, [u8; 16]>,
     span_idle_ns: u64,
 }
 
@@ -174,7 +175,7 @@ impl Pipeline {
             reattributed: HashMap::new(),
             reattributed_cap: cfg.max_open_spans,
             pid_tagged: HashMap::new(),
-            unconfirmed: Vec::new(),
+            unconfirmed: HashMap::new(),
             span_idle_ns: cfg.span_idle_ms * 1_000_000,
         }
     }
@@ -257,6 +258,11 @@ impl Pipeline {
             }
             Event::FlowEnd(mut f) => {
                 self.stats.flow_end += 1;
+                // A short call ends long before the next sweep, and its
+                // span closes now: it is asked again first.
+                if let Some(trace) = self.unconfirmed.remove(&f.key) {
+                    self.confirm(f.key, trace);
+                }
                 if self.pid_tagged.get(&f.key) == Some(&f.stats.trace_id) {
                     self.pid_tagged.remove(&f.key);
                 }
@@ -282,7 +288,7 @@ impl Pipeline {
                     &h,
                     &mut table.lock().expect("table lock"),
                     receiver,
-                    |k| services.translate(k),
+                    |k| services.recheck(k),
                 );
                 match out {
                     HeadOutcome::Applied(info) => self.applied(&h.key, info, now),
@@ -309,7 +315,7 @@ impl Pipeline {
                         s.head,
                         &mut table.lock().expect("table lock"),
                         &mut receiver,
-                        |k| services.translate(k),
+                        |k| services.recheck(k),
                     );
                     // A stream without an id skips nothing: the next one
                     // on the connection may have one, and its table must
@@ -476,12 +482,27 @@ impl Pipeline {
         self.ended.insert((key, trace));
     }
 
+    /// Asks conntrack again about a call it had no entry for; the answer
+    /// goes to the call's span, open under the trace it opened under or,
+    /// re-attributed since, under its request's.
+    fn confirm(&mut self, key: FlowKey, trace: [u8; 16]) {
+        let Some(via) = self.services.recheck(&key) else {
+            return;
+        };
+        self.assembler.translated(&key, &trace, via);
+        if let Some((old, ctx)) = self.reattributed.get(&key) {
+            if *old == trace {
+                self.assembler.translated(&key, &ctx.trace_id, via);
+            }
+        }
+    }
+
     /// A call whose Service translation conntrack could not tell yet.
     fn recheck_later(&mut self, key: FlowKey, trace: [u8; 16]) {
         // Bounded: beyond it a call keeps the address it dialled (counted
         // in `linking_services_not_found_total`).
         if self.unconfirmed.len() < self.reattributed_cap {
-            self.unconfirmed.push((key, trace));
+            self.unconfirmed.insert(key, trace);
         }
     }
 
@@ -517,9 +538,7 @@ impl Pipeline {
         }
         // Before spans close: a short call may have ended by now.
         for (key, trace) in std::mem::take(&mut self.unconfirmed) {
-            if let Some(via) = self.services.recheck(&key) {
-                self.assembler.translated(&key, &trace, via);
-            }
+            self.confirm(key, trace);
         }
         let keys = self.assembler.open_keys();
         let mut snapshot = dp.flow_stats_for(keys.iter());

@@ -414,6 +414,22 @@ pub fn measure(
             }
             let calls = logged_calls(&log);
             let (right, wrong, missing) = score(&got, &calls, app_ns, t0);
+            if missing > 0 {
+                for a in &s._agents {
+                    let Some(Ok(m)) = a.metrics() else { continue };
+                    let mut m: Vec<_> = m
+                        .into_iter()
+                        .filter(|(k, v)| {
+                            *v != 0.0
+                                && ["capture", "services", "ringbuf", "head", "skip"]
+                                    .iter()
+                                    .any(|w| k.contains(w))
+                        })
+                        .collect();
+                    m.sort_by(|a, b| a.0.cmp(&b.0));
+                    eprintln!("  agent: {m:?}");
+                }
+            }
             scores.push(Score {
                 mode,
                 in_flight: conc,
@@ -527,5 +543,51 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
     if wrong > 0 {
         eprintln!("  wrong calls went to (offset in log order: count): {went:?}");
     }
+    if missing > 0 {
+        explain_missing(got, calls, &seen);
+    }
     (right, wrong, missing)
+}
+
+/// Diagnostics only (the score above stands): what the collector holds,
+/// a while later, of each missing call, by its path or its local port.
+fn explain_missing(got: &Collector, calls: &[(u16, String)], seen: &HashMap<CallKey, [u8; 16]>) {
+    std::thread::sleep(Duration::from_secs(5));
+    let all = got.spans();
+    for (port, rid) in calls {
+        if seen.contains_key(&CallKey::Path(rid.clone()))
+            || seen.contains_key(&CallKey::Port(*port))
+        {
+            continue;
+        }
+        let want = ids::map_request_id(rid).ok().map(|(t, _)| t);
+        eprintln!("  missing: local port {port}, request {rid}");
+        for (_, s) in &all {
+            let attr = |k: &str| {
+                s.attributes
+                    .iter()
+                    .find(|a| a.key == k)
+                    .map(|a| attr_str(&a.value))
+            };
+            let by_path = attr("url.path").is_some_and(|p| p.trim_start_matches('/') == rid);
+            let by_port = [attr("network.local.port"), attr("network.peer.port")]
+                .contains(&Some(port.to_string()));
+            if by_path || by_port || want.is_some_and(|w| s.trace_id == w) {
+                let attrs: Vec<String> = s
+                    .attributes
+                    .iter()
+                    .map(|a| format!("{}={}", a.key, attr_str(&a.value)))
+                    .collect();
+                eprintln!(
+                    "    span kind {} {} (own trace: {}) start {} end {}: {}",
+                    s.kind,
+                    s.name,
+                    want.is_some_and(|w| s.trace_id == w),
+                    s.start_time_unix_nano,
+                    s.end_time_unix_nano,
+                    attrs.join(" ")
+                );
+            }
+        }
+    }
 }
