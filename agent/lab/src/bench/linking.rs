@@ -466,42 +466,84 @@ fn logged_calls(log: &Path) -> Vec<(u16, String)> {
         .collect()
 }
 
-/// Where an app → downstream span is found: by the path it asked for
-/// (`/<id the app served>`, one per request), or by its local port when the
-/// request head was not read.
-#[derive(Hash, PartialEq, Eq)]
-enum CallKey {
-    Path(String),
-    Port(u16),
+/// The app's call spans: by the path each asked for (`/<id the app
+/// served>`, one per request), and, for those whose request head was not
+/// read, by local port, oldest first. A port carries several calls when
+/// the kernel hands it out again or a connection is kept alive, so a port
+/// holds a list, not one span.
+#[derive(Default)]
+struct CallSpans {
+    by_path: HashMap<String, [u8; 16]>,
+    by_port: HashMap<u16, Vec<(u64, [u8; 16])>>,
+}
+
+impl CallSpans {
+    fn len(&self) -> usize {
+        self.by_path.len() + self.by_port.values().map(Vec::len).sum::<usize>()
+    }
+
+    /// Each logged call's span: by its path, else the next span on its
+    /// port (calls on one port come one after another, in log order as in
+    /// start order).
+    fn assign(&self, calls: &[(u16, String)]) -> Vec<Option<[u8; 16]>> {
+        let mut next: HashMap<u16, usize> = HashMap::new();
+        calls
+            .iter()
+            .map(|(port, rid)| {
+                if let Some(t) = self.by_path.get(rid) {
+                    return Some(*t);
+                }
+                let i = next.entry(*port).or_default();
+                let t = self.by_port.get(port)?.get(*i)?.1;
+                *i += 1;
+                Some(t)
+            })
+            .collect()
+    }
 }
 
 /// Waits for the app's call spans (those started since `t0`) to settle,
 /// then scores them against the calls the downstream logged.
 fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usize, usize, usize) {
-    let spans = |got: &Collector| -> HashMap<CallKey, [u8; 16]> {
-        got.spans()
-            .into_iter()
-            .filter_map(|(_, s)| {
-                let attr = |k: &str| {
-                    s.attributes
-                        .iter()
-                        .find(|a| a.key == k)
-                        .map(|a| attr_str(&a.value))
-                };
-                let ours = s.kind == SpanKind::Client as i32
-                    && s.start_time_unix_nano >= t0
-                    && attr("tagflow.netns") == Some(app_ns.to_string())
-                    && attr("network.peer.port") == Some(DOWN_PORT.to_string());
-                if !ours {
-                    return None;
+    let spans = |got: &Collector| -> CallSpans {
+        let mut c = CallSpans::default();
+        for (_, s) in got.spans() {
+            let attr = |k: &str| {
+                s.attributes
+                    .iter()
+                    .find(|a| a.key == k)
+                    .map(|a| attr_str(&a.value))
+            };
+            let ours = s.kind == SpanKind::Client as i32
+                && s.start_time_unix_nano >= t0
+                && attr("tagflow.netns") == Some(app_ns.to_string())
+                && attr("network.peer.port") == Some(DOWN_PORT.to_string());
+            let Ok(trace) = <[u8; 16]>::try_from(s.trace_id.as_slice()) else {
+                continue;
+            };
+            if !ours {
+                continue;
+            }
+            match attr("url.path") {
+                Some(p) => {
+                    c.by_path
+                        .insert(p.trim_start_matches('/').to_string(), trace);
                 }
-                let key = match attr("url.path") {
-                    Some(p) => CallKey::Path(p.trim_start_matches('/').to_string()),
-                    None => CallKey::Port(attr("network.local.port")?.parse().ok()?),
-                };
-                Some((key, s.trace_id.as_slice().try_into().ok()?))
-            })
-            .collect()
+                None => {
+                    let Some(port) = attr("network.local.port").and_then(|p| p.parse().ok()) else {
+                        continue;
+                    };
+                    c.by_port
+                        .entry(port)
+                        .or_default()
+                        .push((s.start_time_unix_nano, trace));
+                }
+            }
+        }
+        for v in c.by_port.values_mut() {
+            v.sort_by_key(|(start, _)| *start);
+        }
+        c
     };
     // Spans are exported once their trace is quiet: wait until all came,
     // or none came for two looks in a row.
@@ -523,13 +565,11 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
         .iter()
         .map(|(_, rid)| ids::map_request_id(rid).ok().map(|(t, _)| t))
         .collect();
+    let found = seen.assign(calls);
     // Where wrong calls went, as an offset in the downstream's log order
     // (-1: under the request logged just before); None: no logged request.
     let mut went: BTreeMap<Option<isize>, usize> = BTreeMap::new();
-    for (i, (port, rid)) in calls.iter().enumerate() {
-        let span = seen
-            .get(&CallKey::Path(rid.clone()))
-            .or_else(|| seen.get(&CallKey::Port(*port)));
+    for (i, span) in found.iter().enumerate() {
         match (span, wants[i]) {
             (None, _) => missing += 1,
             (Some(t), Some(w)) if *t == w => right += 1,
@@ -541,23 +581,29 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
         }
     }
     if wrong > 0 {
-        eprintln!("  wrong calls went to (offset in log order: count): {went:?}");
+        let mut per_port: HashMap<u16, usize> = HashMap::new();
+        for (port, _) in calls {
+            *per_port.entry(*port).or_default() += 1;
+        }
+        let shared = calls.iter().filter(|(p, _)| per_port[p] > 1).count();
+        eprintln!(
+            "  wrong calls went to (offset in log order: count): {went:?}; \
+             calls on a port another call used too: {shared}"
+        );
     }
     if missing > 0 {
-        explain_missing(got, calls, &seen);
+        explain_missing(got, calls, &found);
     }
     (right, wrong, missing)
 }
 
 /// Diagnostics only (the score above stands): what the collector holds,
 /// a while later, of each missing call, by its path or its local port.
-fn explain_missing(got: &Collector, calls: &[(u16, String)], seen: &HashMap<CallKey, [u8; 16]>) {
+fn explain_missing(got: &Collector, calls: &[(u16, String)], found: &[Option<[u8; 16]>]) {
     std::thread::sleep(Duration::from_secs(5));
     let all = got.spans();
-    for (port, rid) in calls {
-        if seen.contains_key(&CallKey::Path(rid.clone()))
-            || seen.contains_key(&CallKey::Port(*port))
-        {
+    for ((port, rid), span) in calls.iter().zip(found) {
+        if span.is_some() {
             continue;
         }
         let want = ids::map_request_id(rid).ok().map(|(t, _)| t);
@@ -589,5 +635,30 @@ fn explain_missing(got: &Collector, calls: &[(u16, String)], seen: &HashMap<Call
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calls_on_one_port_take_its_spans_in_order() {
+        let mut c = CallSpans::default();
+        c.by_path.insert("b".into(), [2; 16]);
+        // Sorted by start, as `score` leaves them.
+        c.by_port.insert(40000, vec![(10, [1; 16]), (30, [3; 16])]);
+        let calls = [
+            (40000, "a".to_string()),
+            (40000, "b".to_string()),
+            (40001, "x".to_string()),
+            (40000, "c".to_string()),
+            (40000, "d".to_string()),
+        ];
+        assert_eq!(
+            c.assign(&calls),
+            [Some([1; 16]), Some([2; 16]), None, Some([3; 16]), None]
+        );
+        assert_eq!(c.len(), 3);
     }
 }
