@@ -196,8 +196,9 @@ pub struct ServiceStats {
     /// Failed lookups (socket errors, malformed answers, no ctnetlink).
     pub errors: u64,
     /// Connections first found `Unknown` (no entry, or a failed lookup)
-    /// that were translated when asked again at the next sweep (their
-    /// entry was not confirmed at the first packet).
+    /// that were translated when asked again: at their request head, their
+    /// end or the next sweep (the entry was not confirmed at the first
+    /// packet).
     pub confirmed_late: u64,
     /// Traced connections not asked about: lookups had failed
     /// `GIVE_UP_AFTER` times without one answer.
