@@ -591,23 +591,35 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
              calls on a port another call used too: {shared}"
         );
     }
+    // A few wrong calls in a row that is otherwise right are worth a look;
+    // a row that is mostly wrong (the async app) is not.
+    let wrong_at: Vec<usize> = (0..calls.len())
+        .filter(|&i| found[i].is_some() && found[i] != wants[i])
+        .collect();
+    if (1..=20).contains(&wrong) {
+        explain(got, calls, &wrong_at[..wrong_at.len().min(3)], "wrong");
+    }
     if missing > 0 {
-        explain_missing(got, calls, &found);
+        // What comes late is shown too.
+        std::thread::sleep(Duration::from_secs(5));
+        let missing_at: Vec<usize> = (0..calls.len()).filter(|&i| found[i].is_none()).collect();
+        explain(got, calls, &missing_at, "missing");
     }
     (right, wrong, missing)
 }
 
-/// Diagnostics only (the score above stands): what the collector holds,
-/// a while later, of each missing call, by its path or its local port.
-fn explain_missing(got: &Collector, calls: &[(u16, String)], found: &[Option<[u8; 16]>]) {
-    std::thread::sleep(Duration::from_secs(5));
+/// Diagnostics only (the score above stands): what the collector holds
+/// of the calls at `which`, by their path, their local port or their
+/// request's trace.
+fn explain(got: &Collector, calls: &[(u16, String)], which: &[usize], what: &str) {
     let all = got.spans();
-    for ((port, rid), span) in calls.iter().zip(found) {
-        if span.is_some() {
-            continue;
-        }
+    for &i in which {
+        let (port, rid) = &calls[i];
         let want = ids::map_request_id(rid).ok().map(|(t, _)| t);
-        eprintln!("  missing: local port {port}, request {rid}");
+        eprintln!(
+            "  {what}: call {i} of {}, local port {port}, request {rid}",
+            calls.len()
+        );
         for (_, s) in &all {
             let attr = |k: &str| {
                 s.attributes
