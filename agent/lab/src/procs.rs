@@ -263,6 +263,38 @@ impl AgentProc {
         Some(parse_metrics(&text))
     }
 
+    /// Whether the agent has nothing more to send: no span open, held for
+    /// its trace or awaited by a head, and every span it queued for export
+    /// accepted by the collector or given up on (counted). False when
+    /// /metrics does not answer.
+    ///
+    /// The agent refreshes these gauges each second: one reading may be
+    /// that old, so a caller looks for over a second.
+    ///
+    /// A span can close long after its request (a keep-alive connection's
+    /// last request closes at idle, then waits for its trace to go quiet
+    /// and for the next export batch): a test that reads the collector
+    /// waits for this, not for a guess at those delays.
+    pub fn settled(&self) -> bool {
+        let Some(Ok(m)) = self.metrics() else {
+            return false;
+        };
+        let g = |k: &str| m.get(&format!("tagflow_{k}")).copied();
+        let idle = ["spans_open", "spans_held", "capture_spans_awaited"]
+            .iter()
+            .all(|k| g(k) == Some(0.0));
+        // A span dropped at a full queue was never queued.
+        let sent = match (
+            g("spans_enqueued_total"),
+            g("spans_exported_total"),
+            g("spans_failed_total"),
+        ) {
+            (Some(q), Some(e), Some(f)) => q == e + f,
+            _ => false,
+        };
+        idle && sent
+    }
+
     /// One metric; -1 when the endpoint does not answer or lacks it.
     pub fn metric(&self, name: &str) -> f64 {
         self.metrics()

@@ -142,7 +142,7 @@ fn calls_behind_nginx_grpc_pass_carry_the_id_nginx_stamped() {
         let l = linking(got, app_proc.pid, &served);
         l.correct + l.wrong >= N - 1
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    common::wait_settled(agent, 30);
     // nginx's keep-alive connection to the app ends with it: the spans
     // still open on it close, then wait to settle and for a batch (on a
     // slow VM, seconds).
@@ -313,7 +313,7 @@ fn calls_through_the_sidecar_carry_its_ids_over_http2() {
         let l = linking(got, app_proc.pid, &served);
         l.correct + l.wrong >= 2 * N - 1
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    common::wait_settled(agent, 30);
     let l = linking(got, app_proc.pid, &served);
     eprintln!("sidecar over h2c, one call at a time: {l:?}");
     assert_eq!(l.wrong, 0, "{l:?}");
@@ -360,7 +360,7 @@ fn concurrent_streams_on_one_connection_each_keep_their_own_id() {
     let m = no_h2_losses(agent);
     assert_eq!(m["tagflow_capture_h2_reply_connections_total"], 1.0);
     assert_eq!(m["tagflow_capture_h2_replies_total"], 2.0 * N as f64);
-    std::thread::sleep(Duration::from_millis(1500));
+    common::wait_settled(agent, 30);
     let sent: Vec<Vec<u8>> = (0..N)
         .map(|i| {
             ids::map_request_id(&format!("conc-{i}"))

@@ -175,7 +175,7 @@ fn every_call_carries_the_request_id_nginx_stamped(shape: Nginx) {
     wait_for("the app's calls as spans", 20, || {
         calls(&got, app_proc.pid, 9000).len() >= REQUESTS - 1
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    common::wait_settled(&agent, 30);
     drop(nginx);
     let logged = logged_ids(&dir);
     let _ = std::fs::remove_dir_all(&dir);
@@ -489,7 +489,7 @@ fn a_sidecar_that_registers_nothing_still_yields_whole_trees() {
     wait_for("the app's calls", 20, || {
         traces[1..].iter().all(|t| call(&of(t)).is_some())
     });
-    std::thread::sleep(Duration::from_millis(1500));
+    common::wait_settled(&agent, 30);
     for (i, t) in traces.iter().enumerate().skip(1) {
         let spans = of(t);
         let by_id = |id: &[u8]| spans.iter().find(|s| s.span_id == id);

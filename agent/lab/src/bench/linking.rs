@@ -190,7 +190,7 @@ struct Setup {
     _down: Proc,
     _sidecar: Option<SidecarProc>,
     _service: Option<Service>,
-    _agents: Vec<AgentProc>,
+    agents: Vec<AgentProc>,
     labs: Vec<Lab>,
     _nodes: Vec<Node>,
     url: String,
@@ -245,7 +245,7 @@ fn setup(shape: Shape, dir: &Path, log: &Path, otlp_port: u16) -> Result<Setup, 
             _down: down_proc(down, log)?,
             _sidecar: None,
             _service: None,
-            _agents: agents,
+            agents,
             url: format!("http://{}:8080/", gw.ip),
             downstream: format!("{}:{DOWN_PORT}", down.ip),
             labs: vec![lab1, lab2],
@@ -291,7 +291,7 @@ fn setup(shape: Shape, dir: &Path, log: &Path, otlp_port: u16) -> Result<Setup, 
         _down: down_proc(down, log)?,
         _sidecar: sidecar,
         _service: service,
-        _agents: vec![agent],
+        agents: vec![agent],
         labs: vec![lab],
         _nodes: Vec::new(),
         url,
@@ -413,15 +413,15 @@ pub fn measure(
                 return Err(BenchError::Other(format!("{}: load failed", shape.name())));
             }
             let calls = logged_calls(&log);
-            let (right, wrong, missing) = score(&got, &calls, app_ns, t0);
+            let (right, wrong, missing) = score(&got, &s.agents, &calls, app_ns, t0);
             if missing > 0 {
-                for a in &s._agents {
+                for a in &s.agents {
                     let Some(Ok(m)) = a.metrics() else { continue };
                     let mut m: Vec<_> = m
                         .into_iter()
                         .filter(|(k, v)| {
                             *v != 0.0
-                                && ["capture", "services", "ringbuf", "head", "skip"]
+                                && ["capture", "services", "ringbuf", "head", "skip", "spans_"]
                                     .iter()
                                     .any(|w| k.contains(w))
                         })
@@ -478,8 +478,11 @@ struct CallSpans {
 }
 
 impl CallSpans {
-    fn len(&self) -> usize {
-        self.by_path.len() + self.by_port.values().map(Vec::len).sum::<usize>()
+    /// Whether every logged call has a span. Not a count of spans: a
+    /// connection can yield two (an event loop's call that a later request
+    /// took over).
+    fn cover(&self, calls: &[(u16, String)]) -> bool {
+        self.assign(calls).iter().all(Option::is_some)
     }
 
     /// Each logged call's span: by its path, else the next span on its
@@ -504,7 +507,13 @@ impl CallSpans {
 
 /// Waits for the app's call spans (those started since `t0`) to settle,
 /// then scores them against the calls the downstream logged.
-fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usize, usize, usize) {
+fn score(
+    got: &Collector,
+    agents: &[AgentProc],
+    calls: &[(u16, String)],
+    app_ns: u64,
+    t0: u64,
+) -> (usize, usize, usize) {
     let spans = |got: &Collector| -> CallSpans {
         let mut c = CallSpans::default();
         for (_, s) in got.spans() {
@@ -545,20 +554,23 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
         }
         c
     };
-    // Spans are exported once their trace is quiet: wait until all came,
-    // or none came for two looks in a row.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Spans are exported once their trace is quiet, which for a
+    // keep-alive connection's last request is seconds after it: wait until
+    // every call has one, or the agents have had nothing more to send for
+    // over a second (`AgentProc::settled`).
+    let waiting = Instant::now();
+    let deadline = waiting + Duration::from_secs(30);
+    let mut settled = 0;
     let mut seen = spans(got);
-    let mut still = 0;
-    while seen.len() < calls.len() && still < 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1500));
-        let now = spans(got);
-        still = if now.len() == seen.len() {
-            still + 1
+    while !seen.cover(calls) && settled < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        // The agents first: what they sent before saying so is in.
+        settled = if agents.iter().all(AgentProc::settled) {
+            settled + 1
         } else {
             0
         };
-        seen = now;
+        seen = spans(got);
     }
     let (mut right, mut wrong, mut missing) = (0, 0, 0);
     let wants: Vec<Option<[u8; 16]>> = calls
@@ -600,6 +612,15 @@ fn score(got: &Collector, calls: &[(u16, String)], app_ns: u64, t0: u64) -> (usi
         explain(got, calls, &wrong_at[..wrong_at.len().min(3)], "wrong");
     }
     if missing > 0 {
+        eprintln!(
+            "  scored {:.1} s after the load, {}",
+            waiting.elapsed().as_secs_f64(),
+            if settled >= 3 {
+                "the agents having nothing more to send"
+            } else {
+                "the agents still holding spans"
+            }
+        );
         // What comes late is shown too.
         std::thread::sleep(Duration::from_secs(5));
         let missing_at: Vec<usize> = (0..calls.len()).filter(|&i| found[i].is_none()).collect();
@@ -671,6 +692,19 @@ mod tests {
             c.assign(&calls),
             [Some([1; 16]), Some([2; 16]), None, Some([3; 16]), None]
         );
-        assert_eq!(c.len(), 3);
+        assert!(!c.cover(&calls));
+        assert!(c.cover(&calls[..2]));
+    }
+
+    #[test]
+    fn more_spans_than_calls_do_not_cover_a_call_without_one() {
+        // One connection split in two spans, and a call whose span has not
+        // come: as many spans as calls, one call uncovered.
+        let mut c = CallSpans::default();
+        c.by_port.insert(40000, vec![(10, [1; 16]), (20, [2; 16])]);
+        let calls = [(40000, "a".to_string()), (40001, "b".to_string())];
+        assert!(!c.cover(&calls));
+        c.by_port.insert(40001, vec![(30, [3; 16])]);
+        assert!(c.cover(&calls));
     }
 }

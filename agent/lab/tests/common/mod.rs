@@ -288,6 +288,21 @@ pub fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits until the agent has had nothing more to send for over a second
+/// (`AgentProc::settled`, two of its readings): the collector then holds
+/// every span it will get, however long the last ones took to close, go
+/// quiet and be sent.
+pub fn wait_settled(agent: &AgentProc, secs: u64) {
+    let mut since: Option<std::time::Instant> = None;
+    wait_for("the agent to send every span it holds", secs, || {
+        if !agent.settled() {
+            since = None;
+            return false;
+        }
+        since.get_or_insert_with(std::time::Instant::now).elapsed() > Duration::from_millis(1100)
+    });
+}
+
 /// Program ids of tagflow programs on an interface's TCX ingress hook.
 pub fn tcx_ids(iface: &str) -> Vec<u32> {
     tagflow::loader::tcx_programs(iface)
