@@ -156,6 +156,7 @@ fn tag_packet<const NETNS_HELPER: bool>(
         &owner,
         matched,
         parsed.tcp_flags,
+        parsed.tcp_payload(ctx),
     );
 }
 

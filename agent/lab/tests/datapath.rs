@@ -367,6 +367,80 @@ fn a_new_trace_on_a_flow_hands_over_the_old_pairs_final_numbers() {
     }
 }
 
+/// An event loop reads the next request while a call of the last one is
+/// still under way: the call's ACKs and FIN stay with its span, and so
+/// does the request it sends on a connection opened for it. A pooled
+/// connection's next request (payload after payload) and a new connection
+/// (SYN) take the process's new context. By process here (test_run packets
+/// have no socket, so no thread): the same holds by thread.
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn a_call_keeps_its_packets_when_its_process_moves_on() {
+    let _g = lock();
+    let mut b = bed(&AgentConfig::default());
+    let mut table = b.dp.take_trace_table().unwrap();
+    let mut events = b.dp.take_events().unwrap();
+    let f = tcp4();
+    b.dp.set_bound_port(PortKey::new(b.pod_ns, PROTO_TCP, 40000), 4242)
+        .unwrap();
+    let pid = TraceKey::new(4242, b.pod_ns);
+    let bare = |flags: u8| {
+        Frame {
+            l4: L4::Tcp { flags },
+            payload: Vec::new(),
+            ..tcp4()
+        }
+        .build()
+    };
+    let mut send = |frame: Vec<u8>, what: &str| -> [u8; 16] {
+        let r = b.expect(&frame, Counter::Tagged, what);
+        decode_cb(&r.cb).unwrap().0
+    };
+    table.set_process(pid, &ctx(1)).unwrap();
+    assert_eq!(send(f.build(), "the call"), [1; 16]);
+    // The process moves on to request 2.
+    table.set_process(pid, &ctx(2)).unwrap();
+    for (flags, what) in [(0x10, "ACK"), (0x11, "FIN"), (0x04, "RST")] {
+        assert_eq!(send(bare(flags), what), [1; 16], "{what}: the call's trace");
+    }
+    // Payload after payload: request 2 on the pooled connection.
+    assert_eq!(send(f.build(), "next request"), [2; 16]);
+    // A SYN opens a connection (the 4-tuple used again): the new context.
+    table.set_process(pid, &ctx(3)).unwrap();
+    assert_eq!(send(bare(0x02), "SYN"), [3; 16]);
+    assert_eq!(send(bare(0x10), "handshake ACK"), [3; 16]);
+    // The process reads request 4 before this call sends its request.
+    table.set_process(pid, &ctx(4)).unwrap();
+    assert_eq!(send(f.build(), "the call's request"), [3; 16]);
+    assert_eq!(send(f.build(), "the connection's next request"), [4; 16]);
+    let got: Vec<Event> = std::iter::from_fn(|| events.next().map(|i| events::decode(&i)))
+        .filter(|e| !matches!(e, Event::HttpHead(_)))
+        .collect();
+    let seq: Vec<(&str, u8, u64)> = got
+        .iter()
+        .filter_map(|e| match e {
+            Event::FlowNew(f) => Some(("new", f.stats.trace_id[0], f.stats.packets)),
+            Event::FlowEnd(f) => Some(("end", f.stats.trace_id[0], f.stats.packets)),
+            _ => None,
+        })
+        .collect();
+    // (event, trace, packets): each call's final numbers hold all of its
+    // packets; no span opens for a packet that stayed.
+    assert_eq!(
+        seq,
+        [
+            ("new", 1, 1),
+            ("end", 1, 4),
+            ("new", 2, 1),
+            ("end", 2, 1),
+            ("new", 3, 1),
+            ("end", 3, 3),
+            ("new", 4, 1)
+        ],
+        "{got:?}"
+    );
+}
+
 #[test]
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn mark_bits_are_applied_only_when_configured() {
