@@ -156,7 +156,6 @@ fn tag_packet<const NETNS_HELPER: bool>(
         &owner,
         matched,
         parsed.tcp_flags,
-        parsed.tcp_payload(ctx),
     );
 }
 

@@ -39,14 +39,6 @@ pub struct Parsed {
     pub ack: u32,
 }
 
-impl Parsed {
-    /// Whether a TCP segment carries payload (false for UDP).
-    #[inline(always)]
-    pub fn tcp_payload(&self, ctx: &TcContext) -> bool {
-        self.payload_off != 0 && ctx.len() as usize > self.payload_off
-    }
-}
-
 /// `k` zeroed, as a key for `parse` to fill. Not `FlowKey::default()`: the
 /// key's address goes to map helpers, so it lives on the stack, and LLVM
 /// zeroes such a key with a call to a byte-by-byte `memset` subprogram

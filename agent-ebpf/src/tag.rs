@@ -77,8 +77,7 @@ pub fn account<const STAMP: bool>(ctx: &TcContext, s: &mut FlowStats, tcp_flags:
 
 /// Slow path result for a flow whose cache entry was missing or stale.
 /// `old` is the entry found (if any); `trace` is None when no table had a
-/// context for the flow; `payload`: a TCP segment with payload. Writes the
-/// new cache entry and the events.
+/// context for the flow. Writes the new cache entry and the events.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub fn resolved<const STAMP: bool>(
@@ -91,7 +90,6 @@ pub fn resolved<const STAMP: bool>(
     owner: &Owner,
     matched: u8,
     tcp_flags: u8,
-    payload: bool,
 ) {
     let stats_on = cfg.features & FEATURE_FLOW_STATS != 0;
     let Some(trace) = trace else {
@@ -145,20 +143,6 @@ pub fn resolved<const STAMP: bool>(
     if matched == MATCH_THREAD {
         count(Counter::ThreadMatched);
     }
-    if let Some(o) = old {
-        let o = unsafe { &mut *o };
-        if matched != MATCH_FLOW
-            && !o.is_negative()
-            && o.trace_id != trace.trace_id
-            && stays_with_its_call(key, o, tcp_flags, payload)
-        {
-            mark_packet(ctx, cfg, &o.trace_id, o.cb_meta);
-            if stats_on {
-                account::<STAMP>(ctx, o, tcp_flags);
-            }
-            return;
-        }
-    }
     let meta = cb_meta(trace.flags, matched);
     mark_packet(ctx, cfg, &trace.trace_id, meta);
     if !stats_on {
@@ -205,20 +189,6 @@ pub fn resolved<const STAMP: bool>(
         trace.flags,
         owner.via,
     );
-}
-
-/// Whether a TCP packet of a call whose thread or process now serves
-/// another request stays with the call's span. A pooled connection moves
-/// with its next request (payload, after some was sent) and a new
-/// connection (SYN) with its first packet. What the call itself still
-/// sends stays: its ACKs and FIN, and its request when the connection was
-/// opened for it (an event loop reads other requests between the connect
-/// and the send). The entry stays stale, so the next packet looks again.
-#[inline(always)]
-fn stays_with_its_call(key: &FlowKey, o: &FlowStats, tcp_flags: u8, payload: bool) -> bool {
-    const SYN: u8 = 0x02;
-    const PSH: u8 = 0x08;
-    key.proto == PROTO_TCP && tcp_flags & SYN == 0 && (!payload || o.tcp_flags & PSH == 0)
 }
 
 #[inline(always)]
