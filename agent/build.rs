@@ -1,6 +1,11 @@
 //! Builds the eBPF programs (agent-ebpf) for the bpf target with aya-build
-//! and leaves them in OUT_DIR for `include_bytes_aligned!`.
-use anyhow::{anyhow, Context as _};
+//! and leaves them in OUT_DIR for `include_bytes_aligned!`, without their
+//! DWARF; and links the agent with packed relative relocations. Both are
+//! pages of the binary a running agent would otherwise keep resident (the
+//! soak's RSS, `docs/BENCHMARKS.md`).
+use std::{path::Path, process::Command};
+
+use anyhow::{anyhow, bail, Context as _};
 
 fn main() -> anyhow::Result<()> {
     let meta = cargo_metadata::MetadataCommand::new()
@@ -26,5 +31,62 @@ fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
-    )
+    )?;
+    let out = std::env::var("OUT_DIR").context("OUT_DIR")?;
+    strip_debug(&Path::new(&out).join("tagflow"))?;
+    // DT_RELR: the PIE's ~35 000 relative relocations as 10 KiB of bitmap
+    // instead of 0.8 MiB of `.rela.dyn` read at every start. The loader
+    // must know it (glibc 2.36; the binary then needs GLIBC_ABI_DT_RELR).
+    if glibc_has_relr() {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    } else {
+        println!("cargo:warning=relative relocations not packed: not a native build against glibc >= 2.36");
+    }
+    Ok(())
+}
+
+/// A native build against glibc 2.36 or later: the glibc it links is the
+/// one it runs on, and that one reads DT_RELR.
+fn glibc_has_relr() -> bool {
+    let var = |k| std::env::var(k).unwrap_or_default();
+    if var("TARGET") != var("HOST") || var("CARGO_CFG_TARGET_ENV") != "gnu" {
+        return false;
+    }
+    // SAFETY: returns a static NUL-terminated string ("2.36").
+    let v = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    let mut parts = v.to_str().unwrap_or("").split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (2, 36)
+}
+
+/// Drops the object's DWARF (four fifths of it): the kernel and aya need
+/// only its BTF, which bpf-linker has already made from the DWARF.
+/// `rust-objcopy` is llvm-objcopy as shipped in the rustc component.
+fn strip_debug(object: &Path) -> anyhow::Result<()> {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .context("rustc --print sysroot")?;
+    let sysroot = String::from_utf8(sysroot.stdout).context("sysroot")?;
+    let sysroot = Path::new(sysroot.trim());
+    let host = std::env::var("HOST").context("HOST")?;
+    let objcopy = sysroot
+        .join("lib/rustlib")
+        .join(host)
+        .join("bin/rust-objcopy");
+    let stripped = object.with_extension("stripped");
+    let status = Command::new(&objcopy)
+        // It links libLLVM from the toolchain's lib, not its own directory.
+        .env("LD_LIBRARY_PATH", sysroot.join("lib"))
+        .arg("--strip-debug")
+        .arg(object)
+        .arg(&stripped)
+        .status()
+        .with_context(|| format!("running {}", objcopy.display()))?;
+    if !status.success() {
+        bail!("{} --strip-debug: {status}", objcopy.display());
+    }
+    std::fs::rename(&stripped, object).context("replacing the object")
 }

@@ -52,8 +52,10 @@ const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
 /// Ring-buffer records handled per turn of the loop: under a flood the
 /// other duties (sweeps, expiry, metrics, links) still run.
 const EVENTS_PER_TURN: usize = 4096;
-/// Conntrack answers kept (one per connection to a non-local address).
-const SERVICES_CACHED: usize = 16384;
+/// Conntrack answers kept (one per connection to a non-local address):
+/// 7/8 of 16 384, what a hash table of that many buckets holds before it
+/// doubles (at 16 384 answers the table took 32 768 buckets).
+const SERVICES_CACHED: usize = 14 * 1024;
 /// FLOW_STATS entries without a packet for this long are deleted ("no
 /// trace" entries sooner: remaking one costs one slow-path lookup).
 const FLOW_GC_NS: u64 = 60_000_000_000;

@@ -4,8 +4,9 @@
 //! table knows what the connection became; this asks it over ctnetlink,
 //! once per connection (cached): for traced calls, and for request heads
 //! addressed to no local pod.
+mod answers;
+
 use std::{
-    collections::{HashMap, VecDeque},
     io,
     net::{IpAddr, SocketAddr},
     time::{Duration, Instant},
@@ -13,10 +14,8 @@ use std::{
 
 use agent_common::{FlowKey, PROTO_TCP, PROTO_UDP};
 
-use crate::{
-    netlink::{self, attributes, check_error, messages, push_attr, NetlinkError},
-    trim::Trim,
-};
+use crate::netlink::{self, attributes, check_error, messages, push_attr, NetlinkError};
+use answers::Answers;
 
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
@@ -265,9 +264,8 @@ pub struct Services {
     /// `None` after a failure, until it is opened again (`REOPEN_EVERY`).
     sock: Option<netlink::Socket>,
     reopen_at: Instant,
-    /// Answer and until when it holds.
-    cache: HashMap<FlowKey, (Instant, Translation)>,
-    order: VecDeque<FlowKey>,
+    answers: Answers,
+    /// No bound: no lookups (`disabled`).
     cap: usize,
     pub stats: ServiceStats,
 }
@@ -279,8 +277,7 @@ impl Services {
             on: false,
             sock: None,
             reopen_at: Instant::now(),
-            cache: HashMap::new(),
-            order: VecDeque::new(),
+            answers: Answers::new(0),
             cap: 0,
             stats: ServiceStats::default(),
         }
@@ -293,6 +290,7 @@ impl Services {
         Ok(Self {
             on: true,
             sock: Some(sock),
+            answers: Answers::new(cap),
             cap,
             ..Self::disabled()
         })
@@ -302,20 +300,7 @@ impl Services {
     /// table memory they held (the cache would otherwise stay as large as
     /// its busiest moment made it).
     pub fn trim(&mut self) {
-        let now = Instant::now();
-        while let Some(k) = self.order.front() {
-            match self.cache.get(k) {
-                // Still good: those behind it wait (answers live 1 s or
-                // 30 s, so some may be past their time; `cap` bounds them).
-                Some((until, _)) if now < *until => break,
-                _ => {
-                    self.cache.remove(k);
-                    self.order.pop_front();
-                }
-            }
-        }
-        self.cache.trim();
-        self.order.trim();
+        self.answers.trim(Instant::now());
     }
 
     /// `key` (a connection seen from its sender) as its receiver sees it,
@@ -339,10 +324,8 @@ impl Services {
             return Translation::Direct;
         }
         let now = Instant::now();
-        if let Some((until, seen)) = self.cache.get(key) {
-            if now < *until {
-                return *seen;
-            }
+        if let Some(seen) = self.answers.get(key, now) {
+            return seen;
         }
         // After a failed lookup at once; after a failed open, once a while.
         if self.sock.is_none() && now >= self.reopen_at {
@@ -381,14 +364,7 @@ impl Services {
                 (Translation::Unknown, NOT_FOUND_TTL)
             }
         };
-        if self.cache.insert(*key, (now + ttl, seen)).is_none() {
-            self.order.push_back(*key);
-            while self.order.len() > self.cap {
-                if let Some(old) = self.order.pop_front() {
-                    self.cache.remove(&old);
-                }
-            }
-        }
+        self.answers.insert(*key, seen, now, ttl);
         seen
     }
 
@@ -398,15 +374,8 @@ impl Services {
     /// a sweep later), netfilter has long confirmed the entry.
     pub fn recheck(&mut self, key: &FlowKey) -> Option<FlowKey> {
         let worth = self.stats.worth_rechecking();
-        let mut again = false;
-        if let Some((until, Translation::Unknown)) = self.cache.get_mut(key) {
-            if worth {
-                // Past its time, so `translate` asks conntrack again (the
-                // key keeps its place in `order`).
-                *until = Instant::now();
-                again = true;
-            }
-        }
+        // Past its time, so `translate` asks conntrack again.
+        let again = worth && self.answers.expire_unknown(key, Instant::now());
         let via = self.translate(key);
         if via.is_some() && again {
             self.stats.confirmed_late += 1;
@@ -585,6 +554,7 @@ mod tests {
         let mut s = Services {
             on: true,
             reopen_at: Instant::now() + Duration::from_secs(3600),
+            answers: Answers::new(16),
             cap: 16,
             ..Services::disabled()
         };
