@@ -57,6 +57,8 @@ pub fn all(o: Opts) -> Result<()> {
     // The object's variant for kernels before 6.14 uses nothing newer than
     // 5.15 has (read from the object itself).
     run(cargo().args(["test", "--package", "tagflow", "--test", "old_kernels"]))?;
+    // The binary carries no DWARF in its object and packs its relocations.
+    run(cargo().args(["test", "--package", "tagflow", "--test", "binary_pages"]))?;
     // OTLP over TLS and mTLS against receivers with a test CA.
     run(cargo().args(["test", "--package", "tagflow", "--test", "otlp_tls"]))?;
     // OTLP/gRPC as the exporter frames it: a tonic receiver, refusals.
