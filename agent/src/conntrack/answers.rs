@@ -58,6 +58,11 @@ impl Answers {
         }
     }
 
+    /// How many answers are kept at most (0: none, lookups are off).
+    pub(super) fn cap(&self) -> usize {
+        self.cap
+    }
+
     fn ms(&self, t: Instant) -> u64 {
         t.saturating_duration_since(self.began).as_millis() as u64
     }

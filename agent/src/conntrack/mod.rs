@@ -264,9 +264,8 @@ pub struct Services {
     /// `None` after a failure, until it is opened again (`REOPEN_EVERY`).
     sock: Option<netlink::Socket>,
     reopen_at: Instant,
+    /// Bound 0: no lookups by configuration (`disabled`).
     answers: Answers,
-    /// No bound: no lookups (`disabled`).
-    cap: usize,
     pub stats: ServiceStats,
 }
 
@@ -278,7 +277,6 @@ impl Services {
             sock: None,
             reopen_at: Instant::now(),
             answers: Answers::new(0),
-            cap: 0,
             stats: ServiceStats::default(),
         }
     }
@@ -291,7 +289,6 @@ impl Services {
             on: true,
             sock: Some(sock),
             answers: Answers::new(cap),
-            cap,
             ..Self::disabled()
         })
     }
@@ -316,7 +313,7 @@ impl Services {
     /// connection's first packet is read before netfilter confirms its
     /// entry, now and then (the agent can be that quick).
     pub fn find(&mut self, key: &FlowKey) -> Translation {
-        if !matches!(key.proto, PROTO_TCP | PROTO_UDP) || self.cap == 0 {
+        if !matches!(key.proto, PROTO_TCP | PROTO_UDP) || self.answers.cap() == 0 {
             return Translation::Direct;
         }
         if !self.on {
@@ -555,7 +552,6 @@ mod tests {
             on: true,
             reopen_at: Instant::now() + Duration::from_secs(3600),
             answers: Answers::new(16),
-            cap: 16,
             ..Services::disabled()
         };
         let call = |port: u16| {
