@@ -543,6 +543,87 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
     assert_eq!(b.dp.flow_stats().len(), 1);
 }
 
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn the_flow_gc_and_the_fill_count_walk_tables_larger_than_one_batch() {
+    let _g = lock();
+    let mut b = bed(&AgentConfig::default());
+    let mut table = b.dp.take_trace_table().unwrap();
+    open_gate(&mut b, &mut table);
+    let traced = Frame::udp(ip("10.1.0.1"), 7, ip("10.2.0.1"), 9);
+    table
+        .set_flow(traced.flow_key(b.pod_ns), &ctx(0x44))
+        .unwrap();
+    b.run(&traced.build());
+    // Untraced connections: more than two of the walk's 1 024-entry batches.
+    let n = 2_600u16;
+    for port in 0..n {
+        b.run(&Frame::tcp(ip("10.1.0.1"), 20_000 + port, ip("10.2.0.1"), 80).build());
+    }
+    let stats = b.dp.flow_stats();
+    let keys: std::collections::HashSet<_> = stats.iter().map(|(k, _)| *k).collect();
+    assert_eq!(stats.len(), n as usize + 1);
+    assert_eq!(keys.len(), stats.len(), "an entry read twice");
+    let fill = b.dp.map_fill();
+    let flow_fill = fill.iter().find(|(m, ..)| m == "FLOW_STATS").unwrap();
+    assert_eq!(flow_fill.1, n as u64 + 1);
+    let newest = stats.iter().map(|(_, s)| s.last_ns).max().unwrap();
+    let (traced_age, negative_age) = (60_000_000_000, 10_000_000_000);
+    assert_eq!(
+        b.dp.gc(newest + 11_000_000_000, traced_age, negative_age).0,
+        n as u64
+    );
+    let left = b.dp.flow_stats();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].0, traced.flow_key(b.pod_ns));
+}
+
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn batch_reads_see_every_entry_and_batch_deletes_skip_keys_already_gone() {
+    use aya::maps::HashMap;
+    use tagflow::loader::batch;
+    let _g = lock();
+    let mut m = HashMap::<_, u32, u64>::create(8192, 0)
+        .expect("a standalone hash map (needs root and BPF)");
+    for k in 0..3_000u32 {
+        m.insert(k, u64::from(k) * 7, 0).unwrap();
+    }
+    let mut all = batch::entries(&m).expect("BPF_MAP_LOOKUP_BATCH (Linux 5.6)");
+    all.sort_unstable();
+    assert_eq!(all.len(), 3_000, "entries read");
+    assert_eq!(
+        all,
+        (0..3_000u32)
+            .map(|k| (k, u64::from(k) * 7))
+            .collect::<Vec<_>>()
+    );
+    // Every other key, with as many keys that were never there in between.
+    let doomed: Vec<u32> = (0..3_000u32)
+        .step_by(2)
+        .flat_map(|k| [k, 10_000 + k])
+        .take(2_200)
+        .collect();
+    let present = doomed.iter().filter(|k| **k < 3_000).count() as u64;
+    assert_eq!(batch::delete(&mut m, &doomed).unwrap(), present);
+    let mut left: Vec<u32> = batch::entries(&m)
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    left.sort_unstable();
+    assert_eq!(left.len() as u64, 3_000 - present, "entries left");
+    let want: Vec<u32> = (0..3_000u32)
+        .filter(|k| k % 2 == 1 || !doomed.contains(k))
+        .collect();
+    assert_eq!(left, want);
+    assert_eq!(batch::delete(&mut m, &[]).unwrap(), 0);
+    // An empty map reads as empty.
+    let keys: Vec<u32> = left.clone();
+    assert_eq!(batch::delete(&mut m, &keys).unwrap(), keys.len() as u64);
+    assert!(batch::entries(&m).unwrap().is_empty());
+}
+
 /// An HTTP/2 frame (9-byte header + payload).
 fn h2_frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let n = payload.len() as u32;

@@ -4,7 +4,7 @@
 use agent_common::{Counter, FlowKey, FlowStats, PortKey};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
-use super::{Datapath, LoaderError};
+use super::{batch, Datapath, LoaderError};
 
 /// An address as `FlowKey` holds it: IPv4 in the first 4 bytes.
 fn pod_addr_key(ip: std::net::IpAddr) -> [u8; 16] {
@@ -86,7 +86,7 @@ impl Datapath {
 
     /// A snapshot of FLOW_STATS.
     pub fn flow_stats(&self) -> Vec<(FlowKey, FlowStats)> {
-        self.flow_stats.iter().filter_map(Result::ok).collect()
+        entries(&self.flow_stats)
     }
 
     /// FLOW_STATS entries for these flows only (cheaper than a full walk).
@@ -106,42 +106,42 @@ impl Datapath {
         vec![
             (
                 "FLOW_STATS".into(),
-                self.flow_stats.keys().count() as u64,
+                count(&self.flow_stats),
                 cap(self.flow_stats.map()),
             ),
             (
                 "SOCK_OWNER".into(),
-                self.sock_owner.keys().count() as u64,
+                count(&self.sock_owner),
                 cap(self.sock_owner.map()),
             ),
             (
                 "SOCK_FLOW".into(),
-                self.sock_flow.keys().count() as u64,
+                count(&self.sock_flow),
                 cap(self.sock_flow.map()),
             ),
             (
                 "THREAD_VIA".into(),
-                self.thread_via.keys().count() as u64,
+                count(&self.thread_via),
                 cap(self.thread_via.map()),
             ),
             (
                 "BOUND_PORTS".into(),
-                self.bound_ports.keys().count() as u64,
+                count(&self.bound_ports),
                 cap(self.bound_ports.map()),
             ),
             (
                 "IFACE_NETNS".into(),
-                self.iface_netns.keys().count() as u64,
+                count(&self.iface_netns),
                 cap(self.iface_netns.map()),
             ),
             (
                 "POD_ADDRS".into(),
-                self.pod_addrs.keys().count() as u64,
+                count(&self.pod_addrs),
                 cap(self.pod_addrs.map()),
             ),
             (
                 "CAPTURE_SKIP".into(),
-                self.capture_skip.keys().count() as u64,
+                count(&self.capture_skip),
                 cap(self.capture_skip.map()),
             ),
         ]
@@ -195,17 +195,31 @@ impl Datapath {
     }
 }
 
+/// Every entry of a hash map: in batches where the kernel has them, else
+/// entry by entry (two syscalls each).
+fn entries<K: aya::Pod, V: aya::Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
+    // Before 5.6, or a read that failed midway: the slow walk.
+    batch::entries(map).unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
+}
+
 /// Deletes the entries whose value matches; returns how many went. Keys
 /// are collected first: deleting while walking a BPF hash restarts the walk.
 fn remove_where<K: aya::Pod, V: aya::Pod>(
     map: &mut BpfHashMap<MapData, K, V>,
     stale: impl Fn(&V) -> bool,
 ) -> u64 {
-    let keys: Vec<K> = map
-        .iter()
-        .filter_map(Result::ok)
+    let keys: Vec<K> = entries(map)
+        .into_iter()
         .filter(|(_, v)| stale(v))
         .map(|(k, _)| k)
         .collect();
-    keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
+    match batch::delete(map, &keys) {
+        Ok(n) => n,
+        Err(_) => keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64,
+    }
+}
+
+/// How many entries a map holds (see `entries`).
+fn count<K: aya::Pod, V: aya::Pod>(map: &BpfHashMap<MapData, K, V>) -> u64 {
+    entries(map).len() as u64
 }
