@@ -5,7 +5,9 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result};
 
-use crate::{bootstrap, build, cargo, fuzz, need_root, run, vm, EBPF_CRATES, FUZZ_TARGETS};
+use crate::{
+    bootstrap, build, cargo, fuzz, need_root, run, vm, FuzzBuild, EBPF_CRATES, FUZZ_TARGETS,
+};
 
 pub struct Opts {
     pub unit_only: bool,
@@ -65,11 +67,11 @@ pub fn all(o: Opts) -> Result<()> {
     run(cargo().args(["test", "--package", "tagflow", "--test", "otlp_grpc"]))?;
     // The sidecar over HTTP/2 (streams, trailers, resets) and h2c upgrades.
     run(cargo().args(["test", "--package", "tagflow", "--test", "sidecar_h2"]))?;
-    // Fuzz targets: a short smoke run each (the long runs:
-    // `cargo xtask fuzz <target> --time <s>`).
+    // Fuzz targets: a short smoke run each, unoptimised (the long runs,
+    // optimised: `cargo xtask fuzz <target> --time <s>`).
     bootstrap::cargo_fuzz()?;
     for t in FUZZ_TARGETS {
-        fuzz(t, 10)?;
+        fuzz(t, 10, FuzzBuild::Smoke)?;
     }
     // deploy/: render, schema-validate, agree with the agent.
     bootstrap::kubernetes_validate()?;
