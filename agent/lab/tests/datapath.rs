@@ -501,10 +501,8 @@ fn heads_of_connections_told_to_skip_are_not_copied() {
     assert_eq!(b.dp.counter(Counter::HeadCaptured), 2);
 }
 
-#[test]
-#[ignore = "needs root and BPF: cargo xtask test runs it"]
-fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
-    let _g = lock();
+/// A bed whose pod has one traced UDP flow (the frame), its gate open.
+fn bed_with_a_traced_flow() -> (Bed, tagflow::tables::TraceTable, Frame) {
     let mut b = bed(&AgentConfig::default());
     let mut table = b.dp.take_trace_table().unwrap();
     open_gate(&mut b, &mut table);
@@ -512,6 +510,14 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
     table
         .set_flow(traced.flow_key(b.pod_ns), &ctx(0x33))
         .unwrap();
+    (b, table, traced)
+}
+
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
+    let _g = lock();
+    let (mut b, _table, traced) = bed_with_a_traced_flow();
     b.expect(&traced.build(), Counter::Tagged, "traced");
     b.expect(&tcp4().build(), Counter::NoTrace, "untraced");
     let stats = b.dp.flow_stats();
@@ -547,14 +553,8 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
 #[ignore = "needs root and BPF: cargo xtask test runs it"]
 fn the_flow_gc_and_the_fill_count_walk_tables_larger_than_one_batch() {
     let _g = lock();
-    let mut b = bed(&AgentConfig::default());
-    let mut table = b.dp.take_trace_table().unwrap();
-    open_gate(&mut b, &mut table);
-    let traced = Frame::udp(ip("10.1.0.1"), 7, ip("10.2.0.1"), 9);
-    table
-        .set_flow(traced.flow_key(b.pod_ns), &ctx(0x44))
-        .unwrap();
-    b.run(&traced.build());
+    let (mut b, _table, traced) = bed_with_a_traced_flow();
+    b.expect(&traced.build(), Counter::Tagged, "traced");
     // Untraced connections: more than two of the walk's 1 024-entry batches.
     let n = 2_600u16;
     for port in 0..n {
