@@ -4,7 +4,7 @@
 use agent_common::{Counter, FlowKey, FlowStats, PortKey};
 use aya::maps::{HashMap as BpfHashMap, MapData};
 
-use super::{batch, Datapath, LoaderError};
+use super::{Datapath, LoaderError};
 
 /// An address as `FlowKey` holds it: IPv4 in the first 4 bytes.
 fn pod_addr_key(ip: std::net::IpAddr) -> [u8; 16] {
@@ -86,7 +86,7 @@ impl Datapath {
 
     /// A snapshot of FLOW_STATS.
     pub fn flow_stats(&self) -> Vec<(FlowKey, FlowStats)> {
-        entries(&self.flow_stats)
+        self.flow_stats.iter().filter_map(Result::ok).collect()
     }
 
     /// FLOW_STATS entries for these flows only (cheaper than a full walk).
@@ -106,42 +106,42 @@ impl Datapath {
         vec![
             (
                 "FLOW_STATS".into(),
-                count(&self.flow_stats),
+                self.flow_stats.keys().count() as u64,
                 cap(self.flow_stats.map()),
             ),
             (
                 "SOCK_OWNER".into(),
-                count(&self.sock_owner),
+                self.sock_owner.keys().count() as u64,
                 cap(self.sock_owner.map()),
             ),
             (
                 "SOCK_FLOW".into(),
-                count(&self.sock_flow),
+                self.sock_flow.keys().count() as u64,
                 cap(self.sock_flow.map()),
             ),
             (
                 "THREAD_VIA".into(),
-                count(&self.thread_via),
+                self.thread_via.keys().count() as u64,
                 cap(self.thread_via.map()),
             ),
             (
                 "BOUND_PORTS".into(),
-                count(&self.bound_ports),
+                self.bound_ports.keys().count() as u64,
                 cap(self.bound_ports.map()),
             ),
             (
                 "IFACE_NETNS".into(),
-                count(&self.iface_netns),
+                self.iface_netns.keys().count() as u64,
                 cap(self.iface_netns.map()),
             ),
             (
                 "POD_ADDRS".into(),
-                count(&self.pod_addrs),
+                self.pod_addrs.keys().count() as u64,
                 cap(self.pod_addrs.map()),
             ),
             (
                 "CAPTURE_SKIP".into(),
-                count(&self.capture_skip),
+                self.capture_skip.keys().count() as u64,
                 cap(self.capture_skip.map()),
             ),
         ]
@@ -195,31 +195,17 @@ impl Datapath {
     }
 }
 
-/// Every entry of a hash map: in batches where the kernel has them, else
-/// entry by entry (two syscalls each).
-fn entries<K: aya::Pod, V: aya::Pod>(map: &BpfHashMap<MapData, K, V>) -> Vec<(K, V)> {
-    // Before 5.6, or a read that failed midway: the slow walk.
-    batch::entries(map).unwrap_or_else(|_| map.iter().filter_map(Result::ok).collect())
-}
-
 /// Deletes the entries whose value matches; returns how many went. Keys
 /// are collected first: deleting while walking a BPF hash restarts the walk.
 fn remove_where<K: aya::Pod, V: aya::Pod>(
     map: &mut BpfHashMap<MapData, K, V>,
     stale: impl Fn(&V) -> bool,
 ) -> u64 {
-    let keys: Vec<K> = entries(map)
-        .into_iter()
+    let keys: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
         .filter(|(_, v)| stale(v))
         .map(|(k, _)| k)
         .collect();
-    match batch::delete(map, &keys) {
-        Ok(n) => n,
-        Err(_) => keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64,
-    }
-}
-
-/// How many entries a map holds (see `entries`).
-fn count<K: aya::Pod, V: aya::Pod>(map: &BpfHashMap<MapData, K, V>) -> u64 {
-    entries(map).len() as u64
+    keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
 }

@@ -5,7 +5,6 @@
 //! picks the ingress variant; TCX links from 6.6, a clsact/netlink filter
 //! before).
 mod attach;
-pub mod batch;
 mod features;
 mod hooks;
 mod maps;
