@@ -50,6 +50,10 @@ pub struct Snapshot {
     pub datapath: Vec<(String, u64)>,
     /// (map, entries, capacity).
     pub maps: Vec<(String, u64, u64)>,
+    /// How long the last round of map walks took (collection and fill
+    /// counts, on their own thread), in milliseconds.
+    #[serde(default)]
+    pub map_walk_ms: u64,
     /// Trace entries refused by the per-namespace quota: (netns cookie, n).
     #[serde(default)]
     pub quota_refused: Vec<(u64, u64)>,
@@ -186,6 +190,12 @@ impl Ops {
         for (name, ok) in &s.features {
             let _ = writeln!(out, "tagflow_feature{{name=\"{name}\"}} {}", *ok as u8);
         }
+        gauge(
+            &mut out,
+            "map_walk_milliseconds",
+            "How long the last 10-s round of map walks took (FLOW_STATS and CAPTURE_SKIP collection, fill counts; on their own thread).",
+            s.map_walk_ms,
+        );
         gauge(
             &mut out,
             "maps_pinned",

@@ -527,19 +527,24 @@ fn flows_idle_past_the_gc_age_leave_flow_stats_traced_or_not() {
         "\"no trace\" entries are stamped too: {stats:?}"
     );
     let newest = stats.iter().map(|(_, s)| s.last_ns).max().unwrap();
+    let mut keeper = b.dp.housekeeper().unwrap();
     // Younger than the age: kept.
     let (traced_age, negative_age) = (60_000_000_000, 10_000_000_000);
-    assert_eq!(b.dp.gc(newest + 1_000, traced_age, negative_age), (0, 0));
+    assert_eq!(keeper.gc(newest + 1_000, traced_age, negative_age), (0, 0));
     assert_eq!(b.dp.flow_stats().len(), 2);
     // "No trace" entries go first; the traced one after its own age.
     assert_eq!(
-        b.dp.gc(newest + 11_000_000_000, traced_age, negative_age).0,
+        keeper
+            .gc(newest + 11_000_000_000, traced_age, negative_age)
+            .0,
         1
     );
     assert_eq!(b.dp.flow_stats().len(), 1);
     assert!(!b.dp.flow_stats()[0].1.is_negative());
     assert_eq!(
-        b.dp.gc(newest + 61_000_000_000, traced_age, negative_age).0,
+        keeper
+            .gc(newest + 61_000_000_000, traced_age, negative_age)
+            .0,
         1
     );
     assert!(b.dp.flow_stats().is_empty());
@@ -564,15 +569,16 @@ fn the_flow_gc_and_the_fill_count_walk_thousands_of_flows() {
     let keys: std::collections::HashSet<_> = stats.iter().map(|(k, _)| *k).collect();
     assert_eq!(stats.len(), n as usize + 1);
     assert_eq!(keys.len(), stats.len(), "an entry read twice");
-    let fill = b.dp.map_fill();
+    // The daemon walks on a thread of its own, with its own handles.
+    let mut keeper = b.dp.housekeeper().unwrap();
+    let fill = keeper.map_fill();
     let flow_fill = fill.iter().find(|(m, ..)| m == "FLOW_STATS").unwrap();
     assert_eq!(flow_fill.1, n as u64 + 1);
     let newest = stats.iter().map(|(_, s)| s.last_ns).max().unwrap();
     let (traced_age, negative_age) = (60_000_000_000, 10_000_000_000);
-    assert_eq!(
-        b.dp.gc(newest + 11_000_000_000, traced_age, negative_age).0,
-        n as u64
-    );
+    let walk =
+        std::thread::spawn(move || keeper.gc(newest + 11_000_000_000, traced_age, negative_age));
+    assert_eq!(walk.join().unwrap().0, n as u64);
     let left = b.dp.flow_stats();
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].0, traced.flow_key(b.pod_ns));

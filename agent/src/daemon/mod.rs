@@ -4,10 +4,11 @@
 use std::{
     future::Future,
     sync::{atomic::Ordering, Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 mod follow;
+mod housekeeping;
 mod pipeline;
 mod relearn;
 mod sampling;
@@ -56,16 +57,13 @@ const EVENTS_PER_TURN: usize = 4096;
 /// 7/8 of 16 384, what a hash table of that many buckets holds before it
 /// doubles (at 16 384 answers the table took 32 768 buckets).
 const SERVICES_CACHED: usize = 14 * 1024;
-/// FLOW_STATS entries without a packet for this long are deleted ("no
-/// trace" entries sooner: remaking one costs one slow-path lookup).
-const FLOW_GC_NS: u64 = 60_000_000_000;
-const NEGATIVE_GC_NS: u64 = 10_000_000_000;
 
 fn snapshot(
     dp: &Datapath,
     table: &Mutex<TraceTable>,
     pipe: &Pipeline,
     maps: &[(String, u64, u64)],
+    walk_took: Duration,
 ) -> Snapshot {
     let attachments = dp
         .attached()
@@ -118,6 +116,7 @@ fn snapshot(
         ingress: dp.ingress_name().to_string(),
         datapath,
         maps: m,
+        map_walk_ms: walk_took.as_millis() as u64,
         quota_refused,
         agent: pipe.counters(),
         spans_open: pipe.assembler.open_spans() as u64,
@@ -293,8 +292,10 @@ pub async fn run_with(
         unsafe { AsyncFd::register(rb) }.map_err(|e| AgentError::Io(e.into()))?;
     let mut sweep = tokio::time::interval(Duration::from_millis(250));
     let mut second = tokio::time::interval(Duration::from_secs(1));
-    let mut maps = dp.map_fill();
-    let mut maps_at = Instant::now();
+    let keeper = dp.housekeeper()?;
+    let mut maps = keeper.map_fill();
+    let mut walk_took = Duration::ZERO;
+    let mut walks = housekeeping::Walks::start(keeper)?;
     let mut relearn = relearn::Relearn::new();
     info!(attached = dp.attached().len(), "tagflow running");
     tokio::pin!(shutdown);
@@ -330,24 +331,23 @@ pub async fn run_with(
                 }
                 pipe.stats.bound_ports_relearned += n as u64;
             }
+            Some(walked) = walks.reports.recv() => {
+                pipe.stats.flows_collected += walked.flows_collected;
+                pipe.stats.skips_collected += walked.skips_collected;
+                maps = walked.maps;
+                walk_took = walked.took;
+                if relearn.check(&maps) {
+                    pipe.stats.bound_ports_scans += 1;
+                }
+            }
             _ = second.tick() => {
                 follower.sync_addrs(&mut dp, &mut pipe.stats);
                 match table.lock().expect("table lock").expire() {
                     Ok(n) => pipe.stats.expired += n as u64,
                     Err(e) => warn!("expiring trace entries: {}", crate::report(&e)),
                 }
-                if maps_at.elapsed() >= Duration::from_secs(10) {
-                    let (f, c) = dp.gc(monotonic_ns(), FLOW_GC_NS, NEGATIVE_GC_NS);
-                    pipe.stats.flows_collected += f;
-                    pipe.stats.skips_collected += c;
-                    maps = dp.map_fill();
-                    maps_at = Instant::now();
-                    if relearn.check(&maps) {
-                        pipe.stats.bound_ports_scans += 1;
-                    }
-                }
                 release_free_memory();
-                *ops.snapshot.lock().expect("snapshot lock") = snapshot(&dp, &table, &pipe, &maps);
+                *ops.snapshot.lock().expect("snapshot lock") = snapshot(&dp, &table, &pipe, &maps, walk_took);
             }
         }
     }
@@ -367,6 +367,7 @@ pub async fn run_with(
     if cfg.registration.enabled {
         let _ = std::fs::remove_file(&cfg.registration.socket);
     }
+    drop(walks);
     drop(dp);
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The datapath's maps as the agent reads and writes them (besides the
 //! trace tables, which `tables.rs` owns): owners, interface namespaces,
-//! counters, per-flow stats and their garbage collection, capture skips.
+//! counters, per-flow stats, capture skips (their garbage collection and the
+//! fill counts: housekeeping.rs).
 use agent_common::{Counter, FlowKey, FlowStats, PortKey};
-use aya::maps::{HashMap as BpfHashMap, MapData};
 
 use super::{Datapath, LoaderError};
 
@@ -98,74 +98,6 @@ impl Datapath {
             .collect()
     }
 
-    /// (map, entries, capacity) of the maps the datapath fills. Walks the
-    /// maps: call it every few seconds, not per event.
-    pub fn map_fill(&self) -> Vec<(String, u64, u64)> {
-        let cap = |m: &aya::maps::MapData| m.info().map(|i| i.max_entries() as u64).unwrap_or(0);
-        use aya::maps::IterableMap;
-        vec![
-            (
-                "FLOW_STATS".into(),
-                self.flow_stats.keys().count() as u64,
-                cap(self.flow_stats.map()),
-            ),
-            (
-                "SOCK_OWNER".into(),
-                self.sock_owner.keys().count() as u64,
-                cap(self.sock_owner.map()),
-            ),
-            (
-                "SOCK_FLOW".into(),
-                self.sock_flow.keys().count() as u64,
-                cap(self.sock_flow.map()),
-            ),
-            (
-                "THREAD_VIA".into(),
-                self.thread_via.keys().count() as u64,
-                cap(self.thread_via.map()),
-            ),
-            (
-                "BOUND_PORTS".into(),
-                self.bound_ports.keys().count() as u64,
-                cap(self.bound_ports.map()),
-            ),
-            (
-                "IFACE_NETNS".into(),
-                self.iface_netns.keys().count() as u64,
-                cap(self.iface_netns.map()),
-            ),
-            (
-                "POD_ADDRS".into(),
-                self.pod_addrs.keys().count() as u64,
-                cap(self.pod_addrs.map()),
-            ),
-            (
-                "CAPTURE_SKIP".into(),
-                self.capture_skip.keys().count() as u64,
-                cap(self.capture_skip.map()),
-            ),
-        ]
-    }
-
-    /// Deletes FLOW_STATS entries whose last packet is older than
-    /// `traced_age_ns` ("no trace" entries: `negative_age_ns`, they are cheap
-    /// to make again), and CAPTURE_SKIP entries past their time, so both maps
-    /// hold live connections rather than filling to their LRU capacity with
-    /// dead ones. A live flow that was idle that long simply resolves again
-    /// on its next packet. Returns (flows, skips) removed.
-    pub fn gc(&mut self, now_ns: u64, traced_age_ns: u64, negative_age_ns: u64) -> (u64, u64) {
-        let flows = remove_where(&mut self.flow_stats, |s| {
-            let age = if s.is_negative() {
-                negative_age_ns
-            } else {
-                traced_age_ns
-            };
-            now_ns.saturating_sub(s.last_ns.max(s.first_ns)) > age
-        });
-        let skips = remove_where(&mut self.capture_skip, |until| *until < now_ns);
-        (flows, skips)
-    }
-
     /// Deletes `key`'s FLOW_STATS entry if it still belongs to `trace` (its
     /// connection closed: no need to wait for the GC).
     pub fn forget_flow(&mut self, key: &FlowKey, trace: &[u8; 16]) -> bool {
@@ -193,19 +125,4 @@ impl Datapath {
                 source,
             })
     }
-}
-
-/// Deletes the entries whose value matches; returns how many went. Keys
-/// are collected first: deleting while walking a BPF hash restarts the walk.
-fn remove_where<K: aya::Pod, V: aya::Pod>(
-    map: &mut BpfHashMap<MapData, K, V>,
-    stale: impl Fn(&V) -> bool,
-) -> u64 {
-    let keys: Vec<K> = map
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(_, v)| stale(v))
-        .map(|(k, _)| k)
-        .collect();
-    keys.iter().filter(|k| map.remove(k).is_ok()).count() as u64
 }

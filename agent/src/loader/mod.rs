@@ -7,6 +7,7 @@
 mod attach;
 mod features;
 mod hooks;
+mod housekeeping;
 mod maps;
 
 use std::{collections::HashMap, io, path::PathBuf, time::Duration};
@@ -30,6 +31,7 @@ use attach::Attachment;
 pub use attach::{remove_stale_filters, tcx_programs, AttachKind};
 pub use features::{Feature, Features};
 pub use hooks::{cgroup2_root, parse_cgroup2_mount};
+pub use housekeeping::Housekeeper;
 
 /// The tagflow eBPF object, built by build.rs.
 pub static TAGFLOW_OBJECT: &[u8] = include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagflow"));
@@ -47,6 +49,11 @@ pub enum LoaderError {
     Map {
         name: &'static str,
         source: MapError,
+    },
+    #[error("duplicating map {name}'s descriptor")]
+    Duplicate {
+        name: &'static str,
+        source: io::Error,
     },
     #[error("map {0} missing from the object (or already taken)")]
     MissingMap(&'static str),
