@@ -374,12 +374,16 @@ impl Pipeline {
                 {
                     self.stats.reattributed_flows += 1;
                     self.remember_reattributed(r.conn, previous, r.ctx);
-                    // The moved span is the request's at that end: it takes
-                    // the details (the datapath's switch may never come, the
-                    // exchange having ended under the old trace).
-                    if let Some(h) = self.capture.take_head(&r.conn, &r.ctx.trace_id) {
-                        self.assembler.head(&r.conn, h);
-                    }
+                }
+            }
+            // A span at that end already under the request (moved just now:
+            // the datapath's switch may never come, the exchange having
+            // ended under the old trace; or opened under it, the reader's
+            // process carrying it already) takes the details now: no
+            // FLOW_NEW will come for it.
+            if self.assembler.is_open(&r.conn, &r.ctx.trace_id) {
+                if let Some(h) = self.capture.take_head(&r.conn, &r.ctx.trace_id) {
+                    self.assembler.head(&r.conn, h);
                 }
             }
             // From another node: its caller's span id is one both agents
@@ -1316,6 +1320,68 @@ mod tests {
             on_conn[0].attr("tagflow.packets"),
             Some(crate::spans::Value::Int(5))
         );
+    }
+
+    /// Both ends of a connection already carried the request's trace when
+    /// its head came (the sender's process and the reader's were keyed
+    /// for it by an earlier connection): no FLOW_NEW comes for either
+    /// span, so the head's details go to both at once, and nothing is
+    /// left cached to age out as unclaimed.
+    #[test]
+    fn a_head_whose_spans_are_open_gives_both_its_details_and_keeps_no_copy() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let want = crate::ids::map_request_id("req-o").unwrap().0;
+        let conn = FlowKey::new(
+            7,
+            agent_common::PROTO_TCP,
+            ([10, 0, 0, 7], 40000).into(),
+            ([10, 0, 0, 2], 8000).into(),
+        );
+        let server_end = conn.reversed_in(2);
+        let mut call = flow(conn, 0, 3, 100, 110);
+        call.stats.trace_id = want;
+        call.stats.matched = agent_common::MATCH_PID;
+        pipe.event(Event::FlowNew(call), &table, not_local);
+        let mut reply = flow(server_end, 0, 2, 105, 115);
+        reply.stats.trace_id = want;
+        reply.stats.owner = agent_common::OWNER_BOUND;
+        pipe.event(Event::FlowNew(reply), &table, not_local);
+        let Event::HttpHead(mut h) = sent(0, "req-o", 21) else {
+            unreachable!()
+        };
+        h.key = conn;
+        h.ts_ns = 120;
+        let reader = TraceKey::new(22, 2);
+        pipe.event(Event::HttpHead(h), &table, |_| {
+            Ok(Reader {
+                key: reader,
+                late: false,
+            })
+        });
+        assert_eq!(pipe.capture.cached(), 0, "no copy kept for open spans");
+        assert!(!pipe.capture.awaits_span(&want));
+        call.stats.tcp_flags = 0x19;
+        reply.stats.tcp_flags = 0x19;
+        pipe.event(Event::FlowEnd(call), &table, not_local);
+        pipe.event(Event::FlowEnd(reply), &table, not_local);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 2, "{spans:?}");
+        for s in &spans {
+            assert_eq!(s.trace_id, want);
+            assert_eq!(
+                s.attr("http.request.method"),
+                Some(crate::spans::Value::Str("GET".into())),
+                "{s:?}"
+            );
+        }
+        // A later head ages the cache out: nothing was left unclaimed.
+        let Event::HttpHead(mut h) = sent(1, "req-l", 23) else {
+            unreachable!()
+        };
+        h.ts_ns = 120 + 4_000_000_000;
+        pipe.event(Event::HttpHead(h), &table, not_local);
+        assert_eq!((pipe.capture.unclaimed, pipe.capture.cached()), (0, 1));
     }
 
     #[test]

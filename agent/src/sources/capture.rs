@@ -552,10 +552,12 @@ impl Capture {
         self.heads.remove(pair).is_some()
     }
 
-    /// The span of a pair whose head was kept opened before the head came
-    /// (its details went straight to it): nothing waits on it.
+    /// The span of a pair whose head was kept opened before the head came,
+    /// and the details went straight to it: nothing waits on it, and the
+    /// kept copy is used (not unclaimed; its memory goes now, not when it
+    /// ages out).
     pub fn span_open(&mut self, key: &FlowKey, trace: &[u8; 16]) {
-        self.promised.settle(&(*key, *trace));
+        self.forget(&(*key, *trace));
     }
 
     /// Whether a head sent from this node for `trace` still waits for its

@@ -259,6 +259,11 @@ impl Assembler {
         self.open.len()
     }
 
+    /// Whether the pair has an open span.
+    pub fn is_open(&self, key: &FlowKey, trace: &[u8; 16]) -> bool {
+        self.open.contains_key(&(*key, *trace))
+    }
+
     /// Flows with an open span (what a sweep must read from FLOW_STATS).
     pub fn open_keys(&self) -> Vec<FlowKey> {
         self.open.keys().map(|k| k.0).collect()
