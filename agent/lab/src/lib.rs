@@ -18,3 +18,8 @@ pub mod topo;
 /// carries an expected trace id. Never attached by the agent.
 pub static TESTPROGS_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagflow-testprogs"));
+
+/// The datapath benchmark's reference programs (`ref_*`, see
+/// `bench::floor`), with an empty program of their own.
+pub static FLOOR_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tagflow-floor"));

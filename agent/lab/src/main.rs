@@ -154,6 +154,7 @@ fn main() -> anyhow::Result<()> {
                     rounds,
                 } => {
                     let mut rows = bench::datapath(repeat, rounds)?;
+                    rows.extend(bench::floor::floor(repeat, rounds)?);
                     rows.extend(bench::threads::recv_hook(repeat as usize / 20, rounds)?);
                     (rows, json)
                 }

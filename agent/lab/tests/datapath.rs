@@ -742,3 +742,17 @@ fn http2_header_frames_are_walked_from_the_preface_and_decoded_in_userspace() {
     b.expect(&f.build(), Counter::NoTrace, "given up");
     assert!(events.next().is_none());
 }
+
+/// The bench's floor ladder (`bench::floor`): every reference program the
+/// kernel offers loads and does its work (the ladder fails when a rung
+/// returns before its lookup), so the floor rows stay measurable.
+#[test]
+#[ignore = "needs root and BPF: cargo xtask test runs it"]
+fn the_floor_ladder_runs_every_rung_this_kernel_offers() {
+    let _g = lock();
+    let rows = tagflow_lab::bench::floor::floor(10_000, 1).expect("floor ladder");
+    // Empty, parse, both key sizes and the cookie need nothing past 5.15.
+    assert!(rows.len() >= 5, "{} rows", rows.len());
+    assert!(rows[0].scenario.ends_with("empty program"));
+    assert!(rows[1..].iter().all(|r| r.value > 0.0 && r.ratio.is_some()));
+}

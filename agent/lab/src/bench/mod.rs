@@ -1,5 +1,6 @@
 //! Benchmarks (`tagflow-lab bench`, run by `cargo xtask bench`). Every figure is a ratio against a baseline measured in the same run, with
 //! the scenarios alternated round by round and medians reported.
+pub mod floor;
 pub mod h2;
 pub mod linking;
 pub mod node;
@@ -37,6 +38,8 @@ pub enum BenchError {
     #[error(transparent)]
     Program(#[from] ProgramError),
     #[error(transparent)]
+    Map(#[from] aya::maps::MapError),
+    #[error(transparent)]
     Table(#[from] TableError),
     #[error(transparent)]
     Netns(#[from] netns::NetnsError),
@@ -54,6 +57,7 @@ pub fn all(quick: bool) -> Result<Vec<Row>, BenchError> {
         (2_000_000, 7, 200_000, 200_000)
     };
     let mut rows = datapath(repeat, rounds)?;
+    rows.extend(floor::floor(repeat, rounds)?);
     rows.extend(threads::recv_hook(repeat as usize / 20, rounds)?);
     rows.extend(startup::scaling(repeat / 2)?);
     rows.extend(registration::registration(messages, 4)?);
