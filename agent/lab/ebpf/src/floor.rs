@@ -63,10 +63,18 @@ fn sink(v: u64) {
     }
 }
 
-/// Ethernet, IPv4 (any IHL) and TCP ports by direct access:
-/// (source address, destination address, ports as one word).
+/// Ethernet, IPv4 (any IHL) and TCP by direct access.
+struct V4 {
+    src: u32,
+    dst: u32,
+    /// Both ports as one word.
+    ports: u32,
+    /// Where the TCP payload starts (unused rungs drop its computation).
+    payload: usize,
+}
+
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Option<(u32, u32, u32)> {
+fn parse_v4(ctx: &TcContext) -> Option<V4> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + 14 + 20 > end {
@@ -86,10 +94,13 @@ fn parse_v4(ctx: &TcContext) -> Option<(u32, u32, u32)> {
     if l4 + 20 > end {
         return None;
     }
-    let ports = unsafe { *(l4 as *const u32) };
-    let src = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    let dst = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
-    Some((src, dst, ports))
+    let th = unsafe { &*(l4 as *const [u8; 20]) };
+    Some(V4 {
+        src: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        ports: u32::from_ne_bytes([th[0], th[1], th[2], th[3]]),
+        payload: 14 + ihl + ((th[12] >> 4) as usize) * 4,
+    })
 }
 
 /// tagflow's 48-byte key for an IPv4 TCP packet, zeroed word by word as
@@ -121,7 +132,10 @@ pub fn ref_empty(_ctx: TcContext) -> i32 {
 /// Parsing alone.
 #[classifier]
 pub fn ref_parse(ctx: TcContext) -> i32 {
-    if let Some((src, dst, ports)) = parse_v4(&ctx) {
+    if let Some(V4 {
+        src, dst, ports, ..
+    }) = parse_v4(&ctx)
+    {
         sink((src ^ dst ^ ports) as u64);
     }
     TCX_NEXT
@@ -131,7 +145,10 @@ pub fn ref_parse(ctx: TcContext) -> i32 {
 /// what a packet of a pod without traces needs at the least.
 #[classifier]
 pub fn ref_gate(ctx: TcContext) -> i32 {
-    if let Some((src, dst, ports)) = parse_v4(&ctx) {
+    if let Some(V4 {
+        src, dst, ports, ..
+    }) = parse_v4(&ctx)
+    {
         // SAFETY: helper called with the program's own context.
         let ns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
         if let Some(slot) = REF_GATE.get((ns as u32) & 1023) {
@@ -145,10 +162,41 @@ pub fn ref_gate(ctx: TcContext) -> i32 {
     TCX_NEXT
 }
 
+/// `ref_gate` and the look for a request head every capturing agent makes
+/// on a segment with payload: its first 4 bytes, read with the helper
+/// (a socket's payload sits in page fragments, out of direct reach).
+#[classifier]
+pub fn ref_gate_head(ctx: TcContext) -> i32 {
+    let Some(p) = parse_v4(&ctx) else {
+        return TCX_NEXT;
+    };
+    if p.payload > 1024 || (ctx.len() as usize) < p.payload + 4 {
+        return TCX_NEXT;
+    }
+    let head = match ctx.load::<[u8; 4]>(p.payload) {
+        Ok(b) if &b == b"GET " || &b == b"POST" => 1,
+        Ok(_) => 2,
+        Err(_) => return TCX_NEXT,
+    };
+    // SAFETY: helper called with the program's own context.
+    let ns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if let Some(slot) = REF_GATE.get((ns as u32) & 1023) {
+        if slot[0] == ns {
+            sink(slot[1]);
+            return TCX_NEXT;
+        }
+    }
+    sink(head);
+    TCX_NEXT
+}
+
 /// Parsing and one flow-cache lookup with tagflow's 48-byte key.
 #[classifier]
 pub fn ref_flow48(ctx: TcContext) -> i32 {
-    if let Some((src, dst, ports)) = parse_v4(&ctx) {
+    if let Some(V4 {
+        src, dst, ports, ..
+    }) = parse_v4(&ctx)
+    {
         let mut slot = core::mem::MaybeUninit::uninit();
         let key: &FlowKey = key48(&mut slot, src, dst, ports);
         match unsafe { REF_FLOW48.get(key) } {
@@ -166,7 +214,10 @@ pub fn ref_flow48(ctx: TcContext) -> i32 {
 /// cb. No counters, no accounting, no capture or method check.
 #[classifier]
 pub fn ref_tag48(mut ctx: TcContext) -> i32 {
-    let Some((src, dst, ports)) = parse_v4(&ctx) else {
+    let Some(V4 {
+        src, dst, ports, ..
+    }) = parse_v4(&ctx)
+    else {
         return TCX_NEXT;
     };
     // SAFETY: helper called with the program's own context.
@@ -207,7 +258,10 @@ fn write_cb(ctx: &mut TcContext, v: u64) {
 /// Parsing and one flow-cache lookup with a 24-byte IPv4 key.
 #[classifier]
 pub fn ref_flow24(ctx: TcContext) -> i32 {
-    if let Some((src, dst, ports)) = parse_v4(&ctx) {
+    if let Some(V4 {
+        src, dst, ports, ..
+    }) = parse_v4(&ctx)
+    {
         let key = &Key24 {
             netns: 0,
             local: src,

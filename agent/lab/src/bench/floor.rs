@@ -37,7 +37,7 @@ const fn rung(prog: &'static str, name: &'static str) -> Rung {
 
 const NETNS: Option<BpfHelper> = Some(BpfHelper::BPF_FUNC_get_netns_cookie);
 
-const LADDER: [Rung; 8] = [
+const LADDER: [Rung; 9] = [
     rung("ref_empty", "empty program"),
     rung("ref_parse", "parse Ethernet, IPv4, TCP ports"),
     Rung {
@@ -45,6 +45,13 @@ const LADDER: [Rung; 8] = [
         ..rung(
             "ref_gate",
             "parse + namespace helper + gate (array read), pod without traces",
+        )
+    },
+    Rung {
+        needs: NETNS,
+        ..rung(
+            "ref_gate_head",
+            "the same + a look for a request head (4 payload bytes, helper read)",
         )
     },
     rung(
