@@ -170,13 +170,8 @@ pub fn ref_gate_head(ctx: TcContext) -> i32 {
     let Some(p) = parse_v4(&ctx) else {
         return TCX_NEXT;
     };
-    if p.payload > 1024 || (ctx.len() as usize) < p.payload + 4 {
+    let Some(head) = head_look(&ctx, p.payload) else {
         return TCX_NEXT;
-    }
-    let head = match ctx.load::<[u8; 4]>(p.payload) {
-        Ok(b) if &b == b"GET " || &b == b"POST" => 1,
-        Ok(_) => 2,
-        Err(_) => return TCX_NEXT,
     };
     // SAFETY: helper called with the program's own context.
     let ns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -188,6 +183,20 @@ pub fn ref_gate_head(ctx: TcContext) -> i32 {
     }
     sink(head);
     TCX_NEXT
+}
+
+/// The first 4 payload bytes, read with the helper: 1 for a request
+/// head's start, 2 for anything else; None without 4 payload bytes.
+#[inline(always)]
+fn head_look(ctx: &TcContext, payload: usize) -> Option<u64> {
+    if payload > 1024 || (ctx.len() as usize) < payload + 4 {
+        return None;
+    }
+    match ctx.load::<[u8; 4]>(payload) {
+        Ok(b) if &b == b"GET " || &b == b"POST" => Some(1),
+        Ok(_) => Some(2),
+        Err(_) => None,
+    }
 }
 
 /// Parsing and one flow-cache lookup with tagflow's 48-byte key.
@@ -213,12 +222,29 @@ pub fn ref_flow48(ctx: TcContext) -> i32 {
 /// gate, the flow cache by the 48-byte key, and the trace id written to
 /// cb. No counters, no accounting, no capture or method check.
 #[classifier]
-pub fn ref_tag48(mut ctx: TcContext) -> i32 {
-    let Some(V4 {
-        src, dst, ports, ..
-    }) = parse_v4(&ctx)
-    else {
+pub fn ref_tag48(ctx: TcContext) -> i32 {
+    tag48::<false>(ctx)
+}
+
+/// `ref_tag48` and the look for a request head: the least an agent that
+/// both tags and captures does for a tagged segment with payload.
+#[classifier]
+pub fn ref_tag48_head(ctx: TcContext) -> i32 {
+    tag48::<true>(ctx)
+}
+
+#[inline(always)]
+fn tag48<const HEAD: bool>(mut ctx: TcContext) -> i32 {
+    let Some(p) = parse_v4(&ctx) else {
         return TCX_NEXT;
+    };
+    let head = if HEAD {
+        match head_look(&ctx, p.payload) {
+            Some(h) => h,
+            None => return TCX_NEXT,
+        }
+    } else {
+        0
     };
     // SAFETY: helper called with the program's own context.
     let ns = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
@@ -227,13 +253,13 @@ pub fn ref_tag48(mut ctx: TcContext) -> i32 {
         _ => return TCX_NEXT,
     }
     let mut slot = core::mem::MaybeUninit::uninit();
-    let key = key48(&mut slot, src, dst, ports);
+    let key = key48(&mut slot, p.src, p.dst, p.ports);
     key.netns = ns;
     let key: &FlowKey = key;
     match unsafe { REF_FLOW48.get(key) } {
         Some(v) => {
             write_cb(&mut ctx, *v);
-            sink(*v);
+            sink(*v + head);
         }
         None => {
             let _ = REF_FLOW48.insert(key, 1, 0);

@@ -37,7 +37,7 @@ const fn rung(prog: &'static str, name: &'static str) -> Rung {
 
 const NETNS: Option<BpfHelper> = Some(BpfHelper::BPF_FUNC_get_netns_cookie);
 
-const LADDER: [Rung; 9] = [
+const LADDER: [Rung; 10] = [
     rung("ref_empty", "empty program"),
     rung("ref_parse", "parse Ethernet, IPv4, TCP ports"),
     Rung {
@@ -76,6 +76,14 @@ const LADDER: [Rung; 9] = [
         ..rung(
             "ref_tag48",
             "tagflow's design alone: parse, namespace, gate, flow-cache hit, trace id to cb",
+        )
+    },
+    Rung {
+        in_traced: true,
+        needs: NETNS,
+        ..rung(
+            "ref_tag48_head",
+            "the same + the look for a request head: tagging and capture, nothing else",
         )
     },
 ];
