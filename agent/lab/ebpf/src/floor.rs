@@ -15,6 +15,10 @@
 //! 5.2+) stays out of the object every test loads.
 #![no_std]
 #![no_main]
+// BPF has atomic add but core::sync::atomic offers no fetch_add on this
+// target (as in agent-ebpf).
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 use agent_common::{FlowKey, TCX_NEXT};
 use aya_ebpf::{
     bindings::BPF_SK_STORAGE_GET_F_CREATE,
@@ -25,7 +29,10 @@ use aya_ebpf::{
     programs::TcContext,
     EbpfContext,
 };
-use core::mem::size_of;
+use core::{
+    intrinsics::{atomic_xadd, AtomicOrdering},
+    mem::size_of,
+};
 
 /// An IPv4-only flow key: 24 bytes, half of `FlowKey`.
 #[repr(C)]
@@ -71,6 +78,8 @@ struct V4 {
     ports: u32,
     /// Where the TCP payload starts (unused rungs drop its computation).
     payload: usize,
+    /// The TCP flags byte.
+    flags: u8,
 }
 
 #[inline(always)]
@@ -100,7 +109,21 @@ fn parse_v4(ctx: &TcContext) -> Option<V4> {
         dst: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
         ports: u32::from_ne_bytes([th[0], th[1], th[2], th[3]]),
         payload: 14 + ihl + ((th[12] >> 4) as usize) * 4,
+        flags: th[13],
     })
+}
+
+/// A flow cache's step: a hit adds its value to the sink, a miss inserts
+/// the key (so the next run hits).
+#[inline(always)]
+fn hit_or_insert<K>(map: &LruHashMap<K, u64>, key: &K) {
+    // SAFETY: the value is read at once, before any update of the map.
+    match unsafe { map.get(key) } {
+        Some(v) => sink(*v),
+        None => {
+            let _ = map.insert(key, 1, 0);
+        }
+    }
 }
 
 /// tagflow's 48-byte key for an IPv4 TCP packet, zeroed word by word as
@@ -207,13 +230,7 @@ pub fn ref_flow48(ctx: TcContext) -> i32 {
     }) = parse_v4(&ctx)
     {
         let mut slot = core::mem::MaybeUninit::uninit();
-        let key: &FlowKey = key48(&mut slot, src, dst, ports);
-        match unsafe { REF_FLOW48.get(key) } {
-            Some(v) => sink(*v),
-            None => {
-                let _ = REF_FLOW48.insert(key, 1, 0);
-            }
-        }
+        hit_or_insert(&REF_FLOW48, key48(&mut slot, src, dst, ports));
     }
     TCX_NEXT
 }
@@ -223,18 +240,42 @@ pub fn ref_flow48(ctx: TcContext) -> i32 {
 /// cb. No counters, no accounting, no capture or method check.
 #[classifier]
 pub fn ref_tag48(ctx: TcContext) -> i32 {
-    tag48::<false>(ctx)
+    tag48::<false, false>(ctx)
 }
 
 /// `ref_tag48` and the look for a request head: the least an agent that
 /// both tags and captures does for a tagged segment with payload.
 #[classifier]
 pub fn ref_tag48_head(ctx: TcContext) -> i32 {
-    tag48::<true>(ctx)
+    tag48::<true, false>(ctx)
 }
 
+/// `ref_tag48_head` and the (flow, trace) accounting flow spans need:
+/// packets and bytes (two atomic adds, as two CPUs may send on one
+/// flow), the TCP flags, and the packet's time from `skb->tstamp`, which
+/// real TCP segments carry (test_run's do not: tagflow's rows there pay
+/// `bpf_ktime_get_ns` instead).
+#[classifier]
+pub fn ref_tag48_account(ctx: TcContext) -> i32 {
+    tag48::<true, true>(ctx)
+}
+
+/// A flow's accounting, as `FlowStats` keeps it (the fields that change
+/// per packet).
+#[repr(C)]
+pub struct RefStats {
+    pub trace: u64,
+    pub packets: u64,
+    pub bytes: u64,
+    pub last_ns: u64,
+    pub tcp_flags: u8,
+}
+
+#[map(name = "REF_STATS48")]
+static REF_STATS48: LruHashMap<FlowKey, RefStats> = LruHashMap::with_max_entries(4096, 0);
+
 #[inline(always)]
-fn tag48<const HEAD: bool>(mut ctx: TcContext) -> i32 {
+fn tag48<const HEAD: bool, const ACCOUNT: bool>(mut ctx: TcContext) -> i32 {
     let Some(p) = parse_v4(&ctx) else {
         return TCX_NEXT;
     };
@@ -256,6 +297,31 @@ fn tag48<const HEAD: bool>(mut ctx: TcContext) -> i32 {
     let key = key48(&mut slot, p.src, p.dst, p.ports);
     key.netns = ns;
     let key: &FlowKey = key;
+    if ACCOUNT {
+        let Some(s) = REF_STATS48.get_ptr_mut(key) else {
+            let fresh = RefStats {
+                trace: 1,
+                packets: 0,
+                bytes: 0,
+                last_ns: 0,
+                tcp_flags: 0,
+            };
+            let _ = REF_STATS48.insert(key, fresh, 0);
+            return TCX_NEXT;
+        };
+        // SAFETY: a live entry of this map.
+        let s = unsafe { &mut *s };
+        write_cb(&mut ctx, s.trace);
+        let skb = unsafe { &*ctx.skb.skb };
+        unsafe {
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut s.packets, 1);
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&mut s.bytes, ctx.len() as u64);
+        }
+        s.last_ns = skb.tstamp;
+        s.tcp_flags |= p.flags;
+        sink(s.trace + head);
+        return TCX_NEXT;
+    }
     match unsafe { REF_FLOW48.get(key) } {
         Some(v) => {
             write_cb(&mut ctx, *v);
@@ -295,12 +361,7 @@ pub fn ref_flow24(ctx: TcContext) -> i32 {
             ports,
             proto: 6,
         };
-        match unsafe { REF_FLOW24.get(key) } {
-            Some(v) => sink(*v),
-            None => {
-                let _ = REF_FLOW24.insert(key, 1, 0);
-            }
-        }
+        hit_or_insert(&REF_FLOW24, key);
     }
     TCX_NEXT
 }

@@ -37,7 +37,7 @@ const fn rung(prog: &'static str, name: &'static str) -> Rung {
 
 const NETNS: Option<BpfHelper> = Some(BpfHelper::BPF_FUNC_get_netns_cookie);
 
-const LADDER: [Rung; 10] = [
+const LADDER: [Rung; 11] = [
     rung("ref_empty", "empty program"),
     rung("ref_parse", "parse Ethernet, IPv4, TCP ports"),
     Rung {
@@ -84,6 +84,14 @@ const LADDER: [Rung; 10] = [
         ..rung(
             "ref_tag48_head",
             "the same + the look for a request head: tagging and capture, nothing else",
+        )
+    },
+    Rung {
+        in_traced: true,
+        needs: NETNS,
+        ..rung(
+            "ref_tag48_account",
+            "the same + (flow, trace) accounting: 2 atomic adds, flags, skb->tstamp",
         )
     },
 ];
