@@ -2,12 +2,12 @@
 //! HTTP/1.x request head goes to userspace, which reads its request id.
 //! Bounded work: one fixed-size ring-buffer reservation and one copy.
 use crate::{
-    maps::{count, CAPTURE_SKIP, EVENTS, FLOW_STATS},
+    maps::{count, CAPTURE_SKIP, EVENTS, FLOW_STATS, HEAD_NETNS, POD_ADDRS},
     resolve,
 };
 use agent_common::{
-    Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, EVENT_HTTP_HEAD, MATCH_WATCHED,
-    MAX_CAPTURE,
+    Counter, DatapathConfig, EventHeader, FlowKey, HttpHeadEvent, NetnsSlot, EVENT_HTTP_HEAD,
+    FAMILY_IPV4, MATCH_WATCHED, MAX_CAPTURE,
 };
 use aya_ebpf::{helpers::generated::bpf_skb_load_bytes, programs::TcContext, EbpfContext};
 use core::ffi::c_void;
@@ -83,18 +83,20 @@ pub fn head<const STAMP: bool>(
     } else {
         0
     };
+    let ts = crate::tag::now::<STAMP>(ctx);
     unsafe {
         (*e).header = EventHeader {
             kind: EVENT_HTTP_HEAD,
             len: core::mem::size_of::<HttpHeadEvent>() as u32,
         };
         (*e).key = *key;
-        (*e).ts_ns = crate::tag::now::<STAMP>(ctx);
+        (*e).ts_ns = ts;
         (*e).pid = pid;
         (*e).len = n as u32;
     }
     entry.submit(0);
     count(Counter::HeadCaptured);
+    mark_reader(key, ts);
     // An untraced connection carrying a request: count its packets from
     // here on, in case it ends before the agent has keyed it.
     if local {
@@ -106,6 +108,46 @@ pub fn head<const STAMP: bool>(
                 s.matched = MATCH_WATCHED;
             }
         }
+    }
+}
+
+/// How long after a head its reader's pod hands a serving thread's calls to
+/// userspace while the agent has not keyed the pod (its round trip through
+/// the agent, with room for a busy node).
+const HEAD_LEAD_NS: u64 = 1_000_000_000;
+
+/// The head's reader is in the sender's own pod (loopback) or in the pod
+/// its destination address names: that pod's slot learns a head passed.
+/// A head to no pod of this node (a Service address) marks nothing.
+#[inline(always)]
+fn mark_reader(key: &FlowKey, ts: u64) {
+    let a = &key.remote_addr;
+    let loopback = if key.family == FAMILY_IPV4 {
+        a[0] == 127
+    } else {
+        a[..15].iter().all(|b| *b == 0) && a[15] == 1
+    };
+    let reader = if loopback {
+        key.netns
+    } else {
+        match unsafe { POD_ADDRS.get(*a) } {
+            Some(n) => *n,
+            None => return,
+        }
+    };
+    if let Some(t) = HEAD_NETNS.get_ptr_mut(NetnsSlot::index(reader)) {
+        // SAFETY: an array slot of our own map; racing writers store times.
+        unsafe { *t = ts };
+    }
+}
+
+/// Whether a request head to a process in `netns` passed within
+/// `HEAD_LEAD_NS` (see `HEAD_NETNS`).
+#[inline(always)]
+pub fn head_passed_lately<const STAMP: bool>(ctx: &TcContext, netns: u64) -> bool {
+    match HEAD_NETNS.get(NetnsSlot::index(netns)) {
+        Some(t) if *t != 0 => crate::tag::now::<STAMP>(ctx).wrapping_sub(*t) < HEAD_LEAD_NS,
+        _ => false,
     }
 }
 

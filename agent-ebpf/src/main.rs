@@ -106,6 +106,31 @@ fn tag_packet<const NETNS_HELPER: bool>(
     let gen = match maps::netns_gen(key.netns) {
         Some(g) => g,
         None => {
+            // A pod the agent has not keyed yet, whose serving thread opens
+            // a call right after a request head reached it: handed over as
+            // a pending call (generation 0, never current), which the
+            // agent files under that request (it reads the head first).
+            const SYN: u8 = 0x02;
+            const ACK: u8 = 0x10;
+            if parsed.tcp_flags & (SYN | ACK) == SYN
+                && capture::head_passed_lately::<NETNS_HELPER>(ctx, key.netns)
+            {
+                let owner = resolve::owner(ctx, key);
+                if owner.via.is_some() {
+                    tag::resolved::<NETNS_HELPER>(
+                        ctx,
+                        cfg,
+                        key,
+                        None,
+                        0,
+                        None,
+                        &owner,
+                        0,
+                        parsed.tcp_flags,
+                    );
+                    return;
+                }
+            }
             count(Counter::NoTrace);
             return;
         }

@@ -94,6 +94,16 @@ pub static H2_FLOWS: LruHashMap<FlowKey, H2Flow> = LruHashMap::with_max_entries(
 #[map(name = "H2_NETNS")]
 pub static H2_NETNS: Array<u32> = Array::with_max_entries(agent_common::NETNS_SLOTS, 0);
 
+/// Per namespace slot (`NetnsSlot::index`): when (monotonic ns) a request
+/// head to a process there last passed. Written by the datapath only. A
+/// pod the agent has not keyed yet is shut at the gate; a call its serving
+/// thread opens right after a head is still handed to userspace with the
+/// connection the thread read (`capture::head_passed_lately`), which the
+/// agent knows by the time it reads the call. A slot two pods share costs
+/// the other one such hand-overs, never a trace.
+#[map(name = "HEAD_NETNS")]
+pub static HEAD_NETNS: Array<u64> = Array::with_max_entries(agent_common::NETNS_SLOTS, 0);
+
 /// The HTTP/2 walk programs (see `agent_common::programs::H2`). Written by
 /// the loader.
 #[map(name = "H2_WALK")]

@@ -237,7 +237,11 @@ impl AgentProc {
             } else {
                 &["--uplink", "none"][..]
             })
-            .env("RUST_LOG", "warn")
+            // TAGFLOW_LOG: the agent's log filter when diagnosing a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("TAGFLOW_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::null())
             .spawn()?;
         let a = Self {

@@ -53,6 +53,10 @@ const CAPTURE_SKIP_NS: u64 = 1_000_000_000;
 /// Ring-buffer records handled per turn of the loop: under a flood the
 /// other duties (sweeps, expiry, metrics, links) still run.
 const EVENTS_PER_TURN: usize = 4096;
+/// Turns a sweep may take to catch up with the events written before it
+/// read the datapath's counters; beyond them (a backlog of more than
+/// 64 k events) it goes on with what it has.
+const SWEEP_DRAIN_TURNS: usize = 16;
 /// Conntrack answers kept (one per connection to a non-local address):
 /// 7/8 of 16 384, what a hash table of that many buckets holds before it
 /// doubles (at 16 384 answers the table took 32 768 buckets).
@@ -314,13 +318,20 @@ pub async fn run_with(
                 }
             }
             _ = sweep.tick() => {
-                // The sweep reads counters (FLOW_STATS) the datapath keeps
-                // adding to: events written before them must be handled
-                // first. A reader's response counted there came after the
-                // head that keyed it, so the head is seen before the
-                // response (its span can still move to that request).
+                // The sweep acts on counters (FLOW_STATS) the datapath
+                // keeps adding to: every event written before they were
+                // read is handled first. A reader's response counted there
+                // came after the head that keyed it, so the head is seen
+                // before the span is judged (it can still move to that
+                // request).
                 drain(events.get_mut(), &mut pipe, &mut dp, &mut follower, &table);
-                pipe.sweep(&mut dp, &exporter, &table)
+                let look = pipe.look(&dp);
+                for _ in 0..SWEEP_DRAIN_TURNS {
+                    if drain(events.get_mut(), &mut pipe, &mut dp, &mut follower, &table) {
+                        break;
+                    }
+                }
+                pipe.sweep(look, &mut dp, &exporter, &table)
             }
             Some(owners) = relearn.next() => {
                 let mut n = 0;

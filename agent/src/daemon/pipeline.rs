@@ -7,7 +7,7 @@ use std::{
 };
 
 use agent_common::{
-    FlowKey, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_PID, MATCH_THREAD,
+    FlowKey, FlowStats, NetnsSlot, TraceContext, TraceKey, MATCH_FLOW, MATCH_PID, MATCH_THREAD,
 };
 use tracing::warn;
 
@@ -20,7 +20,7 @@ use crate::{
     loader::Datapath,
     podnet::{Reader, Unresolved},
     sources::{
-        capture::{Capture, HeadInfo, HeadOutcome, Sent},
+        capture::{Capture, Check, HeadInfo, HeadOutcome, Sent},
         h2::H2Conns,
     },
     spans::{
@@ -83,6 +83,14 @@ pub struct AgentStats {
     /// Datapath entries started for a connection after its span ended
     /// (FIN/RST): its last packets, not a new span.
     pub flows_after_end: u64,
+}
+
+/// What a sweep read from the datapath (see `Pipeline::look`).
+pub struct Look {
+    now: u64,
+    due: Vec<Check>,
+    due_stats: HashMap<FlowKey, FlowStats>,
+    open: HashMap<FlowKey, FlowStats>,
 }
 
 /// Datapath events → spans → exporter.
@@ -521,49 +529,45 @@ impl Pipeline {
         self.reattributed.insert(key, (old, ctx));
     }
 
+    /// Reads what a sweep needs from the datapath: the numbers of the
+    /// connections with an open span or a head due for a look. The caller
+    /// handles the events queued up to now before it hands them to
+    /// `sweep`: those numbers count packets that came after events the
+    /// agent has not read yet (a head, when the app answered at once), and
+    /// acted on first they would judge a span by its future (a reader's
+    /// handshake that answered the head would look like an earlier
+    /// exchange and stay under the previous request).
+    pub fn look(&mut self, dp: &Datapath) -> Look {
+        let now = monotonic_ns();
+        let due = self.capture.overdue(now);
+        let due_stats = if due.is_empty() {
+            HashMap::new()
+        } else {
+            dp.flow_stats_for(due.iter().map(|c| &c.key))
+        };
+        let keys = self.assembler.open_keys();
+        let open = dp.flow_stats_for(keys.iter());
+        Look {
+            now,
+            due,
+            due_stats,
+            open,
+        }
+    }
+
     /// Refreshes open spans from FLOW_STATS, closes finished ones and hands
     /// complete traces to the exporter.
     /// Per-connection trace entries of connections that closed are removed
     /// (after a grace), not left to the idle timeout: under connection churn
     /// FLOW_TRACES then holds live connections only.
-    pub fn sweep(&mut self, dp: &mut Datapath, exporter: &Exporter, table: &Mutex<TraceTable>) {
-        let now = monotonic_ns();
-        self.clock.refresh(Duration::from_secs(10));
-        let due = self.capture.overdue(now);
-        if !due.is_empty() {
-            let stats = dp.flow_stats_for(due.iter().map(|c| &c.key));
-            let current = {
-                let t = table.lock().expect("table lock");
-                due.iter()
-                    .filter_map(|c| Some((c.key, t.by_flow().context(&c.key)?.trace_id)))
-                    .collect()
-            };
-            self.recover(due, &stats, &current, now);
-        }
-        // Before spans close: a short call may have ended by now.
-        for (key, trace) in std::mem::take(&mut self.unconfirmed) {
-            self.confirm(key, trace);
-        }
-        let keys = self.assembler.open_keys();
-        let mut snapshot = dp.flow_stats_for(keys.iter());
-        // Until the datapath switches a re-attributed connection, its
-        // numbers are filed under the old trace.
-        for (k, s) in snapshot.iter_mut() {
-            if let Some((old, ctx)) = self.reattributed.get(k) {
-                if s.trace_id == *old {
-                    // A call counted under "no trace" while its thread's
-                    // request was being keyed (see `reattribute`).
-                    if s.is_negative() {
-                        s.matched = MATCH_THREAD;
-                    }
-                    s.trace_id = ctx.trace_id;
-                }
-            }
-        }
-        for (key, trace) in self.assembler.sweep(&snapshot, now) {
-            self.reattributed.remove(&key);
-            self.close_later(now, key, trace);
-        }
+    pub fn sweep(
+        &mut self,
+        look: Look,
+        dp: &mut Datapath,
+        exporter: &Exporter,
+        table: &Mutex<TraceTable>,
+    ) {
+        let now = self.refresh(look, table);
         let mut t = table.lock().expect("table lock");
         while let Some((due, key, trace)) = self.closing.front().copied() {
             if due > now && self.closing.len() <= self.closing_cap {
@@ -612,6 +616,57 @@ impl Pipeline {
         self.pending.trim();
         self.reattributed.trim();
         self.pid_tagged.trim();
+    }
+
+    /// The part of a sweep the datapath's numbers (`look`) decide: heads
+    /// due a look, spans refreshed, and those that ended closed. Returns
+    /// the look's time.
+    fn refresh<P, F, G, A>(&mut self, look: Look, table: &Mutex<TraceTables<P, F, G, A>>) -> u64
+    where
+        P: Store<TraceKey, TraceContext>,
+        F: Store<FlowKey, TraceContext>,
+        G: Store<u64, u64>,
+        A: Store<u32, NetnsSlot>,
+    {
+        let Look {
+            now,
+            due,
+            due_stats,
+            open: mut snapshot,
+        } = look;
+        self.clock.refresh(Duration::from_secs(10));
+        if !due.is_empty() {
+            let current = {
+                let t = table.lock().expect("table lock");
+                due.iter()
+                    .filter_map(|c| Some((c.key, t.by_flow().context(&c.key)?.trace_id)))
+                    .collect()
+            };
+            self.recover(due, &due_stats, &current, now);
+        }
+        // Before spans close: a short call may have ended by now.
+        for (key, trace) in std::mem::take(&mut self.unconfirmed) {
+            self.confirm(key, trace);
+        }
+        // Until the datapath switches a re-attributed connection, its
+        // numbers are filed under the old trace.
+        for (k, s) in snapshot.iter_mut() {
+            if let Some((old, ctx)) = self.reattributed.get(k) {
+                if s.trace_id == *old {
+                    // A call counted under "no trace" while its thread's
+                    // request was being keyed (see `reattribute`).
+                    if s.is_negative() {
+                        s.matched = MATCH_THREAD;
+                    }
+                    s.trace_id = ctx.trace_id;
+                }
+            }
+        }
+        for (key, trace) in self.assembler.sweep(&snapshot, now) {
+            self.reattributed.remove(&key);
+            self.close_later(now, key, trace);
+        }
+        now
     }
 
     /// Finished spans not yet queued for export: held for linking or
@@ -1014,6 +1069,76 @@ mod tests {
         );
     }
 
+    /// A call that beat the agent by its whole exchange: the datapath
+    /// switched it to its request only at the last ACK, which the kernel
+    /// sends from TIME_WAIT (no socket: no owner, no pid). The span is
+    /// still the app's call, under the request its thread was reading.
+    #[test]
+    fn a_call_switched_at_its_last_ack_stays_the_callers() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let reader = TraceKey::new(22, 2);
+        // Two requests in turn on one keep-alive connection.
+        let mut via = FlowKey::default();
+        for (ts, id) in [(100, "req-1"), (200, "req-2")] {
+            let Event::HttpHead(mut h) = head(
+                8001,
+                &format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n"),
+            ) else {
+                unreachable!()
+            };
+            h.ts_ns = ts;
+            via = h.key.reversed_in(reader.netns);
+            pipe.event(Event::HttpHead(h), &table, |_| {
+                Ok(Reader {
+                    key: reader,
+                    late: false,
+                })
+            });
+        }
+        let (first, second) = (
+            crate::ids::map_request_id("req-1").unwrap().0,
+            crate::ids::map_request_id("req-2").unwrap().0,
+        );
+        let call = FlowKey::new(
+            2,
+            agent_common::PROTO_TCP,
+            ([10, 0, 0, 2], 5001).into(),
+            ([10, 0, 0, 3], 9000).into(),
+        );
+        // Serving req-2, its thread called while the datapath still had
+        // req-1 for the connection: SYN to FIN under req-1.
+        let mut c = flow(call, 0, 1, 210, 210);
+        c.stats.trace_id = first;
+        c.stats.owner = agent_common::OWNER_CONNECTED;
+        c.stats.matched = MATCH_THREAD;
+        c.stats.tcp_flags = 0x02;
+        c.via = via;
+        pipe.event(Event::FlowNew(c), &table, not_local);
+        assert_eq!(pipe.stats.thread_races_lost, 1);
+        let mut whole = c;
+        whole.stats.packets = 7;
+        whole.stats.last_ns = 240;
+        whole.stats.tcp_flags = 0x1b;
+        pipe.event(Event::FlowEnd(whole), &table, not_local);
+        // The last ACK, from TIME_WAIT, under the call's own entry.
+        let mut ack = flow(call, 0, 1, 250, 250);
+        ack.stats.trace_id = second;
+        ack.stats.pid = 0;
+        ack.stats.owner = agent_common::OWNER_NONE;
+        ack.stats.matched = MATCH_FLOW;
+        ack.stats.tcp_flags = 0x10;
+        pipe.event(Event::FlowNew(ack), &table, not_local);
+        let spans = pipe.drain_all();
+        let calls = on_port(&spans, 5001);
+        assert_eq!(calls.len(), 1, "{spans:?}");
+        let s = calls[0];
+        assert_eq!(s.trace_id, second);
+        assert_eq!(s.kind, crate::spans::SpanKind::Client);
+        assert_eq!(s.attr("process.pid"), Some(crate::spans::Value::Int(22)));
+        assert_eq!(s.attr("tagflow.packets"), Some(crate::spans::Value::Int(8)));
+    }
+
     #[test]
     fn a_readers_handshake_under_its_previous_trace_joins_the_next_request() {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
@@ -1074,6 +1199,80 @@ mod tests {
         pipe.event(Event::FlowNew(answered), &table, not_local);
         serve(&mut pipe, 40003, "req-3");
         assert_eq!(pipe.stats.reattributed_flows, 1);
+    }
+
+    /// A sweep reads the datapath's numbers while events written before
+    /// them may still wait in the ring: here the server's SYN-ACK was
+    /// handled, the head that followed not yet, and its answer (PSH) is
+    /// already counted. The head is handled before those numbers are
+    /// applied, so the handshake still moves to its request, and the
+    /// numbers with it.
+    #[test]
+    fn numbers_read_before_a_head_was_handled_do_not_keep_its_handshake_from_it() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let reader = TraceKey::new(22, 2);
+        let serve = |pipe: &mut Pipeline, port: u16, id: &str| {
+            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+            let Event::HttpHead(mut h) = head(port, &text) else {
+                unreachable!()
+            };
+            h.key.remote_port = 8000;
+            h.ts_ns = 305;
+            pipe.event(Event::HttpHead(h), &table, |_| {
+                Ok(Reader {
+                    key: reader,
+                    late: false,
+                })
+            });
+        };
+        serve(&mut pipe, 40001, "req-1");
+        let first = crate::ids::map_request_id("req-1").unwrap().0;
+        let second = crate::ids::map_request_id("req-2").unwrap().0;
+        let conn = FlowKey {
+            netns: 2,
+            local_port: 8000,
+            remote_port: 40002,
+            ..Default::default()
+        };
+        let mut syn_ack = flow(conn, 0, 1, 300, 300);
+        syn_ack.stats.trace_id = first;
+        syn_ack.stats.owner = agent_common::OWNER_BOUND;
+        syn_ack.stats.matched = agent_common::MATCH_PID;
+        syn_ack.stats.tcp_flags = 0x12;
+        pipe.event(Event::FlowNew(syn_ack), &table, not_local);
+        // Read now: the answer is counted, still under req-1.
+        let mut answered = syn_ack.stats;
+        answered.packets = 3;
+        answered.last_ns = 320;
+        answered.tcp_flags = 0x1a;
+        let look = Look {
+            now: 400,
+            due: Vec::new(),
+            due_stats: HashMap::new(),
+            open: HashMap::from([(conn, answered)]),
+        };
+        serve(&mut pipe, 40002, "req-2");
+        assert_eq!(pipe.stats.reattributed_flows, 1, "the handshake moved");
+        pipe.refresh(look, &table);
+        // The datapath switches to the connection's own entry.
+        let mut old = syn_ack;
+        old.stats = answered;
+        pipe.event(Event::FlowEnd(old), &table, not_local);
+        let rest = answer(conn, second, 2, 330, 340);
+        pipe.event(Event::FlowNew(rest), &table, not_local);
+        pipe.event(Event::FlowEnd(rest), &table, not_local);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 1, "one connection, one span: {spans:?}");
+        assert_eq!(spans[0].trace_id, second);
+        assert_eq!(
+            spans[0].attr("tagflow.packets"),
+            Some(crate::spans::Value::Int(5))
+        );
+        assert_eq!(
+            spans[0].attr("url.path"),
+            Some(crate::spans::Value::Str("/".into()))
+        );
     }
 
     #[test]

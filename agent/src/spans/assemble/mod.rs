@@ -171,6 +171,21 @@ struct Open {
 }
 
 impl Open {
+    /// Takes newer numbers of the pair. A datapath entry started by a
+    /// packet without a socket (the last ACK, sent from TIME_WAIT after
+    /// the app closed, once the pair's trace switched) names no owner: the
+    /// span stays the process's it was.
+    fn update(&mut self, s: FlowStats) {
+        let (pid, owner) = (self.stats.pid, self.stats.owner);
+        self.stats = s;
+        if s.owner == OWNER_NONE {
+            self.stats.owner = owner;
+            if s.pid == 0 {
+                self.stats.pid = pid;
+            }
+        }
+    }
+
     /// The span's numbers: the earlier part, if any, and the current one.
     fn totals(&self) -> FlowStats {
         let Some(e) = &self.earlier else {
@@ -273,7 +288,7 @@ impl Assembler {
     pub fn flow_new(&mut self, ev: &FlowEvent, head: Option<Box<HeadInfo>>, now: u64) {
         let k = (ev.key, ev.stats.trace_id);
         if let Some(o) = self.open.get_mut(&k) {
-            o.stats = ev.stats;
+            o.update(ev.stats);
             if let Some(h) = head {
                 o.via = o.via.or(h.via);
                 o.head = Some(h);
@@ -321,7 +336,7 @@ impl Assembler {
     pub fn flow_end(&mut self, ev: &FlowEvent, now: u64) {
         let k = (ev.key, ev.stats.trace_id);
         if let Some(o) = self.open.get_mut(&k) {
-            o.stats = ev.stats;
+            o.update(ev.stats);
             self.close(k, Why::End, now);
         }
     }
@@ -333,7 +348,7 @@ impl Assembler {
         match self.open.get_mut(&(ev.key, ev.stats.trace_id)) {
             Some(o) => {
                 o.earlier = Some(o.totals());
-                o.stats = ev.stats;
+                o.update(ev.stats);
             }
             None => self.flow_new(ev, None, now),
         }
@@ -347,7 +362,7 @@ impl Assembler {
         let Some(o) = self.open.get_mut(&(ev.key, ev.stats.trace_id)) else {
             return;
         };
-        o.stats = ev.stats;
+        o.update(ev.stats);
         o.earlier = Some(o.totals());
         o.stats = FlowStats {
             packets: 0,
@@ -512,9 +527,11 @@ impl Assembler {
     ) -> Vec<(FlowKey, [u8; 16])> {
         let mut done = Vec::new();
         for (k, o) in self.open.iter_mut() {
+            // Read before the last events were handled: numbers older
+            // than the ones an event brought are left alone.
             if let Some(s) = snapshot.get(&k.0) {
-                if s.trace_id == k.1 {
-                    o.stats = *s;
+                if s.trace_id == k.1 && s.last_ns >= o.stats.last_ns {
+                    o.update(*s);
                 }
             }
             let t = o.totals();
