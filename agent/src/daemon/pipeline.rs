@@ -1139,42 +1139,52 @@ mod tests {
         assert_eq!(s.attr("tagflow.packets"), Some(crate::spans::Value::Int(8)));
     }
 
+    /// A head of request `id` to the server process (22 in netns 2, port
+    /// 8000) from `port`, sent at `ts`.
+    fn serve(pipe: &mut Pipeline, table: &Mutex<MemoryTables>, port: u16, id: &str, ts: u64) {
+        let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
+        let Event::HttpHead(mut h) = head(port, &text) else {
+            unreachable!()
+        };
+        h.key.remote_port = 8000;
+        h.ts_ns = ts;
+        pipe.event(Event::HttpHead(h), table, |_| {
+            Ok(Reader {
+                key: TraceKey::new(22, 2),
+                late: false,
+            })
+        });
+    }
+
+    /// The server's SYN-ACK (at 300) on the connection from `port`, tagged
+    /// by its process while that still carried `trace`.
+    fn handshake(port: u16, trace: [u8; 16]) -> (FlowKey, FlowEvent) {
+        let conn = FlowKey {
+            netns: 2,
+            local_port: 8000,
+            remote_port: port,
+            ..Default::default()
+        };
+        let mut syn_ack = flow(conn, 0, 1, 300, 300);
+        syn_ack.stats.trace_id = trace;
+        syn_ack.stats.owner = agent_common::OWNER_BOUND;
+        syn_ack.stats.matched = agent_common::MATCH_PID;
+        syn_ack.stats.tcp_flags = 0x12;
+        (conn, syn_ack)
+    }
+
     #[test]
     fn a_readers_handshake_under_its_previous_trace_joins_the_next_request() {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
-        let reader = TraceKey::new(22, 2);
-        let serve = |pipe: &mut Pipeline, port: u16, id: &str| {
-            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
-            let Event::HttpHead(mut h) = head(port, &text) else {
-                unreachable!()
-            };
-            h.key.remote_port = 8000;
-            pipe.event(Event::HttpHead(h), &table, |_| {
-                Ok(Reader {
-                    key: reader,
-                    late: false,
-                })
-            });
-        };
-        serve(&mut pipe, 40001, "req-1");
+        serve(&mut pipe, &table, 40001, "req-1", 0);
         let first = crate::ids::map_request_id("req-1").unwrap().0;
         let second = crate::ids::map_request_id("req-2").unwrap().0;
         // The server accepts the next connection while its process still
         // carries req-1: its SYN-ACK is tagged by process.
-        let conn = FlowKey {
-            netns: 2,
-            local_port: 8000,
-            remote_port: 40002,
-            ..Default::default()
-        };
-        let mut syn_ack = flow(conn, 0, 1, 300, 300);
-        syn_ack.stats.trace_id = first;
-        syn_ack.stats.owner = agent_common::OWNER_BOUND;
-        syn_ack.stats.matched = agent_common::MATCH_PID;
-        syn_ack.stats.tcp_flags = 0x12;
+        let (conn, syn_ack) = handshake(40002, first);
         pipe.event(Event::FlowNew(syn_ack), &table, not_local);
-        serve(&mut pipe, 40002, "req-2");
+        serve(&mut pipe, &table, 40002, "req-2", 0);
         assert_eq!(pipe.stats.reattributed_flows, 1);
         // The datapath switches to the connection's own entry.
         pipe.event(Event::FlowEnd(syn_ack), &table, not_local);
@@ -1197,7 +1207,7 @@ mod tests {
         answered.stats.trace_id = second;
         answered.stats.tcp_flags = 0x18;
         pipe.event(Event::FlowNew(answered), &table, not_local);
-        serve(&mut pipe, 40003, "req-3");
+        serve(&mut pipe, &table, 40003, "req-3", 0);
         assert_eq!(pipe.stats.reattributed_flows, 1);
     }
 
@@ -1211,35 +1221,10 @@ mod tests {
     fn numbers_read_before_a_head_was_handled_do_not_keep_its_handshake_from_it() {
         let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
         let mut pipe = Pipeline::new(&AgentConfig::default());
-        let reader = TraceKey::new(22, 2);
-        let serve = |pipe: &mut Pipeline, port: u16, id: &str| {
-            let text = format!("GET / HTTP/1.1\r\nX-Request-Id: {id}\r\n\r\n");
-            let Event::HttpHead(mut h) = head(port, &text) else {
-                unreachable!()
-            };
-            h.key.remote_port = 8000;
-            h.ts_ns = 305;
-            pipe.event(Event::HttpHead(h), &table, |_| {
-                Ok(Reader {
-                    key: reader,
-                    late: false,
-                })
-            });
-        };
-        serve(&mut pipe, 40001, "req-1");
+        serve(&mut pipe, &table, 40001, "req-1", 305);
         let first = crate::ids::map_request_id("req-1").unwrap().0;
         let second = crate::ids::map_request_id("req-2").unwrap().0;
-        let conn = FlowKey {
-            netns: 2,
-            local_port: 8000,
-            remote_port: 40002,
-            ..Default::default()
-        };
-        let mut syn_ack = flow(conn, 0, 1, 300, 300);
-        syn_ack.stats.trace_id = first;
-        syn_ack.stats.owner = agent_common::OWNER_BOUND;
-        syn_ack.stats.matched = agent_common::MATCH_PID;
-        syn_ack.stats.tcp_flags = 0x12;
+        let (conn, syn_ack) = handshake(40002, first);
         pipe.event(Event::FlowNew(syn_ack), &table, not_local);
         // Read now: the answer is counted, still under req-1.
         let mut answered = syn_ack.stats;
@@ -1252,7 +1237,7 @@ mod tests {
             due_stats: HashMap::new(),
             open: HashMap::from([(conn, answered)]),
         };
-        serve(&mut pipe, 40002, "req-2");
+        serve(&mut pipe, &table, 40002, "req-2", 305);
         assert_eq!(pipe.stats.reattributed_flows, 1, "the handshake moved");
         pipe.refresh(look, &table);
         // The datapath switches to the connection's own entry.
