@@ -50,8 +50,9 @@ pub enum Counter {
     /// (`MATCH_THREAD`).
     ThreadMatched = 15,
     /// Calls by a thread that had read a connection without a trace entry
-    /// yet (the head's round trip was slower than the app): handed to
-    /// userspace with the connection (`FlowEvent::via`).
+    /// yet (the head's round trip was slower than the app), or opened in a
+    /// pod the agent had not keyed at all right after a head reached it:
+    /// handed to userspace with the connection (`FlowEvent::via`).
     ThreadPending = 16,
     /// HTTP/2 connections whose client preface was seen (followed from
     /// their first frame).
