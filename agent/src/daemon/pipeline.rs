@@ -1069,6 +1069,31 @@ mod tests {
         );
     }
 
+    /// A keep-alive call whose only packet after the agent keyed it is
+    /// the RST of its close, sent without a socket (no owner), from a
+    /// port below the server's: the head it sent makes it the client.
+    #[test]
+    fn a_call_whose_only_keyed_packet_is_its_close_is_still_a_client_span() {
+        let table = Mutex::new(MemoryTables::in_memory(16, Duration::from_secs(30)));
+        let mut pipe = Pipeline::new(&AgentConfig::default());
+        let Event::HttpHead(mut h) = sent(38924, "req-r", 11) else {
+            unreachable!()
+        };
+        h.key.remote_port = 50051;
+        let key = h.key;
+        pipe.event(Event::HttpHead(h), &table, not_local);
+        let mut rst = flow(key, 0, 1, 500, 500);
+        rst.stats.trace_id = crate::ids::map_request_id("req-r").unwrap().0;
+        rst.stats.pid = 0;
+        rst.stats.owner = agent_common::OWNER_NONE;
+        rst.stats.matched = MATCH_FLOW;
+        rst.stats.tcp_flags = 0x14;
+        pipe.event(Event::FlowNew(rst), &table, not_local);
+        let spans = pipe.drain_all();
+        assert_eq!(spans.len(), 1, "{spans:?}");
+        assert_eq!(spans[0].kind, crate::spans::SpanKind::Client);
+    }
+
     /// A call that beat the agent by its whole exchange: the datapath
     /// switched it to its request only at the last ACK, which the kernel
     /// sends from TIME_WAIT (no socket: no owner, no pid). The span is

@@ -44,9 +44,13 @@ impl Assembler {
             None => (peer, key.remote_port),
         };
         let transport = if key.proto == PROTO_UDP { "udp" } else { "tcp" };
-        let kind = match s.owner {
-            OWNER_CONNECTED => SpanKind::Client,
-            OWNER_BOUND => SpanKind::Server,
+        let kind = match (s.owner, o.head.as_deref()) {
+            (OWNER_CONNECTED, _) => SpanKind::Client,
+            (OWNER_BOUND, _) => SpanKind::Server,
+            // Packets without a socket (a close's RST, TIME_WAIT's ACK)
+            // name no owner: the request head says which end this is.
+            (_, Some(h)) if h.reader_end.is_some_and(|r| r.conn == *key) => SpanKind::Server,
+            (_, Some(_)) => SpanKind::Client,
             _ if key.local_port < key.remote_port => SpanKind::Server,
             _ => SpanKind::Client,
         };
